@@ -1,0 +1,1 @@
+"""nngeo_ops: curvature of neural networks as lazy linear operators."""

@@ -1,0 +1,44 @@
+"""The library's exception hierarchy.
+
+Every error raised on purpose by nngeo_ops derives from :class:`NNGeoError` *and* from the matching
+built-in exception, so callers can catch either ``nngeo_ops.errors.ShapeError`` or a plain
+``ValueError``.
+"""
+
+from __future__ import annotations
+
+
+class NNGeoError(Exception):
+    """Base class of every error raised on purpose by nngeo_ops."""
+
+
+class ShapeError(NNGeoError, ValueError):
+    """Operand shapes do not fit the operation (message names both shapes)."""
+
+
+class DTypeDeviceError(NNGeoError, TypeError):
+    """Operands live in different dtypes or devices; convert one with ``.to(...)``."""
+
+
+class NotPSDError(NNGeoError, ValueError):
+    """An operation that needs a symmetric positive (semi-)definite matrix got one that is not."""
+
+
+class NotSymmetricError(NNGeoError, ValueError):
+    """An operation defined only for symmetric matrices got a node not tagged symmetric."""
+
+
+class SingularError(NNGeoError, ValueError):
+    """A solve or inverse of a singular matrix (zero diagonal entry, zero eigenvalue, ...)."""
+
+
+class NonFiniteError(NNGeoError, ValueError):
+    """NaN or inf found in inputs or statistics."""
+
+
+class UnsupportedError(NNGeoError, NotImplementedError):
+    """A documented combination that is not supported (e.g. a layer without a structured rule)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative routine stopped before reaching its tolerance."""
