@@ -1,0 +1,56 @@
+"""Matrix-free linear algebra over operators known through their products.
+
+The algorithms here (conjugate gradients, Lanczos, stochastic Lanczos quadrature, trace and
+diagonal estimators, power iteration, the scipy adapter) accept any operator that
+:func:`as_operator` understands: a dense tensor, an object with ``.shape``/``.dtype``/``.device``
+and ``@`` (the lazy nodes of :mod:`nngeo_ops.ops`, by duck typing), or a plain callable on (n, k)
+matrices. This package sits below ``ops`` and ``nn`` and never imports them.
+
+Conventions:
+
+- Settings of an algorithm are a small frozen dataclass (``CGSettings``, ``LanczosSettings``,
+  ``SLQSettings``, ``PowerSettings``) passed as ``settings=`` and/or overridden by keywords; there
+  are no global switches.
+- Random algorithms take ``generator: torch.Generator | None``; numbers are drawn on the
+  generator's device, so a fixed CPU generator reproduces results on any device.
+- Stochastic estimators return :class:`Estimate` ``(value, stderr)`` (a NamedTuple).
+- Errors come from :mod:`nngeo_ops.errors`; non-convergence emits ``ConvergenceWarning``.
+"""
+
+from ._common import Estimate
+from ._matvec import MatmatOperator, as_operator
+from .cg import CGInfo, CGSettings, cg
+from .diagonal import diag_estimate, exact_diag
+from .lanczos import LanczosSettings, lanczos, lanczos_tridiag, tridiag_matrix
+from .power import PowerSettings, power_iteration
+from .scipy_adapter import TorchLinearOperator, inverse_to_scipy, to_scipy
+from .slq import SLQResult, SLQSettings, slq, slq_logdet, spectral_density
+from .trace import hutchinson, hutchpp, xtrace
+
+__all__ = [
+    "CGInfo",
+    "CGSettings",
+    "Estimate",
+    "LanczosSettings",
+    "MatmatOperator",
+    "PowerSettings",
+    "SLQResult",
+    "SLQSettings",
+    "TorchLinearOperator",
+    "as_operator",
+    "cg",
+    "diag_estimate",
+    "exact_diag",
+    "hutchinson",
+    "hutchpp",
+    "inverse_to_scipy",
+    "lanczos",
+    "lanczos_tridiag",
+    "power_iteration",
+    "slq",
+    "slq_logdet",
+    "spectral_density",
+    "to_scipy",
+    "tridiag_matrix",
+    "xtrace",
+]

@@ -1,0 +1,47 @@
+"""The lazy operator algebra: nodes, tags, rewrite rules, compilation.
+
+Depends on torch only (its iterative fallbacks call :mod:`nngeo_ops.linalg`, which itself never
+imports ``ops``). See ``docs/ops_api.md`` for the API on one page.
+"""
+
+from . import rules  # noqa: F401  (registers every rule)
+from .base import LinearOperator, as_operator
+from .blockdiag import BlockDiag
+from .cache import FACTORIZATIONS
+from .compile import Compiled, CompilePolicy
+from .composites import Product, Scale, Sum, Transpose
+from .dense import Dense
+from .diagonal import Diagonal, Identity, ScaledIdentity
+from .eigen import Eigen
+from .kronecker import Kronecker
+from .lowrank import LowRank
+from .matfree import MatFree
+from .permutation import Permutation
+from .registry import all_rules, rule
+from .symbolic import Inverse, Power
+
+__all__ = [
+    "BlockDiag",
+    "CompilePolicy",
+    "Compiled",
+    "Dense",
+    "Diagonal",
+    "Eigen",
+    "FACTORIZATIONS",
+    "Identity",
+    "Inverse",
+    "Kronecker",
+    "LinearOperator",
+    "LowRank",
+    "MatFree",
+    "Permutation",
+    "Power",
+    "Product",
+    "Scale",
+    "ScaledIdentity",
+    "Sum",
+    "Transpose",
+    "all_rules",
+    "as_operator",
+    "rule",
+]

@@ -1,0 +1,376 @@
+"""The base class of every lazy linear operator, and the operator syntax shared by all nodes.
+
+A node is an immutable description of an ``m × n`` matrix. It knows how to multiply itself with a
+block of columns (``_matmat``) and, when it can, with its transpose (``_rmatmat``). Everything else
+(solve, logdet, diag, trace, eigh, powers) is computed by :mod:`nngeo_ops.ops.compile`, which
+rewrites the tree with the rules of :mod:`nngeo_ops.ops.rules` and picks a routine per node.
+
+Convenience methods such as ``A.solve(b)`` compile the node once and keep the compiled object on the
+node, keyed by the identity and version counter of every leaf tensor, so a second call reuses the
+factorisations and an in-place update of a leaf invalidates them.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import DTypeDeviceError, NotSymmetricError, ShapeError
+
+Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients flow through it)
+
+
+def is_scalar(c: Any) -> bool:
+    return isinstance(c, numbers.Number) or (isinstance(c, torch.Tensor) and c.dim() == 0)
+
+
+def scalar_float(c: Scalar) -> float:
+    return float(c.detach()) if isinstance(c, torch.Tensor) else float(c)
+
+
+def fmt_scalar(c: Scalar) -> str:
+    return f"{scalar_float(c):.4g}"
+
+
+class LinearOperator:
+    """An ``m × n`` matrix known through its products, with algebraic structure in its type.
+
+    Attributes:
+        shape: ``(m, n)``.
+        dtype, device: of every tensor the node holds and returns.
+        symmetric, psd, orthogonal: tags set by a leaf's builder and inferred upward by composites;
+            ``orthogonal`` means orthonormal columns (``QᵀQ = I``).
+    """
+
+    # Names of the attributes that hold child nodes (a node, or a tuple of nodes) and leaf tensors;
+    # used generically by to(), fingerprints and tree rewriting.
+    _node_fields: tuple[str, ...] = ()
+    _tensor_fields: tuple[str, ...] = ()
+    __array_priority__ = 1000  # so that `tensor @ A` is handled by our __rmatmul__
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        symmetric: bool = False,
+        psd: bool = False,
+        orthogonal: bool = False,
+    ) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self.device = torch.device(device)
+        square = self.shape[0] == self.shape[1]
+        self.symmetric = bool(symmetric) and square
+        self.psd = bool(psd) and self.symmetric
+        self.orthogonal = bool(orthogonal)
+
+    # ------------------------------------------------------------------ to be provided by nodes
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, k)``; returns ``(m, k)``."""
+        raise NotImplementedError
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ @ X`` for ``X`` of shape ``(m, k)``; returns ``(n, k)``."""
+        if self.symmetric:
+            return self._matmat(X)
+        raise NotImplementedError(f"{type(self).__name__} has no transpose product")
+
+    def _str(self) -> str:
+        return type(self).__name__
+
+    def _rebuild(self, **fields: Any) -> LinearOperator:
+        """A copy of this node with some node or tensor fields replaced (tags recomputed)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ tree walking
+    def children(self) -> tuple[LinearOperator, ...]:
+        out: list[LinearOperator] = []
+        for name in self._node_fields:
+            value = getattr(self, name)
+            out.extend(value if isinstance(value, tuple) else (value,))
+        return tuple(out)
+
+    def with_children(self, new: tuple[LinearOperator, ...]) -> LinearOperator:
+        """The same node over new children, in the order of :meth:`children`."""
+        if all(a is b for a, b in zip(new, self.children())):
+            return self
+        fields, i = {}, 0
+        for name in self._node_fields:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                fields[name] = tuple(new[i : i + len(value)])
+                i += len(value)
+            else:
+                fields[name] = new[i]
+                i += 1
+        return self._rebuild(**fields)
+
+    def leaf_tensors(self) -> Iterator[torch.Tensor]:
+        for name in self._tensor_fields:
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                yield t
+        for child in self.children():
+            yield from child.leaf_tensors()
+
+    def fingerprint(self) -> tuple:
+        """Identity and in-place version of every leaf tensor: changes when any of them changes."""
+        return tuple((id(t), t._version) for t in self.leaf_tensors())
+
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
+        """The same operator with every leaf tensor moved to ``dtype`` / ``device``."""
+        fields: dict[str, Any] = {}
+        for name in self._tensor_fields:
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                fields[name] = t.to(
+                    dtype=dtype if t.is_floating_point() else None,
+                    device=device,
+                )
+        for name in self._node_fields:
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                fields[name] = tuple(v.to(dtype, device) for v in value)
+            else:
+                fields[name] = value.to(dtype, device)
+        return self._rebuild(**fields)
+
+    # ------------------------------------------------------------------ products with tensors
+    def _check_operand(self, X: torch.Tensor, rows: int, what: str) -> None:
+        if not isinstance(X, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(X).__name__}")
+        if X.dim() not in (1, 2) or X.shape[0] != rows:
+            raise ShapeError(
+                f"{what}: operator of shape {self.shape} cannot take an operand of shape "
+                f"{tuple(X.shape)}; pass a vector of length {rows} or a matrix with {rows} rows"
+            )
+        if X.dtype != self.dtype or X.device != self.device:
+            raise DTypeDeviceError(
+                f"{what}: operator is {self.dtype} on {self.device} but the operand is {X.dtype} "
+                f"on {X.device}; convert one of them with .to(dtype=..., device=...)"
+            )
+
+    def matvec(self, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` for a vector ``(n,)`` or a matrix of columns ``(n, k)``."""
+        self._check_operand(X, self.shape[1], "A @ x")
+        if X.dim() == 1:
+            return self._matmat(X.unsqueeze(1)).squeeze(1)
+        return self._matmat(X)
+
+    def rmatvec(self, X: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ @ X`` for a vector ``(m,)`` or a matrix ``(m, k)``."""
+        self._check_operand(X, self.shape[0], "A.T @ x")
+        if X.dim() == 1:
+            return self._rmatmat(X.unsqueeze(1)).squeeze(1)
+        return self._rmatmat(X)
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            from .composites import Product
+
+            # a @ b @ c is one flat product, so that patterns like Jᵀ·H·J are seen whole
+            left = self.factors if isinstance(self, Product) else (self,)
+            right = other.factors if isinstance(other, Product) else (other,)
+            return Product(*left, *right)
+        return self.matvec(other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):  # x @ A = (Aᵀ xᵀ)ᵀ
+            return self.rmatvec(other.mT if other.dim() == 2 else other).mT
+        return NotImplemented
+
+    # ------------------------------------------------------------------ algebra (lazy)
+    def __add__(self, other: Any) -> LinearOperator:
+        from .composites import Sum
+
+        if not isinstance(other, LinearOperator):
+            return NotImplemented if not is_scalar(other) else _scalar_add_error(self)
+        return Sum(self, other)
+
+    def __radd__(self, other: Any) -> LinearOperator:
+        if is_scalar(other) and not isinstance(other, LinearOperator):
+            if scalar_float(other) == 0 and isinstance(other, numbers.Number):
+                return self  # sum([...]) starts from 0
+            _scalar_add_error(self)
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return self + (-1.0) * other
+
+    def __neg__(self) -> LinearOperator:
+        return (-1.0) * self
+
+    def __mul__(self, c: Any) -> LinearOperator:
+        if not is_scalar(c):
+            return NotImplemented
+        from .composites import Scale
+
+        return Scale(c, self)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> LinearOperator:
+        if not is_scalar(c):
+            return NotImplemented
+        return (1.0 / c) * self
+
+    @property
+    def T(self) -> LinearOperator:
+        from .composites import Transpose
+
+        return Transpose(self)
+
+    def inv(self) -> LinearOperator:
+        """``A⁻¹`` as a lazy node; ``simplify()`` resolves it structurally where a rule exists."""
+        from .symbolic import Inverse
+
+        return Inverse(self)
+
+    def pow(self, p: float) -> LinearOperator:
+        """``A^p`` of a symmetric (PSD for non-integer ``p``) node, as a lazy node."""
+        from .symbolic import Power
+
+        return Power(self, p)
+
+    def sqrt(self) -> LinearOperator:
+        return self.pow(0.5)
+
+    def require_symmetric(self, what: str) -> None:
+        if not self.symmetric:
+            raise NotSymmetricError(
+                f"{what} needs a symmetric operator, got {self._str()} of shape {self.shape} that is "
+                "not tagged symmetric; build leaves with symmetric=True (or psd=True) if they are"
+            )
+
+    # ------------------------------------------------------------------ quantities (compiled)
+    def compile(self, policy: Any = None) -> Any:
+        """Rewrite the tree and return a :class:`~nngeo_ops.ops.compile.Compiled` object."""
+        from .compile import Compiled
+
+        return Compiled(self, policy)
+
+    def _auto(self) -> Any:
+        """The compiled form used by convenience calls, cached against the leaf versions.
+
+        When a leaf requires grad (and grad mode is on) nothing is cached, so every call builds a
+        fresh autograd graph and ``backward`` can be called after each one.
+        """
+        from .compile import Compiled
+
+        if self.needs_grad():
+            return Compiled(self)
+        fp = self.fingerprint()
+        cached = self.__dict__.get("_auto_cache")
+        if cached is None or cached[0] != fp:
+            cached = (fp, Compiled(self))
+            self._auto_cache = cached
+        return cached[1]
+
+    def simplify(self) -> LinearOperator:
+        return self._auto().simplified
+
+    def to_dense(self) -> torch.Tensor:
+        eye = torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
+        return self._matmat(eye)
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``A⁻¹ b`` for a vector ``(n,)`` or matrix ``(n, k)`` right-hand side."""
+        return self._auto().solve(b)
+
+    def logdet(self) -> torch.Tensor:
+        return self._auto().logdet()
+
+    def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._auto().slogdet()
+
+    def diag(self) -> torch.Tensor:
+        return self._auto().diag()
+
+    def trace(self) -> torch.Tensor:
+        return self._auto().trace()
+
+    def eigh(self) -> Any:
+        return self._auto().eigh()
+
+    def frobenius_norm(self) -> torch.Tensor:
+        return self._auto().frobenius_norm()
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` over this node (matvec, rmatvec, matmat)."""
+        from ..linalg.scipy_adapter import to_scipy
+
+        return to_scipy(self)
+
+    def to_scipy_inverse(self, sigma: float = 0.0) -> Any:
+        """A scipy operator applying ``(A − σI)⁻¹``, for shift-invert ``eigsh(..., OPinv=...)``."""
+        from ..linalg.scipy_adapter import inverse_to_scipy
+        from .diagonal import Identity
+
+        shifted = self if sigma == 0 else self - sigma * Identity(self.shape[0])
+        return inverse_to_scipy(self, sigma=sigma, solve=shifted.solve, symmetric=self.symmetric)
+
+    # ------------------------------------------------------------------ printing
+    def __str__(self) -> str:
+        return self._str()
+
+    def tags(self) -> list[str]:
+        return [t for t in ("symmetric", "psd", "orthogonal") if getattr(self, t)]
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        dt = str(self.dtype).replace("torch.", "")
+        return (
+            f"<{type(self).__name__} {m}×{n} {dt} {self.device} [{', '.join(self.tags())}]: {self}>"
+        )
+
+
+def _scalar_add_error(A: LinearOperator) -> LinearOperator:
+    raise TypeError(
+        f"adding a scalar to an operator is ambiguous; write A + c * Identity({A.shape[0]}) "
+        "to add c times the identity"
+    )
+
+
+def as_operator(x: Any) -> LinearOperator:
+    """Wrap a tensor as :class:`Dense`; pass nodes through."""
+    if isinstance(x, LinearOperator):
+        return x
+    if isinstance(x, torch.Tensor):
+        from .dense import Dense
+
+        return Dense(x)
+    raise TypeError(f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}")
+
+
+def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:
+    """Give identities built without a dtype the dtype/device of the other operands, then check.
+
+    ``Identity(n)`` without a dtype is 'flexible' so that ``F + 1e-3 * Identity(n)`` works for an
+    ``F`` of any dtype; every other mismatch is an error.
+    """
+    fixed = [x for x in nodes if not getattr(x, "flexible", False)]
+    if fixed:
+        dtype, device = fixed[0].dtype, fixed[0].device
+        nodes = tuple(
+            x.to(dtype, device)
+            if getattr(x, "flexible", False) and (x.dtype, x.device) != (dtype, device)
+            else x
+            for x in nodes
+        )
+    for x in nodes[1:]:
+        if x.dtype != nodes[0].dtype or x.device != nodes[0].device:
+            raise DTypeDeviceError(
+                f"cannot combine {nodes[0]._str()} ({nodes[0].dtype}, {nodes[0].device}) with "
+                f"{x._str()} ({x.dtype}, {x.device}); convert one with .to(dtype=..., device=...)"
+            )
+    return nodes

@@ -1,0 +1,203 @@
+"""Compilation: rewrite a tree once, pick a routine per node and quantity, cache factorisations.
+
+``Compiled(expr, policy)`` simplifies ``expr`` with the ``"rewrite"`` rules, then computes
+quantities (solve, slogdet, diag, trace, eigh, Frobenius norm) by dispatching the matching
+routines on the simplified tree. Each routine's result (a solve closure holding its factorisations,
+a log-determinant, ...) is memoised on the compiled object; factorisations of leaves are also cached
+on the leaves themselves (see :mod:`nngeo_ops.ops.cache`) so that a re-compile with a new damping
+reuses them. ``explain()`` shows the rewrite log, the routine chosen per node and what is cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import NotPSDError, ShapeError, UnsupportedError
+from .base import LinearOperator
+from .cache import cached_on
+from .registry import rules_for
+
+
+@dataclass(frozen=True)
+class CompilePolicy:
+    """How compiled routines choose between exact and approximate methods.
+
+    Attributes:
+        dense_limit: where a node has no closed-form routine and ``n ≤ dense_limit``, it is
+            materialised and factorised densely; above it an iterative method runs.
+        cg_tol, cg_maxiter: relative residual tolerance and iteration cap of the CG fallback.
+        num_matvecs: matvec budget of the stochastic fallbacks (Hutch++ trace, diagonal
+            estimation, stochastic Lanczos quadrature probes × steps).
+        lanczos_steps: Lanczos steps per probe for the SLQ log-determinant fallback.
+        seed: seed of the generator used by stochastic fallbacks (results are reproducible).
+    """
+
+    dense_limit: int = 3000
+    cg_tol: float = 1e-10
+    cg_maxiter: int | None = None
+    num_matvecs: int = 300
+    lanczos_steps: int = 40
+    seed: int = 0
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+class Compiled:
+    """A simplified expression with memoised routines; see the module docstring."""
+
+    def __init__(self, expr: LinearOperator, policy: CompilePolicy | None = None) -> None:
+        self.expr = expr
+        self.policy = policy or CompilePolicy()
+        self.rewrites: list[tuple[str, str, str]] = []
+        self.routines: list[tuple[str, str, str]] = []
+        self._memo: dict[tuple[str, int], Any] = {}
+        self._alive: list[LinearOperator] = []  # keeps memo keys (ids) from being reused
+        self.simplified = self.simplify(expr)
+
+    # ------------------------------------------------------------------ rewriting
+    def simplify(self, node: LinearOperator) -> LinearOperator:
+        key = ("rewrite", id(node))
+        if key in self._memo:
+            return self._memo[key]
+        kids = node.children()
+        cur = node.with_children(tuple(self.simplify(k) for k in kids)) if kids else node
+        for r in rules_for("rewrite", type(cur)):
+            out = r.fn(cur, self)
+            if out is not None and out is not cur:
+                self.rewrites.append((r.name, cur._str(), out._str()))
+                _inherit_tags(cur, out)
+                cur = self.simplify(out)
+                break
+        self._alive += [node, cur]
+        self._memo[key] = cur
+        return cur
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, op: str, node: LinearOperator, structured_only: bool = False) -> Any:
+        key = (op, id(node))
+        if key in self._memo:
+            return self._memo[key]
+        for r in rules_for(op, type(node)):
+            if structured_only and r.fallback:
+                continue
+            out = r.fn(node, self)
+            if out is not None:
+                self.routines.append((op, node._str(), r.name))
+                self._alive.append(node)
+                self._memo[key] = out
+                return out
+        if structured_only:
+            return None
+        raise UnsupportedError(f"no routine computes {op} of {type(node).__name__} {node._str()}")
+
+    def solver(self, node: LinearOperator, structured_only: bool = False) -> Callable | None:
+        if node.shape[0] != node.shape[1]:
+            raise ShapeError(f"cannot solve with {node._str()} of non-square shape {node.shape}")
+        return self.dispatch("solve", node, structured_only)
+
+    def slogdet_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        if node.shape[0] != node.shape[1]:
+            raise ShapeError(f"logdet of {node._str()} needs a square shape, got {node.shape}")
+        return self.dispatch("slogdet", node, structured_only)
+
+    def diag_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        return self.dispatch("diag", node, structured_only)
+
+    def trace_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        if node.shape[0] != node.shape[1]:
+            raise ShapeError(f"trace of {node._str()} needs a square shape, got {node.shape}")
+        return self.dispatch("trace", node, structured_only)
+
+    def eigh_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        node.require_symmetric("eigh")
+        return self.dispatch("eigh", node, structured_only)
+
+    def frobenius_of(self, node: LinearOperator) -> torch.Tensor:
+        return self.dispatch("frobenius", node)
+
+    # ------------------------------------------------------------------ public quantities
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``A @ x`` on the original tree (its lazy products are the cheapest)."""
+        return self.expr.matvec(x)
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``A⁻¹ b`` for ``b`` of shape ``(n,)`` or ``(n, k)``."""
+        A = self.simplified
+        self.expr._check_operand(b, A.shape[0], "solve")
+        f = self.solver(A)
+        return f(b.unsqueeze(1)).squeeze(1) if b.dim() == 1 else f(b)
+
+    def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slogdet_of(self.simplified)
+
+    def logdet(self) -> torch.Tensor:
+        """``log det A``; raises NotPSDError when the determinant is negative."""
+        sign, logabs = self.slogdet()
+        if float(sign) < 0:
+            raise NotPSDError(
+                f"logdet of {self.expr._str()}: the determinant is negative, so the matrix is "
+                "not positive definite; use slogdet() for (sign, log|det|)"
+            )
+        return logabs if float(sign) > 0 else torch.full_like(logabs, -torch.inf)
+
+    def diag(self) -> torch.Tensor:
+        return self.diag_of(self.simplified)
+
+    def trace(self) -> torch.Tensor:
+        return self.trace_of(self.simplified)
+
+    def eigh(self) -> Any:
+        return self.eigh_of(self.simplified)
+
+    def frobenius_norm(self) -> torch.Tensor:
+        return self.frobenius_of(self.simplified)
+
+    # ------------------------------------------------------------------ explain
+    def explain(self) -> str:
+        lines = [f"expression: {self.expr}", f"simplified: {self.simplified}", "rewrites:"]
+        lines += [f"  [{n}] {a}  →  {b}" for n, a, b in self.rewrites] or ["  (none)"]
+        lines.append("routines:")
+        lines += [f"  {op:<9} {node}  ⇒  {name}" for op, node, name in self.routines] or [
+            "  (none computed yet)"
+        ]
+        lines.append("cached factorisations:")
+        seen, cached = set(), []
+        for root in (self.simplified, self.expr):
+            for leaf in _walk(root):
+                if id(leaf) not in seen:
+                    seen.add(id(leaf))
+                    kinds = cached_on(leaf) if "_factors" in leaf.__dict__ else []
+                    if kinds:
+                        cached.append(
+                            f"  {leaf} ({leaf.shape[0]}×{leaf.shape[1]}): {', '.join(kinds)}"
+                        )
+        lines += cached or ["  (none)"]
+        return "\n".join(lines)
+
+    def routine(self, op: str, node: LinearOperator | None = None) -> str | None:
+        """The name of the routine that computed ``op`` (of the simplified root by default)."""
+        target = (node or self.simplified)._str()
+        for o, s, name in reversed(self.routines):
+            if o == op and s == target:
+                return name
+        return None
+
+
+def _inherit_tags(src: LinearOperator, dst: LinearOperator) -> None:
+    """A rewrite is the same matrix, so it keeps what was known of it (e.g. Jᵀ·(H·J) stays PSD)."""
+    for tag in ("symmetric", "psd"):
+        if getattr(src, tag) and not getattr(dst, tag):
+            setattr(dst, tag, True)
+
+
+def _walk(node: LinearOperator):
+    yield node
+    for c in node.children():
+        yield from _walk(c)

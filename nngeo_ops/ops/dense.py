@@ -1,0 +1,113 @@
+"""``Dense(M)``: an explicit matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import NonFiniteError, NotPSDError, SingularError
+from .base import LinearOperator
+from .cache import cached_factor
+
+
+class Dense(LinearOperator):
+    """An explicit ``m × n`` matrix ``M``.
+
+    Args:
+        M: a 2-D floating tensor.
+        symmetric: tag; ``None`` detects exact symmetry (``M == Mᵀ``) for square ``M``.
+        psd: tag, trusted (checking would cost an eigendecomposition); a Cholesky that fails on a
+            node tagged PSD raises :class:`~nngeo_ops.errors.NotPSDError`.
+        orthogonal: tag for orthonormal columns.
+        name: how the node prints (default ``M``).
+    """
+
+    _tensor_fields = ("M",)
+
+    def __init__(
+        self,
+        M: torch.Tensor,
+        *,
+        symmetric: bool | None = None,
+        psd: bool = False,
+        orthogonal: bool = False,
+        name: str = "M",
+    ) -> None:
+        if not isinstance(M, torch.Tensor) or M.dim() != 2:
+            raise TypeError(f"Dense expects a 2-D tensor, got {getattr(M, 'shape', type(M))}")
+        if not M.is_floating_point() and not M.is_complex():
+            raise TypeError(f"Dense expects a floating tensor, got {M.dtype}")
+        if symmetric is None:
+            symmetric = psd or (M.shape[0] == M.shape[1] and bool(torch.equal(M, M.mT)))
+        super().__init__(
+            M.shape, M.dtype, M.device, symmetric=symmetric, psd=psd, orthogonal=orthogonal
+        )
+        self.M = M
+        self.name = name
+
+    def _rebuild(self, **fields: Any) -> Dense:
+        return Dense(
+            fields.get("M", self.M),
+            symmetric=self.symmetric,
+            psd=self.psd,
+            orthogonal=self.orthogonal,
+            name=self.name,
+        )
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.M @ X
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.M.mT @ X
+
+    def to_dense(self) -> torch.Tensor:
+        return self.M
+
+    def _str(self) -> str:
+        return self.name
+
+    # ---- factorisations, cached on the leaf
+    def eigh_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(λ, Q)`` with ``M = Q diag(λ) Qᵀ`` (ascending ``λ``)."""
+        self.require_symmetric("eigh")
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            _check_finite(self.M, "eigh")
+            return torch.linalg.eigh(self.M)
+
+        return cached_factor(self, "eigh", compute)
+
+    def cholesky_factor(self) -> torch.Tensor:
+        """Lower ``L`` with ``M = L Lᵀ``; raises NotPSDError when ``M`` is not positive definite."""
+
+        def compute() -> torch.Tensor:
+            _check_finite(self.M, "Cholesky")
+            L, info = torch.linalg.cholesky_ex(self.M)
+            if int(info) != 0:
+                raise NotPSDError(
+                    f"Cholesky of {self.name} ({self.shape[0]}×{self.shape[1]}) failed at pivot "
+                    f"{int(info)}: the matrix is not positive definite; add damping (A + c·I) or "
+                    "build it without psd=True"
+                )
+            return L
+
+        return cached_factor(self, "cholesky", compute)
+
+    def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            _check_finite(self.M, "LU")
+            LU, piv, info = torch.linalg.lu_factor_ex(self.M)
+            if int(info) != 0:
+                raise SingularError(
+                    f"{self.name} ({self.shape[0]}×{self.shape[1]}) is singular (zero pivot "
+                    f"{int(info)}); add damping (A + c·I) before solving"
+                )
+            return LU, piv
+
+        return cached_factor(self, "lu", compute)
+
+
+def _check_finite(M: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(M).all()):
+        raise NonFiniteError(f"{what}: the matrix contains NaN or inf entries")

@@ -1,0 +1,101 @@
+"""``Diagonal(d)`` and the scaled identity ``c·I``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import LinearOperator, Scalar, fmt_scalar, is_scalar, scalar_float
+
+
+class Diagonal(LinearOperator):
+    """``diag(d)`` for a vector ``d`` of length ``n``; tagged PSD when every ``d_i ≥ 0``."""
+
+    _tensor_fields = ("d",)
+
+    def __init__(self, d: torch.Tensor, *, name: str = "diag") -> None:
+        if not isinstance(d, torch.Tensor) or d.dim() != 1:
+            raise TypeError(f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}")
+        psd = bool((d.detach() >= 0).all())
+        super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=psd)
+        self.d = d
+        self.name = name
+
+    def _rebuild(self, **fields: Any) -> Diagonal:
+        return Diagonal(fields.get("d", self.d), name=self.name)
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.d.unsqueeze(1) * X
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.diag(self.d)
+
+    def _str(self) -> str:
+        return self.name
+
+
+class ScaledIdentity(LinearOperator):
+    """``c·I_n``. ``c`` may be a 0-dim tensor, so that gradients flow to a damping parameter.
+
+    Built without a dtype, the node is *flexible*: combined with another node it adopts that node's
+    dtype and device (so ``F + 1e-3 * Identity(n)`` works for a float32 or float64 ``F``).
+    """
+
+    _tensor_fields = ("c",)
+
+    def __init__(
+        self, c: Scalar, n: int, dtype: torch.dtype | None = None, device: Any = None
+    ) -> None:
+        self.flexible = dtype is None and not isinstance(c, torch.Tensor)
+        if isinstance(c, torch.Tensor):
+            dtype = dtype or c.dtype
+            device = device if device is not None else c.device
+        dtype = dtype or torch.get_default_dtype()
+        device = torch.device(device if device is not None else "cpu")
+        cf = scalar_float(c)
+        super().__init__((n, n), dtype, device, symmetric=True, psd=cf >= 0, orthogonal=cf == 1)
+        self.c = c.to(dtype=dtype, device=device) if isinstance(c, torch.Tensor) else c
+        self.n = int(n)
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
+        c = self.c.to(dtype=dtype, device=device) if isinstance(self.c, torch.Tensor) else self.c
+        out = ScaledIdentity(c, self.n, dtype or self.dtype, device or self.device)
+        out.flexible = self.flexible
+        return out
+
+    def __mul__(self, c: Any) -> LinearOperator:
+        if not is_scalar(c):
+            return NotImplemented
+        out = ScaledIdentity(c * self.c, self.n, None if self.flexible else self.dtype, self.device)
+        if not self.flexible:
+            out.flexible = False
+        return out
+
+    __rmul__ = __mul__
+
+    def _rebuild(self, **fields: Any) -> ScaledIdentity:
+        out = ScaledIdentity(fields.get("c", self.c), self.n, self.dtype, self.device)
+        out.flexible = self.flexible
+        return out
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return X if self.is_identity else self.c * X
+
+    @property
+    def is_identity(self) -> bool:
+        return not isinstance(self.c, torch.Tensor) and self.c == 1
+
+    def to_dense(self) -> torch.Tensor:
+        return self.c * torch.eye(self.n, dtype=self.dtype, device=self.device)
+
+    def diag_vector(self) -> torch.Tensor:
+        return self.c * torch.ones(self.n, dtype=self.dtype, device=self.device)
+
+    def _str(self) -> str:
+        return "I" if self.is_identity else f"{fmt_scalar(self.c)}·I"
+
+
+def Identity(n: int, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
+    """The ``n × n`` identity; without ``dtype`` it adopts the dtype of what it is combined with."""
+    return ScaledIdentity(1.0, n, dtype, device)

@@ -1,0 +1,97 @@
+"""``Kronecker(A, B, ...)``: the Kronecker product, applied factor by factor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .base import LinearOperator, as_operator, harmonise
+
+
+def kron_apply(
+    fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    in_sizes: Sequence[int],
+    out_sizes: Sequence[int],
+    X: torch.Tensor,
+) -> torch.Tensor:
+    """``(A₁ ⊗ … ⊗ A_d) X`` where ``fns[i]`` applies ``A_i`` (shape ``out_i × in_i``) to columns.
+
+    The row index of ``X`` is read row-major as ``(i₁, …, i_d)`` (the ``torch.kron`` convention);
+    each factor acts along its own axis, so the cost is ``Σ_i (Π_j n_j) · m_i`` per column instead of
+    ``(Π m_i)(Π n_i)``.
+    """
+    k = X.shape[1]
+    T = X.reshape(*in_sizes, k)
+    sizes = list(in_sizes)
+    for i, f in enumerate(fns):
+        T = T.movedim(i, 0)
+        rest = T.shape[1:]
+        T = f(T.reshape(sizes[i], -1)).reshape(out_sizes[i], *rest).movedim(0, i)
+        sizes[i] = out_sizes[i]
+    return T.reshape(math.prod(out_sizes), k)
+
+
+class Kronecker(LinearOperator):
+    """``A₁ ⊗ A₂ ⊗ …``; the dense twin is ``torch.kron(A₁, torch.kron(A₂, …))``.
+
+    Factor order: for KFAC blocks of a layer with weight ``W`` of shape ``(out, in)`` flattened
+    row-major, the block is ``G ⊗ A`` (output-gradient factor first, input factor second).
+    Factors may be nodes or tensors (wrapped as :class:`Dense`) and may be rectangular.
+    """
+
+    _node_fields = ("factors",)
+
+    def __init__(self, *factors: Any) -> None:
+        if len(factors) == 1 and isinstance(factors[0], (list, tuple)):
+            factors = tuple(factors[0])
+        if not factors:
+            raise ValueError("Kronecker needs at least one factor")
+        fs = harmonise(tuple(as_operator(f) for f in factors))
+        shape = (math.prod(f.shape[0] for f in fs), math.prod(f.shape[1] for f in fs))
+        super().__init__(
+            shape,
+            fs[0].dtype,
+            fs[0].device,
+            symmetric=all(f.symmetric for f in fs),
+            psd=all(f.psd for f in fs),
+            orthogonal=all(f.orthogonal for f in fs),
+        )
+        self.factors = fs
+
+    def _rebuild(self, **fields: Any) -> Kronecker:
+        return Kronecker(*fields.get("factors", self.factors))
+
+    @property
+    def square_factors(self) -> bool:
+        return all(f.shape[0] == f.shape[1] for f in self.factors)
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        fs = self.factors
+        return kron_apply(
+            [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
+        )
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        fs = self.factors
+        return kron_apply(
+            [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        out = self.factors[0].to_dense()
+        for f in self.factors[1:]:
+            out = torch.kron(out, f.to_dense())
+        return out
+
+    def _str(self) -> str:
+        return "(" + "⊗".join(_wrap(f) for f in self.factors) + ")"
+
+
+def _wrap(node: LinearOperator) -> str:
+    s = node._str()
+    return (
+        s if s.replace("_", "").isalnum() or s.startswith(("(", "Eig[", "BlockDiag[")) else f"({s})"
+    )

@@ -1,0 +1,96 @@
+"""``LowRank(U, C, V)``: the rank-``k`` matrix ``U·C·Vᵀ``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ShapeError
+from .base import LinearOperator
+
+
+class LowRank(LinearOperator):
+    """``U·C·Vᵀ`` with ``U`` of shape ``(m, k)``, ``C`` ``(k, k)`` and ``V`` ``(n, k)``.
+
+    ``C`` omitted means the identity; ``V`` omitted means ``V = U`` (symmetric). With both omitted the
+    node is ``U·Uᵀ`` and tagged PSD; pass ``psd=True`` to assert it for a symmetric ``U·C·Uᵀ`` with a
+    PSD ``C``. Products cost ``O((m + n) k)`` per column.
+    """
+
+    _tensor_fields = ("U", "C", "V")
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        C: torch.Tensor | None = None,
+        V: torch.Tensor | None = None,
+        *,
+        psd: bool | None = None,
+        name: str | None = None,
+    ) -> None:
+        if U.dim() != 2:
+            raise ShapeError(f"LowRank: U must be 2-D, got shape {tuple(U.shape)}")
+        k = U.shape[1]
+        if C is not None and tuple(C.shape) != (k, k):
+            raise ShapeError(
+                f"LowRank: C must be {k}×{k} to match U {tuple(U.shape)}, got {tuple(C.shape)}"
+            )
+        if V is not None and (V.dim() != 2 or V.shape[1] != k):
+            raise ShapeError(f"LowRank: V must have {k} columns like U, got shape {tuple(V.shape)}")
+        for t in (C, V):
+            if t is not None and (t.dtype != U.dtype or t.device != U.device):
+                raise TypeError("LowRank: U, C and V must share dtype and device")
+        symmetric = V is None and (C is None or bool(torch.equal(C, C.mT)))
+        if psd is None:
+            psd = V is None and C is None
+        n = U.shape[0] if V is None else V.shape[0]
+        super().__init__((U.shape[0], n), U.dtype, U.device, symmetric=symmetric, psd=psd)
+        self.U, self.C, self.V = U, C, V
+        self._psd_arg = psd
+        self.name = name
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def Vm(self) -> torch.Tensor:
+        return self.U if self.V is None else self.V
+
+    def core(self) -> torch.Tensor:
+        """``C`` as a tensor (the identity when omitted)."""
+        if self.C is None:
+            return torch.eye(self.rank, dtype=self.dtype, device=self.device)
+        return self.C
+
+    def _rebuild(self, **fields: Any) -> LowRank:
+        return LowRank(
+            fields.get("U", self.U),
+            fields.get("C", self.C),
+            fields.get("V", self.V),
+            psd=self._psd_arg,
+            name=self.name,
+        )
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        Y = self.Vm.mT @ X
+        if self.C is not None:
+            Y = self.C @ Y
+        return self.U @ Y
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        Y = self.U.mT @ X
+        if self.C is not None:
+            Y = self.C.mT @ Y
+        return self.Vm @ Y
+
+    def to_dense(self) -> torch.Tensor:
+        UC = self.U if self.C is None else self.U @ self.C
+        return UC @ self.Vm.mT
+
+    def _str(self) -> str:
+        if self.name:
+            return self.name
+        mid = "" if self.C is None else "C"
+        return f"U{mid}Uᵀ" if self.V is None else f"U{mid}Vᵀ"

@@ -1,0 +1,65 @@
+"""``Permutation(perm)``: reorders coordinates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import LinearOperator
+
+
+class Permutation(LinearOperator):
+    """The permutation matrix ``P`` with ``(P x)[i] = x[perm[i]]``; orthogonal, ``Pᵀ = P⁻¹``.
+
+    It maps between two orderings of the same coordinates, e.g. the interleaved order of a Kronecker
+    factorisation and the parameter order of a layer (weights, then bias).
+    """
+
+    _tensor_fields = ("perm",)
+
+    def __init__(self, perm: torch.Tensor, dtype: torch.dtype | None = None, device: Any = None):
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.dim() != 1 or not torch.equal(
+            torch.sort(perm).values, torch.arange(perm.numel(), device=perm.device)
+        ):
+            raise ValueError("Permutation: perm must be a permutation of 0..n-1")
+        n = perm.numel()
+        super().__init__(
+            (n, n),
+            dtype or torch.get_default_dtype(),
+            device if device is not None else perm.device,
+            symmetric=bool(torch.equal(perm[perm], torch.arange(n, device=perm.device))),
+            orthogonal=True,
+        )
+        self.perm = perm.to(self.device)
+        self.inverse_perm = torch.argsort(self.perm)
+
+    def _rebuild(self, **fields: Any) -> Permutation:
+        return Permutation(fields.get("perm", self.perm), self.dtype, self.device)
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Permutation:
+        return Permutation(self.perm, dtype or self.dtype, device or self.device)
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return X[self.perm]
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        return X[self.inverse_perm]
+
+    def transpose(self) -> Permutation:
+        return Permutation(self.inverse_perm, self.dtype, self.device)
+
+    def sign(self) -> int:
+        """``det P = ±1``: the parity of the permutation (from its cycle lengths)."""
+        perm, seen, sign = self.perm.tolist(), [False] * self.shape[0], 1
+        for i in range(len(perm)):
+            j, length = i, 0
+            while not seen[j]:
+                seen[j], j, length = True, perm[j], length + 1
+            if length and length % 2 == 0:
+                sign = -sign
+        return sign
+
+    def _str(self) -> str:
+        return "P"

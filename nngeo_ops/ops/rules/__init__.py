@@ -1,0 +1,23 @@
+"""Rewrite rules and routines, one module per operation; importing this package registers them.
+
+- :mod:`.scale`, :mod:`.transpose`, :mod:`.inverse`, :mod:`.power`, :mod:`.sums`,
+  :mod:`.products`, :mod:`.structure` (Kronecker / BlockDiag): ``"rewrite"`` rules.
+- :mod:`.solve`, :mod:`.logdet`, :mod:`.diag` (diag, trace, Frobenius norm), :mod:`.eigh`:
+  closed-form routines per node class.
+- :mod:`.fallback`: dense and iterative routines used where no closed form applies.
+"""
+
+from . import (  # noqa: F401
+    diag,
+    eigh,
+    fallback,
+    inverse,
+    logdet,
+    power,
+    products,
+    scale,
+    solve,
+    structure,
+    sums,
+    transpose,
+)

@@ -1,0 +1,78 @@
+"""Eigendecompositions as :class:`Eigen` nodes, structured wherever the node is.
+
+Kronecker: ``⊗(QᵢΛᵢQᵢᵀ) = (⊗Qᵢ)(⊗Λᵢ)(⊗Qᵢ)ᵀ``; block-diagonal: block bases side by side; a
+congruence ``Qᵀ M Q`` with orthogonal ``Q`` has basis ``Qᵀ Q_M``; a symmetric low rank ``U C Uᵀ``
+goes through a thin QR of ``U``. Eigenvalues follow the basis order (not sorted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blockdiag import BlockDiag
+from ..composites import Product, Scale
+from ..dense import Dense
+from ..diagonal import Diagonal, Identity, ScaledIdentity
+from ..eigen import Eigen
+from ..kronecker import Kronecker
+from ..lowrank import LowRank
+from ..registry import rule
+from ._util import orthogonal_congruence
+from .structure import _kron_vectors
+
+
+@rule("eigh", Eigen, name="already an eigen form")
+def eigen_eigh(node: Eigen, ctx):
+    return node
+
+
+@rule("eigh", Dense, name="torch.linalg.eigh (cached on the leaf)")
+def dense_eigh(node: Dense, ctx):
+    evals, Q = node.eigh_factors()
+    return Eigen(Dense(Q, symmetric=False, orthogonal=True, name=f"Q_{node.name}"), evals)
+
+
+@rule("eigh", Diagonal, ScaledIdentity, name="identity basis")
+def diagonal_eigh(node, ctx):
+    return Eigen(Identity(node.shape[0], node.dtype, node.device), ctx.diag_of(node))
+
+
+@rule("eigh", Kronecker, name="Kronecker of factor bases")
+def kronecker_eigh(node: Kronecker, ctx):
+    if not node.square_factors:
+        return None
+    Es = [ctx.eigh_of(f, structured_only=True) for f in node.factors]
+    if any(E is None or not E.full for E in Es):
+        return None
+    return Eigen(Kronecker(*[E.Q for E in Es]), _kron_vectors([E.evals for E in Es]))
+
+
+@rule("eigh", BlockDiag, name="block bases")
+def blockdiag_eigh(node: BlockDiag, ctx):
+    Es = [ctx.eigh_of(b, structured_only=True) for b in node.blocks]
+    if any(E is None for E in Es):
+        return None
+    return Eigen(BlockDiag([E.Q for E in Es]), torch.cat([E.evals for E in Es]))
+
+
+@rule("eigh", Scale, name="scaled spectrum")
+def scale_eigh(node: Scale, ctx):
+    E = ctx.eigh_of(node.child, structured_only=True)
+    return None if E is None else Eigen(E.Q, node.c * E.evals)
+
+
+@rule("eigh", Product, name="congruence basis Qᵀ·Q_M")
+def product_eigh(node: Product, ctx):
+    cong = orthogonal_congruence(node)
+    if cong is None:
+        return None
+    qt, m, _ = cong
+    E = ctx.eigh_of(m, structured_only=True)
+    return None if E is None else Eigen(Product(qt, E.Q), E.evals)
+
+
+@rule("eigh", LowRank, name="thin QR + small eigh")
+def lowrank_eigh(node: LowRank, ctx):
+    Q, R = torch.linalg.qr(node.U)
+    evals, W = torch.linalg.eigh(R @ node.core() @ R.mT)
+    return Eigen(Dense(Q @ W, symmetric=False, orthogonal=True, name="Q"), evals)

@@ -1,0 +1,44 @@
+"""Rewrites of ``Scale(c, X)``: fold the scalar into the structure of ``X``."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import scalar_float
+from ..blockdiag import BlockDiag
+from ..composites import Scale, Sum
+from ..dense import Dense
+from ..diagonal import Diagonal, ScaledIdentity
+from ..eigen import Eigen
+from ..kronecker import Kronecker
+from ..lowrank import LowRank
+from ..registry import rule
+
+
+@rule("rewrite", Scale, name="fold scalar")
+def fold_scalar(node: Scale, ctx):
+    c, X = node.c, node.child
+    nonneg = scalar_float(c) >= 0
+    if not isinstance(c, torch.Tensor) and c == 1:
+        return X
+    if isinstance(X, Scale):
+        return Scale(c * X.c, X.child)
+    if isinstance(X, ScaledIdentity):
+        out = ScaledIdentity(c * X.c, X.n, X.dtype, X.device)
+        out.flexible = X.flexible
+        return out
+    if isinstance(X, Diagonal):
+        return Diagonal(c * X.d, name=X.name)
+    if isinstance(X, Dense):
+        return Dense(c * X.M, symmetric=X.symmetric, psd=X.psd and nonneg, name=X.name)
+    if isinstance(X, LowRank):
+        return LowRank(X.U, c * X.core(), X.V, psd=X.psd and nonneg, name=X.name)
+    if isinstance(X, Eigen):
+        return Eigen(X.Q, c * X.evals)
+    if isinstance(X, Kronecker):
+        return Kronecker(Scale(c, X.factors[0]), *X.factors[1:])
+    if isinstance(X, BlockDiag):
+        return BlockDiag([Scale(c, b) for b in X.blocks], X.names)
+    if isinstance(X, Sum):
+        return Sum(*[Scale(c, t) for t in X.terms])
+    return None

@@ -1,0 +1,150 @@
+"""Closed-form solve routines. Each returns a closure ``X -> A⁻¹X`` for ``X`` of shape ``(n, k)``
+over factorisations computed once (and cached on leaves where they are leaf factorisations)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import SingularError
+from ..blockdiag import BlockDiag
+from ..composites import Product, Scale, Sum, Transpose
+from ..dense import Dense
+from ..diagonal import Diagonal, ScaledIdentity
+from ..eigen import Eigen
+from ..kronecker import Kronecker, kron_apply
+from ..lowrank import LowRank
+from ..permutation import Permutation
+from ..registry import rule
+from ..symbolic import Inverse
+from ._util import check_nonzero
+
+
+@rule("solve", Dense, name="Cholesky (PSD) or LU")
+def dense_solve(node: Dense, ctx):
+    if node.psd:
+        L = node.cholesky_factor()
+        return lambda X: torch.cholesky_solve(X, L)
+    LU, piv = node.lu_factors()
+    return lambda X: torch.linalg.lu_solve(LU, piv, X)
+
+
+@rule("solve", Diagonal, name="elementwise division")
+def diagonal_solve(node: Diagonal, ctx):
+    check_nonzero(node.d, node._str())
+    d = node.d.unsqueeze(1)
+    return lambda X: X / d
+
+
+@rule("solve", ScaledIdentity, name="division by scalar")
+def identity_solve(node: ScaledIdentity, ctx):
+    check_nonzero(node.c, node._str())
+    return lambda X: X / node.c
+
+
+@rule("solve", Eigen, name="eigen form: Q diag(1/λ) Qᵀ")
+def eigen_solve(node: Eigen, ctx):
+    if not node.full:
+        raise SingularError(
+            f"{node._str()} is a truncated spectrum (rank {node.Q.shape[1]} < {node.shape[0]}), "
+            "hence singular; add damping (A + c·I) before solving"
+        )
+    check_nonzero(node.evals, node._str())
+    inv = 1.0 / node.evals
+    return lambda X: node.apply_function(inv, X)
+
+
+@rule("solve", Kronecker, name="per-factor solves")
+def kronecker_solve(node: Kronecker, ctx):
+    if not node.square_factors:
+        return None
+    solvers = [ctx.solver(f) for f in node.factors]
+    sizes = [f.shape[0] for f in node.factors]
+    return lambda X: kron_apply(solvers, sizes, sizes, X)
+
+
+@rule("solve", BlockDiag, name="per-block solves")
+def blockdiag_solve(node: BlockDiag, ctx):
+    if node.row_sizes != node.col_sizes:
+        return None
+    solvers = [ctx.solver(b) for b in node.blocks]
+    return lambda X: torch.cat([s(x) for s, x in zip(solvers, X.split(node.row_sizes))])
+
+
+@rule("solve", Permutation, name="inverse permutation")
+def permutation_solve(node: Permutation, ctx):
+    return lambda X: X[node.inverse_perm]
+
+
+@rule("solve", Product, name="chain of factor solves")
+def product_solve(node: Product, ctx):
+    if not all(f.shape[0] == f.shape[1] for f in node.factors):
+        return None
+    solvers = [ctx.solver(f) for f in node.factors]
+
+    def solve(X: torch.Tensor) -> torch.Tensor:
+        for s in solvers:  # (A B C)⁻¹ = C⁻¹ B⁻¹ A⁻¹: A⁻¹ acts first
+            X = s(X)
+        return X
+
+    return solve
+
+
+@rule("solve", Scale, name="scaled solve")
+def scale_solve(node: Scale, ctx):
+    check_nonzero(node.c, node._str())
+    s = ctx.solver(node.child)
+    return lambda X: s(X) / node.c
+
+
+@rule("solve", Transpose, name="transposed solve")
+def transpose_solve(node: Transpose, ctx):
+    A = node.child
+    if A.symmetric:
+        return ctx.solver(A)
+    if A.orthogonal and A.shape[0] == A.shape[1]:  # A⁻ᵀ = A
+        return A._matmat
+    if isinstance(A, Dense):
+        LU, piv = A.lu_factors()
+        return lambda X: torch.linalg.lu_solve(LU, piv, X, adjoint=True)
+    return None
+
+
+@rule("solve", Inverse, name="product with the inverted node")
+def inverse_solve(node: Inverse, ctx):
+    return node.child._matmat
+
+
+def woodbury_parts(node: Sum, ctx):
+    """For ``A = B + U C Vᵀ``: the solve of ``B``, ``B⁻¹U``, and ``LU(I + C Vᵀ B⁻¹ U)``, or None."""
+    key = ("woodbury", id(node))
+    if key in ctx._memo:
+        return ctx._memo[key]
+    parts = None
+    lrs = [t for t in node.terms if isinstance(t, LowRank)]
+    if len(lrs) == 1 and lrs[0].shape[0] == lrs[0].shape[1]:
+        L = lrs[0]
+        rest = [t for t in node.terms if t is not L]
+        B = rest[0] if len(rest) == 1 else ctx.simplify(Sum(*rest))
+        b_solve = ctx.solver(B, structured_only=True)
+        if b_solve is not None:
+            C = L.core()
+            BU = b_solve(L.U)
+            S = torch.eye(L.rank, dtype=L.dtype, device=L.device) + C @ (L.Vm.mT @ BU)
+            parts = (B, b_solve, BU, C, L.Vm, torch.linalg.lu_factor(S), S)
+    ctx._memo[key] = parts
+    return parts
+
+
+@rule("solve", Sum, name="Woodbury (structured + low rank)")
+def woodbury_solve(node: Sum, ctx):
+    """``(B + UCVᵀ)⁻¹ = B⁻¹ − B⁻¹U (I + C Vᵀ B⁻¹ U)⁻¹ C Vᵀ B⁻¹`` (no inverse of ``C`` needed)."""
+    parts = woodbury_parts(node, ctx)
+    if parts is None:
+        return None
+    _, b_solve, BU, C, V, (LU, piv), _ = parts
+
+    def solve(X: torch.Tensor) -> torch.Tensor:
+        Y = b_solve(X)
+        return Y - BU @ torch.linalg.lu_solve(LU, piv, C @ (V.mT @ Y))
+
+    return solve

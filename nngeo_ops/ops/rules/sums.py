@@ -1,0 +1,141 @@
+"""Rewrites of ``Sum``: canonical form, then absorption of a shift ``c·I`` (or a diagonal).
+
+Canonical form: nested sums flattened; diagonal terms, dense terms and low-rank terms each folded
+into one; a truncated eigen form over a dense basis seen as the low-rank ``Q·Λ·Qᵀ``; terms sorted by
+kind so that ``D + UUᵀ`` and ``UUᵀ + D`` are the same tree.
+
+Shift absorption (the damping rules): ``Eigen(Q, λ) + c·I = Eigen(Q, λ + c)``;
+``(A⊗B) + c·I`` (symmetric factors) is the eigen form over ``Q_A⊗Q_B`` with shifted eigenvalues
+``λ_A⊗λ_B + c`` (factor eigendecompositions only, never a P×P matrix);
+``BlockDiag + c·I`` shifts each block; ``Qᵀ·M·Q + c·I = Qᵀ·(M + c·I)·Q`` for orthogonal ``Q``;
+``Dense + diag`` is one dense matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import LinearOperator
+from ..blockdiag import BlockDiag
+from ..composites import Product, Sum
+from ..dense import Dense
+from ..diagonal import Diagonal, ScaledIdentity
+from ..eigen import Eigen
+from ..kronecker import Kronecker
+from ..lowrank import LowRank
+from ..matfree import MatFree
+from ..registry import rule
+from ._util import orthogonal_congruence
+
+_ORDER = (Eigen, Kronecker, BlockDiag, Product, Dense, MatFree, LowRank, Diagonal, ScaledIdentity)
+
+
+def _rank(t: LinearOperator) -> int:
+    for i, cls in enumerate(_ORDER):
+        if isinstance(t, cls):
+            return i
+    return len(_ORDER) - 3  # other composites sit before the low-rank and diagonal terms
+
+
+def _fold_diagonals(ts: list) -> LinearOperator:
+    if all(isinstance(t, ScaledIdentity) for t in ts):
+        c = ts[0].c
+        for t in ts[1:]:
+            c = c + t.c
+        out = ScaledIdentity(c, ts[0].n, ts[0].dtype, ts[0].device)
+        out.flexible = all(t.flexible for t in ts)
+        return out
+    return Diagonal(sum(t.d if isinstance(t, Diagonal) else t.diag_vector() for t in ts))
+
+
+def _fold_lowranks(ts: list[LowRank]) -> LowRank:
+    """``Σ Uᵢ Cᵢ Vᵢᵀ = [U₁ U₂ …] blockdiag(C₁, C₂, …) [V₁ V₂ …]ᵀ``."""
+    U = torch.cat([t.U for t in ts], dim=1)
+    sym = all(t.V is None for t in ts)
+    V = None if sym else torch.cat([t.Vm for t in ts], dim=1)
+    C = None if all(t.C is None for t in ts) else torch.block_diag(*[t.core() for t in ts])
+    return LowRank(U, C, V, psd=all(t.psd for t in ts))
+
+
+@rule("rewrite", Sum, name="canonical sum")
+def canonical_sum(node: Sum, ctx):
+    flat: list[LinearOperator] = []
+    for t in node.terms:
+        flat.extend(t.terms if isinstance(t, Sum) else (t,))
+    for i, t in enumerate(flat):
+        if isinstance(t, Eigen) and not t.full and isinstance(t.Q, Dense):
+            flat[i] = LowRank(t.Q.M, torch.diag(t.evals), psd=t.psd)
+    groups: dict[str, list] = {"diag": [], "dense": [], "lowrank": []}
+    rest = []
+    for t in flat:
+        if isinstance(t, (Diagonal, ScaledIdentity)):
+            groups["diag"].append(t)
+        elif isinstance(t, Dense):
+            groups["dense"].append(t)
+        elif isinstance(t, LowRank):
+            groups["lowrank"].append(t)
+        else:
+            rest.append(t)
+    if len(groups["dense"]) > 1:
+        ds = groups["dense"]
+        rest.append(
+            Dense(
+                sum(d.M for d in ds),
+                symmetric=all(d.symmetric for d in ds) or None,
+                psd=all(d.psd for d in ds),
+            )
+        )
+    else:
+        rest += groups["dense"]
+    rest += [_fold_lowranks(groups["lowrank"])] if len(groups["lowrank"]) > 1 else groups["lowrank"]
+    rest += [_fold_diagonals(groups["diag"])] if len(groups["diag"]) > 1 else groups["diag"]
+    rest.sort(key=_rank)
+    if len(rest) == 1:
+        return rest[0]
+    if len(rest) == len(node.terms) and all(a is b for a, b in zip(rest, node.terms)):
+        return None
+    return Sum(*rest)
+
+
+def _absorb(t: LinearOperator, s: LinearOperator, ctx) -> LinearOperator | None:
+    """``t + s`` as one node, for a shift ``s`` (scaled identity or diagonal), or None."""
+    scalar = isinstance(s, ScaledIdentity)
+    if isinstance(t, Eigen) and t.full and scalar:
+        return Eigen(t.Q, t.evals + s.c)
+    if isinstance(t, Kronecker) and scalar and t.symmetric and t.square_factors:
+        E = ctx.eigh_of(t, structured_only=True)
+        return None if E is None else Eigen(E.Q, E.evals + s.c)
+    if isinstance(t, BlockDiag) and t.row_sizes == t.col_sizes:
+        if scalar:
+            parts = [ScaledIdentity(s.c, n, s.dtype, s.device) for n in t.row_sizes]
+        else:
+            parts = [Diagonal(d) for d in s.d.split(t.row_sizes)]
+        return BlockDiag([Sum(b, p) for b, p in zip(t.blocks, parts)], t.names)
+    cong = orthogonal_congruence(t)
+    if cong is not None and scalar:
+        qt, m, q = cong
+        return Product(qt, Sum(m, s), q)
+    if isinstance(t, Dense):
+        d = s.d if isinstance(s, Diagonal) else s.diag_vector()
+        return Dense(
+            t.M + torch.diag(d),
+            symmetric=t.symmetric or None,
+            psd=t.psd and s.psd,
+            name=t.name,
+        )
+    return None
+
+
+@rule("rewrite", Sum, name="absorb shift")
+def absorb_shift(node: Sum, ctx):
+    shifts = [t for t in node.terms if isinstance(t, (ScaledIdentity, Diagonal))]
+    if len(shifts) != 1:
+        return None
+    s = shifts[0]
+    others = [t for t in node.terms if t is not s]
+    for i, t in enumerate(others):
+        new = _absorb(t, s, ctx)
+        if new is not None:
+            rest = others[:i] + [new] + others[i + 1 :]
+            return rest[0] if len(rest) == 1 else Sum(*rest)
+    return None

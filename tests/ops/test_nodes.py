@@ -1,0 +1,339 @@
+"""Every node kind through the generic suite, each against a dense twin built with plain torch."""
+
+from __future__ import annotations
+
+import torch
+
+from nngeo_ops.ops import (
+    BlockDiag,
+    Dense,
+    Diagonal,
+    Eigen,
+    Identity,
+    Kronecker,
+    LowRank,
+    MatFree,
+    Permutation,
+    ScaledIdentity,
+)
+
+from .suite import OperatorSuite
+
+F64 = torch.float64
+
+
+def rnd(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+def spd(B):
+    n = B.shape[0]
+    return B @ B.mT / n + torch.eye(n, dtype=B.dtype)
+
+
+def orth(B):
+    return torch.linalg.qr(B)[0]
+
+
+class TestDenseGeneral(OperatorSuite):
+    def params(self, dtype, gen):
+        return [rnd(gen, 6, 6) + 4 * torch.eye(6, dtype=F64)]
+
+    def build(self, p):
+        return Dense(p[0]), p[0]
+
+
+class TestDensePSD(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 7, 7)]
+
+    def build(self, p):
+        M = spd(p[0])
+        return Dense(M, psd=True, name="A"), M
+
+
+class TestDenseRectangular(OperatorSuite):
+    square = invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 3)]
+
+    def build(self, p):
+        return Dense(p[0]), p[0]
+
+
+class TestDiagonal(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 6)]
+
+    def build(self, p):
+        d = p[0].square() + 0.5
+        return Diagonal(d), torch.diag(d)
+
+
+class TestDiagonalIndefinite(OperatorSuite):
+    symmetric = True
+
+    def params(self, dtype, gen):
+        return [torch.tensor([1.0, -2.0, 3.0, -0.5, 2.0], dtype=F64)]
+
+    def build(self, p):
+        return Diagonal(p[0]), torch.diag(p[0])
+
+
+class TestScaledIdentity(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [torch.tensor(1.7, dtype=F64)]
+
+    def build(self, p):
+        return ScaledIdentity(p[0], 5), p[0] * torch.eye(5, dtype=p[0].dtype)
+
+
+class TestLowRankSymmetric(OperatorSuite):
+    symmetric = psd = True
+    invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 8, 2)]
+
+    def build(self, p):
+        return LowRank(p[0]), p[0] @ p[0].mT
+
+
+class TestLowRankGeneral(OperatorSuite):
+    square = invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 6, 2), rnd(gen, 2, 2), rnd(gen, 4, 2)]
+
+    def build(self, p):
+        U, C, V = p
+        return LowRank(U, C, V), U @ C @ V.mT
+
+
+class TestKroneckerPSD(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 4, 4)]
+
+    def build(self, p):
+        A, G = spd(p[0]), spd(p[1])
+        return Kronecker(Dense(A, psd=True, name="A"), Dense(G, psd=True, name="G")), torch.kron(
+            A, G
+        )
+
+
+class TestKroneckerThreeGeneral(OperatorSuite):
+    def params(self, dtype, gen):
+        return [
+            rnd(gen, 2, 2) + 3 * torch.eye(2, dtype=F64),
+            rnd(gen, 3, 3) + 3 * torch.eye(3, dtype=F64),
+            rnd(gen, 2, 2) + 3 * torch.eye(2, dtype=F64),
+        ]
+
+    def build(self, p):
+        return Kronecker(*p), torch.kron(torch.kron(p[0], p[1]), p[2])
+
+
+class TestKroneckerRectangular(OperatorSuite):
+    square = invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 2, 3), rnd(gen, 4, 2)]
+
+    def build(self, p):
+        return Kronecker(p[0], p[1]), torch.kron(p[0], p[1])
+
+
+class TestBlockDiag(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 4), rnd(gen, 2, 2), rnd(gen, 2, 2)]
+
+    def build(self, p):
+        A, d, B, C = spd(p[0]), p[1].square() + 0.1, spd(p[2]), spd(p[3])
+        op = BlockDiag(
+            [Dense(A, psd=True), Diagonal(d), Kronecker(Dense(B, psd=True), Dense(C, psd=True))]
+        )
+        return op, torch.block_diag(A, torch.diag(d), torch.kron(B, C))
+
+
+class TestEigenDense(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 6, 6), rnd(gen, 6)]
+
+    def build(self, p):
+        Q, lam = orth(p[0]), p[1].square() + 0.2
+        return Eigen(Q, lam), Q @ torch.diag(lam) @ Q.mT
+
+
+class TestEigenKroneckerBasis(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 4, 4), rnd(gen, 12)]
+
+    def build(self, p):
+        Q1, Q2, lam = orth(p[0]), orth(p[1]), p[2].square() + 0.3
+        Q = torch.kron(Q1, Q2)
+        basis = Kronecker(Dense(Q1, orthogonal=True), Dense(Q2, orthogonal=True))
+        return Eigen(basis, lam), Q @ torch.diag(lam) @ Q.mT
+
+
+class TestEigenTruncated(OperatorSuite):
+    symmetric = psd = True
+    invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 7, 3), rnd(gen, 3)]
+
+    def build(self, p):
+        Q, lam = orth(p[0]), p[1].square() + 0.5
+        return Eigen(Q, lam), Q @ torch.diag(lam) @ Q.mT
+
+
+class TestPermutation(OperatorSuite):
+    def params(self, dtype, gen):
+        return [torch.tensor([2, 0, 4, 1, 3]), torch.zeros((), dtype=F64)]
+
+    def build(self, p):
+        dtype = p[1].dtype  # carries the dtype the case is built in
+        return Permutation(p[0], dtype=dtype), torch.eye(5, dtype=dtype)[p[0]]
+
+
+class TestMatFree(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 6, 6)]
+
+    def build(self, p):
+        M = spd(p[0])
+        return MatFree(
+            lambda x: M @ x, (6, 6), dtype=M.dtype, symmetric=True, psd=True, name="H"
+        ), M
+
+
+class TestMatFreeBatchedGeneral(OperatorSuite):
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 5) + 4 * torch.eye(5, dtype=F64)]
+
+    def build(self, p):
+        M = p[0]
+        op = MatFree(
+            lambda X: M @ X, (5, 5), dtype=M.dtype, rmatvec=lambda X: M.mT @ X, batched=True
+        )
+        return op, M
+
+
+# ------------------------------------------------------------------ composites named by pattern
+class TestDiagPlusLowRank(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 9), rnd(gen, 9, 3)]
+
+    def build(self, p):
+        d, U = p[0].square() + 0.5, p[1]
+        return Diagonal(d) + LowRank(U), torch.diag(d) + U @ U.mT
+
+
+class TestLowRankPlusShift(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 9, 2), rnd(gen, 2, 2)]
+
+    def build(self, p):
+        U, C = p[0], spd(p[1])
+        return LowRank(U, C, psd=True) + 0.7 * Identity(9), U @ C @ U.mT + 0.7 * torch.eye(
+            9, dtype=U.dtype
+        )
+
+
+class TestDampedKronecker(OperatorSuite):
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 4, 4)]
+
+    def build(self, p):
+        A, G = spd(p[0]) - 0.9 * torch.eye(3, dtype=p[0].dtype), spd(p[1])
+        op = Kronecker(Dense(A, psd=True), Dense(G, psd=True)) + 0.05 * Identity(12)
+        return op, torch.kron(A, G) + 0.05 * torch.eye(12, dtype=A.dtype)
+
+
+class TestPermutedKronecker(OperatorSuite):
+    """A KFAC block with bias: ``Pᵀ (G⊗A) P`` reorders kron order into parameter order."""
+
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 2, 2), torch.randperm(6, generator=gen)]
+
+    def build(self, p):
+        A, G, perm = spd(p[0]), spd(p[1]), p[2]
+        P = Permutation(perm, dtype=A.dtype)
+        Pd = torch.eye(6, dtype=A.dtype)[perm]
+        op = P.T @ Kronecker(Dense(G, psd=True), Dense(A, psd=True)) @ P
+        return op, Pd.mT @ torch.kron(G, A) @ Pd
+
+
+class TestGaussNewtonPattern(OperatorSuite):
+    """``Jᵀ H J`` with a tall-wide J: a PSD product that is never formed as P×P by rewrites."""
+
+    symmetric = psd = True
+    invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 7), rnd(gen, 3, 3)]
+
+    def build(self, p):
+        J, H = p[0], spd(p[1])
+        Jop = Dense(J, name="J")
+        return Jop.T @ Dense(H, psd=True, name="H") @ Jop, J.mT @ H @ J
+
+
+class TestInverseNode(OperatorSuite):
+    symmetric = psd = True
+    cond_scale = 10
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 5)]
+
+    def build(self, p):
+        M = spd(p[0])
+        return Dense(M, psd=True).inv(), torch.linalg.inv(M)
+
+
+class TestPowerNode(OperatorSuite):
+    symmetric = psd = True
+    cond_scale = 10
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 5)]
+
+    def build(self, p):
+        M = spd(p[0])
+        ev, Q = torch.linalg.eigh(M)
+        return Dense(M, psd=True).pow(1.5), (Q * ev**1.5) @ Q.mT
+
+
+class TestScaledTransposeSum(OperatorSuite):
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 5), rnd(gen, 5), torch.tensor(-1.3, dtype=F64)]
+
+    def build(self, p):
+        M, d, c = p[0] + 5 * torch.eye(5, dtype=p[0].dtype), p[1], p[2]
+        op = c * Dense(M).T + Diagonal(d)
+        return op, c * M.mT + torch.diag(d)
