@@ -5,10 +5,12 @@ from __future__ import annotations
 from ..base import scalar_float
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale
+from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
 from ..kronecker import Kronecker
 from ..registry import rule
+from ..spectral import matrix_power
 from ..symbolic import Inverse, Power
 from ._util import orthogonal_congruence, spectral_power
 
@@ -43,7 +45,13 @@ def structured_power(node: Power, ctx):
     if cong is not None:
         qt, m, q = cong
         return Product(qt, Power(m, p), q)
-    # No structure left to exploit: go through the (structured where possible) eigendecomposition.
+    if isinstance(X, Inverse):  # (A⁻¹)^p = A^(−p)
+        return Power(X.child, -p)
     if isinstance(X, Eigen):
         return None
-    return Power(ctx.eigh_of(X), p)
+    E = ctx.eigh_of(X, structured_only=True)
+    if E is None and X.needs_grad() and X.shape[0] <= ctx.policy.dense_limit:
+        # eigh's gradient is NaN for repeated eigenvalues; the dense spectral function is not
+        return Dense(matrix_power(X.to_dense(), p, X._str()), psd=X.psd or node.psd)
+    # No structure left to exploit: go through the (structured where possible) eigendecomposition.
+    return Power(E if E is not None else ctx.eigh_of(X), p)

@@ -1,0 +1,89 @@
+"""Bad input raises a clear exception from the library's hierarchy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nngeo_ops.errors import (
+    DTypeDeviceError,
+    NNGeoError,
+    NotPSDError,
+    NotSymmetricError,
+    ShapeError,
+    SingularError,
+)
+from nngeo_ops.ops import Dense, Diagonal, Eigen, Identity, Kronecker, LowRank
+
+F64 = torch.float64
+
+
+def test_mismatched_shapes():
+    with pytest.raises(ShapeError, match=r"\(3, 3\).*\(4, 4\)"):
+        Dense(torch.eye(3, dtype=F64)) + Dense(torch.eye(4, dtype=F64))
+    with pytest.raises(ShapeError, match="multiply"):
+        Dense(torch.ones(3, 2, dtype=F64)) @ Dense(torch.ones(3, 2, dtype=F64))
+    with pytest.raises(ShapeError, match="non-square"):
+        Dense(torch.ones(3, 2, dtype=F64)).inv()
+    with pytest.raises(ShapeError, match="length 3"):
+        Dense(torch.eye(3, dtype=F64)).solve(torch.ones(4, dtype=F64))
+    with pytest.raises(ShapeError, match="evals"):
+        Eigen(torch.eye(3, dtype=F64), torch.ones(2, dtype=F64))
+    with pytest.raises(ShapeError):
+        LowRank(torch.ones(4, 2, dtype=F64), torch.ones(3, 3, dtype=F64))
+
+
+def test_dtype_and_device_mixes():
+    with pytest.raises(DTypeDeviceError, match=r"\.to\("):
+        Dense(torch.eye(3, dtype=F64)) + Dense(torch.eye(3, dtype=torch.float32))
+    with pytest.raises(TypeError, match="float32"):
+        Kronecker(torch.eye(2, dtype=F64), torch.eye(2, dtype=torch.float32))
+    with pytest.raises(DTypeDeviceError):
+        Diagonal(torch.ones(3, dtype=F64)) @ torch.ones(3, dtype=torch.float32)
+    # an identity built without a dtype adapts instead of failing
+    assert (Diagonal(torch.ones(3)) + Identity(3)).dtype == torch.float32
+    assert (Diagonal(torch.ones(3, dtype=F64)) + Identity(3)).dtype == F64
+
+
+def test_logdet_and_cholesky_of_non_psd():
+    M = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64)  # eigenvalues 3 and -1
+    with pytest.raises(NotPSDError, match="negative"):
+        Dense(M).logdet()
+    with pytest.raises(NotPSDError, match="not positive definite"):
+        Dense(M, psd=True).solve(torch.ones(2, dtype=F64))
+    with pytest.raises(NotPSDError, match="damping"):
+        Dense(M, psd=True).logdet()
+    with pytest.raises(NotPSDError, match="non-integer power"):
+        Dense(M).sqrt().to_dense()
+    assert issubclass(NotPSDError, (NNGeoError, ValueError))
+
+
+def test_pow_of_non_symmetric():
+    M = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=F64)
+    with pytest.raises(NotSymmetricError, match="symmetric"):
+        Dense(M).pow(0.5)
+    with pytest.raises(NotSymmetricError):
+        Dense(M).eigh()
+
+
+def test_singular_solves():
+    with pytest.raises(SingularError, match="damping"):
+        Diagonal(torch.tensor([1.0, 0.0], dtype=F64)).solve(torch.ones(2, dtype=F64))
+    with pytest.raises(SingularError, match="truncated"):
+        Eigen(torch.eye(3, 2, dtype=F64), torch.ones(2, dtype=F64)).solve(torch.ones(3, dtype=F64))
+    with pytest.raises(SingularError):
+        Dense(torch.ones(2, 2, dtype=F64)).solve(torch.ones(2, dtype=F64))
+
+
+def test_scalar_addition_is_refused_with_a_hint():
+    with pytest.raises(TypeError, match="Identity"):
+        Dense(torch.eye(2, dtype=F64)) + 1.0
+
+
+def test_non_finite_matrix():
+    from nngeo_ops.errors import NonFiniteError
+
+    M = torch.eye(2, dtype=F64)
+    M[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN"):
+        Dense(M).solve(torch.ones(2, dtype=F64))
