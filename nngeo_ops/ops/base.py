@@ -161,9 +161,11 @@ class LinearOperator:
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
         """``A @ X`` for a vector ``(n,)`` or a matrix of columns ``(n, k)``."""
         self._check_operand(X, self.shape[1], "A @ x")
-        if X.dim() == 1:
-            return self._matmat(X.unsqueeze(1)).squeeze(1)
-        return self._matmat(X)
+        return self._mv(X) if X.dim() == 1 else self._matmat(X)
+
+    def _mv(self, x: torch.Tensor) -> torch.Tensor:
+        """``A @ x`` for one vector; leaves override it where that saves the reshapes."""
+        return self._matmat(x.unsqueeze(1)).squeeze(1)
 
     def rmatvec(self, X: torch.Tensor) -> torch.Tensor:
         """``Aᵀ @ X`` for a vector ``(m,)`` or a matrix ``(m, k)``."""

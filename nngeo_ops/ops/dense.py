@@ -58,6 +58,8 @@ class Dense(LinearOperator):
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.M @ X
 
+    _mv = _matmat
+
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.M.mT @ X
 

@@ -28,6 +28,9 @@ class Diagonal(LinearOperator):
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.d.unsqueeze(1) * X
 
+    def _mv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d * x
+
     def to_dense(self) -> torch.Tensor:
         return torch.diag(self.d)
 
@@ -81,6 +84,8 @@ class ScaledIdentity(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X if self.is_identity else self.c * X
+
+    _mv = _matmat
 
     @property
     def is_identity(self) -> bool:
