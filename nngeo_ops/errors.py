@@ -42,3 +42,11 @@ class UnsupportedError(NNGeoError, NotImplementedError):
 
 class ConvergenceWarning(UserWarning):
     """An iterative routine stopped before reaching its tolerance."""
+
+
+class InvalidArgumentError(NNGeoError, ValueError):
+    """An argument has a value outside what the function accepts (a count, a tolerance, ...)."""
+
+
+class ArgumentTypeError(NNGeoError, TypeError):
+    """An argument is of the wrong kind (not a tensor, not a node, wrong number of dimensions)."""

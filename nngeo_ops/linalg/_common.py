@@ -14,6 +14,8 @@ import torch
 
 from nngeo_ops.errors import NonFiniteError
 
+from ..errors import ArgumentTypeError, InvalidArgumentError
+
 __all__ = [
     "Estimate",
     "resolve_settings",
@@ -57,14 +59,14 @@ def resolve_settings(cls: type[S], settings: S | None, overrides: dict[str, Any]
     if settings is None:
         settings = cls()
     elif not isinstance(settings, cls):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"settings must be a {cls.__name__}, got {type(settings).__name__}; "
             f"build one with {cls.__name__}(...) or pass keyword overrides"
         )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"unknown {cls.__name__} option(s) {unknown}; valid options are {sorted(names)}"
         )
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -74,7 +76,7 @@ def resolve_settings(cls: type[S], settings: S | None, overrides: dict[str, Any]
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Validate an integer count such as a number of probes or iterations."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -100,7 +102,9 @@ def sample_probes(
     generator gives the same probes whatever device the operator lives on, then moved.
     """
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        raise InvalidArgumentError(
+            f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"
+        )
     gen_device = generator.device if generator is not None else device
     if distribution == "rademacher":
         bits = torch.randint(0, 2, (n, k), generator=generator, device=gen_device)

@@ -10,6 +10,7 @@ import torch
 
 from nngeo_ops.errors import ConvergenceWarning, DTypeDeviceError, NotPSDError, ShapeError
 
+from ..errors import InvalidArgumentError
 from ._common import check_finite, resolve_settings
 from ._matvec import MatmatOperator, as_operator, as_square_operator
 
@@ -34,9 +35,13 @@ class CGSettings:
 
     def __post_init__(self) -> None:
         if not self.tol >= 0 or not self.atol >= 0:
-            raise ValueError(f"tol and atol must be >= 0, got tol={self.tol}, atol={self.atol}")
+            raise InvalidArgumentError(
+                f"tol and atol must be >= 0, got tol={self.tol}, atol={self.atol}"
+            )
         if self.maxiter is not None and (not isinstance(self.maxiter, int) or self.maxiter < 0):
-            raise ValueError(f"maxiter must be a non-negative int or None, got {self.maxiter!r}")
+            raise InvalidArgumentError(
+                f"maxiter must be a non-negative int or None, got {self.maxiter!r}"
+            )
 
 
 @dataclass

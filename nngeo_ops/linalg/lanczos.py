@@ -9,6 +9,7 @@ import torch
 
 from nngeo_ops.errors import ConvergenceWarning, ShapeError
 
+from ..errors import InvalidArgumentError
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
 from ._matvec import MatmatOperator, as_square_operator, check_symmetric_if_dense
 
@@ -40,7 +41,7 @@ class LanczosSettings:
             check_positive_int(self.num_iter, "num_iter")
         check_positive_int(self.reorth_passes, "reorth_passes", minimum=0)
         if self.tol is not None and not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+            raise InvalidArgumentError(f"tol must be >= 0, got {self.tol}")
 
 
 def tridiag_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def _run_lanczos(
     beta = torch.zeros(p, m, dtype=dtype, device=device)
     norms = torch.linalg.vector_norm(V0, dim=0)
     if bool((norms == 0).any()):
-        raise ValueError("lanczos: the start vector v0 (or one of its columns) is zero")
+        raise InvalidArgumentError("lanczos: the start vector v0 (or one of its columns) is zero")
     Q[:, :, 0] = (V0 / norms).T
     anorm = torch.zeros(p, dtype=dtype, device=device)
     for j in range(m):
@@ -210,7 +211,7 @@ def lanczos(
     """
     s = resolve_settings(LanczosSettings, settings, {"num_iter": num_iter, **overrides})
     if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        raise InvalidArgumentError(f"which must be one of {WHICH}, got {which!r}")
     op = as_square_operator(A, like=v0, what="lanczos", symmetric=True)
     check_symmetric_if_dense(A, "lanczos")
     n = op.shape[0]
@@ -219,7 +220,9 @@ def lanczos(
         raise ShapeError(f"lanczos: asked for k={k} eigenpairs of an operator of shape {op.shape}")
     m = min(n, s.num_iter if s.num_iter is not None else max(2 * k + 20, 3 * k))
     if k > m:
-        raise ValueError(f"lanczos: k={k} eigenpairs need num_iter >= k, got num_iter={m}")
+        raise InvalidArgumentError(
+            f"lanczos: k={k} eigenpairs need num_iter >= k, got num_iter={m}"
+        )
     if v0 is None:
         v0 = sample_probes(
             n, 1, distribution="gaussian", dtype=op.dtype, device=op.device, generator=generator

@@ -9,6 +9,7 @@ import torch
 
 from nngeo_ops.errors import ConvergenceWarning, ShapeError
 
+from ..errors import InvalidArgumentError
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
 from ._matvec import as_square_operator, check_symmetric_if_dense
 
@@ -30,7 +31,7 @@ class PowerSettings:
     def __post_init__(self) -> None:
         check_positive_int(self.num_iter, "num_iter")
         if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+            raise InvalidArgumentError(f"tol must be >= 0, got {self.tol}")
 
 
 def power_iteration(
@@ -77,7 +78,9 @@ def power_iteration(
     check_finite(v, "v0")
     norm = torch.linalg.vector_norm(v)
     if not bool(norm > 0):
-        raise ValueError("power_iteration: the start vector v0 is zero; pass a nonzero v0")
+        raise InvalidArgumentError(
+            "power_iteration: the start vector v0 is zero; pass a nonzero v0"
+        )
     v = v / norm
     Av = op.matmat(v)
     lam = (v * Av).sum()

@@ -16,6 +16,7 @@ import torch
 
 from nngeo_ops.errors import NotPSDError, ShapeError
 
+from ..errors import InvalidArgumentError
 from ._common import Estimate, check_positive_int, resolve_settings, sample_probes, sample_stderr
 from ._matvec import as_square_operator, check_symmetric_if_dense
 from .lanczos import _run_lanczos, tridiag_matrix
@@ -79,7 +80,7 @@ class SLQResult:
         ``grid``.
         """
         if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
+            raise InvalidArgumentError(f"sigma must be > 0, got {sigma}")
         g = torch.as_tensor(grid, dtype=self.nodes.dtype, device=self.nodes.device)
         diff = g.reshape(-1, 1, 1) - self.nodes  # (g, p, m)
         kern = torch.exp(-0.5 * (diff / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))

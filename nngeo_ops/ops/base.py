@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DTypeDeviceError, NotSymmetricError, ShapeError
+from ..errors import ArgumentTypeError, DTypeDeviceError, NotSymmetricError, ShapeError
 
 Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients flow through it)
 
@@ -146,7 +146,7 @@ class LinearOperator:
     # ------------------------------------------------------------------ products with tensors
     def _check_operand(self, X: torch.Tensor, rows: int, what: str) -> None:
         if not isinstance(X, torch.Tensor):
-            raise TypeError(f"{what}: expected a torch.Tensor, got {type(X).__name__}")
+            raise ArgumentTypeError(f"{what}: expected a torch.Tensor, got {type(X).__name__}")
         if X.dim() not in (1, 2) or X.shape[0] != rows:
             raise ShapeError(
                 f"{what}: operator of shape {self.shape} cannot take an operand of shape "
@@ -337,7 +337,7 @@ class LinearOperator:
 
 
 def _scalar_add_error(A: LinearOperator) -> LinearOperator:
-    raise TypeError(
+    raise ArgumentTypeError(
         f"adding a scalar to an operator is ambiguous; write A + c * Identity({A.shape[0]}) "
         "to add c times the identity"
     )
@@ -351,7 +351,7 @@ def as_operator(x: Any) -> LinearOperator:
         from .dense import Dense
 
         return Dense(x)
-    raise TypeError(f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}")
+    raise ArgumentTypeError(f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}")
 
 
 def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:

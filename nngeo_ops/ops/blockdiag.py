@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .base import LinearOperator, as_operator, harmonise
 
 
@@ -21,7 +22,7 @@ class BlockDiag(LinearOperator):
 
     def __init__(self, blocks: Sequence[Any], names: Sequence[str] | None = None) -> None:
         if len(blocks) == 0:
-            raise ValueError("BlockDiag needs at least one block")
+            raise InvalidArgumentError("BlockDiag needs at least one block")
         bs = harmonise(tuple(as_operator(b) for b in blocks))
         self.row_sizes = [b.shape[0] for b in bs]
         self.col_sizes = [b.shape[1] for b in bs]

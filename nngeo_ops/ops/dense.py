@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NonFiniteError, NotPSDError, SingularError
+from ..errors import ArgumentTypeError, NonFiniteError, NotPSDError, SingularError
 from .base import LinearOperator
 from .cache import cached_factor
 
@@ -35,9 +35,11 @@ class Dense(LinearOperator):
         name: str = "M",
     ) -> None:
         if not isinstance(M, torch.Tensor) or M.dim() != 2:
-            raise TypeError(f"Dense expects a 2-D tensor, got {getattr(M, 'shape', type(M))}")
+            raise ArgumentTypeError(
+                f"Dense expects a 2-D tensor, got {getattr(M, 'shape', type(M))}"
+            )
         if not M.is_floating_point() and not M.is_complex():
-            raise TypeError(f"Dense expects a floating tensor, got {M.dtype}")
+            raise ArgumentTypeError(f"Dense expects a floating tensor, got {M.dtype}")
         if symmetric is None:
             symmetric = psd or (M.shape[0] == M.shape[1] and bool(torch.equal(M, M.mT)))
         super().__init__(

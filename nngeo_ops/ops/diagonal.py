@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ArgumentTypeError
 from .base import LinearOperator, Scalar, fmt_scalar, is_scalar, scalar_float
 
 
@@ -16,7 +17,9 @@ class Diagonal(LinearOperator):
 
     def __init__(self, d: torch.Tensor, *, name: str = "diag") -> None:
         if not isinstance(d, torch.Tensor) or d.dim() != 1:
-            raise TypeError(f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}")
+            raise ArgumentTypeError(
+                f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}"
+            )
         psd = bool((d.detach() >= 0).all())
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=psd)
         self.d = d

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeError
+from ..errors import ArgumentTypeError, ShapeError
 from .base import LinearOperator, as_operator, harmonise
 
 
@@ -34,7 +34,7 @@ class Eigen(LinearOperator):
             )
         (Q,) = harmonise((Q,))
         if evals.dtype != Q.dtype:
-            raise TypeError(f"Eigen: evals are {evals.dtype} but Q is {Q.dtype}")
+            raise ArgumentTypeError(f"Eigen: evals are {evals.dtype} but Q is {Q.dtype}")
         psd = bool((evals.detach() >= 0).all())
         n = Q.shape[0]
         super().__init__((n, n), Q.dtype, Q.device, symmetric=True, psd=psd)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .base import LinearOperator, as_operator, harmonise
 
 
@@ -48,7 +49,7 @@ class Kronecker(LinearOperator):
         if len(factors) == 1 and isinstance(factors[0], (list, tuple)):
             factors = tuple(factors[0])
         if not factors:
-            raise ValueError("Kronecker needs at least one factor")
+            raise InvalidArgumentError("Kronecker needs at least one factor")
         fs = harmonise(tuple(as_operator(f) for f in factors))
         shape = (math.prod(f.shape[0] for f in fs), math.prod(f.shape[1] for f in fs))
         super().__init__(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeError
+from ..errors import ArgumentTypeError, ShapeError
 from .base import LinearOperator
 
 
@@ -40,7 +40,7 @@ class LowRank(LinearOperator):
             raise ShapeError(f"LowRank: V must have {k} columns like U, got shape {tuple(V.shape)}")
         for t in (C, V):
             if t is not None and (t.dtype != U.dtype or t.device != U.device):
-                raise TypeError("LowRank: U, C and V must share dtype and device")
+                raise ArgumentTypeError("LowRank: U, C and V must share dtype and device")
         symmetric = V is None and (C is None or bool(torch.equal(C, C.mT)))
         if psd is None:
             psd = V is None and C is None

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidArgumentError
 from .base import LinearOperator
 
 
@@ -23,7 +24,7 @@ class Permutation(LinearOperator):
         if perm.dim() != 1 or not torch.equal(
             torch.sort(perm).values, torch.arange(perm.numel(), device=perm.device)
         ):
-            raise ValueError("Permutation: perm must be a permutation of 0..n-1")
+            raise InvalidArgumentError("Permutation: perm must be a permutation of 0..n-1")
         n = perm.numel()
         super().__init__(
             (n, n),
