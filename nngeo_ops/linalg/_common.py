@@ -12,9 +12,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from nngeo_ops.errors import NonFiniteError
-
-from ..errors import ArgumentTypeError, InvalidArgumentError
+from nngeo_ops.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 
 __all__ = [
     "Estimate",

@@ -8,9 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nngeo_ops.errors import ConvergenceWarning, DTypeDeviceError, NotPSDError, ShapeError
+from nngeo_ops.errors import (
+    ConvergenceWarning,
+    DTypeDeviceError,
+    InvalidArgumentError,
+    NotPSDError,
+    ShapeError,
+)
 
-from ..errors import InvalidArgumentError
 from ._common import check_finite, resolve_settings
 from ._matvec import MatmatOperator, as_operator, as_square_operator
 

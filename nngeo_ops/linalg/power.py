@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nngeo_ops.errors import ConvergenceWarning, ShapeError
+from nngeo_ops.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
 
-from ..errors import InvalidArgumentError
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
 from ._matvec import as_square_operator, check_symmetric_if_dense
 

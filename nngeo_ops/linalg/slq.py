@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nngeo_ops.errors import NotPSDError, ShapeError
+from nngeo_ops.errors import InvalidArgumentError, NotPSDError, ShapeError
 
-from ..errors import InvalidArgumentError
 from ._common import Estimate, check_positive_int, resolve_settings, sample_probes, sample_stderr
 from ._matvec import as_square_operator, check_symmetric_if_dense
 from .lanczos import _run_lanczos, tridiag_matrix
