@@ -1,0 +1,51 @@
+"""From networks to operators: Fisher, GGN and Hessian of PyTorch models as ``ops`` expressions.
+
+NNGeometry-compatible API: ``FIM``, ``FIM_MonteCarlo``, ``EmpiricalFisher``, ``GGN``, ``Hessian``
+return a representation (``PMatDense``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatKFAC``, ``PMatEKFAC``,
+``PMatLowRank``, ``PMatQuasiDiag``, ``PMatImplicit``, ``PMatEye``) whose ops node is ``F.op``;
+``PVector``/``FVector`` are parameter- and function-space vectors and ``LayerCollection`` selects the
+covered parameters.
+"""
+
+from .generator import CurvatureGenerator
+from .kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
+from .layercollection import LayerCollection
+from .metrics import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
+from .outputs import DataError
+from .pmat import (
+    PMatAbstract,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatExpr,
+    PMatEye,
+    PMatImplicit,
+    PMatLowRank,
+    build_many,
+)
+from .vector import FVector, PVector
+
+__all__ = [
+    "FIM",
+    "GGN",
+    "CurvatureGenerator",
+    "DataError",
+    "EmpiricalFisher",
+    "FIM_MonteCarlo",
+    "FVector",
+    "Hessian",
+    "LayerCollection",
+    "PMatAbstract",
+    "PMatBlockDiag",
+    "PMatDense",
+    "PMatDiag",
+    "PMatEKFAC",
+    "PMatExpr",
+    "PMatEye",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLowRank",
+    "PMatQuasiDiag",
+    "PVector",
+    "build_many",
+]

@@ -1,0 +1,372 @@
+"""The capture engine: one forward and one batched backward per batch, statistics per layer.
+
+For each batch the engine
+
+1. runs the forward pass with forward hooks on every module that owns a covered parameter, recording
+   the inputs and the output tensor of each call (a module called several times records each call);
+2. asks the output model for the K output-space vectors L (exact factor, Monte-Carlo samples or the
+   empirical gradient), shape ``(K, B, *out_shape)``;
+3. back-propagates the K vectors at once, ``torch.autograd.grad(out, recorded_outputs, L,
+   is_grads_batched=True)``, which yields the cotangent of every recorded output for every column;
+4. hands a :class:`BatchContext` to the accumulators, which ask it lazily for per-example gradients,
+   squared sums or Kronecker rows of the layers they need (computed once per batch and cached).
+
+No step loops over examples. Per-example quantities are "per (column, example)": the curvature is
+(1/N) Σ_{k,n} ∇θ_{k,n} ∇θ_{k,n}ᵀ with ∇θ_{k,n} = J_nᵀ L_n[:, k].
+
+Models are assumed to treat examples independently: BatchNorm in training mode couples them (a warning
+is emitted), and the hooks then measure a different quantity than the per-example Jacobians.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteError, UnsupportedError
+from .generic import generic_per_example
+from .layercollection import LayerCollection
+from .outputs import DataError, OutputModel
+from .rules import KronRule, rule_for
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+    version: int
+    grad: torch.Tensor | None = None
+
+
+@dataclass
+class _User:
+    """A module that owns some covered parameters (its own, or shared with another module)."""
+
+    name: str
+    module: nn.Module
+    attrs: tuple[str, ...]  # covered direct parameters, in the module's order
+    keys: tuple[tuple[str, int], ...]  # (layer_id, index of the parameter inside the layer)
+    rule: object | None
+    calls: list = field(default_factory=list)
+
+
+def _as_tuple(batch):
+    if torch.is_tensor(batch):
+        return (batch,)
+    if isinstance(batch, list | tuple):
+        return tuple(batch)
+    raise UnsupportedError(
+        f"batches of type {type(batch).__name__} are not understood; yield (inputs, labels) "
+        "tuples or pass function=..."
+    )
+
+
+def prepare_batch(batch, device) -> tuple:
+    """A batch as a tuple of its parts, tensors moved to ``device``."""
+    batch = _as_tuple(batch)
+    return tuple(x.to(device) if torch.is_tensor(x) else x for x in batch)
+
+
+def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, generator=None):
+    """Check the model output and return the output model's factor ``(L, count)`` for ``kind``."""
+    if not torch.is_tensor(out):
+        raise UnsupportedError(f"the model returned {type(out).__name__}; use function=...")
+    if not torch.isfinite(out).all():
+        raise NonFiniteError("the model output contains NaN or inf")
+    om.check_output(out, n_output)
+    if kind == "exact":
+        return om.exact(out, y)
+    if kind == "sample":
+        return om.sample(out, y, trials, generator)
+    if kind == "empirical":
+        return om.empirical(out, y)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+class Capture:
+    """Hook-based statistics of ``model`` over a loader for one output model.
+
+    ``kind`` is ``"exact"``, ``"sample"`` (Monte-Carlo, ``trials`` draws from ``generator``) or
+    ``"empirical"``. ``function(*batch)`` computes the outputs (default ``model(batch[0])``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_collection: LayerCollection,
+        output_model: OutputModel,
+        function=None,
+        kind: str = "exact",
+        trials: int = 1,
+        generator=None,
+        n_output=None,
+        device=None,
+        progress=None,
+    ):
+        self.model = model
+        self.lc = layer_collection
+        self.output_model = output_model
+        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.kind = kind
+        self.trials = trials
+        self.generator = generator
+        self.n_output = n_output
+        self.progress = progress
+        params = self.lc.parameters(model)
+        if not params:
+            raise DataError("the layer collection covers no parameter")
+        self.device = torch.device(device) if device is not None else params[0].device
+        self.dtype = params[0].dtype
+        self._find_users(params)
+        self._recording = False
+        self._clone = False
+
+    # ------------------------------------------------------------------ structure
+    def _find_users(self, params):
+        key_of = {}
+        i = 0
+        for lid, entry in self.lc.items():
+            for j in range(len(entry.attrs)):
+                key_of[id(params[i])] = (lid, j)
+                i += 1
+        self.users: list[_User] = []
+        n_users = {}
+        for name, mod in self.model.named_modules():
+            attrs, keys = [], []
+            for attr, p in mod._parameters.items():
+                if p is not None and id(p) in key_of:
+                    attrs.append(attr)
+                    keys.append(key_of[id(p)])
+                    n_users[id(p)] = n_users.get(id(p), 0) + 1
+            if attrs:
+                rule = rule_for(mod)
+                if rule is not None and not set(attrs) <= set(rule.attrs(mod)):
+                    rule = None
+                self.users.append(_User(name, mod, tuple(attrs), tuple(keys), rule))
+        # a layer is structured when one module with a rule owns exactly its parameters alone
+        modules = self.lc.get_layerid_module_map(self.model)
+        self.structured: dict[str, _User] = {}
+        for user in self.users:
+            lid = user.keys[0][0]
+            entry = self.lc.layers[lid]
+            if (
+                user.rule is not None
+                and modules[lid] is user.module
+                and user.attrs == entry.attrs
+                and set(user.attrs) == set(user.rule.attrs(user.module))
+                and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
+            ):
+                self.structured[lid] = user
+        self._bn_training = [
+            n
+            for n, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+
+    def require_structured(self, what: str) -> None:
+        """Raise UnsupportedError naming every layer that has no structured rule."""
+        missing = [lid for lid in self.lc.layers if lid not in self.structured]
+        if missing:
+            kinds = ", ".join(f"{lid} ({self.lc.layers[lid].kind})" for lid in missing)
+            raise UnsupportedError(
+                f"{what} needs a structured rule for every layer; none for: {kinds}. Use "
+                "PMatDense/PMatDiag/PMatBlockDiag/PMatImplicit, or exclude these layers with a "
+                "LayerCollection"
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, user):
+        def hook(module, args, kwargs, output):
+            if not self._recording:
+                return None
+            if not torch.is_tensor(output):
+                raise UnsupportedError(
+                    f"module {user.name or '<root>'} ({type(module).__name__}) returns "
+                    f"{type(output).__name__}; modules owning parameters must return a tensor"
+                )
+            ret = None
+            if self._clone:  # a later in-place op would overwrite the tensor we differentiate at
+                ret = output.clone()
+            # statistics are data, never part of a graph: inputs are kept detached
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            user.calls.append(_Call(args, kwargs, output, output._version))
+            return ret
+
+        return hook
+
+    def _forward(self, batch):
+        for u in self.users:
+            u.calls = []
+        handles = [
+            u.module.register_forward_hook(self._hook(u), with_kwargs=True) for u in self.users
+        ]
+        self._recording = True
+        try:
+            with torch.enable_grad():
+                out = self.function(*batch)
+        finally:
+            self._recording = False
+            for h in handles:
+                h.remove()
+        return out
+
+    # ------------------------------------------------------------------ one batch
+    def _prepare(self, batch):
+        return prepare_batch(batch, self.device)
+
+    def process(self, batch) -> BatchContext:
+        batch = self._prepare(batch)
+        out = self._forward(batch)
+        if any(c.output._version != c.version for u in self.users for c in u.calls):
+            self._clone = True  # e.g. ReLU(inplace=True) after a layer: redo with copies
+            out = self._forward(batch)
+        y = batch[1] if len(batch) > 1 else None
+        lmat, count = output_factor(
+            self.output_model, self.kind, out, y, self.n_output, self.trials, self.generator
+        )
+        calls = [c for u in self.users for c in u.calls]
+        if not out.requires_grad:
+            raise DataError("the output does not depend on any covered parameter")
+        grads = self._backprop(out, [c.output for c in calls], lmat.to(out.dtype))
+        for c, g in zip(calls, grads):
+            c.grad = (
+                g
+                if g is not None
+                else torch.zeros(
+                    (lmat.shape[0], *c.output.shape), dtype=out.dtype, device=out.device
+                )
+            )
+            c.output = None  # the graph is no longer needed
+        return BatchContext(self, out.shape[0], lmat.shape[0], count)
+
+    @staticmethod
+    def _backprop(out, targets, lmat):
+        if lmat.shape[0] == 1:  # one column (Monte-Carlo with one trial, empirical): no vmap
+            res = torch.autograd.grad(out, targets, lmat[0], allow_unused=True)
+            return [None if g is None else g.unsqueeze(0) for g in res]
+        try:
+            return torch.autograd.grad(out, targets, lmat, is_grads_batched=True, allow_unused=True)
+        except RuntimeError:
+            # an op without a vmap rule in its backward: one backward per column (K is small)
+            cols = [
+                torch.autograd.grad(out, targets, lk, retain_graph=True, allow_unused=True)
+                for lk in lmat
+            ]
+            return [None if col[0] is None else torch.stack(col) for col in zip(*cols)]
+
+    def run(self, loader, accumulators, desc="curvature"):
+        """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
+        if self._bn_training:
+            warnings.warn(
+                f"BatchNorm modules {self._bn_training} are in training mode: examples are coupled "
+                "through batch statistics; call model.eval() for per-example curvature",
+                stacklevel=3,
+            )
+        total, n_ex = 0, 0
+        disable = None if self.progress is None else not self.progress
+        for batch in tqdm(loader, desc=desc, disable=disable, leave=False):
+            ctx = self.process(batch)
+            for acc in accumulators:
+                acc.update(ctx)
+            total += ctx.count
+            n_ex += ctx.batch_size
+        if n_ex == 0:
+            raise DataError("the loader yielded no examples")
+        scale = 1.0 / total if self.output_model.reduction == "mean" else 1.0
+        if self.output_model.reduction == "mean" and total == 0:
+            raise DataError("every target was ignored (ignore_index): the mean is undefined")
+        for acc in accumulators:
+            acc.finalize(scale)
+        return scale
+
+
+class BatchContext:
+    """Lazy per-layer statistics of one batch; each quantity is computed once."""
+
+    def __init__(self, cap: Capture, batch_size: int, k: int, count: int):
+        self.cap = cap
+        self.batch_size = batch_size
+        self.k = k
+        self.count = count
+        self._pe = None
+
+    @property
+    def m(self) -> int:
+        return self.k * self.batch_size
+
+    def _contributions(self):
+        """{(layer_id, index): (K, B, *shape)} summed over every call of every owning module."""
+        if self._pe is None:
+            pe = {}
+            for u in self.cap.users:
+                for c in u.calls:
+                    if u.rule is not None:
+                        res = u.rule.per_example(u.module, c.args[0], c.grad)
+                    else:
+                        res = generic_per_example(u.module, u.attrs, c.args, c.kwargs, c.grad)
+                    for attr, key in zip(u.attrs, u.keys):
+                        pe[key] = pe[key] + res[attr] if key in pe else res[attr]
+            self._pe = pe
+        return self._pe
+
+    def per_example(self, lid: str) -> torch.Tensor:
+        """(K·B, P_layer) per-(column, example) gradients of one layer, in flat order."""
+        pe = self._contributions()
+        entry = self.cap.lc.layers[lid]
+        parts = []
+        for j, shape in enumerate(entry.shapes):
+            t = pe.get((lid, j))
+            if t is None:  # parameter not reached by the output
+                t = torch.zeros(
+                    (self.k, self.batch_size, *shape), dtype=self.cap.dtype, device=self.cap.device
+                )
+            parts.append(t.reshape(self.m, -1))
+        return torch.cat(parts, dim=1)
+
+    def per_example_all(self) -> torch.Tensor:
+        return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
+
+    def diag(self, lid: str) -> torch.Tensor:
+        user = self.cap.structured.get(lid)
+        if user is not None and len(user.calls) == 1 and self._pe is None:
+            call = user.calls[0]
+            d = user.rule.diag(user.module, call.args[0], call.grad)
+            if d is not None:
+                return torch.cat([d[a].reshape(-1) for a in user.attrs])
+        return self.per_example(lid).square().sum(0)
+
+    def kron_rows(self, lid: str):
+        """(arow (B, R, dA), grow (K, B, R, dG)) of a structured Kronecker layer, all calls joined.
+
+        For order "ga" with a bias, arow carries a trailing constant 1 (the bias column of A).
+        """
+        user = self.cap.structured[lid]
+        rule = user.rule
+        arows, grows = [], []
+        for c in user.calls:
+            ar, gr = rule.rows(user.module, c.args[0], c.grad)
+            if rule.order == "ga" and getattr(user.module, "bias", None) is not None:
+                ar = torch.cat([ar, ar.new_ones(*ar.shape[:2], 1)], dim=2)
+            arows.append(ar)
+            grows.append(gr)
+        return torch.cat(arows, dim=1), torch.cat(grows, dim=2)
+
+    def token_counts(self, lid: str) -> torch.Tensor:
+        user = self.cap.structured[lid]
+        return sum(user.rule.token_counts(user.module, c.args[0]) for c in user.calls)
+
+    def separate_bias(self, lid: str) -> torch.Tensor:
+        """(K·B, C) per-example bias gradient of a layer whose bias is outside its Kronecker form."""
+        user = self.cap.structured[lid]
+        total = sum(user.rule.bias_grad(user.module, c.grad, None) for c in user.calls)
+        return total.reshape(self.m, -1)
+
+    def is_kron(self, lid: str) -> bool:
+        user = self.cap.structured.get(lid)
+        return user is not None and isinstance(user.rule, KronRule)

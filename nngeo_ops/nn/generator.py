@@ -1,0 +1,176 @@
+"""The curvature generator: everything a representation needs to know to gather its statistics.
+
+A :class:`CurvatureGenerator` binds a model, a layer collection, an output model and the kind of
+curvature (``"exact"`` Fisher/GGN, ``"sample"`` Monte-Carlo Fisher, ``"empirical"`` Fisher or
+``"hessian"``). Representations ask it for one pass over a loader (:meth:`run`), for the implicit
+Jᵀ H J operator (:meth:`implicit_op`) or for exact Hessians.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteError, UnsupportedError
+from ..ops import MatFree
+from . import functional as fx
+from .capture import Capture, output_factor, prepare_batch
+from .layercollection import LayerCollection
+from .outputs import DataError, OutputModel
+
+KINDS = ("exact", "sample", "empirical", "hessian")
+
+
+class CurvatureGenerator:
+    """Model + loss + kind. ``kfac_mode`` ('expand' or 'reduce') picks the KFAC weight-sharing form."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_model: OutputModel,
+        kind: str = "exact",
+        layer_collection: LayerCollection | None = None,
+        function=None,
+        trials: int = 1,
+        generator: torch.Generator | None = None,
+        n_output: int | None = None,
+        device=None,
+        progress=None,
+        kfac_mode: str = "expand",
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kfac_mode not in ("expand", "reduce"):
+            raise ValueError(f"kfac_mode must be 'expand' or 'reduce', not {kfac_mode!r}")
+        if trials < 1:
+            raise ValueError(f"trials must be a positive integer, got {trials}")
+        self.model = model
+        self.output_model = output_model
+        self.kind = kind
+        self.layer_collection = layer_collection or LayerCollection.from_model(model)
+        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.trials = trials
+        self.rng = generator
+        self.n_output = n_output
+        self.progress = progress
+        self.kfac_mode = kfac_mode
+        params = self.layer_collection.parameters(model)
+        if not params:
+            raise DataError("the layer collection covers no parameter")
+        self.device = torch.device(device) if device is not None else params[0].device
+        self.dtype = params[0].dtype
+        self._capture = None
+
+    @property
+    def is_hessian(self) -> bool:
+        return self.kind == "hessian"
+
+    def capture(self) -> Capture:
+        if self.is_hessian:
+            raise UnsupportedError("this representation is not available for the Hessian")
+        if self._capture is None:
+            self._capture = Capture(
+                self.model,
+                self.layer_collection,
+                self.output_model,
+                function=self.function,
+                kind=self.kind,
+                trials=self.trials,
+                generator=self.rng,
+                n_output=self.n_output,
+                device=self.device,
+                progress=self.progress,
+            )
+        return self._capture
+
+    def run(self, examples, accumulators, desc="curvature"):
+        return self.capture().run(examples, accumulators, desc=desc)
+
+    # ------------------------------------------------------------------ function-space paths
+    def _batches(self, examples, desc):
+        disable = None if self.progress is None else not self.progress
+        for batch in tqdm(examples, desc=desc, disable=disable, leave=False):
+            yield prepare_batch(batch, self.device)
+
+    def _finish(self, total, n_batches):
+        if n_batches == 0:
+            raise DataError("the loader yielded no examples")
+        if self.output_model.reduction != "mean":
+            return 1.0
+        if total == 0:
+            raise DataError("every target was ignored (ignore_index): the mean is undefined")
+        return 1.0 / total
+
+    def flat_model(self) -> fx.FlatModel:
+        return fx.FlatModel(self.model, self.layer_collection, self.function)
+
+    def implicit_op(self, examples) -> MatFree:
+        """M as a batched ``MatFree`` node; each product makes one pass over ``examples``.
+
+        For the Monte-Carlo Fisher the labels are redrawn at each product from a generator re-seeded
+        with the same seed, so the operator is fixed as long as the loader yields the same batches in
+        the same order.
+        """
+        n = self.layer_collection.numel()
+        kind = self.kind
+        if kind == "sample":
+            src = self.rng
+            seed = int(torch.randint(0, 2**62, (1,), generator=src).item())
+
+        def matmat(v):
+            fm = self.flat_model()
+            rng = torch.Generator().manual_seed(seed) if kind == "sample" else None
+            acc, total, nb = torch.zeros_like(v), 0, 0
+            for batch in self._batches(examples, "implicit product"):
+                if kind == "hessian":
+                    hv, count = fx.hessian_matmat(fm, batch, self._loss, v)
+                else:
+
+                    def factor(out, batch, rng=rng):
+                        y = batch[1] if len(batch) > 1 else None
+                        return output_factor(
+                            self.output_model, kind, out, y, self.n_output, self.trials, rng
+                        )
+
+                    hv, count = fx.ggn_matmat(fm, batch, factor, v)
+                acc, total, nb = acc + hv, total + count, nb + 1
+            return acc * self._finish(total, nb)
+
+        name = "∇²L" if kind == "hessian" else "Jᵀ·H·J"
+        return MatFree(
+            matmat,
+            (n, n),
+            dtype=self.dtype,
+            device=self.device,
+            symmetric=True,
+            psd=kind != "hessian",
+            batched=True,
+            name=name,
+        )
+
+    # ------------------------------------------------------------------ exact Hessians
+    def _loss(self, out, batch):
+        y = batch[1] if len(batch) > 1 else None
+        if not torch.isfinite(out).all():
+            raise NonFiniteError("the model output contains NaN or inf")
+        self.output_model.check_output(out, self.n_output)
+        return self.output_model.loss(out, y)
+
+    def hessian_dense(self, examples) -> torch.Tensor:
+        fm, acc, total, nb = self.flat_model(), 0, 0, 0
+        for batch in self._batches(examples, "hessian"):
+            h, count = fx.hessian_dense(fm, batch, self._loss)
+            acc, total, nb = acc + h, total + count, nb + 1
+        return acc * self._finish(total, nb)
+
+    def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
+        fm, total, nb = self.flat_model(), 0, 0
+        slices = self.layer_collection.layer_slices()
+        acc = None
+        for batch in self._batches(examples, "hessian"):
+            blocks, count = fx.hessian_blocks(fm, batch, self._loss, list(slices.values()))
+            acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
+            total, nb = total + count, nb + 1
+        scale = self._finish(total, nb)
+        return {lid: b * scale for lid, b in zip(slices, acc)}

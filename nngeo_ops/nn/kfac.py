@@ -1,0 +1,302 @@
+"""Kronecker-factored representations: KFAC, EKFAC, and the quasi-diagonal.
+
+KFAC (``PMatKFAC``) is ``BlockDiag`` over layers of:
+
+* Linear / Conv1d / Conv2d (order "ga", W of shape (dG, dA)): ``G ⊗ A`` with A over the inputs
+  (patches), G over the outputs. Without bias this *is* the block in parameter order (vec W row-major
+  = g ⊗ a). With a bias, A gets a trailing constant input, so the Kronecker order interleaves each
+  bias after its row of weights, while the parameter order is all weights then all biases; the block
+  is ``Pᵀ (G ⊗ A) P`` with the ``Permutation`` P from parameter to Kronecker order
+  (:func:`kron_permutation`);
+* Embedding (order "ag", W (V, d)): ``diag(token frequencies) ⊗ G``;
+* ConvTranspose2d (order "ag", W (C_in, C_out·kh·kw)): ``A ⊗ G``, and its bias as a separate exact
+  dense block (the bias gradient has no Kronecker form there);
+* normalisation layers: the exact block, which couples γ_e only with β_e (a dense node).
+
+``F + λI``, its inverse and powers go through the eigen form of the factors (ops rules), so damping is
+exact. The factored π-damping of Martens & Grosse, (A + π√λ I) ⊗ (G + √λ/π I), is available with
+``damping="pi"`` and is never the default.
+
+EKFAC (George et al. 2018) replaces the eigenvalues λ_G ⊗ λ_A of each Kronecker block by the second
+moments of the gradients in the eigenbasis Q_G ⊗ Q_A (:meth:`PMatEKFAC.update_diag`); before a
+refit it equals KFAC.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..errors import UnsupportedError
+from ..ops import BlockDiag, Dense, Diagonal, Eigen, Identity, Kronecker, Permutation
+from .pmat import PMatAbstract, PMatExpr, _from_generator
+from .stats import EKFACDiagAcc, KFACAcc
+
+
+def kron_permutation(n_out: int, n_in: int) -> torch.Tensor:
+    """perm with perm[j] = parameter index of Kronecker index j, for W (n_out, n_in) and bias (n_out).
+
+    Kronecker index j = o·(n_in + 1) + i (i = n_in is the bias of row o); parameter order is
+    W row-major then the bias.
+    """
+    o = torch.arange(n_out)[:, None]
+    i = torch.arange(n_in + 1)[None, :]
+    return torch.where(i < n_in, o * n_in + i, n_out * n_in + o).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation_node(n_out: int, n_in: int, dtype: torch.dtype) -> Permutation:
+    # nodes are immutable, and building one validates and inverts the permutation (costly for big
+    # layers), so one node per layer shape is shared across builds
+    return Permutation(kron_permutation(n_out, n_in), dtype=dtype)
+
+
+def _layer_info(generator, lid):
+    user = generator.capture().structured[lid]
+    return user.module, user.rule
+
+
+def _eigh(m):
+    # factorise in float64 where the factor is float32: small eigenvalues are what damping touches
+    e, q = torch.linalg.eigh(m.double())
+    return e.clamp_min(0).to(m.dtype), q.to(m.dtype)
+
+
+class PMatKFAC(PMatAbstract):
+    """KFAC. ``data[lid]`` = {"A", "G"[, "bias"]} or {"block"} (see the module docstring).
+
+    ``generator.kfac_mode`` chooses the expand or reduce form for weight sharing.
+    """
+
+    def __init__(self, generator, data=None, examples=None):
+        if data is None:
+            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
+            data = self.data_from(generator, accs)
+        self.data = data
+        lc = generator.layer_collection
+        blocks = [self._block(generator, lid, data[lid]) for lid in lc.layers]
+        super().__init__(lc, BlockDiag(blocks, names=list(lc.layers)), generator)
+
+    @staticmethod
+    def accumulators(generator):
+        cap = generator.capture()
+        cap.require_structured("KFAC")
+        return [KFACAcc(cap, generator.layer_collection.layers, generator.kfac_mode)]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return accs[0].value
+
+    def _kron(self, generator, lid, f):
+        """The Kronecker block, in Kronecker order."""
+        module, rule = _layer_info(generator, lid)
+        a, g = f["A"], f["G"]
+        if a.dim() == 1:
+            a_node = Diagonal(a, name="A")
+        else:
+            a_node = Dense(a, symmetric=True, psd=True, name="A")
+        g_node = Dense(g, symmetric=True, psd=True, name="G")
+        return Kronecker(g_node, a_node) if rule.order == "ga" else Kronecker(a_node, g_node)
+
+    def _to_param_order(self, generator, lid, kron, f):
+        """From Kronecker order to parameter order (and the separate bias block)."""
+        module, rule = _layer_info(generator, lid)
+        if rule.order == "ga" and getattr(module, "bias", None) is not None:
+            n_out, n_in = f["G"].shape[0], f["A"].shape[0] - 1
+            p = _permutation_node(n_out, n_in, f["G"].dtype)
+            return p.T @ kron @ p
+        if "bias" in f:
+            return BlockDiag([kron, Dense(f["bias"], symmetric=True, psd=True, name="B")])
+        return kron
+
+    def _block(self, generator, lid, f):
+        if "block" in f:
+            return Dense(f["block"], symmetric=True, psd=True, name=f"F[{lid}]")
+        return self._to_param_order(generator, lid, self._kron(generator, lid, f), f)
+
+    def get_factors(self, layer_id):
+        """(A, G) of a Kronecker layer (A is 1-D, a diagonal, for Embedding)."""
+        f = self.data[layer_id]
+        return f["A"], f["G"]
+
+    # ------------------------------------------------------------------ π-damping
+    def _pi_damped(self, regul):
+        lc, gen = self.layer_collection, self.generator
+        blocks = []
+        for lid in lc.layers:
+            f = self.data[lid]
+            if "block" in f:
+                blk = Dense(f["block"], symmetric=True, psd=True, name=f"F[{lid}]")
+                blocks.append(blk + regul * Identity(blk.shape[0], dtype=blk.dtype))
+                continue
+            a, g = f["A"], f["G"]
+            ta = (a.sum() if a.dim() == 1 else a.trace()) / a.shape[0]
+            tg = g.trace() / g.shape[0]
+            pi = math.sqrt(max(float(ta), 1e-30) / max(float(tg), 1e-30))
+            sq = math.sqrt(regul)
+            eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+            damped = {
+                "A": a + pi * sq * (1 if a.dim() == 1 else torch.eye(a.shape[0], dtype=a.dtype)),
+                "G": g + sq / pi * eye_g,
+            }
+            if "bias" in f:
+                damped["bias"] = f["bias"] + regul * torch.eye(f["bias"].shape[0], dtype=g.dtype)
+            blocks.append(self._to_param_order(gen, lid, self._kron(gen, lid, damped), damped))
+        return BlockDiag(blocks, names=list(lc.layers))
+
+    def _damped_op(self, regul, damping):
+        if damping == "exact":
+            return self._damped(regul)
+        if damping == "pi":
+            return self._pi_damped(regul)
+        raise ValueError(f"damping must be 'exact' or 'pi', not {damping!r}")
+
+    def solve(self, v, regul: float = 1e-8, damping: str = "exact"):
+        """(M + regul·I)⁻¹ v; ``damping="pi"`` uses the factored π-damping instead."""
+        return self._wrap(v, self._damped_op(regul, damping).solve(self._flat(v)))
+
+    def inverse(self, regul: float = 1e-8, damping: str = "exact"):
+        return PMatExpr(
+            self.layer_collection, self._damped_op(regul, damping).inv(), self.generator
+        )
+
+    def pow(self, p: float, regul: float = 0.0, damping: str = "exact"):
+        return PMatExpr(
+            self.layer_collection, self._damped_op(regul, damping).pow(p), self.generator
+        )
+
+
+class PMatEKFAC(PMatKFAC):
+    """EKFAC: Kronecker eigenbasis of the KFAC factors with a refittable diagonal.
+
+    ``data[lid]`` adds to the KFAC factors ``"QA", "QG"`` (eigenbases) and ``"diag"`` (the eigenvalues
+    in the order of Q_G ⊗ Q_A, resp. Q_A ⊗ Q_G for order "ag"). Built from data it starts with
+    diag = λ_G ⊗ λ_A, i.e. equal to KFAC; :meth:`update_diag` refits the diagonal on new data.
+    """
+
+    def __init__(self, generator, data=None, examples=None):
+        if data is not None and any("diag" not in f for f in data.values() if "block" not in f):
+            data = self._eigen_data(generator, data)
+        super().__init__(generator, data=data, examples=examples)
+
+    @classmethod
+    def data_from(cls, generator, accs):
+        return cls._eigen_data(generator, accs[0].value)
+
+    @staticmethod
+    def _eigen_data(generator, kfac):
+        out = {}
+        for lid, f in kfac.items():
+            if "block" in f:
+                out[lid] = f
+                continue
+            module, rule = _layer_info(generator, lid)
+            a, g = f["A"], f["G"]
+            if a.dim() == 1:
+                ea, qa = a, torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+            else:
+                ea, qa = _eigh(a)
+            eg, qg = _eigh(g)
+            d = torch.kron(eg, ea) if rule.order == "ga" else torch.kron(ea, eg)
+            out[lid] = {**f, "QA": qa, "QG": qg, "diag": d}
+        return out
+
+    def _kron(self, generator, lid, f):
+        if "diag" not in f:  # π-damped factors, see PMatKFAC
+            return super()._kron(generator, lid, f)
+        module, rule = _layer_info(generator, lid)
+        qa = Dense(f["QA"], symmetric=False, orthogonal=True, name="Q_A")
+        qg = Dense(f["QG"], symmetric=False, orthogonal=True, name="Q_G")
+        q = Kronecker(qg, qa) if rule.order == "ga" else Kronecker(qa, qg)
+        return Eigen(q, f["diag"])
+
+    def _pi_damped(self, regul):
+        raise UnsupportedError("π-damping is defined for KFAC factors, not for EKFAC")
+
+    def update_diag(self, examples) -> PMatEKFAC:
+        """Refit the diagonal in the fixed eigenbases on ``examples`` (in place; returns self)."""
+        gen = self.generator
+        bases = {lid: (f["QA"], f["QG"]) for lid, f in self.data.items() if "diag" in f}
+        (acc,) = _from_generator(type(self), gen, examples, [EKFACDiagAcc(gen.capture(), bases)])
+        for lid, d in acc.value.items():
+            self.data[lid] = {**self.data[lid], "diag": d}
+        lc = self.layer_collection
+        blocks = [self._block(gen, lid, self.data[lid]) for lid in lc.layers]
+        self._op = BlockDiag(blocks, names=list(lc.layers))
+        return self
+
+
+class QuasiDiagAcc:
+    """Diagonal plus the coupling of each output unit's bias with its incoming weights."""
+
+    def __init__(self, cap, layer_ids):
+        self.cap, self.layer_ids = cap, list(layer_ids)
+        self.diag, self.cross = {}, {}
+
+    def _arrow(self, lid):
+        e = self.cap.lc.layers[lid]
+        return e.attrs == ("weight", "bias") and e.shapes[0][0] == e.shapes[1][0]
+
+    def update(self, ctx):
+        for lid in self.layer_ids:
+            pe = ctx.per_example(lid)
+            d = pe.square().sum(0)
+            self.diag[lid] = d if lid not in self.diag else self.diag[lid] + d
+            if self._arrow(lid):
+                e = self.cap.lc.layers[lid]
+                n_out = e.shapes[1][0]
+                w = pe[:, : e.numels[0]].reshape(pe.shape[0], n_out, -1)
+                c = torch.einsum("moi,mo->oi", w, pe[:, e.numels[0] :])
+                self.cross[lid] = c if lid not in self.cross else self.cross[lid] + c
+
+    def finalize(self, scale):
+        self.value = {
+            lid: {
+                "diag": self.diag[lid] * scale,
+                **({"cross": self.cross[lid] * scale} if lid in self.cross else {}),
+            }
+            for lid in self.layer_ids
+        }
+
+
+class PMatQuasiDiag(PMatAbstract):
+    """Quasi-diagonal (Ollivier 2015): the diagonal, plus for each output unit o of a layer with a
+    bias the entries coupling b_o with the weights W[o, :]. Each layer is ``Pᵀ BlockDiag(arrow_o) P``
+    (one small "arrow" block per unit, in Kronecker order) or ``Diagonal`` for layers without bias.
+    """
+
+    def __init__(self, generator, data=None, examples=None):
+        if data is None:
+            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
+            data = self.data_from(generator, accs)
+        self.data = data
+        lc = generator.layer_collection
+        super().__init__(lc, BlockDiag([self._block(lc, lid) for lid in lc.layers]), generator)
+
+    @staticmethod
+    def accumulators(generator):
+        if generator.is_hessian:
+            raise UnsupportedError("PMatQuasiDiag is not available for the Hessian")
+        return [QuasiDiagAcc(generator.capture(), generator.layer_collection.layers)]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return accs[0].value
+
+    def _block(self, lc, lid):
+        f = self.data[lid]
+        if "cross" not in f:
+            return Diagonal(f["diag"])
+        cross = f["cross"]
+        n_out, n_in = cross.shape
+        n_w = n_out * n_in
+        dw, db = f["diag"][:n_w].reshape(n_out, n_in), f["diag"][n_w:]
+        arrows = torch.zeros(n_out, n_in + 1, n_in + 1, dtype=cross.dtype, device=cross.device)
+        arrows.diagonal(dim1=1, dim2=2).copy_(torch.cat([dw, db[:, None]], 1))
+        arrows[:, :n_in, n_in] = cross
+        arrows[:, n_in, :n_in] = cross
+        blocks = BlockDiag([Dense(b, symmetric=True, name="arrow") for b in arrows])
+        p = _permutation_node(n_out, n_in, cross.dtype)
+        return p.T @ blocks @ p

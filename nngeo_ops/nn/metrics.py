@@ -1,0 +1,189 @@
+"""Entry points (NNGeometry-compatible): ``FIM``, ``FIM_MonteCarlo``, ``EmpiricalFisher``, ``GGN``,
+``Hessian``.
+
+Each builds a :class:`CurvatureGenerator` and returns ``representation(generator, examples=loader)``.
+Conventions: Fisher matrices are means over examples, F = (1/N) Σ_n J_nᵀ F_n J_n; the GGN and the
+Hessian are those of the dataset loss with the loss module's reduction (``mean``: divided by what torch
+divides by — non-ignored targets for CE/NLL, elements for MSE/BCE — over the whole loader, not a mean
+of batch means; ``sum``: not divided). Batches are ``(inputs, labels, ...)`` tuples or plain input
+tensors; ``function(*batch)`` overrides ``model(batch[0])``.
+"""
+
+from __future__ import annotations
+
+from ..errors import UnsupportedError
+from .generator import CurvatureGenerator
+from .outputs import output_model_for_loss, output_model_for_variant
+from .pmat import PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
+
+
+def _make(model, loader, representation, om, kind, **kw):
+    gen = CurvatureGenerator(model, om, kind, **kw)
+    return representation(generator=gen, examples=loader)
+
+
+def FIM(
+    model,
+    loader,
+    representation,
+    variant="classif_logits",
+    n_output=None,
+    function=None,
+    layer_collection=None,
+    device=None,
+    progress=None,
+    covariance=None,
+    kfac_mode="expand",
+):
+    """The Fisher information with the expectation over y | x in closed form.
+
+    ``variant``: ``classif_logits`` (softmax of logits), ``classif_logsoftmax`` (outputs are
+    log-probabilities), ``classif_binary_logits`` (sigmoid of each output), ``regression`` (Gaussian
+    N(f, covariance), identity by default), ``segmentation_logits`` (per-pixel softmax over dim 1,
+    summed over pixels). ``n_output`` is checked against ``outputs.shape[1]``. ``progress=False``
+    silences the progress bar (None: shown on a terminal only).
+    """
+    om = output_model_for_variant(variant, covariance)
+    return _make(
+        model,
+        loader,
+        representation,
+        om,
+        "exact",
+        layer_collection=layer_collection,
+        function=function,
+        n_output=n_output,
+        device=device,
+        progress=progress,
+        kfac_mode=kfac_mode,
+    )
+
+
+def FIM_MonteCarlo(
+    model,
+    loader,
+    representation,
+    variant="classif_logits",
+    trials=1,
+    generator=None,
+    n_output=None,
+    function=None,
+    layer_collection=None,
+    device=None,
+    progress=None,
+    covariance=None,
+    kfac_mode="expand",
+):
+    """The Fisher with ``trials`` labels per example drawn from the model (``torch.Generator``)."""
+    om = output_model_for_variant(variant, covariance)
+    return _make(
+        model,
+        loader,
+        representation,
+        om,
+        "sample",
+        layer_collection=layer_collection,
+        function=function,
+        n_output=n_output,
+        device=device,
+        progress=progress,
+        trials=trials,
+        generator=generator,
+        kfac_mode=kfac_mode,
+    )
+
+
+def EmpiricalFisher(
+    model,
+    loader,
+    representation,
+    variant="classif_logits",
+    n_output=None,
+    function=None,
+    layer_collection=None,
+    device=None,
+    progress=None,
+    covariance=None,
+    kfac_mode="expand",
+):
+    """(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = −log p(y_n | x_n) at the loader's labels."""
+    om = output_model_for_variant(variant, covariance)
+    return _make(
+        model,
+        loader,
+        representation,
+        om,
+        "empirical",
+        layer_collection=layer_collection,
+        function=function,
+        n_output=n_output,
+        device=device,
+        progress=progress,
+        kfac_mode=kfac_mode,
+    )
+
+
+def GGN(
+    model,
+    loader,
+    loss_fn,
+    representation,
+    n_output=None,
+    function=None,
+    layer_collection=None,
+    device=None,
+    progress=None,
+    kfac_mode="expand",
+):
+    """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
+    BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.outputs` for NLLLoss)."""
+    om = output_model_for_loss(loss_fn)
+    return _make(
+        model,
+        loader,
+        representation,
+        om,
+        "exact",
+        layer_collection=layer_collection,
+        function=function,
+        n_output=n_output,
+        device=device,
+        progress=progress,
+        kfac_mode=kfac_mode,
+    )
+
+
+HESSIAN_REPRESENTATIONS = (PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit)
+
+
+def Hessian(
+    model,
+    loader,
+    loss_fn,
+    representation,
+    n_output=None,
+    function=None,
+    layer_collection=None,
+    device=None,
+    progress=None,
+):
+    """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
+    layer) or implicit (Hessian-vector products, forward over reverse)."""
+    if representation not in HESSIAN_REPRESENTATIONS:
+        raise UnsupportedError(
+            f"Hessian supports {[r.__name__ for r in HESSIAN_REPRESENTATIONS]}, not "
+            f"{getattr(representation, '__name__', representation)}"
+        )
+    om = output_model_for_loss(loss_fn)
+    return _make(
+        model,
+        loader,
+        representation,
+        om,
+        "hessian",
+        layer_collection=layer_collection,
+        function=function,
+        n_output=n_output,
+        device=device,
+        progress=progress,
+    )

@@ -1,0 +1,439 @@
+"""Output models: the curvature of the loss (or of the log-likelihood) in output space.
+
+For an example n with output f_n (shape ``(C, *S)``), each output model gives a factor L_n with
+``K`` columns such that the output-space matrix is H_n = L_n L_nᵀ. The parameter-space curvature is then
+
+    M = (1/N) Σ_n J_nᵀ H_n J_n = (1/N) Σ_n Σ_k (J_nᵀ L_n[:, k]) (J_nᵀ L_n[:, k])ᵀ,
+
+where N is the sum of the ``count`` that the factor returns for each batch (``None`` for a sum
+reduction: N = 1). Factors are returned *column-major over the batch*: a tensor of shape
+``(K, B, *out_shape)``, ready to be back-propagated as K batched cotangents.
+
+Three ways to get L_n:
+
+* ``exact``: a square root of the true output Hessian / Fisher (softmax: L[:, c] = √p_c (e_c − p),
+  whose Gram is diag(p) − ppᵀ);
+* ``sample``: Monte-Carlo, columns ∇_f log p(ŷ_t | f) / √T for T labels ŷ_t drawn from the model
+  (``torch.Generator`` honoured);
+* ``empirical``: one column, the gradient of −log p(y | f) at the true label.
+
+FIM variants (NNGeometry names): ``classif_logits``, ``classif_logsoftmax``, ``classif_binary_logits``,
+``regression`` (Gaussian with covariance Σ: H = Σ⁻¹), ``segmentation_logits`` (per-pixel softmax,
+summed over pixels); all are means over examples. GGN losses: ``CrossEntropyLoss``, ``NLLLoss``,
+``MSELoss``, ``BCEWithLogitsLoss``; ``mean`` divides by what torch divides by (non-ignored targets for
+CE/NLL, elements for MSE/BCE), ``sum`` does not divide.
+
+NLLLoss is linear in its input, so the GGN split after the model output would be zero. As everywhere
+else (and since log_softmax(f) = f for normalised log-probabilities) the log-softmax is treated as part
+of the loss: H = diag(p) − ppᵀ, which equals diag(p) on the range of J because pᵀJ = 0 for normalised
+outputs. We use the diag(p) factor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from ..errors import DTypeDeviceError, NNGeoError, ShapeError, UnsupportedError
+
+
+class DataError(NNGeoError, ValueError):
+    """The data do not fit: an empty loader, labels outside the classes, unnormalised log-probs."""
+
+
+# ---------------------------------------------------------------------- factor helpers
+def softmax_factor(logits: torch.Tensor) -> torch.Tensor:
+    """Exact factor of diag(p) − ppᵀ per position, for logits of shape (B, C, *S).
+
+    Returns (C·D, B, C, *S) with D = prod(S): column (c, d) is √p_{c,d} (e_c − p_d) placed at
+    position d, so that distinct positions never mix.
+    """
+    b, c = logits.shape[:2]
+    sp = logits.shape[2:]
+    p = torch.softmax(logits.detach().reshape(b, c, -1), dim=1)  # (B, C, D)
+    d = p.shape[2]
+    eye = torch.eye(c, dtype=p.dtype, device=p.device)
+    base = p.sqrt().permute(1, 0, 2)[:, :, None, :] * (eye[:, None, :, None] - p[None])
+    if d == 1:
+        return base.reshape(c, b, c, *sp)
+    out = p.new_zeros(c, d, b, c, d)
+    out.diagonal(dim1=1, dim2=4).copy_(base)
+    return out.reshape(c * d, b, c, *sp)
+
+
+def diag_factor(h: torch.Tensor) -> torch.Tensor:
+    """Exact factor of diag(h) per example, h of shape (B, *S): returns (E, B, *S), E = prod(S)."""
+    b = h.shape[0]
+    flat = h.detach().reshape(b, -1).clamp_min(0).sqrt()
+    return torch.diag_embed(flat).permute(1, 0, 2).reshape(flat.shape[1], *h.shape)
+
+
+def _onehot(y, c, dtype):
+    # one-hot along dim 1, for labels of shape (..., *S) -> (..., C, *S)
+    return Fn.one_hot(y, c).movedim(-1, 1).to(dtype)
+
+
+def _sample_classes(p: torch.Tensor, trials: int, generator) -> torch.Tensor:
+    """p (B, C, D) -> labels (T, B, D)."""
+    b, c, d = p.shape
+    flat = p.permute(0, 2, 1).reshape(-1, c)
+    y = torch.multinomial(flat, trials, replacement=True, generator=generator)
+    return y.T.reshape(trials, b, d)
+
+
+def check_class_labels(y, b: int, c: int, spatial, ignore_index=None) -> torch.Tensor:
+    if y is None:
+        raise DataError("this computation needs labels: the loader must yield (inputs, labels)")
+    if not torch.is_tensor(y) or y.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+    ):
+        raise DTypeDeviceError(
+            f"class labels must be an integer tensor, got {getattr(y, 'dtype', type(y))}"
+        )
+    if tuple(y.shape) != (b, *spatial):
+        raise ShapeError(
+            f"labels of shape {tuple(y.shape)} for outputs with batch {b} and spatial shape "
+            f"{tuple(spatial)}: expected {(b, *spatial)}"
+        )
+    y = y.long()
+    valid = y != ignore_index if ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
+    bad = valid & ((y < 0) | (y >= c))
+    if bad.any():
+        raise DataError(f"labels must lie in [0, {c}); found {y[bad][:5].tolist()}")
+    return y
+
+
+def check_log_probs(out, what):
+    lse = torch.logsumexp(out.detach(), dim=1)
+    if not torch.allclose(lse, torch.zeros_like(lse), atol=1e-4):
+        raise DataError(
+            f"{what} expects normalised log-probabilities over dim 1 (logsumexp = 0); "
+            "apply log_softmax, or use raw logits with classif_logits / CrossEntropyLoss"
+        )
+
+
+def _check_same_shape(y, out, what):
+    if y is None:
+        raise DataError(f"{what} needs labels: the loader must yield (inputs, targets)")
+    if tuple(y.shape) != tuple(out.shape):
+        raise ShapeError(
+            f"{what}: targets of shape {tuple(y.shape)} for outputs {tuple(out.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------- base class
+class OutputModel:
+    """Interface of an output model; subclasses implement the factors.
+
+    ``reduction`` is ``"mean"`` or ``"sum"``; each factor method returns ``(L, count)``.
+    """
+
+    name = "output"
+    reduction = "mean"
+    needs_labels_exact = False
+
+    def check_output(self, out: torch.Tensor, n_output=None) -> None:
+        if out.dim() < 2:
+            raise ShapeError(
+                f"{self.name}: model outputs must be (batch, n_output, ...), got {tuple(out.shape)}"
+            )
+        if n_output is not None and out.shape[1] != n_output:
+            raise ShapeError(
+                f"n_output={n_output} but the model returns {out.shape[1]} outputs "
+                f"(output shape {tuple(out.shape)})"
+            )
+
+    def exact(self, out, y):
+        raise NotImplementedError
+
+    def sample(self, out, y, trials: int, generator=None):
+        raise UnsupportedError(f"Monte-Carlo sampling is not defined for {self.name}")
+
+    def empirical(self, out, y):
+        raise UnsupportedError(f"the empirical Fisher is not defined for {self.name}")
+
+    def loss(self, out, y):
+        """The batch's contribution to the summed objective (for the exact Hessian), and its count."""
+        raise UnsupportedError(f"no scalar loss for {self.name}; use GGN/Hessian with a loss_fn")
+
+
+class ClassifLogits(OutputModel):
+    """Softmax over dim 1 of logits (B, C); Fisher = Jᵀ(diag p − ppᵀ)J, mean over examples."""
+
+    name = "classif_logits"
+
+    def check_output(self, out, n_output=None):
+        super().check_output(out, n_output)
+        if out.dim() != 2:
+            raise ShapeError(
+                f"classif_logits expects outputs (batch, classes), got {tuple(out.shape)}; "
+                "use variant='segmentation_logits' for per-pixel outputs"
+            )
+
+    def exact(self, out, y):
+        return softmax_factor(out), out.shape[0]
+
+    def sample(self, out, y, trials, generator=None):
+        p = torch.softmax(out.detach(), dim=1)
+        lab = _sample_classes(p[:, :, None], trials, generator)[..., 0]  # (T, B)
+        cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype) - p
+        return cols / math.sqrt(trials), out.shape[0]
+
+    def empirical(self, out, y):
+        y = check_class_labels(y, out.shape[0], out.shape[1], ())
+        p = torch.softmax(out.detach(), dim=1)
+        return (p - _onehot(y, out.shape[1], p.dtype))[None], out.shape[0]
+
+
+class ClassifLogSoftmax(ClassifLogits):
+    """Outputs are log-probabilities f = log p; Fisher = Jᵀ diag(p) J, mean over examples."""
+
+    name = "classif_logsoftmax"
+
+    def check_output(self, out, n_output=None):
+        super().check_output(out, n_output)
+        check_log_probs(out, self.name)
+
+    def exact(self, out, y):
+        return diag_factor(out.detach().exp()), out.shape[0]
+
+    def sample(self, out, y, trials, generator=None):
+        p = out.detach().exp()
+        lab = _sample_classes(p[:, :, None], trials, generator)[..., 0]
+        cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype)
+        return cols / math.sqrt(trials), out.shape[0]
+
+    def empirical(self, out, y):
+        y = check_class_labels(y, out.shape[0], out.shape[1], ())
+        return -_onehot(y, out.shape[1], out.dtype)[None], out.shape[0]
+
+
+class ClassifBinaryLogits(OutputModel):
+    """Independent sigmoids on each output (B, C), C = 1 usually; Fisher = Jᵀ diag(σ(1−σ)) J."""
+
+    name = "classif_binary_logits"
+
+    def exact(self, out, y):
+        p = torch.sigmoid(out.detach())
+        return diag_factor(p * (1 - p)), out.shape[0]
+
+    def sample(self, out, y, trials, generator=None):
+        p = torch.sigmoid(out.detach())
+        u = torch.rand((trials, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+        return ((u < p).to(p.dtype) - p) / math.sqrt(trials), out.shape[0]
+
+    def empirical(self, out, y):
+        if y is not None and y.shape != out.shape and y.numel() == out.numel():
+            y = y.reshape(out.shape)
+        _check_same_shape(y, out, self.name)
+        if ((y != 0) & (y != 1)).any():
+            raise DataError("classif_binary_logits expects labels in {0, 1}")
+        return (torch.sigmoid(out.detach()) - y.to(out.dtype))[None], out.shape[0]
+
+
+class Regression(OutputModel):
+    """Gaussian likelihood N(f, Σ) on the flattened outputs; Fisher = Jᵀ Σ⁻¹ J, mean over examples.
+
+    ``covariance``: None (identity), a positive scalar σ², a vector (diagonal) or a full SPD matrix.
+    """
+
+    name = "regression"
+
+    def __init__(self, covariance=None):
+        self.covariance = covariance
+        self._root = None
+
+    def precision_root(self, e: int, dtype, device) -> torch.Tensor:
+        """R with R Rᵀ = Σ⁻¹, shape (E, E)."""
+        cov = self.covariance
+        if cov is None:
+            return torch.eye(e, dtype=dtype, device=device)
+        cov = torch.as_tensor(cov, dtype=dtype, device=device)
+        if cov.dim() == 0:
+            return torch.eye(e, dtype=dtype, device=device) / cov.sqrt()
+        if cov.dim() == 1:
+            if cov.shape[0] != e:
+                raise ShapeError(f"covariance of length {cov.shape[0]} for {e} outputs")
+            return torch.diag(cov.rsqrt())
+        if cov.shape != (e, e):
+            raise ShapeError(f"covariance of shape {tuple(cov.shape)} for {e} outputs")
+        return torch.linalg.cholesky(torch.linalg.inv(cov))
+
+    def exact(self, out, y):
+        b, e = out.shape[0], out[0].numel()
+        r = self.precision_root(e, out.dtype, out.device)
+        return r.T[:, None, :].expand(e, b, e).reshape(e, *out.shape), b
+
+    def sample(self, out, y, trials, generator=None):
+        b, e = out.shape[0], out[0].numel()
+        r = self.precision_root(e, out.dtype, out.device)
+        eps = torch.randn((trials, b, e), generator=generator, dtype=out.dtype, device=out.device)
+        return (eps @ r.T).reshape(trials, *out.shape) / math.sqrt(trials), b
+
+    def empirical(self, out, y):
+        _check_same_shape(y, out, self.name)
+        b, e = out.shape[0], out[0].numel()
+        r = self.precision_root(e, out.dtype, out.device)
+        res = (out.detach() - y.to(out.dtype)).reshape(b, e)
+        return (res @ r @ r.T).reshape(1, *out.shape), b
+
+
+class SegmentationLogits(OutputModel):
+    """Per-pixel softmax over dim 1 of (B, C, *S); Fisher summed over pixels, mean over examples."""
+
+    name = "segmentation_logits"
+
+    def check_output(self, out, n_output=None):
+        super().check_output(out, n_output)
+        if out.dim() < 3:
+            raise ShapeError(f"segmentation_logits expects (batch, C, *spatial), got {out.shape}")
+
+    def exact(self, out, y):
+        return softmax_factor(out), out.shape[0]
+
+    def sample(self, out, y, trials, generator=None):
+        b, c = out.shape[:2]
+        p = torch.softmax(out.detach().reshape(b, c, -1), dim=1)
+        lab = _sample_classes(p, trials, generator)  # (T, B, D)
+        cols = _onehot(lab.reshape(-1, lab.shape[-1]), c, p.dtype).reshape(trials, b, c, -1) - p
+        return cols.reshape(trials, *out.shape) / math.sqrt(trials), b
+
+    def empirical(self, out, y):
+        b, c = out.shape[:2]
+        y = check_class_labels(y, b, c, out.shape[2:])
+        p = torch.softmax(out.detach(), dim=1)
+        return (p - _onehot(y, c, p.dtype))[None], b
+
+
+VARIANTS = {
+    "classif_logits": ClassifLogits,
+    "classif_logsoftmax": ClassifLogSoftmax,
+    "classif_binary_logits": ClassifBinaryLogits,
+    "regression": Regression,
+    "segmentation_logits": SegmentationLogits,
+}
+
+
+def output_model_for_variant(variant: str, covariance=None) -> OutputModel:
+    if isinstance(variant, OutputModel):
+        return variant
+    if variant not in VARIANTS:
+        raise UnsupportedError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if variant == "regression":
+        return Regression(covariance)
+    if covariance is not None:
+        raise NNGeoError(f"covariance is only meaningful for variant='regression', not {variant!r}")
+    return VARIANTS[variant]()
+
+
+# ---------------------------------------------------------------------- GGN losses
+class LossOutputModel(OutputModel):
+    """GGN of a torch loss module; ``loss`` also serves the exact Hessian."""
+
+    def __init__(self, loss_fn: nn.Module):
+        self.loss_fn = loss_fn
+        self.reduction = loss_fn.reduction
+        self.name = type(loss_fn).__name__
+        if self.reduction not in ("mean", "sum"):
+            raise UnsupportedError(f"{self.name}(reduction={self.reduction!r}): use mean or sum")
+        for attr in ("weight", "pos_weight"):
+            if getattr(loss_fn, attr, None) is not None:
+                raise UnsupportedError(f"{self.name} with a {attr} is not supported")
+
+    def count(self, out, y) -> int:
+        """What the ``mean`` reduction divides the batch's summed loss by."""
+        return out.numel()
+
+    def loss(self, out, y):
+        count = self.count(out, y)
+        value = self.loss_fn(out, y)
+        return (value * count if self.reduction == "mean" else value), count
+
+
+class CrossEntropyGGN(LossOutputModel):
+    needs_labels_exact = True
+
+    def _mask(self, out, y):
+        b, c = out.shape[:2]
+        if torch.is_tensor(y) and y.is_floating_point():  # class probabilities
+            _check_same_shape(y, out, self.name)
+            return None, b * out[0, 0].numel()
+        ign = self.loss_fn.ignore_index
+        y = check_class_labels(y, b, c, out.shape[2:], ignore_index=ign)
+        mask = y != ign
+        return mask, int(mask.sum())
+
+    def count(self, out, y):
+        return self._mask(out, y)[1]
+
+    def exact(self, out, y):
+        mask, count = self._mask(out, y)
+        lf = self._factor(out)
+        if mask is not None:
+            lf = lf * mask[None, :, None].to(lf.dtype)
+        return lf, count
+
+    def _factor(self, out):
+        return softmax_factor(out)
+
+
+class NLLGGN(CrossEntropyGGN):
+    def check_output(self, out, n_output=None):
+        super().check_output(out, n_output)
+        check_log_probs(out, self.name)
+
+    def _factor(self, out):
+        b, c = out.shape[:2]
+        p = out.detach().exp()
+        if out.dim() == 2:
+            return diag_factor(p)
+        # one column per (class, position), each supported at its own position only
+        flat = p.reshape(b, c, -1)
+        d = flat.shape[2]
+        lf = diag_factor(flat.reshape(b, c * d))  # (C·D, B, C·D)
+        return lf.reshape(c * d, b, c, *out.shape[2:])
+
+
+class MSEGGN(LossOutputModel):
+    def exact(self, out, y):
+        return diag_factor(torch.full_like(out, 2.0)), out.numel()
+
+    def loss(self, out, y):
+        _check_same_shape(y, out, self.name)
+        return super().loss(out, y)
+
+
+class BCEWithLogitsGGN(LossOutputModel):
+    def exact(self, out, y):
+        p = torch.sigmoid(out.detach())
+        return diag_factor(p * (1 - p)), out.numel()
+
+    def loss(self, out, y):
+        _check_same_shape(y, out, self.name)
+        return super().loss(out, y)
+
+
+LOSSES = {
+    nn.CrossEntropyLoss: CrossEntropyGGN,
+    nn.NLLLoss: NLLGGN,
+    nn.MSELoss: MSEGGN,
+    nn.BCEWithLogitsLoss: BCEWithLogitsGGN,
+}
+
+
+def output_model_for_loss(loss_fn) -> OutputModel:
+    if isinstance(loss_fn, OutputModel):
+        return loss_fn
+    cls = LOSSES.get(type(loss_fn))
+    if cls is None:
+        raise UnsupportedError(
+            f"no GGN rule for loss {type(loss_fn).__name__}; supported: "
+            + ", ".join(k.__name__ for k in LOSSES)
+        )
+    return cls(loss_fn)

@@ -1,0 +1,310 @@
+"""Parameter-space matrices (NNGeometry's ``PMat*``) as thin wrappers over ``ops`` expressions.
+
+Every representation holds a lazy operator ``F.op`` (a node of :mod:`nngeo_ops.ops`) of shape (P, P),
+P = ``layer_collection.numel()``, in the collection's flat order. All methods take and return
+:class:`PVector` (tensors are accepted too) and delegate to the node, so what ``ops`` knows — rewrite
+rules, cached factorisations, iterative fallbacks — applies unchanged.
+
+Damping always means M + λI exactly: ``solve(v, regul=λ)``, ``inverse(regul=λ)`` and
+``pow(p, regul=λ)`` act on ``op + λ·I`` in every representation (for KFAC/EKFAC through the eigen form
+of the factors, by the ops rules). The defaults ``regul=1e-8`` are NNGeometry's.
+
+Construction: ``PMatX(generator, data=None, examples=None)``; most users go through ``FIM``, ``GGN``,
+``Hessian``... (:mod:`nngeo_ops.nn.metrics`). :func:`build_many` gathers several representations of
+one generator in a single pass over the data.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ..errors import ShapeError, UnsupportedError
+from ..ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
+from .layercollection import LayerCollection
+from .stats import BlockAcc, DenseAcc, DiagAcc, GradsAcc
+from .vector import PVector
+
+
+class PMatAbstract:
+    """Shared behaviour of all representations (and of the results of their arithmetic)."""
+
+    def __init__(self, layer_collection: LayerCollection, op: LinearOperator, generator=None):
+        n = layer_collection.numel()
+        if tuple(op.shape) != (n, n):
+            raise ShapeError(f"operator of shape {tuple(op.shape)} for {n} parameters")
+        self.layer_collection = layer_collection
+        self.generator = generator
+        self._op = op
+
+    @property
+    def op(self) -> LinearOperator:
+        """The ops node (shape (P, P), flat order of the layer collection)."""
+        return self._op
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.op}, {self.layer_collection.numel()} parameters)"
+
+    def size(self, dim=None):
+        n = self.layer_collection.numel()
+        return (n, n) if dim is None else n
+
+    # ------------------------------------------------------------------ vectors
+    def _flat(self, v) -> torch.Tensor:
+        if isinstance(v, PVector):
+            if v.layer_collection != self.layer_collection:
+                raise ShapeError("the PVector is over a different layer collection than the matrix")
+            return v.to_torch()
+        if torch.is_tensor(v):
+            return v
+        raise TypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+
+    def _wrap(self, like, flat):
+        return (
+            PVector(self.layer_collection, vector_repr=flat) if isinstance(like, PVector) else flat
+        )
+
+    def _damped(self, regul) -> LinearOperator:
+        if regul is None or regul == 0:
+            return self.op
+        return self.op + regul * Identity(
+            self.op.shape[0], dtype=self.op.dtype, device=self.op.device
+        )
+
+    def mv(self, v):
+        """M v."""
+        return self._wrap(v, self.op @ self._flat(v))
+
+    def vTMv(self, v) -> torch.Tensor:
+        """vᵀ M v (a scalar tensor)."""
+        x = self._flat(v)
+        return torch.dot(x, self.op @ x)
+
+    def solve(self, v, regul: float = 1e-8):
+        """(M + regul·I)⁻¹ v."""
+        return self._wrap(v, self._damped(regul).solve(self._flat(v)))
+
+    def inverse(self, regul: float = 1e-8) -> PMatAbstract:
+        """(M + regul·I)⁻¹ as a lazy representation."""
+        return PMatExpr(self.layer_collection, self._damped(regul).inv(), self.generator)
+
+    def pow(self, p: float, regul: float = 0.0) -> PMatAbstract:
+        """(M + regul·I)^p as a lazy representation (p = -1, ±1/2, ...)."""
+        return PMatExpr(self.layer_collection, self._damped(regul).pow(p), self.generator)
+
+    def trace(self) -> torch.Tensor:
+        return self.op.trace()
+
+    def frobenius_norm(self) -> torch.Tensor:
+        return self.op.frobenius_norm()
+
+    def get_diag(self) -> torch.Tensor:
+        return self.op.diag()
+
+    def to_torch(self) -> torch.Tensor:
+        """The dense (P, P) tensor (only sensible for small P)."""
+        return self.op.to_dense()
+
+    get_dense_tensor = to_torch
+
+    def eigh(self):
+        """The eigendecomposition as an ops ``Eigen`` node (structured where the node allows)."""
+        return self.op.eigh()
+
+    def get_eigendecomposition(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues ascending, eigenvectors as columns), dense."""
+        e = self.op.eigh()
+        evals, q = e.evals, e.Q.to_dense()
+        order = torch.argsort(evals)
+        return evals[order], q[:, order]
+
+    # ------------------------------------------------------------------ arithmetic
+    def __mul__(self, c):
+        if not isinstance(c, numbers.Number) and not (torch.is_tensor(c) and c.dim() == 0):
+            return NotImplemented
+        return PMatExpr(self.layer_collection, c * self.op, self.generator)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        return self * (1.0 / c)
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __add__(self, other):
+        if isinstance(other, PMatAbstract):
+            if other.layer_collection != self.layer_collection:
+                raise ShapeError("cannot add matrices over different layer collections")
+            return PMatExpr(self.layer_collection, self.op + other.op, self.generator)
+        if isinstance(other, LinearOperator):
+            return PMatExpr(self.layer_collection, self.op + other, self.generator)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, PMatAbstract | LinearOperator):
+            return self + (-1.0) * other
+        return NotImplemented
+
+    def add_identity(self, regul: float) -> PMatAbstract:
+        """M + regul·I (lazy)."""
+        return PMatExpr(self.layer_collection, self._damped(regul), self.generator)
+
+
+class PMatExpr(PMatAbstract):
+    """Any ops expression over a layer collection (results of ``+``, ``*``, ``inverse``...)."""
+
+
+def _from_generator(cls, generator, examples, accumulators):
+    generator.run(examples, accumulators, desc=cls.__name__)
+    return accumulators
+
+
+class PMatDense(PMatAbstract):
+    """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor."""
+
+    def __init__(self, generator, data=None, examples=None):
+        if data is None:
+            if generator.is_hessian:
+                data = generator.hessian_dense(examples)
+            else:
+                (acc,) = _from_generator(
+                    type(self), generator, examples, self.accumulators(generator)
+                )
+                data = self.data_from(generator, [acc])
+        self.data = data
+        psd = not generator.is_hessian
+        super().__init__(
+            generator.layer_collection, Dense(data, symmetric=True, psd=psd), generator
+        )
+
+    @staticmethod
+    def accumulators(generator):
+        return [DenseAcc()]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return accs[0].value
+
+
+class PMatBlockDiag(PMatAbstract):
+    """One dense block per layer, ``BlockDiag`` of ``Dense``. ``data``: {layer_id: block}."""
+
+    def __init__(self, generator, data=None, examples=None):
+        if data is None:
+            if generator.is_hessian:
+                data = generator.hessian_blocks(examples)
+            else:
+                accs = _from_generator(
+                    type(self), generator, examples, self.accumulators(generator)
+                )
+                data = self.data_from(generator, accs)
+        self.data = data
+        psd = not generator.is_hessian
+        lc = generator.layer_collection
+        blocks = [Dense(data[lid], symmetric=True, psd=psd, name=f"F[{lid}]") for lid in lc.layers]
+        super().__init__(lc, BlockDiag(blocks, names=list(lc.layers)), generator)
+
+    @staticmethod
+    def accumulators(generator):
+        return [BlockAcc(generator.layer_collection.layers)]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return accs[0].value
+
+
+class PMatDiag(PMatAbstract):
+    """The diagonal, ``Diagonal`` node. ``data``: the (P,) tensor."""
+
+    def __init__(self, generator, data=None, examples=None):
+        lc = generator.layer_collection
+        if data is None:
+            if generator.is_hessian:
+                blocks = generator.hessian_blocks(examples)
+                data = torch.cat([blocks[lid].diagonal() for lid in lc.layers])
+            else:
+                accs = _from_generator(
+                    type(self), generator, examples, self.accumulators(generator)
+                )
+                data = self.data_from(generator, accs)
+        self.data = data
+        super().__init__(lc, Diagonal(data), generator)
+
+    @staticmethod
+    def accumulators(generator):
+        return [DiagAcc(generator.layer_collection.layers)]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return torch.cat([accs[0].value[lid] for lid in generator.layer_collection.layers])
+
+
+class PMatLowRank(PMatAbstract):
+    """M = U Uᵀ with U the scaled per-(column, example) gradients, (P, K·N); ``LowRank`` node."""
+
+    def __init__(self, generator, data=None, examples=None):
+        if generator.is_hessian:
+            raise UnsupportedError(
+                "PMatLowRank is not available for the Hessian (not a Gram matrix)"
+            )
+        if data is None:
+            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
+            data = self.data_from(generator, accs)
+        self.data = data
+        super().__init__(generator.layer_collection, LowRank(data, psd=True), generator)
+
+    @staticmethod
+    def accumulators(generator):
+        return [GradsAcc()]
+
+    @staticmethod
+    def data_from(generator, accs):
+        return accs[0].value
+
+
+class PMatImplicit(PMatAbstract):
+    """Jᵀ H J (or the Hessian) known only through products: a batched ``MatFree`` node.
+
+    Each product makes one pass over ``examples`` (forward-mode JVP, output-space factor, VJP); nothing
+    of size P×P is stored. Quantities without a product form (diag, trace, solve) fall back to the ops
+    policies (iterative methods or, for small P, densification).
+    """
+
+    def __init__(self, generator, data=None, examples=None):
+        if examples is None:
+            raise ValueError("PMatImplicit needs examples (a loader) to apply the matrix")
+        self.examples = examples
+        super().__init__(generator.layer_collection, generator.implicit_op(examples), generator)
+
+
+class PMatEye(PMatAbstract):
+    """scaling · I, ``ScaledIdentity`` node; build with a generator or a layer collection."""
+
+    def __init__(
+        self, generator=None, data=None, examples=None, layer_collection=None, scaling=1.0
+    ):
+        lc = layer_collection if layer_collection is not None else generator.layer_collection
+        self.scaling = scaling if data is None else data
+        kw = {}
+        if generator is not None:
+            kw = {"dtype": generator.dtype, "device": generator.device}
+        super().__init__(lc, ScaledIdentity(self.scaling, lc.numel(), **kw), generator)
+
+
+def build_many(generator, examples, representations) -> list[PMatAbstract]:
+    """Several representations of one generator from ONE pass over ``examples``.
+
+    ``representations`` is a list of classes (PMatDense, PMatDiag, PMatBlockDiag, PMatKFAC,
+    PMatLowRank, PMatQuasiDiag); the statistics of all are gathered together.
+    """
+    plans = []
+    for cls in representations:
+        if not hasattr(cls, "accumulators"):
+            raise UnsupportedError(f"{cls.__name__} cannot be gathered in a shared pass")
+        plans.append((cls, cls.accumulators(generator)))
+    generator.run(examples, [a for _, accs in plans for a in accs], desc="curvature")
+    return [cls(generator, data=cls.data_from(generator, accs)) for cls, accs in plans]

@@ -1,0 +1,183 @@
+"""The representation methods (PVector in/out) against dense linear algebra on the validated matrix."""
+
+import groundtruth as gt
+import pytest
+import torch
+from models import loader_of, make
+
+from nngeo_ops.errors import ShapeError
+from nngeo_ops.nn import (
+    FIM,
+    LayerCollection,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatEye,
+    PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
+    PVector,
+    build_many,
+)
+
+ALL = [
+    PMatDense,
+    PMatDiag,
+    PMatBlockDiag,
+    PMatKFAC,
+    PMatEKFAC,
+    PMatLowRank,
+    PMatQuasiDiag,
+    PMatImplicit,
+    PMatEye,
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, x = make("mlp")
+    return model, x, loader_of(x), gt.fim(model, x, "classif_logits")
+
+
+@pytest.mark.parametrize("rep", ALL)
+def test_methods_agree_with_dense(setup, rep):
+    model, x, loader, _ = setup
+    F = FIM(model, loader, rep, progress=False)
+    D = F.to_torch()
+    n = D.shape[0]
+    eye = torch.eye(n, dtype=D.dtype)
+    torch.testing.assert_close(D, F.get_dense_tensor())
+    torch.testing.assert_close(D, D.T)
+    v = PVector(F.layer_collection, vector_repr=torch.randn(n, dtype=torch.float64))
+    torch.testing.assert_close(F.mv(v).to_torch(), D @ v.to_torch())
+    torch.testing.assert_close(F.vTMv(v), v.to_torch() @ D @ v.to_torch())
+    lam = 0.3
+    torch.testing.assert_close(
+        F.solve(v, regul=lam).to_torch(), torch.linalg.solve(D + lam * eye, v.to_torch())
+    )
+    torch.testing.assert_close(F.inverse(regul=lam).to_torch(), torch.linalg.inv(D + lam * eye))
+    root = F.pow(0.5, regul=lam).to_torch()
+    torch.testing.assert_close(root @ root, D + lam * eye)
+    torch.testing.assert_close(F.trace(), D.trace())
+    torch.testing.assert_close(F.frobenius_norm(), D.norm())
+    torch.testing.assert_close(F.get_diag(), D.diagonal())
+    torch.testing.assert_close((2.5 * F).to_torch(), 2.5 * D)
+    torch.testing.assert_close((F * 2.5).to_torch(), 2.5 * D)
+    torch.testing.assert_close(F.add_identity(lam).to_torch(), D + lam * eye)
+    torch.testing.assert_close(
+        (F + lam * PMatEye(layer_collection=F.layer_collection)).to_torch(), D + lam * eye
+    )
+    evals, evecs = F.get_eigendecomposition()
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, D)
+
+
+def test_sum_of_representations(setup):
+    model, x, loader, truth = setup
+    A = FIM(model, loader, PMatKFAC, progress=False)
+    B = FIM(model, loader, PMatDiag, progress=False)
+    S = A + B
+    torch.testing.assert_close(S.to_torch(), A.to_torch() + B.to_torch())
+    torch.testing.assert_close((A - B).to_torch(), A.to_torch() - B.to_torch())
+    with pytest.raises(ShapeError):
+        other = LayerCollection.from_modules(model, [model[0]])
+        A + FIM(model, loader, PMatDiag, layer_collection=other, progress=False)
+
+
+def test_representations_agree(setup):
+    model, x, loader, truth = setup
+    dense, diag, block, kfac = build_many(
+        FIM(model, loader, PMatEye).generator,
+        loader,
+        [PMatDense, PMatDiag, PMatBlockDiag, PMatKFAC],
+    )
+    torch.testing.assert_close(dense.to_torch(), truth)
+    torch.testing.assert_close(diag.get_diag(), dense.get_diag())
+    torch.testing.assert_close(block.get_diag(), dense.get_diag())
+    # the last layer of an MLP: A ⊗ G has the exact diagonal of G only on average; the KFAC
+    # trace of a layer is tr(A)·tr(G), checked against the dense trace where it must hold
+    quasi = FIM(model, loader, PMatQuasiDiag, progress=False)
+    torch.testing.assert_close(quasi.get_diag(), truth.diagonal())
+    lc = dense.layer_collection
+    sl = lc.layer_slices()["2"]
+    q = quasi.to_torch()[sl, sl]
+    n_w = 15
+    # bias o couples with W[o, :] exactly as in the dense matrix, and nothing else couples
+    t = truth[sl, sl]
+    for o in range(3):
+        torch.testing.assert_close(q[n_w + o, o * 5 : o * 5 + 5], t[n_w + o, o * 5 : o * 5 + 5])
+    assert q[:n_w, :n_w].count_nonzero() == n_w
+
+
+def test_damped_kfac_solve_uses_eigen_path_and_is_exact(setup):
+    model, x, loader, _ = setup
+    F = FIM(model, loader, PMatKFAC, progress=False)
+    lam = 1e-3
+    expr = F.add_identity(lam).op
+    assert "Eig" in expr.compile().explain()
+    D = F.to_torch()
+    v = torch.randn(D.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(
+        F.solve(v, regul=lam), torch.linalg.solve(D + lam * torch.eye(len(D), dtype=D.dtype), v)
+    )
+
+
+def test_pi_damping_is_an_explicit_option(setup):
+    model, x, loader, _ = setup
+    F = FIM(model, loader, PMatKFAC, progress=False)
+    lam = 0.1
+    v = torch.randn(F.layer_collection.numel(), dtype=torch.float64)
+    exact = F.solve(v, regul=lam)
+    pi = F.solve(v, regul=lam, damping="pi")
+    assert not torch.allclose(exact, pi)
+    # closed form on the last layer: (A + π√λ I) ⊗ (G + √λ/π I), π² = (tr A / dA) / (tr G / dG)
+    A, G = F.get_factors("2")
+    p = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+    s = lam**0.5
+    damped = torch.kron(
+        G + s / p * torch.eye(3, dtype=G.dtype), A + p * s * torch.eye(6, dtype=A.dtype)
+    )
+    inv = F.inverse(regul=lam, damping="pi").to_torch()
+    sl = F.layer_collection.layer_slices()["2"]
+    n_out, n_in = 3, 5
+    idx = [o * 6 + i for o in range(n_out) for i in range(n_in)] + [o * 6 + 5 for o in range(n_out)]
+    torch.testing.assert_close(inv[sl, sl], torch.linalg.inv(damped)[idx][:, idx])
+
+
+def test_kfac_factor_order_documented(setup):
+    model, x, loader, _ = setup
+    F = FIM(model, loader, PMatKFAC, progress=False)
+    A, G = F.get_factors("2")
+    assert A.shape == (6, 6) and G.shape == (
+        3,
+        3,
+    )  # A over inputs (+1 for the bias), G over outputs
+
+
+def test_nngeometry_readme_ewc(setup):
+    """NNGeometry's README: F = FIM(model, loader, PMatDiag, n_output=10); F.vTMv(w - w_a)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    model = model.double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (20,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    truth = gt.fim(model, x, "classif_logits")
+    w_a = PVector.from_model(model).clone().detach()
+    for rep in (PMatDiag, PMatKFAC):
+        F = FIM(model=model, loader=loader, representation=rep, n_output=10, progress=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        w = PVector.from_model(model)
+        regularizer = F.vTMv(w - w_a)
+        d = (w - w_a).to_torch().detach()
+        expected = d @ F.to_torch() @ d
+        torch.testing.assert_close(regularizer.detach(), expected)
+        regularizer.backward()  # the EWC penalty is differentiable in the current weights
+        assert model[0].weight.grad is not None
+        model.zero_grad()
+        w_a.copy_to_model(model)
+    F = FIM(model=model, loader=loader, representation=PMatDiag, n_output=10, progress=False)
+    torch.testing.assert_close(F.get_diag(), truth.diagonal())
