@@ -19,22 +19,35 @@ class Permutation(LinearOperator):
 
     _tensor_fields = ("perm",)
 
-    def __init__(self, perm: torch.Tensor, dtype: torch.dtype | None = None, device: Any = None):
+    def __init__(
+        self,
+        perm: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        *,
+        _inverse: torch.Tensor | None = None,
+    ):
         perm = torch.as_tensor(perm, dtype=torch.long)
-        if perm.dim() != 1 or not torch.equal(
-            torch.sort(perm).values, torch.arange(perm.numel(), device=perm.device)
+        n = perm.numel()
+        # O(n) checks and inverse (no sort): permutations of whole layers have ~10⁵ entries
+        if (
+            perm.dim() != 1
+            or (n and (int(perm.min()) < 0 or int(perm.max()) >= n))
+            or not bool((torch.bincount(perm, minlength=n) == 1).all())
         ):
             raise InvalidArgumentError("Permutation: perm must be a permutation of 0..n-1")
-        n = perm.numel()
+        if _inverse is None:
+            _inverse = torch.empty_like(perm)
+            _inverse[perm] = torch.arange(n, device=perm.device)
         super().__init__(
             (n, n),
             dtype or torch.get_default_dtype(),
             device if device is not None else perm.device,
-            symmetric=bool(torch.equal(perm[perm], torch.arange(n, device=perm.device))),
+            symmetric=bool(torch.equal(perm, _inverse)),
             orthogonal=True,
         )
         self.perm = perm.to(self.device)
-        self.inverse_perm = torch.argsort(self.perm)
+        self.inverse_perm = _inverse.to(self.device)
 
     def _rebuild(self, **fields: Any) -> Permutation:
         return Permutation(fields.get("perm", self.perm), self.dtype, self.device)
@@ -49,7 +62,7 @@ class Permutation(LinearOperator):
         return X[self.inverse_perm]
 
     def transpose(self) -> Permutation:
-        return Permutation(self.inverse_perm, self.dtype, self.device)
+        return Permutation(self.inverse_perm, self.dtype, self.device, _inverse=self.perm)
 
     def sign(self) -> int:
         """``det P = ±1``: the parity of the permutation (from its cycle lengths)."""
