@@ -40,6 +40,10 @@ class UnsupportedError(NNGeoError, NotImplementedError):
     """A documented combination that is not supported (e.g. a layer without a structured rule)."""
 
 
+class DataError(NNGeoError, ValueError):
+    """The data do not fit: an empty loader, labels outside the classes, unnormalised log-probs."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative routine stopped before reaching its tolerance."""
 

@@ -37,11 +37,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from ..errors import DTypeDeviceError, NNGeoError, ShapeError, UnsupportedError
-
-
-class DataError(NNGeoError, ValueError):
-    """The data do not fit: an empty loader, labels outside the classes, unnormalised log-probs."""
+from ..errors import DataError, DTypeDeviceError, NNGeoError, ShapeError, UnsupportedError  # noqa: F401  (DataError re-exported)
 
 
 # ---------------------------------------------------------------------- factor helpers
