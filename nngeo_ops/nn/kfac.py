@@ -172,14 +172,22 @@ class PMatEKFAC(PMatKFAC):
     """EKFAC: Kronecker eigenbasis of the KFAC factors with a refittable diagonal.
 
     ``data[lid]`` adds to the KFAC factors ``"QA", "QG"`` (eigenbases) and ``"diag"`` (the eigenvalues
-    in the order of Q_G ⊗ Q_A, resp. Q_A ⊗ Q_G for order "ag"). Built from data it starts with
-    diag = λ_G ⊗ λ_A, i.e. equal to KFAC; :meth:`update_diag` refits the diagonal on new data.
+    in the order of Q_G ⊗ Q_A, resp. Q_A ⊗ Q_G for order "ag").
+
+    Built from ``examples`` (as ``FIM(..., PMatEKFAC)`` does), the diagonal is fitted in the
+    eigenbasis on those same examples — a second pass, since the basis is known only after the
+    first — which is EKFAC as defined by George et al. and as NNGeometry builds it. With
+    ``fit_diag=False`` (or when built from ``data``) it keeps diag = λ_G ⊗ λ_A, i.e. equals KFAC;
+    :meth:`update_diag` refits the diagonal on any data.
     """
 
-    def __init__(self, generator, data=None, examples=None):
+    def __init__(self, generator, data=None, examples=None, fit_diag: bool = True):
         if data is not None and any("diag" not in f for f in data.values() if "block" not in f):
             data = self._eigen_data(generator, data)
+        fit = fit_diag and data is None
         super().__init__(generator, data=data, examples=examples)
+        if fit:
+            self.update_diag(examples)
 
     @classmethod
     def data_from(cls, generator, accs):

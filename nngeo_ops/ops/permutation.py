@@ -25,6 +25,7 @@ class Permutation(LinearOperator):
         dtype: torch.dtype | None = None,
         device: Any = None,
         *,
+        name: str = "P",
         _inverse: torch.Tensor | None = None,
     ):
         perm = torch.as_tensor(perm, dtype=torch.long)
@@ -48,12 +49,19 @@ class Permutation(LinearOperator):
         )
         self.perm = perm.to(self.device)
         self.inverse_perm = _inverse.to(self.device)
+        self.name = name
 
     def _rebuild(self, **fields: Any) -> Permutation:
-        return Permutation(fields.get("perm", self.perm), self.dtype, self.device)
+        return Permutation(fields.get("perm", self.perm), self.dtype, self.device, name=self.name)
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Permutation:
-        return Permutation(self.perm, dtype or self.dtype, device or self.device)
+        return Permutation(
+            self.perm,
+            dtype or self.dtype,
+            device or self.device,
+            name=self.name,
+            _inverse=self.inverse_perm,
+        )
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X[self.perm]
@@ -62,7 +70,10 @@ class Permutation(LinearOperator):
         return X[self.inverse_perm]
 
     def transpose(self) -> Permutation:
-        return Permutation(self.inverse_perm, self.dtype, self.device, _inverse=self.perm)
+        name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
+        return Permutation(
+            self.inverse_perm, self.dtype, self.device, name=name, _inverse=self.perm
+        )
 
     def sign(self) -> int:
         """``det P = ±1``: the parity of the permutation (from its cycle lengths)."""
@@ -76,4 +87,4 @@ class Permutation(LinearOperator):
         return sign
 
     def _str(self) -> str:
-        return "P"
+        return self.name

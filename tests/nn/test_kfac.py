@@ -204,10 +204,14 @@ def test_ekfac_equals_kfac_then_refit_is_closer():
     model, x = make("conv2d")
     loader = loader_of(x)
     K = FIM(model, loader, PMatKFAC, progress=False)
-    E = FIM(model, loader, PMatEKFAC, progress=False)
+    E = PMatEKFAC(K.generator, examples=loader, fit_diag=False)
     torch.testing.assert_close(E.to_torch(), K.to_torch())
     truth = gt.fim(model, x, "classif_logits")
     E.update_diag(loader)
+    # FIM(..., PMatEKFAC) fits the diagonal on the same data at construction
+    torch.testing.assert_close(
+        FIM(model, loader, PMatEKFAC, progress=False).to_torch(), E.to_torch()
+    )
     for lid, sl in K.layer_collection.layer_slices().items():
         t = truth[sl, sl]
         err_k = (K.to_torch()[sl, sl] - t).norm()
