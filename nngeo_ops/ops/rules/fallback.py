@@ -14,7 +14,6 @@ from ..base import LinearOperator
 from ..dense import Dense
 from ..registry import rule
 from ..symbolic import Inverse
-from . import diag as diag_rules
 from . import eigh as eigh_rules
 from . import logdet as logdet_rules
 from . import solve as solve_rules
@@ -121,5 +120,3 @@ def eigh_fallback(node, ctx):
         raise _too_big(node, "eigh", "a full spectrum is out of reach: use linalg.lanczos(A, k)")
     return eigh_rules.dense_eigh(_densified(node), ctx)
 
-
-_ = diag_rules  # imported for registration order: structured rules before fallbacks
