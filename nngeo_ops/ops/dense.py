@@ -73,11 +73,16 @@ class Dense(LinearOperator):
 
     # ---- factorisations, cached on the leaf
     def eigh_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(λ, Q)`` with ``M = Q diag(λ) Qᵀ`` (ascending ``λ``)."""
+        """``(λ, Q)`` with ``M = Q diag(λ) Qᵀ`` (ascending ``λ``); float32 and lower precisions
+        are factorised in float64 and cast back."""
         self.require_symmetric("eigh")
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             _check_finite(self.M, "eigh")
+            if self.M.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                # small eigenvalues are exactly what damping acts on: resolve them in float64
+                evals, Q = torch.linalg.eigh(self.M.double())
+                return evals.to(self.dtype), Q.to(self.dtype)
             return torch.linalg.eigh(self.M)
 
         return cached_factor(self, "eigh", compute)
