@@ -175,6 +175,14 @@ class LinearOperator:
         return self._rmatmat(X)
 
     def __matmul__(self, other: Any) -> Any:
+        if (
+            isinstance(other, torch.Tensor)
+            and other.dtype is self.dtype
+            and other.dim() == 1
+            and other.shape[0] == self.shape[1]
+            and other.device == self.device
+        ):
+            return self._mv(other)  # the common case, checked inline: per-call overhead matters
         if isinstance(other, LinearOperator):
             from .composites import Product
 

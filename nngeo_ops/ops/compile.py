@@ -55,8 +55,8 @@ class Compiled:
     def __init__(self, expr: LinearOperator, policy: CompilePolicy | None = None) -> None:
         self.expr = expr
         self.policy = policy or CompilePolicy()
-        self.rewrites: list[tuple[str, str, str]] = []
-        self.routines: list[tuple[str, str, str]] = []
+        self._rewrites: list[tuple[str, LinearOperator, LinearOperator]] = []
+        self._routines: list[tuple[str, LinearOperator, str]] = []
         self._memo: dict[tuple[str, int], Any] = {}
         self._alive: list[LinearOperator] = []  # keeps memo keys (ids) from being reused
         self.simplified = self.simplify(expr)
@@ -71,13 +71,18 @@ class Compiled:
         for r in rules_for("rewrite", type(cur)):
             out = r.fn(cur, self)
             if out is not None and out is not cur:
-                self.rewrites.append((r.name, cur._str(), out._str()))
+                self._rewrites.append((r.name, cur, out))  # formatted only by explain()
                 _inherit_tags(cur, out)
                 cur = self.simplify(out)
                 break
         self._alive += [node, cur]
         self._memo[key] = cur
         return cur
+
+    @property
+    def rewrites(self) -> list[tuple[str, str, str]]:
+        """The rewrite log: (rule, before, after) as formulas."""
+        return [(name, str(a), str(b)) for name, a, b in self._rewrites]
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, op: str, node: LinearOperator, structured_only: bool = False) -> Any:
@@ -89,13 +94,18 @@ class Compiled:
                 continue
             out = r.fn(node, self)
             if out is not None:
-                self.routines.append((op, node._str(), r.name))
+                self._routines.append((op, node, r.name))
                 self._alive.append(node)
                 self._memo[key] = out
                 return out
         if structured_only:
             return None
         raise UnsupportedError(f"no routine computes {op} of {type(node).__name__} {node._str()}")
+
+    @property
+    def routines(self) -> list[tuple[str, str, str]]:
+        """The routine log: (quantity, node formula, routine name)."""
+        return [(op, str(node), name) for op, node, name in self._routines]
 
     def solver(self, node: LinearOperator, structured_only: bool = False) -> Callable | None:
         if node.shape[0] != node.shape[1]:
@@ -183,9 +193,9 @@ class Compiled:
 
     def routine(self, op: str, node: LinearOperator | None = None) -> str | None:
         """The name of the routine that computed ``op`` (of the simplified root by default)."""
-        target = (node or self.simplified)._str()
-        for o, s, name in reversed(self.routines):
-            if o == op and s == target:
+        target = node or self.simplified
+        for o, n, name in reversed(self._routines):
+            if o == op and n is target:
                 return name
         return None
 

@@ -119,4 +119,3 @@ def eigh_fallback(node, ctx):
     if not _small(node, ctx):
         raise _too_big(node, "eigh", "a full spectrum is out of reach: use linalg.lanczos(A, k)")
     return eigh_rules.dense_eigh(_densified(node), ctx)
-
