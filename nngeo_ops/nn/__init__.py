@@ -8,9 +8,19 @@ covered parameters.
 """
 
 from .generator import CurvatureGenerator
+from .jacobian import Jacobian, JacobianGenerator, PFMapDense, PFMapImplicit, mapTMmap
 from .kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
 from .layercollection import LayerCollection
 from .metrics import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
+from .ntk import (
+    CrossGramMatrix,
+    FMatDense,
+    FMatExpr,
+    FMatImplicit,
+    GramMatrix,
+    NTKRegression,
+    kernel_regression,
+)
 from .outputs import DataError
 from .pmat import (
     PMatAbstract,
@@ -48,4 +58,16 @@ __all__ = [
     "PMatQuasiDiag",
     "PVector",
     "build_many",
+    "CrossGramMatrix",
+    "FMatDense",
+    "FMatExpr",
+    "FMatImplicit",
+    "GramMatrix",
+    "Jacobian",
+    "JacobianGenerator",
+    "NTKRegression",
+    "PFMapDense",
+    "PFMapImplicit",
+    "kernel_regression",
+    "mapTMmap",
 ]
