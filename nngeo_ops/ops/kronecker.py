@@ -82,9 +82,10 @@ class Kronecker(LinearOperator):
         )
 
     def to_dense(self) -> torch.Tensor:
-        out = self.factors[0].to_dense()
+        # torch.kron rejects some non-contiguous layouts (e.g. transposed eigenbases)
+        out = self.factors[0].to_dense().contiguous()
         for f in self.factors[1:]:
-            out = torch.kron(out, f.to_dense())
+            out = torch.kron(out, f.to_dense().contiguous())
         return out
 
     def _str(self) -> str:
