@@ -68,7 +68,7 @@ def slq_slogdet_fallback(node, ctx):
         num_iter=steps,
         generator=pol.generator(node.device),
     )
-    value = est[0] if isinstance(est, tuple) else getattr(est, "estimate", est)
+    value = est.value
     return torch.ones((), dtype=node.dtype, device=node.device), value
 
 
@@ -85,7 +85,7 @@ def stochastic_diag_fallback(node, ctx):
 
     pol = ctx.policy
     est = diag_estimate(node, pol.num_matvecs, generator=pol.generator(node.device))
-    return est[0] if isinstance(est, tuple) else est
+    return est.value
 
 
 @rule("trace", LinearOperator, name="sum of diagonal / Hutch++ (fallback)", fallback=True)
@@ -99,7 +99,7 @@ def trace_fallback(node, ctx):
 
     pol = ctx.policy
     est = hutchpp(node, pol.num_matvecs, generator=pol.generator(node.device))
-    return est[0] if isinstance(est, tuple) else getattr(est, "estimate", est)
+    return est.value
 
 
 @rule("frobenius", LinearOperator, name="dense norm (fallback)", fallback=True)
@@ -110,7 +110,7 @@ def frobenius_fallback(node, ctx):
 
     pol = ctx.policy
     est = hutchpp(node.T @ node, pol.num_matvecs, generator=pol.generator(node.device))
-    value = est[0] if isinstance(est, tuple) else getattr(est, "estimate", est)
+    value = est.value
     return torch.sqrt(torch.as_tensor(value).clamp_min(0))
 
 
