@@ -31,7 +31,26 @@ from ..errors import NonFiniteError, UnsupportedError
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
-from .rules import KronRule, rule_for
+from .rules import ConvRule, KronRule, rule_for
+from .stats import conv_squared_grads
+
+# modules whose backward the (legacy) vmap of ``is_grads_batched`` batches natively
+_BATCHED_BACKWARD = (
+    nn.Sequential,
+    nn.Linear,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+)
 
 
 @dataclass
@@ -125,6 +144,10 @@ class Capture:
         self._find_users(params)
         self._recording = False
         self._clone = False
+        # the K cotangents go through one vmapped backward only where every module's backward has
+        # a batching rule; elsewhere (convolutions, pooling...) the fallback is several times slower
+        # than K plain backward passes over the retained graph
+        self._batched_backward = all(isinstance(m, _BATCHED_BACKWARD) for m in model.modules())
 
     # ------------------------------------------------------------------ structure
     def _find_users(self, params):
@@ -245,20 +268,29 @@ class Capture:
             c.output = None  # the graph is no longer needed
         return BatchContext(self, out.shape[0], lmat.shape[0], count)
 
-    @staticmethod
-    def _backprop(out, targets, lmat):
+    def _backprop(self, out, targets, lmat):
         if lmat.shape[0] == 1:  # one column (Monte-Carlo with one trial, empirical): no vmap
             res = torch.autograd.grad(out, targets, lmat[0], allow_unused=True)
             return [None if g is None else g.unsqueeze(0) for g in res]
-        try:
-            return torch.autograd.grad(out, targets, lmat, is_grads_batched=True, allow_unused=True)
-        except RuntimeError:
-            # an op without a vmap rule in its backward: one backward per column (K is small)
-            cols = [
-                torch.autograd.grad(out, targets, lk, retain_graph=True, allow_unused=True)
-                for lk in lmat
-            ]
-            return [None if col[0] is None else torch.stack(col) for col in zip(*cols)]
+        if self._batched_backward:
+            try:  # the graph is kept in case an op fails half-way and the loop below must redo it
+                return torch.autograd.grad(
+                    out, targets, lmat, is_grads_batched=True, allow_unused=True, retain_graph=True
+                )
+            except RuntimeError:
+                pass
+        # one backward per column over the retained graph (K is small), into preallocated outputs
+        res = None
+        for k, lk in enumerate(lmat):
+            col = torch.autograd.grad(
+                out, targets, lk, retain_graph=k < lmat.shape[0] - 1, allow_unused=True
+            )
+            if res is None:
+                res = [None if g is None else g.new_empty(lmat.shape[0], *g.shape) for g in col]
+            for r, g in zip(res, col):
+                if r is not None:
+                    r[k] = g
+        return res
 
     def run(self, loader, accumulators, desc="curvature"):
         """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
@@ -294,49 +326,71 @@ class BatchContext:
         self.batch_size = batch_size
         self.k = k
         self.count = count
-        self._pe = None
+        self._pe, self._upe = {}, {}
 
     @property
     def m(self) -> int:
         return self.k * self.batch_size
 
-    def _contributions(self):
-        """{(layer_id, index): (K, B, *shape)} summed over every call of every owning module."""
-        if self._pe is None:
+    def _user_contributions(self, u: _User) -> dict:
+        """{attr: (K, B, *shape)} of one owning module, summed over its calls (computed once)."""
+        res = self._upe.get(id(u))
+        if res is None:
+            res = {}
+            for c in u.calls:
+                if u.rule is not None:
+                    part = u.rule.per_example(u.module, c.args[0], c.grad)
+                else:
+                    part = generic_per_example(u.module, u.attrs, c.args, c.kwargs, c.grad)
+                for attr in u.attrs:
+                    res[attr] = res[attr] + part[attr] if attr in res else part[attr]
+            self._upe[id(u)] = res
+        return res
+
+    def _layer_contributions(self, lid: str) -> dict:
+        """{index: (K, B, *shape)} of one layer, summed over every call of every owning module.
+
+        Only the modules owning a parameter of this layer are differentiated, so a layer with a
+        closed form never pays for the per-example gradients of another one.
+        """
+        pe = self._pe.get(lid)
+        if pe is None:
             pe = {}
             for u in self.cap.users:
-                for c in u.calls:
-                    if u.rule is not None:
-                        res = u.rule.per_example(u.module, c.args[0], c.grad)
-                    else:
-                        res = generic_per_example(u.module, u.attrs, c.args, c.kwargs, c.grad)
-                    for attr, key in zip(u.attrs, u.keys):
-                        pe[key] = pe[key] + res[attr] if key in pe else res[attr]
-            self._pe = pe
-        return self._pe
+                if not any(key[0] == lid for key in u.keys):
+                    continue
+                res = self._user_contributions(u)
+                for attr, (klid, j) in zip(u.attrs, u.keys):
+                    if klid == lid:
+                        pe[j] = pe[j] + res[attr] if j in pe else res[attr]
+            self._pe[lid] = pe
+        return pe
 
     def per_example(self, lid: str) -> torch.Tensor:
         """(K·B, P_layer) per-(column, example) gradients of one layer, in flat order."""
-        pe = self._contributions()
+        pe = self._layer_contributions(lid)
         entry = self.cap.lc.layers[lid]
         parts = []
         for j, shape in enumerate(entry.shapes):
-            t = pe.get((lid, j))
+            t = pe.get(j)
             if t is None:  # parameter not reached by the output
                 t = torch.zeros(
                     (self.k, self.batch_size, *shape), dtype=self.cap.dtype, device=self.cap.device
                 )
             parts.append(t.reshape(self.m, -1))
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def per_example_all(self) -> torch.Tensor:
         return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
 
     def diag(self, lid: str) -> torch.Tensor:
         user = self.cap.structured.get(lid)
-        if user is not None and len(user.calls) == 1 and self._pe is None:
+        if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
-            d = user.rule.diag(user.module, call.args[0], call.grad)
+            if isinstance(user.rule, ConvRule):  # several positions: per-example, chunked
+                d = conv_squared_grads(user.module, call.args[0], call.grad)
+            else:
+                d = user.rule.diag(user.module, call.args[0], call.grad)
             if d is not None:
                 return torch.cat([d[a].reshape(-1) for a in user.attrs])
         return self.per_example(lid).square().sum(0)
@@ -349,13 +403,23 @@ class BatchContext:
         user = self.cap.structured[lid]
         rule = user.rule
         arows, grows = [], []
-        for c in user.calls:
-            ar, gr = rule.rows(user.module, c.args[0], c.grad)
+        for ar, gr in self.kron_calls(lid):
             if rule.order == "ga" and getattr(user.module, "bias", None) is not None:
                 ar = torch.cat([ar, ar.new_ones(*ar.shape[:2], 1)], dim=2)
             arows.append(ar)
             grows.append(gr)
+        if len(arows) == 1:
+            return arows[0], grows[0]
         return torch.cat(arows, dim=1), torch.cat(grows, dim=2)
+
+    def kron_calls(self, lid: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(arow (B, R, dA), grow (K, B, R, dG))] per call of a Kronecker layer, without the bias 1.
+
+        The rows are views of what the hooks recorded (the rule's layout: for convolutions the
+        feature axis is not the innermost one in memory), nothing is copied.
+        """
+        user = self.cap.structured[lid]
+        return [user.rule.rows(user.module, c.args[0], c.grad) for c in user.calls]
 
     def token_counts(self, lid: str) -> torch.Tensor:
         user = self.cap.structured[lid]

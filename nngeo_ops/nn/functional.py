@@ -3,9 +3,12 @@
 These serve the representations that never form per-example gradients:
 
 * the implicit GGN / Fisher, M V = (1/N) Σ_batches Jᵀ (L Lᵀ) (J V), as a batched ``MatFree`` node:
-  one forward-mode product (``jvp``, vmapped over the columns of V), the output-space factor, one
-  reverse-mode product (``vjp``, vmapped); nothing of size P×P is ever stored;
-* the Hessian of the loss, dense, per layer, or as Hessian-vector products (forward over reverse).
+  one forward-mode product (dual numbers for one column, ``jvp`` vmapped over several), the
+  output-space factor, one reverse-mode product; nothing of size P×P is ever stored. With a cache
+  (:class:`Linearised`) each batch is linearised once and every later product is two backward
+  passes over the kept graphs, with no forward pass;
+* the Hessian of the loss, dense, per layer, or as Hessian-vector products (forward over reverse;
+  reverse over reverse on a kept gradient graph with the cache).
 
 Parameters are seen as one flat vector in the layer collection's order; the model's other parameters
 and buffers are left as they are.
@@ -14,6 +17,7 @@ and buffers are left as they are.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
@@ -77,24 +81,179 @@ class FlatModel:
         return functional_call(self.wrapper, params, batch)
 
 
+def apply_output_factor(lmat: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ) applied per example: ``lmat`` (K, B, *out), ``jv`` (k, B, *out) -> (k, B, *out)."""
+    dims = list(range(2, lmat.dim()))  # einsum labels: 0 = K, 1 = batch, dims = outputs
+    j = len(dims) + 2  # the column of V
+    coef = torch.einsum(lmat, [0, 1, *dims], jv, [j, 1, *dims], [0, j, 1])  # L_kᵀ (J v_j) per n
+    return torch.einsum(coef, [0, j, 1], lmat, [0, 1, *dims], [j, 1, *dims])
+
+
+def batched_grad(outputs, inputs, cotangents, create_graph=False):
+    """d(outputs)/d(inputs)ᵀ applied to each of the k cotangents (k, *outputs.shape): (k, *inputs.shape).
+
+    The graph is retained (it is reused for further products). One backward for k = 1; otherwise
+    ``is_grads_batched`` (vmap over the backward), or one backward per column where an operator of the
+    backward has no batching rule.
+    """
+    kw = dict(retain_graph=True, create_graph=create_graph, allow_unused=True)
+    if cotangents.shape[0] == 1:
+        (g,) = torch.autograd.grad(outputs, inputs, cotangents[0], **kw)
+        g = torch.zeros_like(inputs) if g is None else g
+        return g.unsqueeze(0)
+    try:
+        (g,) = torch.autograd.grad(outputs, inputs, cotangents, is_grads_batched=True, **kw)
+    except RuntimeError:
+        cols = [torch.autograd.grad(outputs, inputs, c, **kw)[0] for c in cotangents]
+        return torch.stack([torch.zeros_like(inputs) if c is None else c for c in cols])
+    if g is None:
+        return inputs.new_zeros(cotangents.shape[0], *inputs.shape)
+    return g
+
+
 def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
     """(Σ_n J_nᵀ L_n L_nᵀ J_n) V for one batch, V of shape (P, k); also returns the batch's count.
 
-    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape).
+    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape). For one column the forward
+    pass carries the tangent (forward-mode AD on dual numbers) while it records the reverse graph,
+    so the product costs one forward pass with its tangent and one backward; for several columns
+    the tangents are vmapped (``torch.func.jvp``) and the cotangents too.
     """
+    if fm.tangent_mask is not None:
+        v = v * fm.tangent_mask[:, None]
+    if v.shape[1] == 1:
+        try:
+            return _ggn_matvec_dual(fm, batch, factor, v)
+        except (RuntimeError, NotImplementedError):  # an op without a forward-mode formula
+            pass
     w0 = fm.flat0
     f = lambda w: fm(w, batch)  # noqa: E731
     out, pull = vjp(f, w0)
     lmat, count = factor(out.detach(), batch)
-    if fm.tangent_mask is not None:
-        v = v * fm.tangent_mask[:, None]
     jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
-    dims = list(range(2, out.dim() + 1))  # einsum labels: 0 = K, 1 = batch, dims = outputs
-    j = len(dims) + 2  # the column of V
-    coef = torch.einsum(lmat, [0, 1, *dims], jv, [j, 1, *dims], [0, j, 1])  # L_kᵀ (J v_j) per n
-    u = torch.einsum(coef, [0, j, 1], lmat, [0, 1, *dims], [j, 1, *dims])  # (k, B, *out)
-    (jtu,) = vmap(pull)(u)
+    (jtu,) = vmap(pull)(apply_output_factor(lmat, jv))
     return jtu.T, count
+
+
+def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
+    create_graph = torch.is_grad_enabled() and v.requires_grad
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad(), fwAD.dual_level():
+        out_d = fm(fwAD.make_dual(w, v[:, 0].to(w.dtype)), batch)
+        out, jv = fwAD.unpack_dual(out_d)
+    if jv is None:  # the output does not depend on the covered parameters
+        jv = torch.zeros_like(out)
+    lmat, count = factor(out.detach(), batch)
+    u = apply_output_factor(lmat, jv.unsqueeze(0))
+    if not out.requires_grad:
+        return torch.zeros_like(v), count
+    (g,) = torch.autograd.grad(out, w, u[0], create_graph=create_graph, allow_unused=True)
+    return (torch.zeros_like(w) if g is None else g)[:, None], count
+
+
+class Linearised:
+    """One batch linearised once, for many products: the output with its reverse graph, and the graph
+    of u ↦ Jᵀu (built by differentiating with ``create_graph``), so that
+
+    * J V   = d(Jᵀu)/du applied to V (a backward through the backward graph, "double-VJP"),
+    * Jᵀ U  = a backward through the forward graph,
+
+    each about the cost of one backward pass, with no forward pass per product. With ``factor`` the
+    output-space factor L of the batch is kept too (GGN / Fisher; Monte-Carlo labels are drawn once);
+    with ``loss`` the graph of the gradient of the batch's loss is kept instead, and the products are
+    Hessian-vector products (reverse over reverse). Where an operator of the model has no double
+    backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
+    Memory: the activations of the batch and of its backward pass, as long as the object lives.
+    """
+
+    def __init__(self, fm: FlatModel, batch, factor=None, loss=None):
+        self.fm, self.batch, self.loss = fm, batch, loss
+        self.double = True
+        w = fm.flat0.detach().requires_grad_(True)
+        self.w = w
+        with torch.enable_grad():
+            out = fm(w, batch)
+            if loss is not None:
+                value, self.count = loss(out, batch)
+                self.grad = None
+                if value.requires_grad:
+                    (self.grad,) = torch.autograd.grad(value, w, create_graph=True)
+                    self.double = self._hessian_test()
+                return
+            self.lmat, self.count = factor(out.detach(), batch)
+            self.out, self.jtu = out, None
+            if out.requires_grad:
+                self.u = torch.zeros_like(out, requires_grad=True)
+                try:
+                    (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
+                    self.double = self._adjoint_test()
+                except (RuntimeError, NotImplementedError):
+                    self.double = False
+
+    def _adjoint_test(self) -> bool:
+        """⟨J v, z⟩ = ⟨v, Jᵀ z⟩ on random v, z: is the double-VJP graph a faithful J?
+
+        A backward that autograd cannot differentiate silently (a custom ``autograd.Function`` whose
+        backward is ``once_differentiable`` or leaves the graph) yields a J V that misses paths, with
+        no error; Jᵀ z through the forward graph is always right, so one random probe tells them apart.
+        """
+        if not self.jtu.requires_grad:
+            return True
+        g = torch.Generator(device=self.w.device).manual_seed(0)
+        v = torch.randn(self.w.shape, generator=g, device=self.w.device, dtype=self.w.dtype)
+        z = torch.randn(self.out.shape, generator=g, device=self.w.device, dtype=self.w.dtype)
+        jv = batched_grad(self.jtu, self.u, v[None])[0]
+        jtz = batched_grad(self.out, self.w, z[None])[0]
+        a, b = torch.dot(jv.reshape(-1), z.reshape(-1)), torch.dot(v, jtz)
+        tol = torch.finfo(self.w.dtype).eps ** 0.5
+        return bool(abs(a - b) <= tol * (jv.norm() * z.norm() + v.norm() * jtz.norm()))
+
+    def _hessian_test(self) -> bool:
+        """Reverse over reverse against forward over reverse on one random probe (see above)."""
+        if not self.grad.requires_grad:
+            return True
+        g = torch.Generator(device=self.w.device).manual_seed(0)
+        v = torch.randn(self.w.shape, generator=g, device=self.w.device, dtype=self.w.dtype)
+        try:
+            ref = hessian_matmat(self.fm, self.batch, self.loss, v[:, None])[0][:, 0]
+        except (RuntimeError, NotImplementedError):  # no forward over reverse: nothing to compare
+            return True
+        hv = batched_grad(self.grad, self.w, v[None])[0]
+        tol = torch.finfo(self.w.dtype).eps ** 0.5
+        return bool((hv - ref).norm() <= tol * (ref.norm() + hv.norm()))
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        """The batch's (unnormalised) Jᵀ L Lᵀ J V, or Hessian times V, for V of shape (P, k)."""
+        create_graph = torch.is_grad_enabled() and v.requires_grad
+        if self.fm.tangent_mask is not None:
+            v = v * self.fm.tangent_mask[:, None]
+        vt = v.T.to(self.w.dtype)
+        if self.loss is not None:
+            if self.grad is None:
+                return torch.zeros_like(v)
+            if self.double and self.grad.requires_grad:
+                try:
+                    return batched_grad(self.grad, self.w, vt, create_graph).T
+                except (RuntimeError, NotImplementedError):
+                    self.double = False
+            if not self.grad.requires_grad:  # the loss is linear in the parameters
+                return torch.zeros_like(v)
+            return hessian_matmat(self.fm, self.batch, self.loss, v)[0]
+        if not self.out.requires_grad:
+            return torch.zeros_like(v)
+        jv = None
+        if self.double and self.jtu is not None:
+            if not self.jtu.requires_grad:  # Jᵀu does not depend on u: J = 0
+                return torch.zeros_like(v)
+            try:
+                jv = batched_grad(self.jtu, self.u, vt, create_graph)  # (k, B, *out)
+            except (RuntimeError, NotImplementedError):
+                self.double = False
+        if jv is None:
+            f = lambda w: self.fm(w, self.batch)  # noqa: E731
+            jv = vmap(lambda col: jvp(f, (self.fm.flat0,), (col,))[1])(vt)
+        u = apply_output_factor(self.lmat, jv)
+        return batched_grad(self.out, self.w, u, create_graph).T
 
 
 def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor):

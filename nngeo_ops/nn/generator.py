@@ -105,49 +105,23 @@ class CurvatureGenerator:
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
 
-    def implicit_op(self, examples) -> MatFree:
-        """M as a batched ``MatFree`` node; each product makes one pass over ``examples``.
-
-        For the Monte-Carlo Fisher the labels are redrawn at each product from a generator re-seeded
-        with the same seed, so the operator is fixed as long as the loader yields the same batches in
-        the same order.
-        """
+    def implicit_op(self, examples, cache: bool = False) -> MatFree:
+        """M as a batched ``MatFree`` node (see :class:`ImplicitProducts`)."""
+        products = ImplicitProducts(self, examples, cache)
         n = self.layer_collection.numel()
-        kind = self.kind
-        if kind == "sample":
-            src = self.rng
-            seed = int(torch.randint(0, 2**62, (1,), generator=src).item())
-
-        def matmat(v):
-            fm = self.flat_model()
-            rng = torch.Generator().manual_seed(seed) if kind == "sample" else None
-            acc, total, nb = torch.zeros_like(v), 0, 0
-            for batch in self._batches(examples, "implicit product"):
-                if kind == "hessian":
-                    hv, count = fx.hessian_matmat(fm, batch, self._loss, v)
-                else:
-
-                    def factor(out, batch, rng=rng):
-                        y = batch[1] if len(batch) > 1 else None
-                        return output_factor(
-                            self.output_model, kind, out, y, self.n_output, self.trials, rng
-                        )
-
-                    hv, count = fx.ggn_matmat(fm, batch, factor, v)
-                acc, total, nb = acc + hv, total + count, nb + 1
-            return acc * self._finish(total, nb)
-
-        name = "∇²L" if kind == "hessian" else "Jᵀ·H·J"
-        return MatFree(
-            matmat,
+        hess = self.kind == "hessian"
+        op = MatFree(
+            products.matmat,
             (n, n),
             dtype=self.dtype,
             device=self.device,
             symmetric=True,
-            psd=kind != "hessian",
+            psd=not hess,
             batched=True,
-            name=name,
+            name="∇²L" if hess else "Jᵀ·H·J",
         )
+        op.products = products
+        return op
 
     # ------------------------------------------------------------------ exact Hessians
     def _loss(self, out, batch):
@@ -174,3 +148,79 @@ class CurvatureGenerator:
             total, nb = total + count, nb + 1
         scale = self._finish(total, nb)
         return {lid: b * scale for lid, b in zip(slices, acc)}
+
+
+class ImplicitProducts:
+    """The products of the implicit GGN / Fisher / Hessian of a generator over ``examples``.
+
+    Without a cache each product makes one pass over ``examples`` (a forward pass carrying the
+    tangent, then a backward pass, per batch). With ``cache=True`` the first product takes the
+    batches once and linearises each (:class:`~nngeo_ops.nn.functional.Linearised`: its output, its
+    reverse graph and the graph of Jᵀu, or the graph of the loss gradient for the Hessian); every
+    later product is then two backward passes per batch over the kept graphs — the operator is
+    applied many times by CG, Lanczos or Hutchinson, and this is where the time goes. The cache
+    holds the activations of every batch (memory like keeping the whole loader's forward and
+    backward graphs), is rebuilt when a covered parameter changes (in-place updates included) and
+    is freed by :meth:`clear`.
+
+    For the Monte-Carlo Fisher the labels are redrawn at each product from a generator re-seeded
+    with the same seed (drawn once, with the cache), so the operator is fixed as long as the loader
+    yields the same batches in the same order.
+    """
+
+    def __init__(self, gen: CurvatureGenerator, examples, cache: bool = False):
+        self.gen, self.examples, self.cache = gen, examples, bool(cache)
+        self._lin, self._key = None, None
+        self.seed = None
+        if gen.kind == "sample":
+            self.seed = int(torch.randint(0, 2**62, (1,), generator=gen.rng).item())
+
+    def clear(self) -> None:
+        """Free the linearised batches (the next product rebuilds them)."""
+        self._lin, self._key = None, None
+
+    def _state_key(self):
+        params = self.gen.layer_collection.parameters(self.gen.model)
+        return tuple((p.data_ptr(), p._version) for p in params)
+
+    def _factor(self, rng):
+        gen = self.gen
+
+        def factor(out, batch):
+            y = batch[1] if len(batch) > 1 else None
+            return output_factor(gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, rng)
+
+        return factor
+
+    def _rng(self):
+        return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def _linearised(self):
+        key = self._state_key()
+        if self._lin is None or key != self._key:
+            self._lin = None  # free the old graphs before building the new ones
+            gen, fm, rng = self.gen, self.gen.flat_model(), self._rng()
+            lin = []
+            for batch in gen._batches(self.examples, "linearise"):
+                if gen.kind == "hessian":
+                    lin.append(fx.Linearised(fm, batch, loss=gen._loss))
+                else:
+                    lin.append(fx.Linearised(fm, batch, factor=self._factor(rng)))
+            self._lin, self._key = lin, key
+        return self._lin
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        gen = self.gen
+        acc, total, nb = torch.zeros_like(v), 0, 0
+        if self.cache:
+            for lin in self._linearised():
+                acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
+            return acc * gen._finish(total, nb)
+        fm, rng = gen.flat_model(), self._rng()
+        for batch in gen._batches(self.examples, "implicit product"):
+            if gen.kind == "hessian":
+                hv, count = fx.hessian_matmat(fm, batch, gen._loss, v)
+            else:
+                hv, count = fx.ggn_matmat(fm, batch, self._factor(rng), v)
+            acc, total, nb = acc + hv, total + count, nb + 1
+        return acc * gen._finish(total, nb)

@@ -169,7 +169,7 @@ def Hessian(
 ):
     """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
     layer) or implicit (Hessian-vector products, forward over reverse)."""
-    if representation not in HESSIAN_REPRESENTATIONS:
+    if getattr(representation, "func", representation) not in HESSIAN_REPRESENTATIONS:
         raise UnsupportedError(
             f"Hessian supports {[r.__name__ for r in HESSIAN_REPRESENTATIONS]}, not "
             f"{getattr(representation, '__name__', representation)}"

@@ -19,7 +19,8 @@ Three ways to get L_n:
 
 FIM variants (NNGeometry names): ``classif_logits``, ``classif_logsoftmax``, ``classif_binary_logits``,
 ``regression`` (Gaussian with covariance Σ: H = Σ⁻¹), ``segmentation_logits`` (per-pixel softmax,
-summed over pixels); all are means over examples. GGN losses: ``CrossEntropyLoss``, ``NLLLoss``,
+summed over pixels), ``sequence_logits`` (per-token softmax over the last dim of (B, T, V) logits,
+summed over tokens); all are means over examples. GGN losses: ``CrossEntropyLoss``, ``NLLLoss``,
 ``MSELoss``, ``BCEWithLogitsLoss``; ``mean`` divides by what torch divides by (non-ignored targets for
 CE/NLL, elements for MSE/BCE), ``sum`` does not divide.
 
@@ -73,10 +74,12 @@ def _onehot(y, c, dtype):
 
 
 def _sample_classes(p: torch.Tensor, trials: int, generator) -> torch.Tensor:
-    """p (B, C, D) -> labels (T, B, D)."""
+    """p (B, C, D) -> labels (T, B, D), by inverting the cumulative distribution (several times
+    faster than ``torch.multinomial`` for few draws; zero-probability classes are never drawn)."""
     b, c, d = p.shape
-    flat = p.permute(0, 2, 1).reshape(-1, c)
-    y = torch.multinomial(flat, trials, replacement=True, generator=generator)
+    cdf = p.permute(0, 2, 1).reshape(-1, c).cumsum(1)
+    u = torch.rand((cdf.shape[0], trials), generator=generator, dtype=p.dtype, device=p.device)
+    y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(c - 1)
     return y.T.reshape(trials, b, d)
 
 
@@ -307,12 +310,48 @@ class SegmentationLogits(OutputModel):
         return (p - _onehot(y, c, p.dtype))[None], b
 
 
+class SequenceLogits(SegmentationLogits):
+    """Per-token softmax over the last dim of (B, T, V) logits (language models, sequence taggers).
+
+    The Fisher is summed over tokens and averaged over sequences, as for ``segmentation_logits``;
+    labels are token ids of shape (B, T). ``n_output`` is checked against the vocabulary size V.
+    """
+
+    name = "sequence_logits"
+
+    def check_output(self, out, n_output=None):
+        if out.dim() != 3:
+            raise ShapeError(
+                f"sequence_logits expects (batch, seq, vocab) logits, got {tuple(out.shape)}"
+            )
+        if n_output is not None and out.shape[-1] != n_output:
+            raise ShapeError(
+                f"n_output={n_output} but the model returns {out.shape[-1]} logits per token "
+                f"(output shape {tuple(out.shape)})"
+            )
+
+    # the factors are those of segmentation_logits with the class axis moved to dim 1 and back:
+    # L has shape (R, B, T, V) like the outputs it pairs with
+    def exact(self, out, y):
+        L, n = super().exact(out.movedim(-1, 1), y)
+        return L.movedim(2, -1), n
+
+    def sample(self, out, y, trials, generator=None):
+        L, n = super().sample(out.movedim(-1, 1), y, trials, generator)
+        return L.movedim(2, -1), n
+
+    def empirical(self, out, y):
+        L, n = super().empirical(out.movedim(-1, 1), y)
+        return L.movedim(2, -1), n
+
+
 VARIANTS = {
     "classif_logits": ClassifLogits,
     "classif_logsoftmax": ClassifLogSoftmax,
     "classif_binary_logits": ClassifBinaryLogits,
     "regression": Regression,
     "segmentation_logits": SegmentationLogits,
+    "sequence_logits": SequenceLogits,
 }
 
 

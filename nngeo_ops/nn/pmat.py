@@ -68,9 +68,20 @@ class PMatAbstract:
     def _damped(self, regul) -> LinearOperator:
         if regul is None or regul == 0:
             return self.op
-        return self.op + regul * Identity(
-            self.op.shape[0], dtype=self.op.dtype, device=self.op.device
-        )
+        op = self.op
+        # one node per numeric damping, so that repeated solves reuse its compiled form (ops caches
+        # that on the node, against the versions of its leaves) instead of rewriting anew each time
+        key = float(regul) if isinstance(regul, numbers.Real) else None
+        cache = self.__dict__.setdefault("_damped_nodes", {})
+        hit = cache.get(key) if key is not None else None
+        if hit is not None and hit[0] is op:
+            return hit[1]
+        node = op + regul * Identity(op.shape[0], dtype=op.dtype, device=op.device)
+        if key is not None:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[key] = (op, node)
+        return node
 
     def mv(self, v):
         """M v."""
@@ -269,16 +280,32 @@ class PMatLowRank(PMatAbstract):
 class PMatImplicit(PMatAbstract):
     """Jᵀ H J (or the Hessian) known only through products: a batched ``MatFree`` node.
 
-    Each product makes one pass over ``examples`` (forward-mode JVP, output-space factor, VJP); nothing
-    of size P×P is stored. Quantities without a product form (diag, trace, solve) fall back to the ops
-    policies (iterative methods or, for small P, densification).
+    Each product makes one pass over ``examples`` (a forward pass carrying the tangent, the
+    output-space factor, a backward pass); nothing of size P×P is stored. Quantities without a
+    product form (diag, trace, solve) fall back to the ops policies (iterative methods or, for small
+    P, densification).
+
+    ``cache=True`` linearises each batch once, at the first product, and keeps its graphs: every later
+    product is two backward passes per batch and no forward pass — the better choice when the operator
+    is applied many times (CG, Lanczos, Hutchinson), memory permitting (the activations of the whole
+    loader and of its backward pass are kept). The cache follows in-place changes of the covered
+    parameters (it is rebuilt), not changes of the data: the batches are those of the first product.
+    :meth:`clear_cache` frees it. Through the entry points: ``FIM(model, loader,
+    functools.partial(PMatImplicit, cache=True))``.
     """
 
-    def __init__(self, generator, data=None, examples=None):
+    def __init__(self, generator, data=None, examples=None, cache: bool = False):
         if examples is None:
             raise ValueError("PMatImplicit needs examples (a loader) to apply the matrix")
         self.examples = examples
-        super().__init__(generator.layer_collection, generator.implicit_op(examples), generator)
+        self.cache = cache
+        op = generator.implicit_op(examples, cache=cache)
+        self._products = op.products
+        super().__init__(generator.layer_collection, op, generator)
+
+    def clear_cache(self) -> None:
+        """Free the linearised batches of ``cache=True`` (rebuilt at the next product)."""
+        self._products.clear()
 
 
 class PMatEye(PMatAbstract):

@@ -1,0 +1,148 @@
+"""The fast paths of the statistics (chosen by shape or by model) against their plain definitions."""
+
+import pytest
+import torch
+from models import loader_of, make
+from torch import nn
+
+from nngeo_ops.nn import (
+    FIM,
+    CurvatureGenerator,
+    FIM_MonteCarlo,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatKFAC,
+    build_many,
+)
+from nngeo_ops.nn.capture import Capture
+from nngeo_ops.nn.layercollection import LayerCollection
+from nngeo_ops.nn.outputs import output_model_for_variant
+from nngeo_ops.nn.rules import ConvRule
+from nngeo_ops.nn.stats import conv_patches, conv_squared_grads, gram
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (2, 3, 7, 6)),
+        (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(0, 1)), (2, 3, 9, 8)),
+        (nn.Conv2d(2, 2, 3, padding="same", dilation=2), (1, 2, 8, 8)),
+        (nn.Conv1d(2, 3, 3, padding="same"), (2, 2, 7)),
+        (nn.Conv1d(2, 3, 2, stride=2, dilation=2), (2, 2, 9)),
+    ],
+)
+def test_conv_patches_are_unfold(conv, shape):
+    a = torch.randn(*shape)
+    out = conv(a)
+    g = torch.randn(3, *out.shape)
+    arow, grow = ConvRule().rows(conv, a, g)  # unfold: (B, R, dA), (K, B, R, dG)
+    torch.testing.assert_close(conv_patches(conv, a), arow.reshape(-1, arow.shape[-1]).T)
+    # the squared per-example gradients, chunked, against the (K, B, P) tensor
+    w = torch.einsum("kbrg,bra->kbga", grow, arow)
+    sq = conv_squared_grads(conv, a, g)
+    torch.testing.assert_close(sq["weight"].reshape(w.shape[2:]), w.square().sum((0, 1)))
+    torch.testing.assert_close(sq["bias"], grow.sum(2).square().sum((0, 1)))
+
+
+@pytest.mark.parametrize(
+    "shape, transposed",
+    [((7, 5), False), ((300, 200), False), ((600, 130), False), ((3, 4, 40, 6), True)],
+)
+@pytest.mark.parametrize("pad", [0, 1])
+def test_gram_paths(shape, transposed, pad):
+    # plain product, upper panels mirrored (large compute-bound), batched blocks (feature axis
+    # not innermost), each with or without room for the bias row
+    t = torch.randn(*shape, dtype=torch.float64)
+    if transposed:
+        t = t.transpose(-1, -2)
+    m = t.reshape(-1, t.shape[-1])
+    d = m.shape[1]
+    torch.testing.assert_close(gram(t, pad=pad)[:d, :d], m.T @ m)
+    assert gram(t, pad=pad).shape == (d + pad, d + pad)
+
+
+def test_block_of_one_position_layers_from_the_output_factor():
+    # BlockAcc builds Linear blocks as Σ_n h_n ⊗ a_n a_nᵀ; with the MC Fisher (K = 1) and the
+    # exact one (K = C), in one pass with the dense matrix so that both see the same samples
+    model, x = make("conv2d")
+    for kind, trials in (("exact", 1), ("sample", 2)):
+        gen = CurvatureGenerator(
+            model,
+            output_model_for_variant("classif_logits"),
+            kind,
+            trials=trials,
+            generator=torch.Generator().manual_seed(0),
+        )
+        dense, block = build_many(gen, loader_of(x), [PMatDense, PMatBlockDiag])
+        for sl in dense.layer_collection.layer_slices().values():
+            torch.testing.assert_close(block.to_torch()[sl, sl], dense.to_torch()[sl, sl])
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d", "residual"])
+def test_batched_and_looped_backward_agree(case):
+    # models made only of Linear layers and activations (in Sequential) back-propagate the K
+    # columns with one vmapped backward; the others (convolutions, custom forward code) loop over
+    # the columns: both give the same statistics
+    model, x = make(case)
+    loader = loader_of(x)
+    ref = FIM(model, loader, PMatDense, progress=False).to_torch()
+    om = output_model_for_variant("classif_logits")
+    for batched in (True, False):
+        gen = CurvatureGenerator(model, om, "exact")
+        cap = gen.capture()
+        cap._batched_backward = batched
+        torch.testing.assert_close(PMatDense(gen, examples=loader).to_torch(), ref)
+        torch.testing.assert_close(
+            PMatKFAC(gen, examples=loader).to_torch(),
+            FIM(model, loader, PMatKFAC, progress=False).to_torch(),
+        )
+    cap = Capture(model, LayerCollection.from_model(model), om)
+    assert cap._batched_backward == (case == "mlp")
+
+
+def test_one_position_ekfac_diagonal_in_closed_form():
+    # a Linear layer's refit diagonal is Σ_n (Σ_k pg²) ⊗ pa², without per-example gradients;
+    # checked against the definition E[(Q_Gᵀ ∇W Q_A)²] from the dense per-example gradients
+    model, x = make("mlp")
+    loader = loader_of(x)
+    E = FIM(model, loader, PMatEKFAC, progress=False)
+    gen = E.generator
+    pe = build_many(gen, loader, [_Grads])[0].data.T  # (K·N, P), scaled: Σ rows² = F
+    lc = E.layer_collection
+    for lid, sl in lc.layer_slices().items():
+        f = E.data[lid]
+        n_out, n_in = f["QG"].shape[0], f["QA"].shape[0] - 1
+        w = pe[:, sl]
+        wm = torch.cat(
+            [w[:, : n_out * n_in].reshape(-1, n_out, n_in), w[:, n_out * n_in :, None]], 2
+        )
+        proj = f["QG"].T @ wm @ f["QA"]
+        torch.testing.assert_close(f["diag"], proj.square().sum(0).reshape(-1))
+
+
+class _Grads(PMatDense):
+    """The scaled per-example gradients U (U Uᵀ = F), through the low-rank accumulator."""
+
+    @staticmethod
+    def accumulators(generator):
+        from nngeo_ops.nn.stats import GradsAcc
+
+        return [GradsAcc()]
+
+    def __init__(self, generator, data=None, examples=None):
+        self.data = data
+        self.layer_collection = generator.layer_collection
+
+
+def test_monte_carlo_diag_and_kfac_reproducible_after_the_sampler_change():
+    model, x = make("conv2d")
+    for rep in (PMatDiag, PMatKFAC):
+        runs = [
+            FIM_MonteCarlo(
+                model, loader_of(x), rep, generator=torch.Generator().manual_seed(5), progress=False
+            ).to_torch()
+            for _ in range(2)
+        ]
+        torch.testing.assert_close(runs[0], runs[1])
