@@ -60,6 +60,7 @@ class _Call:
     output: torch.Tensor
     version: int
     grad: torch.Tensor | None = None
+    index: int | None = None  # which element of a tuple output is followed (see _hook)
 
 
 @dataclass
@@ -105,6 +106,27 @@ def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, genera
     if kind == "empirical":
         return om.empirical(out, y)
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
+    """The output tensor whose cotangents are taken: the output itself, or the one differentiable
+    tensor of a tuple output (``nn.MultiheadAttention`` returns ``(out, None)`` with
+    ``need_weights=False``). Several differentiable outputs cannot be followed by one cotangent."""
+    if torch.is_tensor(output):
+        return None, output
+    name = f"module {user.name or '<root>'} ({type(module).__name__})"
+    if isinstance(output, tuple | list):
+        live = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.requires_grad]
+        if len(live) == 1:
+            return live[0], output[live[0]]
+        raise UnsupportedError(
+            f"{name} returns a tuple with {len(live)} differentiable tensors; only one can be "
+            "followed (for nn.MultiheadAttention pass need_weights=False), or use PMatImplicit"
+        )
+    raise UnsupportedError(
+        f"{name} returns {type(output).__name__}; modules owning parameters must return a tensor "
+        "or a tuple with one differentiable tensor"
+    )
 
 
 class Capture:
@@ -207,18 +229,19 @@ class Capture:
         def hook(module, args, kwargs, output):
             if not self._recording:
                 return None
-            if not torch.is_tensor(output):
-                raise UnsupportedError(
-                    f"module {user.name or '<root>'} ({type(module).__name__}) returns "
-                    f"{type(output).__name__}; modules owning parameters must return a tensor"
-                )
+            index, tensor = _followed_output(user, module, output)
             ret = None
             if self._clone:  # a later in-place op would overwrite the tensor we differentiate at
-                ret = output.clone()
+                copy = tensor.clone()  # downstream gets the copy; we differentiate at the original
+                ret = (
+                    copy
+                    if index is None
+                    else type(output)(copy if i == index else o for i, o in enumerate(output))
+                )
             # statistics are data, never part of a graph: inputs are kept detached
             args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            user.calls.append(_Call(args, kwargs, output, output._version))
+            user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
             return ret
 
         return hook
@@ -243,9 +266,35 @@ class Capture:
     def _prepare(self, batch):
         return prepare_batch(batch, self.device)
 
+    def _adopt_unused_calls(self) -> None:
+        """Hand the parameters of a module that was never called to its nearest called ancestor.
+
+        ``nn.MultiheadAttention`` applies ``out_proj.weight`` itself, without calling ``out_proj``:
+        no hook of ``out_proj`` fires, so its parameters are taken by the generic path of the
+        ancestor that uses them (re-run with ``functional_call`` on dotted names).
+        """
+        dormant = [u for u in self.users if not u.calls]
+        for u in dormant:
+            parents = [
+                a
+                for a in self.users
+                if a.calls and a is not u and (a.name == "" or u.name.startswith(a.name + "."))
+            ]
+            if not parents:
+                continue
+            parent = max(parents, key=lambda a: len(a.name))
+            rel = u.name[len(parent.name) + 1 :] if parent.name else u.name
+            parent.attrs = parent.attrs + tuple(f"{rel}.{a}" for a in u.attrs)
+            parent.keys = parent.keys + u.keys
+            parent.rule = None  # the ancestor now runs the generic per-example path
+            for lid, _ in parent.keys:
+                self.structured.pop(lid, None)
+            self.users.remove(u)
+
     def process(self, batch) -> BatchContext:
         batch = self._prepare(batch)
         out = self._forward(batch)
+        self._adopt_unused_calls()
         if any(c.output._version != c.version for u in self.users for c in u.calls):
             self._clone = True  # e.g. ReLU(inplace=True) after a layer: redo with copies
             out = self._forward(batch)
@@ -341,7 +390,9 @@ class BatchContext:
                 if u.rule is not None:
                     part = u.rule.per_example(u.module, c.args[0], c.grad)
                 else:
-                    part = generic_per_example(u.module, u.attrs, c.args, c.kwargs, c.grad)
+                    part = generic_per_example(
+                        u.module, u.attrs, c.args, c.kwargs, c.grad, index=c.index
+                    )
                 for attr in u.attrs:
                     res[attr] = res[attr] + part[attr] if attr in res else part[attr]
             self._upe[id(u)] = res

@@ -15,14 +15,15 @@ from torch.func import functional_call, vjp, vmap
 from ..errors import UnsupportedError
 
 
-def generic_per_example(module, attrs, args, kwargs, g) -> dict[str, torch.Tensor]:
+def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str, torch.Tensor]:
     """{attr: (K, B, *shape)} for the module's direct parameters ``attrs``.
 
     ``args``/``kwargs`` are the recorded call arguments; tensor arguments whose first dimension is the
-    batch size are split per example, the others are broadcast.
+    batch size are split per example, the others are broadcast. ``index`` selects the element of a
+    tuple output that ``g`` is the cotangent of.
     """
     k, b = g.shape[:2]
-    params = {a: getattr(module, a).detach() for a in attrs}
+    params = {a: module.get_parameter(a).detach() for a in attrs}  # dotted names allowed
     in_dims = tuple(
         0 if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b else None for x in args
     )
@@ -41,6 +42,8 @@ def generic_per_example(module, attrs, args, kwargs, g) -> dict[str, torch.Tenso
 
         def f(p):
             out = functional_call(module, p, args_n, kw_n)
+            if index is not None:
+                out = out[index]
             if not torch.is_tensor(out):
                 raise UnsupportedError(
                     f"module {type(module).__name__} returns {type(out).__name__}; the generic "

@@ -32,20 +32,24 @@ def gt_gram(ja, jb=None):
 
 
 class TupleOut(nn.Module):
-    """A parameterised module returning a tuple: the hooks cannot follow it (func fallback)."""
+    """A parameterised module returning two differentiable tensors: the hooks cannot follow one
+    cotangent through it (func fallback). With ``one_live=True`` the second element does not
+    depend on the parameters, and the hooks follow the first (as for nn.MultiheadAttention)."""
 
-    def __init__(self):
+    def __init__(self, one_live=False):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 3))
+        self.one_live = one_live
 
     def forward(self, x):
-        return (torch.tanh(x @ self.w), x)
+        h = x @ self.w
+        return (torch.tanh(h), x if self.one_live else h)
 
 
 class TupleModel(nn.Module):
-    def __init__(self):
+    def __init__(self, one_live=False):
         super().__init__()
-        self.block = TupleOut()
+        self.block = TupleOut(one_live)
         self.out = nn.Linear(3, 2)
 
     def forward(self, x):
@@ -99,6 +103,14 @@ def test_func_fallback_when_hooks_cannot_follow():
     model, x = TupleModel().double(), torch.randn(5, 4, dtype=torch.float64)
     K = GramMatrix(model, loader_of(x), progress=False)
     assert K.generator.backend == "func"
+    torch.testing.assert_close(K.to_torch(), gt_gram(gt_jacobian(model, x)))
+
+
+def test_hooks_follow_a_tuple_output_with_one_differentiable_tensor():
+    torch.manual_seed(0)
+    model, x = TupleModel(one_live=True).double(), torch.randn(5, 4, dtype=torch.float64)
+    K = GramMatrix(model, loader_of(x), progress=False)
+    assert K.generator.backend == "hooks"
     torch.testing.assert_close(K.to_torch(), gt_gram(gt_jacobian(model, x)))
 
 
