@@ -21,6 +21,7 @@ is emitted), and the hooks then measure a different quantity than the per-exampl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,20 +77,40 @@ class _User:
 
 
 def _as_tuple(batch):
-    if torch.is_tensor(batch):
+    if torch.is_tensor(batch) or isinstance(batch, Mapping):
         return (batch,)
     if isinstance(batch, list | tuple):
         return tuple(batch)
     raise UnsupportedError(
         f"batches of type {type(batch).__name__} are not understood; yield (inputs, labels) "
-        "tuples or pass function=..."
+        "tuples or dicts, and pass function=..."
     )
 
 
+def _to(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
 def prepare_batch(batch, device) -> tuple:
-    """A batch as a tuple of its parts, tensors moved to ``device``."""
-    batch = _as_tuple(batch)
-    return tuple(x.to(device) if torch.is_tensor(x) else x for x in batch)
+    """A batch as a tuple of its parts, tensors (also inside dicts) moved to ``device``.
+
+    A dict batch (as tokenisers produce) becomes a 1-tuple: ``function(batch_dict)`` selects the
+    inputs, and its ``"labels"`` entry, if any, is the target (see :func:`batch_labels`).
+    """
+    return tuple(_to(x, device) for x in _as_tuple(batch))
+
+
+def batch_labels(batch: tuple):
+    """The targets of a prepared batch: its second part, or a dict batch's ``"labels"``."""
+    if len(batch) > 1:
+        return batch[1]
+    if isinstance(batch[0], Mapping):
+        return batch[0].get("labels")
+    return None
 
 
 def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, generator=None):
@@ -298,7 +319,7 @@ class Capture:
         if any(c.output._version != c.version for u in self.users for c in u.calls):
             self._clone = True  # e.g. ReLU(inplace=True) after a layer: redo with copies
             out = self._forward(batch)
-        y = batch[1] if len(batch) > 1 else None
+        y = batch_labels(batch)
         lmat, count = output_factor(
             self.output_model, self.kind, out, y, self.n_output, self.trials, self.generator
         )

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import NonFiniteError, UnsupportedError
 from ..ops import MatFree
 from . import functional as fx
-from .capture import Capture, output_factor, prepare_batch
+from .capture import Capture, batch_labels, output_factor, prepare_batch
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
@@ -125,7 +125,7 @@ class CurvatureGenerator:
 
     # ------------------------------------------------------------------ exact Hessians
     def _loss(self, out, batch):
-        y = batch[1] if len(batch) > 1 else None
+        y = batch_labels(batch)
         if not torch.isfinite(out).all():
             raise NonFiniteError("the model output contains NaN or inf")
         self.output_model.check_output(out, self.n_output)
@@ -187,7 +187,7 @@ class ImplicitProducts:
         gen = self.gen
 
         def factor(out, batch):
-            y = batch[1] if len(batch) > 1 else None
+            y = batch_labels(batch)
             return output_factor(gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, rng)
 
         return factor

@@ -39,6 +39,7 @@ mode) for per-example Jacobians to be defined.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -90,11 +91,28 @@ def flatten_outputs(out) -> torch.Tensor:
     return out.reshape(out.shape[0], -1)
 
 
-def _batch_size(batch: tuple) -> int:
+def _leaves(batch: tuple) -> list:
+    """The parts of a batch, with dict batches (tokeniser output) opened in key order."""
+    out = []
     for x in batch:
+        if isinstance(x, Mapping):
+            out.extend(x[k] for k in sorted(x))
+        else:
+            out.append(x)
+    return out
+
+
+def _batch_size(batch: tuple) -> int:
+    for x in _leaves(batch):
         if torch.is_tensor(x) and x.dim() > 0:
             return x.shape[0]
     raise ArgumentTypeError("a batch must contain at least one tensor with a batch dimension")
+
+
+def _slice(x, b: int, i: int, size: int):
+    if isinstance(x, Mapping):
+        return {k: _slice(v, b, i, size) for k, v in x.items()}
+    return x[i : i + size] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b else x
 
 
 def split_batch(batch: tuple, chunk_size: int | None) -> list[tuple]:
@@ -107,21 +125,14 @@ def split_batch(batch: tuple, chunk_size: int | None) -> list[tuple]:
         return [batch]
     cuts = []
     for i in range(0, b, chunk_size):
-        cuts.append(
-            tuple(
-                x[i : i + chunk_size]
-                if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b
-                else x
-                for x in batch
-            )
-        )
+        cuts.append(tuple(_slice(x, b, i, chunk_size) for x in batch))
     return cuts
 
 
 def _fingerprint(batch: tuple, b: int) -> torch.Tensor:
     """A cheap per-example signature of a chunk's tensors (to detect a loader that reshuffles)."""
     sig = None
-    for k, x in enumerate(batch):
+    for k, x in enumerate(_leaves(batch)):
         if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b and not x.is_complex():
             flat = x.detach().reshape(b, -1).to(torch.float64)  # stays on its device
             g = torch.Generator().manual_seed(1000 + k)

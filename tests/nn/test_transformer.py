@@ -264,3 +264,32 @@ def test_torch_multihead_attention_generic_path_and_kfac_message():
             torch.testing.assert_close(F.get_diag(), truth.diagonal())
     with pytest.raises(UnsupportedError, match="att"):
         FIM(model, loader(idx), PMatKFAC, variant="sequence_logits", progress=False)
+
+
+def test_dict_batches_as_tokenisers_yield_them(lm, truth):
+    model, idx = lm
+    y = torch.randint(V, (B, T), generator=torch.Generator().manual_seed(2))
+    batches = [{"input_ids": idx[i : i + 2], "labels": y[i : i + 2]} for i in (0, 2)]
+    F = FIM(
+        model,
+        batches,
+        PMatDense,
+        variant="sequence_logits",
+        function=lambda b: model(b["input_ids"]),
+        progress=False,
+    )
+    torch.testing.assert_close(F.to_torch(), truth)
+    loss_fn = nn.CrossEntropyLoss()
+    G = GGN(  # the targets come from the dicts' "labels"
+        model,
+        batches,
+        loss_fn,
+        PMatImplicit,
+        function=lambda b: model(b["input_ids"]).transpose(1, 2),
+        progress=False,
+    )
+    torch.testing.assert_close(G.to_torch(), _ggn_truth(model, idx, y, loss_fn))
+    K = GramMatrix(model, batches, function=lambda b: model(b["input_ids"])[:, -1, :])
+    f, flat0 = gt.flat_fn(model)
+    j = torch.func.jacrev(lambda w: f(w, idx)[:, -1, :])(flat0)
+    torch.testing.assert_close(K.to_torch(), torch.einsum("ncp,mdp->cndm", j, j))
