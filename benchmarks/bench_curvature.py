@@ -17,7 +17,9 @@ Install them in a scratch environment, e.g.::
 Each timed call is paired with one forward+backward run just before it, and each ratio is the best of
 ``--repeats`` calls over the best of their paired forward+backwards, so that load from other processes
 weighs on both sides of a ratio; with ``--rounds`` the whole table is measured again and each cell is
-the median of its rounds. Columns (ratios to one forward+backward):
+the median of its rounds (the block-diagonal cases, GB-sized, run once, after everything else).
+One-time process costs (torch's lazy imports) are paid before the first case. Columns (ratios to one
+forward+backward):
 
 * ``build``: constructing the representation from the loader (one pass over the data, plus whatever
   the library does at construction: NNGeometry/ours EKFAC eigendecompose, curvlinops builds lazily, so
@@ -28,7 +30,7 @@ the median of its rounds. Columns (ratios to one forward+backward):
   NNGeometry's KFAC solve damps each factor (π-damping), a different matrix, and caches nothing).
 
 Run: ``python benchmarks/bench_curvature.py [--repeats 5] [--rounds 3] [--only mlp|cnn]``
-``[--reps kfac ...] [--no-peers] [--device cuda]``.
+``[--reps kfac ...] [--no-peers] [--device cuda]``; results and their reading: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -138,9 +140,6 @@ def ours(model, x, y, loader):
     def solve(F, v):
         return F.solve(pv(F, v), regul=DAMPING)
 
-    def implicit_cached(F, v):
-        return F.mv(pv(F, v))
-
     cases = [
         ("diag", lambda: FIM(model, loader, PMatDiag, progress=False), mv, solve, ""),
         (
@@ -185,7 +184,7 @@ def ours(model, x, y, loader):
         (
             "implicit GGN (cache)",
             lambda: FIM(model, loader, functools.partial(PMatImplicit, cache=True), progress=False),
-            implicit_cached,
+            mv,
             None,
             "mv: warm; 1st mv linearises",
         ),
@@ -342,16 +341,18 @@ LIBS = {"nngeometry": nngeometry, "curvlinops": curvlinops, "backpack": backpack
 
 # cases too large for this benchmark: a block of the MLP's first layer is 200 960² floats (160 GB)
 SKIP = {("mlp", "block-diag")}
+# block-diag last: its dense blocks (GBs for the CNN's dense layer) change the allocator's state
+# for whatever runs after it
 ORDER = [
     "diag",
     "diag (MC)",
-    "block-diag",
     "kfac",
     "kfac (MC)",
     "ekfac (eigh only)",
     "ekfac (refit)",
     "implicit GGN",
     "implicit GGN (cache)",
+    "block-diag",
 ]
 
 
@@ -416,7 +417,7 @@ def bench(name, make, timer, installed, only_reps=None, rounds=1):
         for rep, lib, build, mv, solve, note in sorted(cases, key=lambda c: ORDER.index(c[0])):
             if (name, rep) in SKIP or (only_reps and rep not in only_reps):
                 continue
-            if rnd > 0 and rep == "block-diag":  # seconds per build: one round is enough
+            if rnd < rounds - 1 and rep == "block-diag":  # seconds per build: the last round only
                 continue
             row = results.setdefault((rep, lib), {"rep": rep, "lib": lib, "note": note})
             try:
