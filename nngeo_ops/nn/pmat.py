@@ -160,6 +160,13 @@ class PMatAbstract:
             return self + (-1.0) * other
         return NotImplemented
 
+    def mapTMmap(self, J, reduction: str | None = None):
+        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.jacobian.mapTMmap`):
+        lazy ``J·M·Jᵀ`` in function space, or the ``"diag"`` / ``"sum"`` reductions."""
+        from .jacobian import mapTMmap  # jacobian builds on this module
+
+        return mapTMmap(self, J, reduction)
+
     def add_identity(self, regul: float) -> PMatAbstract:
         """M + regul·I (lazy)."""
         return PMatExpr(self.layer_collection, self._damped(regul), self.generator)

@@ -183,6 +183,10 @@ def test_pfmaps_and_mapTMmap():
         mapTMmap(P, dense).to_torch().reshape(c * n, c * n),
         _flat(jt) @ P.to_torch() @ _flat(jt).T,
     )
+    # ... also as NNGeometry's method F.mapTMmap(J)
+    pushed = _flat(jt) @ P.to_torch() @ _flat(jt).T
+    torch.testing.assert_close(P.mapTMmap(dense).to_torch().reshape(c * n, c * n), pushed)
+    torch.testing.assert_close(P.mapTMmap(implicit, "diag"), pushed.diagonal().view(c, n))
     with pytest.raises(ShapeError):
         mapTMmap(Dense(torch.eye(p + 1, dtype=torch.float64)), dense)
 
