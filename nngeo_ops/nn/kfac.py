@@ -31,7 +31,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..ops import BlockDiag, Dense, Diagonal, Eigen, Identity, Kronecker, Permutation
-from .pmat import PMatAbstract, PMatExpr, _from_generator
+from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
 from .stats import EKFACDiagAcc, KFACAcc
 
 
@@ -79,8 +79,7 @@ class PMatKFAC(PMatAbstract):
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
-            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
-            data = self.data_from(generator, accs)
+            data = _data_from_examples(type(self), generator, examples)
         self.data = data
         lc = generator.layer_collection
         blocks = [self._block(generator, lid, data[lid]) for lid in lc.layers]
@@ -284,8 +283,7 @@ class PMatQuasiDiag(PMatAbstract):
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
-            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
-            data = self.data_from(generator, accs)
+            data = _data_from_examples(type(self), generator, examples)
         self.data = data
         lc = generator.layer_collection
         super().__init__(lc, BlockDiag([self._block(lc, lid) for lid in lc.layers]), generator)

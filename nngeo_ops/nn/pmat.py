@@ -181,6 +181,12 @@ def _from_generator(cls, generator, examples, accumulators):
     return accumulators
 
 
+def _data_from_examples(cls, generator, examples):
+    """A representation's data from one pass over ``examples`` with its own accumulators."""
+    accs = _from_generator(cls, generator, examples, cls.accumulators(generator))
+    return cls.data_from(generator, accs)
+
+
 class PMatDense(PMatAbstract):
     """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor."""
 
@@ -270,8 +276,7 @@ class PMatLowRank(PMatAbstract):
                 "PMatLowRank is not available for the Hessian (not a Gram matrix)"
             )
         if data is None:
-            accs = _from_generator(type(self), generator, examples, self.accumulators(generator))
-            data = self.data_from(generator, accs)
+            data = _data_from_examples(type(self), generator, examples)
         self.data = data
         super().__init__(generator.layer_collection, LowRank(data, psd=True), generator)
 

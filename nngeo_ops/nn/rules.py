@@ -41,6 +41,17 @@ def _conv_padding(module, n):
     return _pairs(pad, n)
 
 
+def conv_geometry(module, a):
+    """``(a, kernel, stride, dilation, padding)`` of a Conv1d/Conv2d call as a 2-d convolution:
+    a 1-d convolution is a 2-d one over a height-1 image (``a`` gains that axis)."""
+    n = 1 if isinstance(module, nn.Conv1d) else 2
+    ks, st = _pairs(module.kernel_size, n), _pairs(module.stride, n)
+    dl, pd = _pairs(module.dilation, n), _conv_padding(module, n)
+    if n == 1:
+        return a.unsqueeze(2), (1, *ks), (1, *st), (1, *dl), (0, *pd)
+    return a, ks, st, dl, pd
+
+
 class Rule:
     """Base class. ``attrs(module)`` lists the parameters a rule computes, in registration order."""
 
@@ -114,12 +125,7 @@ class ConvRule(KronRule):
         return True
 
     def rows(self, module, a, g):
-        n = 1 if isinstance(module, nn.Conv1d) else 2
-        ks, st = _pairs(module.kernel_size, n), _pairs(module.stride, n)
-        dl, pd = _pairs(module.dilation, n), _conv_padding(module, n)
-        if n == 1:  # a 1-d convolution is a 2-d one over a height-1 image
-            a = a.unsqueeze(2)
-            ks, st, dl, pd = (1, *ks), (1, *st), (1, *dl), (0, *pd)
+        a, ks, st, dl, pd = conv_geometry(module, a)
         patches = Fn.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (B, dA, R)
         k, b, c = g.shape[:3]
         return patches.transpose(1, 2), g.reshape(k, b, c, -1).transpose(2, 3)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from .rules import ConvRule, EmbeddingRule, _conv_padding, _pairs
+from .rules import ConvRule, EmbeddingRule, conv_geometry
 
 _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
 _PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
@@ -76,12 +76,7 @@ def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     from kh·kw strided slices of the padded input with the batch moved behind the channels: several
     times faster than ``unfold`` on CPU, and the layout a Gram matrix P Pᵀ wants.
     """
-    n = 1 if isinstance(module, nn.Conv1d) else 2
-    ks, st = _pairs(module.kernel_size, n), _pairs(module.stride, n)
-    dl, pd = _pairs(module.dilation, n), _conv_padding(module, n)
-    if n == 1:  # a 1-d convolution is a 2-d one over a height-1 image
-        a = a.unsqueeze(2)
-        ks, st, dl, pd = (1, *ks), (1, *st), (1, *dl), (0, *pd)
+    a, ks, st, dl, pd = conv_geometry(module, a)
     b, c, h, w = a.shape
     ho = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
     wo = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1

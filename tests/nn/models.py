@@ -72,6 +72,26 @@ def _randomise_norms(model):
     return model
 
 
+# every layer-kind case of make(), for tests that run them all
+CASES = [
+    "mlp",
+    "mlp_nobias",
+    "conv2d",
+    "conv1d",
+    "convT",
+    "seq",
+    "embedding",
+    "batchnorm2d",
+    "batchnorm1d",
+    "layernorm",
+    "rmsnorm",
+    "groupnorm",
+    "generic",
+    "residual",
+    "tied",
+]
+
+
 def make(name):
     """(model, inputs) for a named case; every model maps to 3 outputs."""
     torch.manual_seed(0)

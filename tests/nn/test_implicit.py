@@ -6,28 +6,10 @@ import functools
 import groundtruth as gt
 import pytest
 import torch
-from models import loader_of, make
+from models import CASES, loader_of, make
 from torch import nn
 
 from nngeo_ops.nn import FIM, GGN, FIM_MonteCarlo, Hessian, PMatDense, PMatImplicit, PVector
-
-CASES = [
-    "mlp",
-    "mlp_nobias",
-    "conv2d",
-    "conv1d",
-    "convT",
-    "seq",
-    "embedding",
-    "batchnorm2d",
-    "batchnorm1d",
-    "layernorm",
-    "rmsnorm",
-    "groupnorm",
-    "generic",
-    "residual",
-    "tied",
-]
 
 CACHED = functools.partial(PMatImplicit, cache=True)
 

@@ -3,7 +3,7 @@
 import groundtruth as gt
 import pytest
 import torch
-from models import loader_of, make
+from models import CASES, loader_of, make
 
 from nngeo_ops.nn import (
     FIM,
@@ -15,24 +15,6 @@ from nngeo_ops.nn import (
     PMatLowRank,
     PVector,
 )
-
-CASES = [
-    "mlp",
-    "mlp_nobias",
-    "conv2d",
-    "conv1d",
-    "convT",
-    "seq",
-    "embedding",
-    "batchnorm2d",
-    "batchnorm1d",
-    "layernorm",
-    "rmsnorm",
-    "groupnorm",
-    "generic",
-    "residual",
-    "tied",
-]
 
 
 def _blocks_of(dense, lc):
