@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     print(compiled.explain())
 
     implicit = fishers[PMatImplicit].op
+    print(
+        f"\nimplicit Fisher as an operator: {implicit}  (J: {tuple(implicit.J.shape)} per-example "
+        f"Jacobian, H: output-space Fisher; products fused, nothing P×P stored)"
+    )
     top, _ = lanczos(
         implicit, 5, which="LA", num_iter=60, generator=torch.Generator().manual_seed(1)
     )

@@ -13,9 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, UnsupportedError
-from ..ops import MatFree
 from . import functional as fx
-from .capture import Capture, batch_labels, output_factor, prepare_batch
+from .capture import Capture, batch_labels, prepare_batch
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
@@ -105,23 +104,11 @@ class CurvatureGenerator:
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
 
-    def implicit_op(self, examples, cache: bool = False) -> MatFree:
-        """M as a batched ``MatFree`` node (see :class:`ImplicitProducts`)."""
-        products = ImplicitProducts(self, examples, cache)
-        n = self.layer_collection.numel()
-        hess = self.kind == "hessian"
-        op = MatFree(
-            products.matmat,
-            (n, n),
-            dtype=self.dtype,
-            device=self.device,
-            symmetric=True,
-            psd=not hess,
-            batched=True,
-            name="∇²L" if hess else "Jᵀ·H·J",
-        )
-        op.products = products
-        return op
+    def implicit_op(self, examples, cache: bool = False):
+        """M as ``Jᵀ·H·J`` (GGN / Fisher) or ``∇²L`` (Hessian): see :mod:`nngeo_ops.nn.implicit`."""
+        from .implicit import implicit_curvature
+
+        return implicit_curvature(self, examples, cache)
 
     # ------------------------------------------------------------------ exact Hessians
     def _loss(self, out, batch):
@@ -148,79 +135,3 @@ class CurvatureGenerator:
             total, nb = total + count, nb + 1
         scale = self._finish(total, nb)
         return {lid: b * scale for lid, b in zip(slices, acc)}
-
-
-class ImplicitProducts:
-    """The products of the implicit GGN / Fisher / Hessian of a generator over ``examples``.
-
-    Without a cache each product makes one pass over ``examples`` (a forward pass carrying the
-    tangent, then a backward pass, per batch). With ``cache=True`` the first product takes the
-    batches once and linearises each (:class:`~nngeo_ops.nn.functional.Linearised`: its output, its
-    reverse graph and the graph of Jᵀu, or the graph of the loss gradient for the Hessian); every
-    later product is then two backward passes per batch over the kept graphs — the operator is
-    applied many times by CG, Lanczos or Hutchinson, and this is where the time goes. The cache
-    holds the activations of every batch (memory like keeping the whole loader's forward and
-    backward graphs), is rebuilt when a covered parameter changes (in-place updates included) and
-    is freed by :meth:`clear`.
-
-    For the Monte-Carlo Fisher the labels are redrawn at each product from a generator re-seeded
-    with the same seed (drawn once, with the cache), so the operator is fixed as long as the loader
-    yields the same batches in the same order.
-    """
-
-    def __init__(self, gen: CurvatureGenerator, examples, cache: bool = False):
-        self.gen, self.examples, self.cache = gen, examples, bool(cache)
-        self._lin, self._key = None, None
-        self.seed = None
-        if gen.kind == "sample":
-            self.seed = int(torch.randint(0, 2**62, (1,), generator=gen.rng).item())
-
-    def clear(self) -> None:
-        """Free the linearised batches (the next product rebuilds them)."""
-        self._lin, self._key = None, None
-
-    def _state_key(self):
-        params = self.gen.layer_collection.parameters(self.gen.model)
-        return tuple((p.data_ptr(), p._version) for p in params)
-
-    def _factor(self, rng):
-        gen = self.gen
-
-        def factor(out, batch):
-            y = batch_labels(batch)
-            return output_factor(gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, rng)
-
-        return factor
-
-    def _rng(self):
-        return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-
-    def _linearised(self):
-        key = self._state_key()
-        if self._lin is None or key != self._key:
-            self._lin = None  # free the old graphs before building the new ones
-            gen, fm, rng = self.gen, self.gen.flat_model(), self._rng()
-            lin = []
-            for batch in gen._batches(self.examples, "linearise"):
-                if gen.kind == "hessian":
-                    lin.append(fx.Linearised(fm, batch, loss=gen._loss))
-                else:
-                    lin.append(fx.Linearised(fm, batch, factor=self._factor(rng)))
-            self._lin, self._key = lin, key
-        return self._lin
-
-    def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        gen = self.gen
-        acc, total, nb = torch.zeros_like(v), 0, 0
-        if self.cache:
-            for lin in self._linearised():
-                acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
-            return acc * gen._finish(total, nb)
-        fm, rng = gen.flat_model(), self._rng()
-        for batch in gen._batches(self.examples, "implicit product"):
-            if gen.kind == "hessian":
-                hv, count = fx.hessian_matmat(fm, batch, gen._loss, v)
-            else:
-                hv, count = fx.ggn_matmat(fm, batch, self._factor(rng), v)
-            acc, total, nb = acc + hv, total + count, nb + 1
-        return acc * gen._finish(total, nb)

@@ -290,20 +290,26 @@ class PMatLowRank(PMatAbstract):
 
 
 class PMatImplicit(PMatAbstract):
-    """Jᵀ H J (or the Hessian) known only through products: a batched ``MatFree`` node.
+    """Jᵀ H J (or the Hessian) known only through products; nothing of size P×P is stored.
 
-    Each product makes one pass over ``examples`` (a forward pass carrying the tangent, the
-    output-space factor, a backward pass); nothing of size P×P is stored. Quantities without a
-    product form (diag, trace, solve) fall back to the ops policies (iterative methods or, for small
-    P, densification).
+    For the GGN and the Fisher variants ``F.op`` is the ops product ``Jᵀ·H·J``
+    (:class:`~nngeo_ops.nn.implicit.GaussNewton`): ``F.op.J`` is the per-example
+    :class:`~nngeo_ops.nn.jacobian.Jacobian` node, (C·N) × P with rows output-major, and ``F.op.H``
+    the output-space curvature s·blockdiag_n(L_n L_nᵀ) in the same row order (s = 1/N for a mean
+    reduction). ``simplify`` and ``explain`` see that structure; products take a fused path, one
+    pass over ``examples`` (a forward pass carrying the tangent, the output factor, a backward pass).
+    For the Hessian ``F.op`` is a batched ``MatFree`` ``∇²L`` (Hessian-vector products). Quantities
+    without a product form (diag, trace, solve) fall back to the ops policies (iterative methods or,
+    for small P, densification).
+
+    The operator is the curvature at the parameters of construction, as for every representation:
+    later updates of the model do not change it.
 
     ``cache=True`` linearises each batch once, at the first product, and keeps its graphs: every later
     product is two backward passes per batch and no forward pass — the better choice when the operator
     is applied many times (CG, Lanczos, Hutchinson), memory permitting (the activations of the whole
-    loader and of its backward pass are kept). The cache follows in-place changes of the covered
-    parameters (it is rebuilt), not changes of the data: the batches are those of the first product.
-    :meth:`clear_cache` frees it. Through the entry points: ``FIM(model, loader,
-    functools.partial(PMatImplicit, cache=True))``.
+    loader and of its backward pass are kept). :meth:`clear_cache` frees it. Through the entry
+    points: ``FIM(model, loader, functools.partial(PMatImplicit, cache=True))``.
     """
 
     def __init__(self, generator, data=None, examples=None, cache: bool = False):

@@ -52,20 +52,30 @@ def test_cached_ggn_and_hessian(loss_fn):
     assert not H.op.psd
 
 
-def test_cache_follows_parameter_updates_and_clears():
+@pytest.mark.parametrize("rep", [PMatImplicit, CACHED], ids=["plain", "cached"])
+def test_operator_is_the_curvature_at_construction(rep):
+    # like a dense Fisher, the operator keeps the parameters it was built at: an optimiser step
+    # (in place) changes neither its fused products nor its factors J and H
     model, x = make("mlp")
-    loader = loader_of(x)
-    F = FIM(model, loader, CACHED, progress=False)
-    v = torch.randn(F.layer_collection.numel(), dtype=torch.float64)
-    torch.testing.assert_close(F.op @ v, gt.fim(model, x, "classif_logits") @ v)
+    loader = loader_of(x, sizes=(2,))
+    F = FIM(model, loader, rep, progress=False)
+    before = gt.fim(model, x, "classif_logits")
+    v = torch.randn(F.layer_collection.numel(), 2, dtype=torch.float64)
+    torch.testing.assert_close(F.op @ v, before @ v)
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(1.5)  # in place, as an optimiser does
-    torch.testing.assert_close(F.op @ v, gt.fim(model, x, "classif_logits") @ v)
-    assert F._products._lin is not None
+            p.mul_(1.5)
+    after = gt.fim(model, x, "classif_logits")
+    assert (after @ v - before @ v).norm() > 1e-3 * (before @ v).norm()
+    J, H = F.op.J, F.op.H
+    for _ in range(2):
+        torch.testing.assert_close(F.op @ v, before @ v)
+    torch.testing.assert_close(J.T @ (H @ (J @ v)), before @ v)
+    G = FIM(model, loader, rep, progress=False)  # a new operator sees the new parameters
+    torch.testing.assert_close(G.op @ v, after @ v)
     F.clear_cache()
     assert F._products._lin is None
-    torch.testing.assert_close(F.op @ v, gt.fim(model, x, "classif_logits") @ v)
+    torch.testing.assert_close(F.op @ v, before @ v)
 
 
 def test_cached_monte_carlo_is_the_uncached_operator():

@@ -126,6 +126,10 @@ def test_fisher_over_every_token(lm, truth, rep):
             torch.testing.assert_close(F.to_torch()[sl, sl], truth[sl, sl])
     v = torch.randn(truth.shape[0], dtype=F64)
     torch.testing.assert_close(F.mv(v), F.to_torch() @ v)
+    if rep is PMatImplicit:  # Jᵀ·H·J over [B, T, V] logits: C = T·V outputs per sequence
+        J, H = F.op.J, F.op.H
+        assert str(F.op) == "Jᵀ·H·J" and J.shape == (T * V * B, truth.shape[0])
+        torch.testing.assert_close(J.T @ (H @ (J @ v)), truth @ v)
 
 
 def test_ggn_with_cross_entropy_over_tokens(lm):

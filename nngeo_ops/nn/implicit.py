@@ -1,0 +1,233 @@
+"""The implicit GGN / Fisher as the ops expression ``Jᵀ·H·J``, and the implicit Hessian.
+
+For a loader of N examples, a model with outputs f(x_n) of C entries each and the output model's
+factor L_n (the loss Hessian in output space is L_n L_nᵀ for the GGN; a Monte-Carlo or empirical
+factor for the Fisher variants), the matrix is
+
+    M = Jᵀ · H · J,      H = s · blockdiag_n(L_n L_nᵀ),
+
+with J the per-example Jacobian (:class:`~nngeo_ops.nn.jacobian.Jacobian`, (C·N) × P, rows
+output-major: row = c·N + n) and s = 1/(number of examples, or of counted targets) for a ``mean``
+reduction, 1 for ``sum``. H is an output-space node in the same row order (:class:`OutputCurvature`).
+
+:class:`GaussNewton` is a ``Product`` of exactly these three factors, so ``str``, ``simplify`` and
+``explain`` see ``Jᵀ·H·J`` and every rule on products applies. Its own products do not evaluate the
+factors one after the other (a forward-mode pass for J, a pass for H, a reverse-mode pass for Jᵀ):
+they run the fused per-batch path of :mod:`nngeo_ops.nn.functional` (one forward pass carrying the
+tangent, the output factor, one backward), or with ``cache=True`` two backward passes over the kept
+linearisation of each batch. Once a rewrite changes the factors (e.g. ``J @ F.op @ J.T`` flattens into
+a longer product) the result is a plain ``Product`` evaluated factor by factor; both agree.
+
+The operator is the curvature **at the parameters of construction**, as every other representation
+is (a dense Fisher is computed once; an EWC penalty wants the Fisher at the old optimum): J, H and the
+fused path share one snapshot of the covered parameters, so later updates of the model do not change
+the operator — build a new one for the new parameters. The loader must yield the same examples in the
+same order at every pass; the Jacobian checks this.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from ..ops import MatFree, Product
+from . import functional as fx
+from .capture import batch_labels, output_factor
+from .jacobian import Jacobian, JacobianGenerator
+
+
+class ImplicitProducts:
+    """The products of the implicit GGN / Fisher / Hessian of a generator over ``examples``.
+
+    Without a cache each product makes one pass over ``examples`` (a forward pass carrying the
+    tangent, then a backward pass, per batch). With ``cache=True`` the first product takes the
+    batches once and linearises each (:class:`~nngeo_ops.nn.functional.Linearised`: its output, its
+    reverse graph and the graph of Jᵀu, or the graph of the loss gradient for the Hessian); every
+    later product is then two backward passes per batch over the kept graphs — the operator is
+    applied many times by CG, Lanczos or Hutchinson, and this is where the time goes. The cache
+    holds the activations of every batch (memory like keeping the whole loader's forward and
+    backward graphs) and is freed by :meth:`clear`.
+
+    The parameters are those at construction (``self.fm`` keeps a copy). For the Monte-Carlo Fisher
+    the labels are redrawn at each product from a generator re-seeded with the same seed (drawn
+    once, with the cache), so the operator is fixed as long as the loader yields the same batches in
+    the same order.
+    """
+
+    def __init__(self, gen, examples, cache: bool = False):
+        self.gen, self.examples, self.cache = gen, examples, bool(cache)
+        self.fm = gen.flat_model()  # the snapshot of the covered parameters
+        self._lin = None
+        self.seed = None
+        if gen.kind == "sample":
+            self.seed = int(torch.randint(0, 2**62, (1,), generator=gen.rng).item())
+
+    def clear(self) -> None:
+        """Free the linearised batches (the next product rebuilds them)."""
+        self._lin = None
+
+    def factor(self, rng):
+        """``factor(out, batch) -> (L, count)``: the output model's factor for the kind."""
+        gen = self.gen
+
+        def factor(out, batch):
+            y = batch_labels(batch)
+            return output_factor(gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, rng)
+
+        return factor
+
+    def rng(self):
+        """A fresh generator with the operator's seed (Monte-Carlo kinds), else None."""
+        return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def _linearised(self):
+        if self._lin is None:
+            gen, rng = self.gen, self.rng()
+            lin = []
+            for batch in gen._batches(self.examples, "linearise"):
+                if gen.kind == "hessian":
+                    lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
+                else:
+                    lin.append(fx.Linearised(self.fm, batch, factor=self.factor(rng)))
+            self._lin = lin
+        return self._lin
+
+    def matmat(self, v: torch.Tensor) -> torch.Tensor:
+        """M V for V of shape (P, k)."""
+        gen = self.gen
+        acc, total, nb = torch.zeros_like(v), 0, 0
+        if self.cache:
+            for lin in self._linearised():
+                acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
+            return acc * gen._finish(total, nb)
+        rng = self.rng()
+        for batch in gen._batches(self.examples, "implicit product"):
+            if gen.kind == "hessian":
+                hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
+            else:
+                hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
+            acc, total, nb = acc + hv, total + count, nb + 1
+        return acc * gen._finish(total, nb)
+
+
+class OutputCurvature(MatFree):
+    """H = s · blockdiag_n(L_n L_nᵀ) in function space, (C·N) × (C·N), rows output-major.
+
+    L_n is the factor the fused GGN path uses for example n (same output model, kind, Monte-Carlo
+    seed and batches), so ``Jᵀ @ (H @ (J @ v))`` equals the fused product. Each product makes one
+    forward pass without gradient over the loader, to get the outputs the factor depends on (and
+    the labels of the batches); nothing of size (C·N)² is stored.
+    """
+
+    def __init__(self, products: ImplicitProducts, n_output: int, n_examples: int):
+        self.products = products
+        self.n_output, self.n_examples = n_output, n_examples
+        gen = products.gen
+        m = n_output * n_examples
+        super().__init__(
+            self._apply_h,
+            (m, m),
+            dtype=gen.dtype,
+            device=gen.device,
+            symmetric=True,
+            psd=True,
+            batched=True,
+            name="H",
+        )
+
+    def _apply_h(self, u: torch.Tensor) -> torch.Tensor:
+        prod, gen = self.products, self.products.gen
+        c, n, k = self.n_output, self.n_examples, u.shape[1]
+        u3 = u.reshape(c, n, k)
+        factor = prod.factor(prod.rng())
+        parts, start, total, nb = [], 0, 0, 0
+        for batch in gen._batches(prod.examples, "output curvature"):
+            with torch.no_grad():
+                out = prod.fm(prod.fm.flat0, batch)
+            b = out.shape[0]
+            if start + b > n or out[0].numel() != c:
+                raise DataError(_CHANGED)
+            lmat, count = factor(out, batch)
+            ub = u3[:, start : start + b, :].permute(2, 1, 0).reshape(k, *out.shape)
+            parts.append(fx.apply_output_factor(lmat, ub).reshape(k, b, c))
+            start, total, nb = start + b, total + count, nb + 1
+        if start != n:
+            raise DataError(_CHANGED)
+        hu = torch.cat(parts, dim=1) * gen._finish(total, nb)  # (k, N, C)
+        return hu.permute(2, 1, 0).reshape(c * n, k)
+
+
+_CHANGED = (
+    "the loader yielded different examples than when the operator was built; it must yield the "
+    "same examples in the same order at every pass (use shuffle=False)"
+)
+
+
+class GaussNewton(Product):
+    """``Jᵀ·H·J`` (factors: ``J.T``, an :class:`OutputCurvature` H, the :class:`Jacobian` J) whose
+    products take the fused per-batch path of :class:`ImplicitProducts` (see the module docstring).
+
+    Symmetric PSD (the Product's congruence tag). ``products`` holds the fused path and its cache.
+    """
+
+    def __init__(self, J: Jacobian, H: OutputCurvature, products: ImplicitProducts) -> None:
+        super().__init__(J.T, H, J)
+        self.products = products
+
+    @property
+    def J(self) -> Jacobian:
+        return self.factors[2]
+
+    @property
+    def H(self) -> OutputCurvature:
+        return self.factors[1]
+
+    def _rebuild(self, **fields: Any) -> Product:
+        factors = fields.get("factors", self.factors)
+        if len(factors) == 3 and all(a is b for a, b in zip(factors, self.factors)):
+            return self
+        return Product(*factors)
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.products.matmat(X)
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.products.matmat(X)
+
+
+def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatFree:
+    """The implicit operator of a curvature generator over ``examples``.
+
+    GGN and Fisher kinds give a :class:`GaussNewton` ``Jᵀ·H·J``; the Hessian, which is not a
+    congruence of an output-space matrix, a batched ``MatFree`` named ``∇²L`` (Hessian-vector
+    products). ``op.products`` is the :class:`ImplicitProducts` in both cases.
+    """
+    products = ImplicitProducts(gen, examples, cache)
+    if gen.kind == "hessian":
+        n = gen.layer_collection.numel()
+        op = MatFree(
+            products.matmat,
+            (n, n),
+            dtype=gen.dtype,
+            device=gen.device,
+            symmetric=True,
+            batched=True,
+            name="∇²L",
+        )
+        op.products = products
+        return op
+    with warnings.catch_warnings():  # the generator has already warned about BatchNorm
+        warnings.simplefilter("ignore", UserWarning)
+        jgen = JacobianGenerator(
+            gen.model,
+            gen.function,
+            gen.layer_collection,
+            device=gen.device,
+            progress=gen.progress,
+        )
+    J = Jacobian(generator=jgen, loader=examples, name="J")
+    H = OutputCurvature(products, J.n_output, J.n_examples)
+    return GaussNewton(J, H, products)

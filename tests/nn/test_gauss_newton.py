@@ -1,0 +1,156 @@
+"""The implicit GGN / Fisher is the ops expression Jᵀ·H·J built from the Jacobian node.
+
+Checked against the torch.func ground truth of ``groundtruth.py``: the fused product, the product
+evaluated factor by factor (J, then H, then Jᵀ), H against the closed-form output Fisher / loss
+Hessian (reordered to the Jacobian's output-major rows), and the algebra on the expression.
+"""
+
+import functools
+
+import groundtruth as gt
+import pytest
+import torch
+from models import loader_of, make
+from torch import nn
+
+from nngeo_ops.errors import DataError
+from nngeo_ops.nn import (
+    FIM,
+    GGN,
+    EmpiricalFisher,
+    FIM_MonteCarlo,
+    Hessian,
+    Jacobian,
+    PMatDense,
+    PMatImplicit,
+)
+from nngeo_ops.nn.implicit import GaussNewton, OutputCurvature
+from nngeo_ops.ops import Identity, MatFree, Product, Transpose
+
+F64 = torch.float64
+CACHED = functools.partial(PMatImplicit, cache=True)
+
+
+def output_major(h_example_major, n, c):
+    """Reorder a (N·C)² matrix from rows n·C + c (the ground truth) to rows c·N + n (the Jacobian)."""
+    idx = torch.arange(n * c).view(n, c).T.reshape(-1)  # output-major row r -> example-major row
+    return h_example_major[idx][:, idx]
+
+
+def _vectors(p, k=2, seed=0):
+    return torch.randn(p, k, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rep", [PMatImplicit, CACHED], ids=["plain", "cached"])
+@pytest.mark.parametrize("case", ["mlp", "conv2d", "embedding"])
+def test_fisher_is_jt_h_j(case, rep):
+    model, x = make(case)
+    loader = loader_of(x, sizes=(2, 2))
+    F = FIM(model, loader, rep, progress=False)
+    op = F.op
+    assert isinstance(op, GaussNewton) and str(op) == "Jᵀ·H·J"
+    assert isinstance(op.factors[2], Jacobian) and op.factors[2] is op.J
+    assert isinstance(op.factors[0], Transpose) and op.factors[0].child is op.J
+    assert isinstance(op.factors[1], OutputCurvature) and op.H.psd
+    assert op.symmetric and op.psd
+    out = model(x)
+    n, c = out.shape
+    assert op.J.shape == (c * n, F.layer_collection.numel())
+    # H against the closed-form output Fisher (softmax covariance per example, mean over examples)
+    h_truth = gt.fisher_output_matrix(out, "classif_logits") / n
+    torch.testing.assert_close(op.H.to_dense(), output_major(h_truth, n, c))
+    truth = gt.fim(model, x, "classif_logits")
+    v = _vectors(truth.shape[0])
+    torch.testing.assert_close(op @ v, truth @ v)  # fused
+    torch.testing.assert_close(op.J.T @ (op.H @ (op.J @ v)), truth @ v)  # factor by factor
+    torch.testing.assert_close(Product(*op.factors) @ v, truth @ v)
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [nn.CrossEntropyLoss(reduction="sum"), nn.MSELoss(), nn.BCEWithLogitsLoss()]
+)
+def test_ggn_output_curvature_is_the_loss_hessian(loss_fn):
+    model, x = make("mlp")
+    out = model(x)
+    g = torch.Generator().manual_seed(3)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.randint(0, out.shape[1], (out.shape[0],), generator=g)
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        y = torch.randint(0, 2, out.shape, generator=g).to(F64)
+    else:
+        y = torch.randn(out.shape, generator=g, dtype=F64)
+    F = GGN(model, loader_of(x, y, sizes=(2, 3)), loss_fn, PMatImplicit, progress=False)
+    n, c = out.shape
+    h_truth = gt.loss_output_hessian(out, y, loss_fn)  # the whole dataset's loss: one batch
+    torch.testing.assert_close(F.op.H.to_dense(), output_major(h_truth, n, c))
+    truth = gt.ggn(model, x, y, loss_fn)
+    v = _vectors(truth.shape[0])
+    torch.testing.assert_close(F.op @ v, truth @ v)
+    torch.testing.assert_close(F.op.J.T @ (F.op.H @ (F.op.J @ v)), truth @ v)
+
+
+def test_monte_carlo_and_empirical_factors_agree_with_the_fused_path():
+    model, x = make("mlp")
+    out = model(x)
+    y = torch.randint(0, out.shape[1], (out.shape[0],), generator=torch.Generator().manual_seed(1))
+    mc = FIM_MonteCarlo(
+        model,
+        loader_of(x, sizes=(2, 2)),
+        PMatImplicit,
+        trials=3,
+        generator=torch.Generator().manual_seed(7),
+        progress=False,
+    )
+    v = _vectors(mc.layer_collection.numel())
+    # the same labels are drawn for H as for the fused product: an exact match, not a statistical one
+    torch.testing.assert_close(mc.op.J.T @ (mc.op.H @ (mc.op.J @ v)), mc.op @ v)
+    ef = EmpiricalFisher(model, loader_of(x, y), PMatImplicit, progress=False)
+    truth = gt.empirical_fisher(
+        model, x, y, lambda o, t: nn.functional.cross_entropy(o[None], t[None])
+    )
+    torch.testing.assert_close(ef.op.J.T @ (ef.op.H @ (ef.op.J @ v)), truth @ v)
+    torch.testing.assert_close(ef.op @ v, truth @ v)
+
+
+def test_algebra_sees_the_structure():
+    model, x = make("mlp")
+    loader = loader_of(x, sizes=(3,))
+    F = FIM(model, loader, PMatImplicit, progress=False)
+    truth = gt.fim(model, x, "classif_logits")
+    assert F.op.simplify() is F.op  # nothing to rewrite: the fused node survives compilation
+    assert "Jᵀ·H·J" in F.op.compile().explain()
+    p = truth.shape[0]
+    damped = F.op + 1e-2 * Identity(p)
+    assert "Jᵀ·H·J" in str(damped)
+    b = _vectors(p, k=1)[:, 0]
+    torch.testing.assert_close(
+        damped.solve(b), torch.linalg.solve(truth + 1e-2 * torch.eye(p, dtype=F64), b)
+    )
+    # pushed to function space: J (Jᵀ H J) Jᵀ is one flat product, evaluated factor by factor
+    J = F.op.J
+    K = J @ F.op @ J.T
+    assert isinstance(K, Product) and not isinstance(K, GaussNewton)
+    assert str(K) == "J·Jᵀ·H·J·Jᵀ"
+    jt = gt.jacobian(model, x)  # (N, C, P) -> output-major rows
+    jflat = jt.permute(1, 0, 2).reshape(-1, p)
+    u = _vectors(jflat.shape[0], seed=2)
+    torch.testing.assert_close(K @ u, jflat @ truth @ jflat.T @ u)
+    # the same as the pushforward of the dense representation
+    D = FIM(model, loader, PMatDense, progress=False)
+    torch.testing.assert_close(K @ u, J @ (D.op @ (J.T @ u)))
+
+
+def test_output_curvature_checks_the_loader():
+    model, x = make("mlp")
+    batches = loader_of(x, sizes=(2,))
+    F = FIM(model, batches, PMatImplicit, progress=False)
+    batches.append(batches[0])  # the loader now yields more examples than at construction
+    with pytest.raises(DataError, match="same examples"):
+        F.op.H @ torch.zeros(F.op.H.shape[0], dtype=F64)
+
+
+def test_hessian_is_not_a_congruence():
+    model, x = make("mlp")
+    y = torch.randn(model(x).shape, dtype=F64)
+    H = Hessian(model, loader_of(x, y), nn.MSELoss(), PMatImplicit, progress=False)
+    assert isinstance(H.op, MatFree) and str(H.op) == "∇²L" and not H.op.psd
