@@ -68,7 +68,8 @@ def _eigh(m):
         e, q = torch.linalg.eigh(m)
     except RuntimeError:
         e, q = torch.linalg.eigh(m.double())
-    return e.clamp_min(0).to(m.dtype), q.to(m.dtype)
+    # row-major: eigh's column-major Q makes the Kronecker products of EKFAC ~5× slower on CPU
+    return e.clamp_min(0).to(m.dtype), q.to(m.dtype).contiguous()
 
 
 class PMatKFAC(PMatAbstract):
