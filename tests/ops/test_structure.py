@@ -207,3 +207,28 @@ def test_gauss_newton_product_is_tagged_psd():
     GN = J.T @ H @ J
     assert GN.symmetric and GN.psd
     assert not (J.T @ J @ Dense(spd(8, 2))).symmetric
+
+
+def test_float32_eigh_in_float32_with_float64_fallback(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 30, generator=g)
+    m = x.T @ x
+    basis = Dense(m, psd=True).eigh_factors()[1]
+    assert basis.dtype == torch.float32 and basis.is_contiguous()  # row-major, own precision
+    calls = []
+    real_eigh = torch.linalg.eigh
+
+    def flaky(a, *args, **kw):  # the float32 solver fails to converge
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise RuntimeError("linalg.eigh: the algorithm failed to converge")
+        return real_eigh(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    D = Dense(m.clone(), psd=True)
+    evals, Q = D.eigh_factors()
+    assert calls == [torch.float32, torch.float64]
+    assert evals.dtype == Q.dtype == torch.float32
+    truth = torch.linalg.eigvalsh(m.double())
+    torch.testing.assert_close(evals.double(), truth, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(Q @ torch.diag(evals) @ Q.T, m, rtol=1e-4, atol=1e-3)
