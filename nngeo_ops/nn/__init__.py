@@ -7,21 +7,16 @@ return a representation (``PMatDense``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatK
 covered parameters.
 """
 
+from .fmat import FMatDense, FMatExpr, FMatImplicit
 from .generator import CurvatureGenerator
-from .jacobian import Jacobian, JacobianGenerator, PFMapDense, PFMapImplicit, mapTMmap
+from .jacobian import Jacobian
+from .jacobian_generator import JacobianGenerator
 from .kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
 from .layercollection import LayerCollection
 from .metrics import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
-from .ntk import (
-    CrossGramMatrix,
-    FMatDense,
-    FMatExpr,
-    FMatImplicit,
-    GramMatrix,
-    NTKRegression,
-    kernel_regression,
-)
+from .ntk import CrossGramMatrix, GramMatrix, NTKRegression, kernel_regression
 from .outputs import DataError
+from .pfmap import PFMapDense, PFMapImplicit, mapTMmap
 from .pmat import (
     PMatAbstract,
     PMatBlockDiag,

@@ -36,7 +36,8 @@ from ..errors import DataError
 from ..ops import MatFree, Product
 from . import functional as fx
 from .capture import batch_labels, output_factor
-from .jacobian import Jacobian, JacobianGenerator
+from .jacobian import Jacobian
+from .jacobian_generator import JacobianGenerator
 
 
 class ImplicitProducts:

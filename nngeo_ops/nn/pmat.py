@@ -161,9 +161,9 @@ class PMatAbstract:
         return NotImplemented
 
     def mapTMmap(self, J, reduction: str | None = None):
-        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.jacobian.mapTMmap`):
+        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.pfmap.mapTMmap`):
         lazy ``J·M·Jᵀ`` in function space, or the ``"diag"`` / ``"sum"`` reductions."""
-        from .jacobian import mapTMmap  # jacobian builds on this module
+        from .pfmap import mapTMmap  # pfmap builds on this module
 
         return mapTMmap(self, J, reduction)
 

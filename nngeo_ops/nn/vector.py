@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..errors import NNGeoError, ShapeError
+from ..errors import ArgumentTypeError, NNGeoError, ShapeError
 from .layercollection import LayerCollection
 
 
@@ -237,3 +237,23 @@ class FVector:
 
     def norm(self, p=2) -> torch.Tensor:
         return torch.linalg.vector_norm(self.vector_repr, ord=p)
+
+
+# ---------------------------------------------------------------------- flat views
+def flat_pvector(v, lc) -> torch.Tensor:
+    if isinstance(v, PVector):
+        if v.layer_collection != lc:
+            raise ShapeError("the PVector is over a different layer collection than the Jacobian")
+        return v.to_torch()
+    if torch.is_tensor(v):
+        return v
+    raise ArgumentTypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+
+
+def flat_fvector(u, c, n) -> torch.Tensor:
+    t = u.to_torch() if isinstance(u, FVector) else u
+    if not torch.is_tensor(t):
+        raise ArgumentTypeError(f"expected an FVector or a tensor, got {type(u).__name__}")
+    if tuple(t.shape) not in ((c, n), (c * n,)):
+        raise ShapeError(f"function-space vector of shape {tuple(t.shape)}, expected ({c}, {n})")
+    return t.reshape(-1)

@@ -1,0 +1,93 @@
+"""Batches of examples: their parts, sizes, chunks and fingerprints.
+
+A batch is a tuple (what a loader yields, moved to the device); its parts may be tensors with the
+batch size as first dimension, dicts of them (tokeniser output), or anything else passed unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ArgumentTypeError, ShapeError, UnsupportedError
+
+
+# ---------------------------------------------------------------------- small helpers
+def flatten_outputs(out) -> torch.Tensor:
+    """Model outputs ``(B, *S)`` as ``(B, C)`` with C = prod(S) (C = 1 for per-example scalars)."""
+    if not torch.is_tensor(out):
+        raise UnsupportedError(
+            f"the function returned {type(out).__name__}; it must return a tensor of outputs "
+            "(batch first): pass function=lambda *batch: ... selecting it"
+        )
+    if out.dim() == 0:
+        raise ShapeError(
+            "the function returned a scalar; it must return per-example outputs of shape "
+            "(batch, ...) — e.g. a loss with reduction='none'"
+        )
+    return out.reshape(out.shape[0], -1)
+
+
+def batch_leaves(batch: tuple) -> list:
+    """The parts of a batch, with dict batches (tokeniser output) opened in key order."""
+    out = []
+    for x in batch:
+        if isinstance(x, Mapping):
+            out.extend(x[k] for k in sorted(x))
+        else:
+            out.append(x)
+    return out
+
+
+def batch_size_of(batch: tuple) -> int:
+    for x in batch_leaves(batch):
+        if torch.is_tensor(x) and x.dim() > 0:
+            return x.shape[0]
+    raise ArgumentTypeError("a batch must contain at least one tensor with a batch dimension")
+
+
+def _slice(x, b: int, i: int, size: int):
+    if isinstance(x, Mapping):
+        return {k: _slice(v, b, i, size) for k, v in x.items()}
+    return x[i : i + size] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b else x
+
+
+def split_batch(batch: tuple, chunk_size: int | None) -> list[tuple]:
+    """Cut a batch into chunks of at most ``chunk_size`` examples (tensors sliced along dim 0).
+
+    Parts that are not tensors with the batch size as first dimension are passed unchanged.
+    """
+    b = batch_size_of(batch)
+    if chunk_size is None or b <= chunk_size:
+        return [batch]
+    cuts = []
+    for i in range(0, b, chunk_size):
+        cuts.append(tuple(_slice(x, b, i, chunk_size) for x in batch))
+    return cuts
+
+
+def fingerprint(batch: tuple, b: int) -> torch.Tensor:
+    """A cheap per-example signature of a chunk's tensors (to detect a loader that reshuffles)."""
+    sig = None
+    for k, x in enumerate(batch_leaves(batch)):
+        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b and not x.is_complex():
+            flat = x.detach().reshape(b, -1).to(torch.float64)  # stays on its device
+            g = torch.Generator().manual_seed(1000 + k)
+            w = torch.rand(flat.shape[1], generator=g, dtype=torch.float64) + 0.5
+            part = flat @ w.to(flat.device)
+            sig = part if sig is None else sig + part
+    return sig
+
+
+def progress_bar(iterable, progress, desc):
+    disable = None if progress is None else not progress
+    return tqdm(iterable, desc=desc, disable=disable, leave=False)
+
+
+def check_same_outputs(cs):
+    if any(c != cs[0] for c in cs):
+        raise ShapeError(
+            f"the function returned different numbers of outputs per batch: {sorted(set(cs))}"
+        )

@@ -1,0 +1,148 @@
+"""The NTK Gram engine: blocks of J Jᵀ from per-chunk features, without a loop over examples.
+
+See :mod:`nngeo_ops.nn.ntk` for the layout and the cost model: each chunk's features (per-example
+gradients, or Kronecker rows for dense layers where cheaper) come from one forward and one backward
+with the C cotangents batched; blocks between two chunks are products of their features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError, ShapeError
+from .batching import batch_size_of, progress_bar
+from .jacobian_generator import BackendSwitched, Features, JacobianGenerator
+
+
+# ---------------------------------------------------------------------- the Gram engine
+def _block(fi: Features, fj: Features) -> torch.Tensor:
+    """K between two chunks, (C·B_i, C·B_j), rows and columns output-major inside each chunk."""
+    c, bi, bj = fi.c, fi.b, fj.b
+    if fi.grads is not None:
+        out = fi.grads.reshape(c * bi, -1) @ fj.grads.reshape(c * bj, -1).T
+    else:
+        ref = fi.krons[0][0]
+        out = torch.zeros(c * bi, c * bj, dtype=ref.dtype, device=ref.device)
+    o4 = out.view(c, bi, c, bj)
+    for (ai, gi), (aj, gj) in zip(fi.krons, fj.krons):
+        ri, rj = ai.shape[1], aj.shape[1]
+        if ri == 1 and rj == 1:  # one position: (G Gᵀ) ⊙ (A Aᵀ), the A factor shared by outputs
+            gg = gi.reshape(c * bi, -1) @ gj.reshape(c * bj, -1).T
+            aa = ai[:, 0] @ aj[:, 0].T
+            o4.addcmul_(gg.view(c, bi, c, bj), aa[None, :, None, :])
+        else:
+            gg = gi.reshape(c * bi * ri, -1) @ gj.reshape(c * bj * rj, -1).T
+            aa = ai.reshape(bi * ri, -1) @ aj.reshape(bj * rj, -1).T
+            o4 += torch.einsum(
+                "cnrdms,nrms->cndm", gg.view(c, bi, ri, c, bj, rj), aa.view(bi, ri, bj, rj)
+            )
+    return out
+
+
+def _features_diag(f: Features) -> torch.Tensor:
+    """diag(K) of one chunk, (C, B): the squared norms of the per-example Jacobian rows."""
+    d = f.grads.square().sum(-1) if f.grads is not None else 0.0
+    for a, g in f.krons:
+        if a.shape[1] == 1:
+            d = d + g[:, :, 0].square().sum(-1) * a[:, 0].square().sum(-1)
+        else:
+            gg = torch.einsum("cbrg,cbsg->cbrs", g, g)
+            aa = torch.einsum("bra,bsa->brs", a, a)
+            d = d + (gg * aa).sum((-1, -2))
+    return d
+
+
+def _chunk_list(gen: JacobianGenerator, examples, desc):
+    chunks = list(gen.chunks(examples, desc))
+    if not chunks or sum(batch_size_of(ch) for ch in chunks) == 0:
+        raise DataError("the loader yielded no examples")
+    return chunks
+
+
+def _retrying(fn):
+    """Run ``fn`` again (now on the func backend) if the hooks gave up after the first chunk."""
+
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except BackendSwitched:
+            return fn(*args)
+
+    return wrapped
+
+
+@_retrying
+def _gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
+    """K(A, B) as a [C, N_a, C, N_b] tensor (K(A, A) when ``examples_b`` is None)."""
+    sym = examples_b is None
+    gen.reset_plan()
+    chunks_a = _chunk_list(gen, examples_a, "gram (data)")
+    chunks_b = chunks_a if sym else _chunk_list(gen, examples_b, "gram (data)")
+    sizes_a = [batch_size_of(ch) for ch in chunks_a]
+    sizes_b = [batch_size_of(ch) for ch in chunks_b]
+    offs_a = [sum(sizes_a[:i]) for i in range(len(sizes_a))]
+    offs_b = [sum(sizes_b[:i]) for i in range(len(sizes_b))]
+    keep = gen.chunk_size is None
+    memo: dict = {}
+
+    def feat(side, i):
+        key = ("a" if sym else side, i)
+        if key in memo:
+            return memo[key]
+        f = gen.features((chunks_a if key[0] == "a" else chunks_b)[i])
+        want = (sizes_a if key[0] == "a" else sizes_b)[i]
+        if f.b != want:
+            raise ShapeError(
+                f"the function returned {f.b} outputs for a chunk of {want} examples; it must "
+                "return one row per example (batch first)"
+            )
+        if keep:
+            memo[key] = f
+        return f
+
+    k4 = None
+    pairs = [(i, j) for i in range(len(chunks_a)) for j in range(i if sym else 0, len(chunks_b))]
+    for i, j in progress_bar(pairs, gen.progress, "gram"):
+        fi = feat("a", i)
+        fj = fi if (sym and i == j) else feat("b", j)
+        if fi.c != fj.c:
+            raise ShapeError(
+                f"the two loaders give {fi.c} and {fj.c} outputs per example; a cross-kernel "
+                "needs the same outputs on both (same model, function and output shape)"
+            )
+        if k4 is None:
+            c = fi.c
+            ref = fi.grads if fi.grads is not None else fi.krons[0][0]
+            k4 = torch.zeros(c, sum(sizes_a), c, sum(sizes_b), dtype=ref.dtype, device=ref.device)
+        blk = _block(fi, fj)
+        if sym and i == j:
+            blk = 0.5 * (blk + blk.T)  # exact symmetry of the diagonal blocks (rounding)
+        blk4 = blk.view(c, fi.b, c, fj.b)
+        k4[:, offs_a[i] : offs_a[i] + fi.b, :, offs_b[j] : offs_b[j] + fj.b] = blk4
+        if sym and i != j:
+            k4[:, offs_b[j] : offs_b[j] + fj.b, :, offs_a[i] : offs_a[i] + fi.b] = blk4.permute(
+                2, 3, 0, 1
+            )
+    return k4
+
+
+def gram_tensor(gen: JacobianGenerator, examples) -> torch.Tensor:
+    """The NTK of ``examples`` as a [C, N, C, N] tensor."""
+    return _gram(gen, examples)
+
+
+def cross_gram_tensor(gen: JacobianGenerator, examples_a, examples_b) -> torch.Tensor:
+    """The cross-kernel K(A, B) as a [C, N_a, C, N_b] tensor."""
+    return _gram(gen, examples_a, examples_b)
+
+
+@_retrying
+def ntk_diag(gen: JacobianGenerator, examples) -> torch.Tensor:
+    """diag(K) as a (C, N) tensor, from one pass and without forming K."""
+    gen.reset_plan()
+    parts = [_features_diag(gen.features(ch)) for ch in gen.chunks(examples, "ntk diag")]
+    if not parts:
+        raise DataError("the loader yielded no examples")
+    if any(p.shape[0] != parts[0].shape[0] for p in parts):
+        raise ShapeError("the function returned different numbers of outputs per batch")
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,310 @@
+"""The Jacobian generator: model + function + parameters, and the per-example Jacobians of chunks.
+
+It serves the :class:`~nngeo_ops.nn.jacobian.Jacobian` node (``to_torch``), the Gram matrices of
+:mod:`nngeo_ops.nn.gram` and the PFMaps. Per-example Jacobians come from the hook engine of
+:mod:`nngeo_ops.nn.capture` (one forward and one backward with C batched cotangents per chunk, no
+Python loop over examples), or from ``torch.func`` (a ``vmap`` of the single-example VJP over the
+(example, output) pairs) for models the hooks cannot follow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import vjp, vmap
+
+from ..errors import (
+    ArgumentTypeError,
+    DataError,
+    InvalidArgumentError,
+    NNGeoError,
+    UnsupportedError,
+)
+from .batching import batch_size_of, check_same_outputs, flatten_outputs, progress_bar, split_batch
+from .capture import Capture, prepare_batch
+from .functional import FlatModel
+from .layercollection import LayerCollection
+from .outputs import Regression
+
+BACKENDS = ("hooks", "func")
+
+
+class BackendSwitched(Exception):
+    """Internal: the hooks failed on a chunk after earlier chunks used them; start over with func."""
+
+
+def resolve_layer_collection(model: nn.Module, layer_collection) -> LayerCollection:
+    """The collection (all trainable parameters by default), checked against ``model``."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    lc = layer_collection if layer_collection is not None else LayerCollection.from_model(model)
+    if not isinstance(lc, LayerCollection):
+        raise ArgumentTypeError(
+            f"layer_collection must be a LayerCollection, got {type(lc).__name__}"
+        )
+    if lc.numel() == 0:
+        raise InvalidArgumentError(
+            "the model has no trainable parameter (or the layer collection covers none): the "
+            "Jacobian and the NTK are empty; give a model with parameters that require grad"
+        )
+    try:
+        params = lc.parameters(model)
+    except (NNGeoError, AttributeError) as err:
+        raise InvalidArgumentError(
+            f"the layer collection does not belong to this model ({err}); build it from the same "
+            "model, e.g. LayerCollection.from_modules(model, [...])"
+        ) from None
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in zip(_param_names(lc), params) if id(p) not in own]
+    if foreign:
+        raise InvalidArgumentError(
+            f"parameters {foreign} of the layer collection are not the model's"
+        )
+    frozen = [n for n, p in zip(_param_names(lc), params) if not p.requires_grad]
+    if frozen:
+        raise InvalidArgumentError(
+            f"parameters {frozen} of the layer collection do not require grad; unfreeze them or "
+            "leave them out of the collection"
+        )
+    return lc
+
+
+def _param_names(lc: LayerCollection) -> list[str]:
+    return [n for e in lc.layers.values() for n in e.param_names]
+
+
+# ---------------------------------------------------------------------- per-chunk features
+@dataclass
+class Features:
+    """What the Gram matrix needs from one chunk of B examples, for C outputs.
+
+    ``grads``: per-example gradients (C, B, P_d) of the layers taken densely, concatenated (their
+    order inside the row does not matter for inner products). ``krons``: for each layer taken in
+    Kronecker form, ``(A, G)`` with A (B, R, dA) and G (C, B, R, dG) such that the per-example
+    gradient is Σ_r G[c, n, r] ⊗ A[n, r] (see :mod:`nngeo_ops.nn.rules`).
+    """
+
+    b: int
+    c: int
+    grads: torch.Tensor | None = None
+    krons: list = field(default_factory=list)
+
+
+def _structured_cheaper(r: int, da: int, dg: int, c: int) -> bool:
+    """Whether the Gram of a Kronecker layer is cheaper from its rows than from per-example grads.
+
+    Per pair of examples, the rows cost R²·(C²·(dG + 1) + dA) multiply-adds ((G Gᵀ) ⊙ (A Aᵀ) summed
+    over position pairs) against C²·dG·dA for the inner products of materialised gradients. For one
+    position (R = 1, dense layers) the rows win by a factor ~dA; for convolutions over many pixels
+    the R² term loses.
+    """
+    return r * r * (c * c * (dg + 1) + da) < c * c * dg * da
+
+
+class JacobianGenerator:
+    """Model + function + layer collection: everything needed to build Jacobians and NTKs.
+
+    Args:
+        model: the network.
+        function: ``function(*batch) -> outputs`` (batch first); default ``model(batch[0])``.
+        layer_collection: the parameters θ (default: every trainable parameter of ``model``).
+        chunk_size: examples processed at once when per-example Jacobians are materialised (Gram
+            matrices, ``to_torch``) and in JVP/VJP passes; None keeps the loader's batches.
+        device: where batches are moved (default: the device of the parameters).
+        progress: show progress bars (None: only on a terminal).
+        backend: ``"hooks"`` (per-example gradients from module hooks, Kronecker-structured Gram
+            for dense layers; falls back to ``"func"`` when the hooks cannot follow a model) or
+            ``"func"`` (torch.func alone: one ``vmap`` of the single-example VJP over the
+            (example, output) pairs of a chunk).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        function=None,
+        layer_collection: LayerCollection | None = None,
+        chunk_size: int | None = None,
+        device=None,
+        progress=None,
+        backend: str = "hooks",
+    ):
+        self.model = model
+        self.layer_collection = resolve_layer_collection(model, layer_collection)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise InvalidArgumentError(
+                f"chunk_size must be a positive integer or None, got {chunk_size!r}"
+            )
+        if backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.backend = backend
+        params = self.layer_collection.parameters(model)
+        self.dtype = params[0].dtype
+        self.device = torch.device(device) if device is not None else params[0].device
+        self._capture = None
+        self._plan: dict[str, bool] | None = None
+        self._hook_chunks = 0
+        bn = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+        if bn:
+            warnings.warn(
+                f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
+                "statistics, so per-example Jacobians are not defined; call model.eval()",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ data
+    def chunks(self, examples, desc="examples"):
+        """Yield the chunks of ``examples`` (tuples, on ``self.device``)."""
+        if torch.is_tensor(examples) or (
+            isinstance(examples, tuple) and examples and torch.is_tensor(examples[0])
+        ):
+            examples = [examples]  # a single batch, as NNGeometry accepts
+        for batch in progress_bar(examples, self.progress, desc):
+            yield from split_batch(prepare_batch(batch, self.device), self.chunk_size)
+
+    def flat_model(self) -> FlatModel:
+        return FlatModel(self.model, self.layer_collection, self._flat_function)
+
+    def _flat_function(self, *batch):
+        return flatten_outputs(self.function(*batch))
+
+    def current_flat(self) -> torch.Tensor:
+        return torch.cat(
+            [p.detach().reshape(-1) for p in self.layer_collection.parameters(self.model)]
+        )
+
+    def jacobian_op(self, examples, name: str = "J"):
+        """The :class:`~nngeo_ops.nn.jacobian.Jacobian` node of ``examples``."""
+        from .jacobian import Jacobian  # the node is built on this generator
+
+        return Jacobian(generator=self, loader=examples, name=name)
+
+    # ------------------------------------------------------------------ per-example Jacobians
+    def _capture_engine(self) -> Capture:
+        if self._capture is None:
+            self._capture = Capture(
+                self.model,
+                self.layer_collection,
+                Regression(),  # identity output factor: the K = C cotangents are the unit vectors
+                function=self._flat_function,
+                kind="exact",
+                device=self.device,
+                progress=False,
+            )
+        return self._capture
+
+    def _hook_context(self, chunk):
+        """The capture engine's batch context, or None when the hooks cannot follow the model."""
+        if self.backend != "hooks":
+            return None
+        try:
+            return self._capture_engine().process(chunk)
+        except UnsupportedError:
+            self.backend = "func"  # e.g. a parameterised module returning a tuple
+            return None
+
+    def jacobian_chunk(self, chunk) -> torch.Tensor:
+        """The per-example Jacobian of one chunk, (C, B, P) in flat parameter order."""
+        ctx = self._hook_context(chunk)
+        if ctx is None:
+            return self._func_jacobian(chunk)
+        pe = ctx.per_example_all()
+        return pe.view(ctx.k, ctx.batch_size, -1)
+
+    def _func_jacobian(self, chunk) -> torch.Tensor:
+        """Per-example Jacobian of one chunk with torch.func alone: (C, B, P).
+
+        One flat ``vmap`` over the B·C (example, output) pairs of the VJP of the single-example
+        function, inputs repeated C times. The textbook nested ``vmap(jacrev(...))`` is avoided on
+        purpose: nested batching rules of some backwards are missing or wrong (torch 2.13's
+        ``prelu`` backward returns wrong numbers when the batch size equals the number of outputs).
+        """
+        fm = self.flat_model()
+        b = batch_size_of(chunk)
+        dims = tuple(
+            0 if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b else None for x in chunk
+        )
+
+        def one(w, *parts):
+            parts = tuple(p.unsqueeze(0) if d == 0 else p for p, d in zip(parts, dims))
+            return fm(w, parts)[0]
+
+        with torch.no_grad():
+            c = fm(fm.flat0, tuple(x[:1] if d == 0 else x for x, d in zip(chunk, dims))).shape[1]
+        eye = torch.eye(c, dtype=fm.flat0.dtype, device=fm.flat0.device)
+        rep = tuple(x.repeat_interleave(c, dim=0) if d == 0 else x for x, d in zip(chunk, dims))
+
+        def row(w, e, *parts):
+            return vjp(lambda w_: one(w_, *parts), w)[1](e)[0]
+
+        jac = vmap(row, in_dims=(None, 0, *dims))(fm.flat0, eye.repeat(b, 1), *rep)
+        jac = jac.view(b, c, -1)  # row n·C + c of the flat vmap is (example n, output c)
+        if fm.tangent_mask is not None:
+            jac = jac * fm.tangent_mask
+        return jac.permute(1, 0, 2)
+
+    def features(self, chunk) -> Features:
+        """Per-layer Gram ingredients of one chunk (see :class:`Features`)."""
+        ctx = self._hook_context(chunk)
+        if ctx is None:
+            if self._hook_chunks:  # earlier chunks have another layout: the caller starts over
+                self._hook_chunks = 0
+                raise BackendSwitched
+            jac = self._func_jacobian(chunk)
+            return Features(b=jac.shape[1], c=jac.shape[0], grads=jac)
+        self._hook_chunks += 1
+        cap, c, b = self._capture_engine(), ctx.k, ctx.batch_size
+        feats = Features(b=b, c=c)
+        dense = []
+        for lid in self.layer_collection.layers:
+            if not ctx.is_kron(lid):
+                dense.append(ctx.per_example(lid).view(c, b, -1))
+                continue
+            arow, grow = ctx.kron_rows(lid)
+            if self._plan is None:
+                self._plan = {}
+            if lid not in self._plan:  # decided once, so that every chunk has the same layout
+                self._plan[lid] = _structured_cheaper(
+                    arow.shape[1], arow.shape[2], grow.shape[3], c
+                )
+            if self._plan[lid]:
+                feats.krons.append((arow, grow))
+            else:
+                # Σ_r g_r ⊗ a_r; for order "ag" rules this is the transpose of the weight gradient,
+                # which has the same inner products
+                dense.append(torch.einsum("kbrg,bra->kbga", grow, arow).reshape(c, b, -1))
+            user = cap.structured[lid]
+            entry = self.layer_collection.layers[lid]
+            if entry.has_bias() and not (user.rule.order == "ga" and user.rule.bias_in_kron):
+                dense.append(ctx.separate_bias(lid).view(c, b, -1))
+        if dense:
+            feats.grads = torch.cat(dense, dim=2) if len(dense) > 1 else dense[0]
+        return feats
+
+    def reset_plan(self) -> None:
+        """Forget the per-layer choices (call before a computation that combines chunks)."""
+        self._plan = None
+        self._hook_chunks = 0
+
+    # ------------------------------------------------------------------ NNGeometry-style getters
+    def get_jacobian(self, examples) -> torch.Tensor:
+        """The dense Jacobian of ``examples``, shape [C, N, P]."""
+        parts = [self.jacobian_chunk(ch) for ch in self.chunks(examples, "jacobian")]
+        if not parts:
+            raise DataError("the loader yielded no examples")
+        check_same_outputs([p.shape[0] for p in parts])
+        return torch.cat(parts, dim=1)
+
+    def get_gram_matrix(self, examples) -> torch.Tensor:
+        from .gram import gram_tensor
+
+        return gram_tensor(self, examples)
