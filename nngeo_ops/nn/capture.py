@@ -302,7 +302,14 @@ class Capture:
                 if a.calls and a is not u and (a.name == "" or u.name.startswith(a.name + "."))
             ]
             if not parents:
-                continue
+                raise UnsupportedError(
+                    f"module {u.name or '<root>'} ({type(u.module).__name__}) owns covered "
+                    f"parameters {list(u.attrs)} but was never called in the forward pass, and no "
+                    "enclosing module that was called can take them: they are either unused or "
+                    "applied directly by another module, and per-layer hooks cannot attribute their "
+                    "gradients. Leave them out (layer_collection=LayerCollection.from_modules(model, "
+                    "[...])) or use a whole-model torch.func path (PMatImplicit, Jacobian, GramMatrix)"
+                )
             parent = max(parents, key=lambda a: len(a.name))
             rel = u.name[len(parent.name) + 1 :] if parent.name else u.name
             parent.attrs = parent.attrs + tuple(f"{rel}.{a}" for a in u.attrs)

@@ -152,3 +152,68 @@ def test_dense_from_dataloader_with_shuffle_free_batches():
         warnings.simplefilter("error")
         F = FIM(model, loader, PMatDense, progress=False)
     assert F.to_torch().shape == (43, 43)
+
+
+class _Borrower(nn.Module):
+    """Applies another module's weight itself (kept in a list so that it is not a submodule)."""
+
+    def __init__(self, lender):
+        super().__init__()
+        self.lender = [lender]
+
+    def forward(self, x):
+        return x @ self.lender[0].weight.T
+
+
+class _BorrowingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = _Borrower(self.a)  # a sibling of a, not an ancestor
+        self.c = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(x)))
+
+
+def test_parameters_applied_by_a_sibling_module_get_a_clear_error_and_a_way_out():
+    import groundtruth as gt
+
+    from nngeo_ops.nn import GramMatrix, PMatImplicit, PMatKFAC
+
+    torch.manual_seed(0)
+    model = _BorrowingNet().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for rep in (PMatDense, PMatDiag, PMatKFAC):
+        with pytest.raises(
+            UnsupportedError, match=r"module a \(Linear\).*never called.*PMatImplicit"
+        ):
+            FIM(model, loader_of(x), rep, n_output=3, progress=False)
+    # the whole-model torch.func paths do not need the hooks
+    truth = gt.fim(model, x, "classif_logits")
+    F = FIM(model, loader_of(x), PMatImplicit, progress=False)
+    torch.testing.assert_close(F.to_torch(), truth)
+    jt = gt.jacobian(model, x)  # (N, C, P)
+    K = GramMatrix(model, loader_of(x), progress=False).to_torch()
+    torch.testing.assert_close(K, torch.einsum("ncp,mdp->cndm", jt, jt))
+    # leaving the borrowed weight out of the collection works with every representation
+    lc = LayerCollection.from_modules(model, [model.c])
+    D = FIM(model, loader_of(x), PMatDense, layer_collection=lc, progress=False)
+    names = ["c.weight", "c.bias"]
+    torch.testing.assert_close(D.to_torch(), gt.fim(model, x, "classif_logits", names=names))
+
+
+def test_a_module_never_called_is_named():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+            self.spare_head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(UnsupportedError, match=r"spare_head.*never called.*from_modules"):
+        FIM(net, loader_of(x), PMatDiag, progress=False)
