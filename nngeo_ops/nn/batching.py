@@ -82,8 +82,15 @@ def fingerprint(batch: tuple, b: int) -> torch.Tensor:
 
 
 def progress_bar(iterable, progress, desc):
+    """``iterable`` behind a tqdm bar: shown when ``progress`` is True, hidden when False, and with
+    None only on a terminal. The loader is iterated exactly once per pass (``tqdm.auto`` would call
+    ``iter()`` on it twice: a DataLoader with workers would start them twice)."""
     disable = None if progress is None else not progress
-    return tqdm(iterable, desc=desc, disable=disable, leave=False)
+    try:
+        total = len(iterable)
+    except TypeError:
+        total = None
+    return tqdm(iter(iterable), total=total, desc=desc, disable=disable, leave=False)
 
 
 def check_same_outputs(cs):

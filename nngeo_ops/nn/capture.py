@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, UnsupportedError
+from .batching import progress_bar
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -378,8 +378,7 @@ class Capture:
                 stacklevel=3,
             )
         total, n_ex = 0, 0
-        disable = None if self.progress is None else not self.progress
-        for batch in tqdm(loader, desc=desc, disable=disable, leave=False):
+        for batch in progress_bar(loader, self.progress, desc):
             ctx = self.process(batch)
             for acc in accumulators:
                 acc.update(ctx)

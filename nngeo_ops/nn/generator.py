@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, UnsupportedError
 from . import functional as fx
+from .batching import progress_bar
 from .capture import Capture, batch_labels, prepare_batch
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -88,8 +88,7 @@ class CurvatureGenerator:
 
     # ------------------------------------------------------------------ function-space paths
     def _batches(self, examples, desc):
-        disable = None if self.progress is None else not self.progress
-        for batch in tqdm(examples, desc=desc, disable=disable, leave=False):
+        for batch in progress_bar(examples, self.progress, desc):
             yield prepare_batch(batch, self.device)
 
     def _finish(self, total, n_batches):

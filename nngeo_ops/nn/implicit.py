@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..ops import MatFree, Product
+from ..ops import LinearOperator, MatFree, Product
 from . import functional as fx
 from .capture import batch_labels, output_factor
 from .jacobian import Jacobian
@@ -171,12 +171,35 @@ class GaussNewton(Product):
     """``Jᵀ·H·J`` (factors: ``J.T``, an :class:`OutputCurvature` H, the :class:`Jacobian` J) whose
     products take the fused per-batch path of :class:`ImplicitProducts` (see the module docstring).
 
-    Symmetric PSD (the Product's congruence tag). ``products`` holds the fused path and its cache.
+    Symmetric PSD. ``products`` holds the fused path and its cache. The factors are built at first
+    use (``factors``, ``J``, ``H``, or any compilation that walks the tree): building J costs a
+    pass over the loader (its size, outputs and fingerprints), which products do not need. They are
+    linearised at the same parameter snapshot as the fused path, whenever they are built.
     """
 
-    def __init__(self, J: Jacobian, H: OutputCurvature, products: ImplicitProducts) -> None:
-        super().__init__(J.T, H, J)
-        self.products = products
+    def __init__(self, gen, examples, products: ImplicitProducts) -> None:
+        p = gen.layer_collection.numel()
+        LinearOperator.__init__(self, (p, p), gen.dtype, gen.device, symmetric=True, psd=True)
+        self.gen, self.examples, self.products = gen, examples, products
+        self._built = None
+
+    @property
+    def factors(self) -> tuple:
+        if self._built is None:
+            gen = self.gen
+            with warnings.catch_warnings():  # the curvature generator has warned about BatchNorm
+                warnings.simplefilter("ignore", UserWarning)
+                jgen = JacobianGenerator(
+                    gen.model,
+                    gen.function,
+                    gen.layer_collection,
+                    device=gen.device,
+                    progress=gen.progress,
+                )
+            J = Jacobian(generator=jgen, loader=self.examples, params=self.products.fm.flat0)
+            H = OutputCurvature(self.products, J.n_output, J.n_examples)
+            self._built = (J.T, H, J)
+        return self._built
 
     @property
     def J(self) -> Jacobian:
@@ -197,6 +220,9 @@ class GaussNewton(Product):
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self.products.matmat(X)
+
+    def _str(self) -> str:
+        return "Jᵀ·H·J"
 
 
 def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatFree:
@@ -220,15 +246,4 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
         )
         op.products = products
         return op
-    with warnings.catch_warnings():  # the generator has already warned about BatchNorm
-        warnings.simplefilter("ignore", UserWarning)
-        jgen = JacobianGenerator(
-            gen.model,
-            gen.function,
-            gen.layer_collection,
-            device=gen.device,
-            progress=gen.progress,
-        )
-    J = Jacobian(generator=jgen, loader=examples, name="J")
-    H = OutputCurvature(products, J.n_output, J.n_examples)
-    return GaussNewton(J, H, products)
+    return GaussNewton(gen, examples, products)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
-from ..errors import ArgumentTypeError, DataError, NonFiniteError
+from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
 from ..ops import MatFree
 from .batching import batch_size_of, check_same_outputs, fingerprint
 from .jacobian_generator import JacobianGenerator
@@ -85,6 +85,8 @@ class Jacobian(MatFree):
         device, progress, backend: see :class:`JacobianGenerator`.
         generator: an existing :class:`JacobianGenerator` instead of model/function/... .
         name: how the node prints (``J``).
+        params: the flat covered parameters to linearise at (default: the model's current ones),
+            e.g. a snapshot taken earlier by another operator.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Jacobian(MatFree):
         *,
         generator: JacobianGenerator | None = None,
         name: str = "J",
+        params: torch.Tensor | None = None,
     ):
         if generator is None:
             if model is None:
@@ -113,6 +116,12 @@ class Jacobian(MatFree):
         self.loader = loader
         self.layer_collection = generator.layer_collection
         self.fm = generator.flat_model()
+        if params is not None:
+            if params.shape != self.fm.flat0.shape:
+                raise ShapeError(
+                    f"params has shape {tuple(params.shape)}, expected {tuple(self.fm.flat0.shape)}"
+                )
+            self.fm.flat0 = params
         self._scan()
         p = self.layer_collection.numel()
         super().__init__(

@@ -93,6 +93,30 @@ def test_progress_bar_can_be_silenced(capsys):
     assert "PMatDiag" in capsys.readouterr().err
 
 
+class _CountingLoader:
+    def __init__(self, batches):
+        self.batches, self.iters = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.iters += 1  # a DataLoader with workers starts them here
+        return iter(self.batches)
+
+
+def test_each_pass_iterates_the_loader_once(capsys):
+    from nngeo_ops.nn import GramMatrix
+
+    model, x = make("mlp")
+    loader = _CountingLoader(loader_of(x, sizes=(2, 2)))
+    FIM(model, loader, PMatDiag, progress=True)
+    assert loader.iters == 1
+    assert "/3 " in capsys.readouterr().err  # the bar knows the loader's length
+    GramMatrix(model, loader, progress=False)
+    assert loader.iters == 2
+
+
 def test_pvector_roundtrip_and_arithmetic():
     model, x = make("mlp")
     lc = LayerCollection.from_model(model)

@@ -144,9 +144,10 @@ def test_output_curvature_checks_the_loader():
     model, x = make("mlp")
     batches = loader_of(x, sizes=(2,))
     F = FIM(model, batches, PMatImplicit, progress=False)
+    H = F.op.H  # the factors are built at first use, from the loader as it is then
     batches.append(batches[0])  # the loader now yields more examples than at construction
     with pytest.raises(DataError, match="same examples"):
-        F.op.H @ torch.zeros(F.op.H.shape[0], dtype=F64)
+        H @ torch.zeros(H.shape[0], dtype=F64)
 
 
 def test_hessian_is_not_a_congruence():
@@ -154,3 +155,26 @@ def test_hessian_is_not_a_congruence():
     y = torch.randn(model(x).shape, dtype=F64)
     H = Hessian(model, loader_of(x, y), nn.MSELoss(), PMatImplicit, progress=False)
     assert isinstance(H.op, MatFree) and str(H.op) == "∇²L" and not H.op.psd
+
+
+class CountingLoader:
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_products_do_not_build_the_factors():
+    # building J costs a pass over the loader (sizes, outputs, fingerprints) that products do not
+    # need: the factors wait for their first use
+    model, x = make("mlp")
+    loader = CountingLoader(loader_of(x, sizes=(2,)))
+    F = FIM(model, loader, PMatImplicit, progress=False)
+    assert loader.passes == 0 and str(F.op) == "Jᵀ·H·J"
+    v = _vectors(F.layer_collection.numel())
+    F.op @ v
+    F.vTMv(v[:, 0])
+    assert loader.passes == 2 and F.op._built is None
+    assert isinstance(F.op.J, Jacobian) and loader.passes == 3
