@@ -74,10 +74,10 @@ class FlatModel:
         return torch.cat(parts).to(model_device(model)) if any_pad else None
 
     def __call__(self, flat, batch):
-        params, i = {}, 0
-        for n, s, k in zip(self.names, self.shapes, self.numels):
-            params[n] = flat[i : i + k].view(s)
-            i += k
+        # split, not slicing: the backward of one split is one concatenation, while each slice's
+        # backward would write its gradient into a fresh zero tensor of the full size P
+        parts = flat.split(self.numels)
+        params = {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
         return functional_call(self.wrapper, params, batch)
 
 
