@@ -131,6 +131,18 @@ class PMatAbstract:
         return evals[order], q[:, order]
 
     # ------------------------------------------------------------------ arithmetic
+    def __matmul__(self, other):
+        """``F @ v`` (:meth:`mv` for a PVector or a flat tensor); ``F @ G`` with G a parameter-space
+        matrix is a lazy :class:`PMatExpr`; ``F @ A`` with A an ops node (``J.T`` for a Jacobian
+        J) the lazy ops product ``F.op·A``, so that ``J @ F @ J.T`` is the pushforward J F Jᵀ."""
+        if isinstance(other, PMatAbstract):
+            if other.layer_collection != self.layer_collection:
+                raise ShapeError("cannot multiply matrices over different layer collections")
+            return PMatExpr(self.layer_collection, self.op @ other.op, self.generator)
+        if isinstance(other, LinearOperator):
+            return self.op @ other
+        return self.mv(other)
+
     def __mul__(self, c):
         if not isinstance(c, numbers.Number) and not (torch.is_tensor(c) and c.dim() == 0):
             return NotImplemented

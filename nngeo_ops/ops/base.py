@@ -183,6 +183,9 @@ class LinearOperator:
             and other.device == self.device
         ):
             return self._mv(other)  # the common case, checked inline: per-call overhead matters
+        carried = getattr(other, "op", None)
+        if isinstance(carried, LinearOperator) and not isinstance(other, LinearOperator):
+            other = carried  # an object carrying an operator (PMat*/FMat* of nngeo_ops.nn)
         if isinstance(other, LinearOperator):
             from .composites import Product
 
@@ -195,6 +198,9 @@ class LinearOperator:
     def __rmatmul__(self, other: Any) -> Any:
         if isinstance(other, torch.Tensor):  # x @ A = (Aᵀ xᵀ)ᵀ
             return self.rmatvec(other.mT if other.dim() == 2 else other).mT
+        carried = getattr(other, "op", None)
+        if isinstance(carried, LinearOperator):
+            return carried @ self
         return NotImplemented
 
     # ------------------------------------------------------------------ algebra (lazy)

@@ -238,3 +238,26 @@ def test_bad_input():
         J @ torch.zeros(J.shape[1] + 1, dtype=torch.float64)
     with pytest.raises(NNGeoError):
         J.jvp(PVector(lc, vector_repr=torch.zeros(lc.numel(), dtype=torch.float64)))
+
+
+def test_operator_syntax_with_parameter_and_function_space_matrices():
+    from nngeo_ops.nn import FIM, GramMatrix, PMatKFAC
+
+    model, x = make("mlp")
+    jt = _flat(gt_jacobian(model, x))
+    J = Jacobian(model, loader_of(x), progress=False)
+    F = FIM(model, loader_of(x), PMatKFAC, progress=False)
+    fd = F.to_torch()
+    push = J @ F @ J.T  # J F Jᵀ, lazy: the PMat acts as its operator
+    assert isinstance(push, Product) and push.shape == (jt.shape[0],) * 2 and push.psd
+    u = torch.randn(jt.shape[0], 2, dtype=torch.float64)
+    torch.testing.assert_close(push @ u, jt @ fd @ jt.T @ u)
+    torch.testing.assert_close((F @ J.T) @ u, fd @ jt.T @ u)
+    K = GramMatrix(model, loader_of(x), progress=False)
+    pull = J.T @ K @ J  # Jᵀ K J in parameter space
+    assert isinstance(pull, Product) and pull.psd
+    v = torch.randn(jt.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(pull @ v, jt.T @ (jt @ jt.T) @ jt @ v)
+    # products of representations stay lazy expressions over the same layer collection
+    torch.testing.assert_close((F @ F).to_torch(), fd @ fd)
+    torch.testing.assert_close(F @ v, fd @ v)
