@@ -59,8 +59,13 @@ class FlatModel:
         Forward-mode products would see these rows; masking the tangent keeps J V consistent with the
         reverse-mode Jᵀ (and with every hook-based representation).
         """
+        modules = lc.get_layerid_module_map(model)
+        if not any(
+            isinstance(m, nn.Embedding) and m.padding_idx is not None for m in modules.values()
+        ):
+            return None
         parts, any_pad = [], False
-        for lid, mod in lc.get_layerid_module_map(model).items():
+        for lid, mod in modules.items():
             for attr, n in zip(lc.layers[lid].attrs, lc.layers[lid].numels):
                 m = torch.ones(n, dtype=torch.bool)
                 if (

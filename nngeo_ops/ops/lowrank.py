@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ArgumentTypeError, ShapeError
 from .base import LinearOperator
+from .cache import cached_factor
 
 
 class LowRank(LinearOperator):
@@ -88,6 +89,35 @@ class LowRank(LinearOperator):
     def to_dense(self) -> torch.Tensor:
         UC = self.U if self.C is None else self.U @ self.C
         return UC @ self.Vm.mT
+
+    def eigh_factors(self, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(λ, Q)`` of a symmetric ``U·C·Uᵀ`` (m × m, rank ≤ k), cached on the node.
+
+        Thin (``complete=False``): ``U = Q₀R`` (QR), ``R·C·Rᵀ = W·diag(λ)·Wᵀ``, ``Q = Q₀W`` of shape
+        (m, min(m, k)); O(m k²). Complete: ``Q`` (m × m) adds an orthonormal basis of the complement
+        of ``range(U)``, with eigenvalue 0, from the complete QR of ``U``; O(m² k), against O(m³)
+        for the eigendecomposition of the dense matrix. ``Q`` is row-major.
+        """
+        self.require_symmetric("eigh")
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            m, k = self.U.shape
+            Q0, R = torch.linalg.qr(self.U)
+            evals, W = torch.linalg.eigh(R @ self.core() @ R.mT)
+            basis = Q0 @ W
+            r = Q0.shape[1]
+            if complete and r < m:
+                with torch.no_grad():  # the complete QR has no backward
+                    B = torch.linalg.qr(self.U.detach(), mode="complete").Q[:, r:]
+                if torch.is_grad_enabled() and self.U.requires_grad:
+                    # the same value (B ⟂ range(U)), now varying with range(U) to first order as the
+                    # complement does; its projector then has the right derivative
+                    B = B - Q0 @ (Q0.mT @ B)
+                basis = torch.cat([basis, B], dim=1)
+                evals = torch.cat([evals, evals.new_zeros(m - r)])
+            return evals, basis.contiguous()
+
+        return cached_factor(self, "eigh (complete)" if complete else "eigh", compute)
 
     def _str(self) -> str:
         if self.name:

@@ -337,3 +337,30 @@ class TestScaledTransposeSum(OperatorSuite):
         M, d, c = p[0] + 5 * torch.eye(5, dtype=p[0].dtype), p[1], p[2]
         op = c * Dense(M).T + Diagonal(d)
         return op, c * M.mT + torch.diag(d)
+
+
+class TestDampedKroneckerLowRankFactor(OperatorSuite):
+    """A KFAC block whose input factor comes from fewer examples than inputs: ``G ⊗ (U Uᵀ) + c·I``,
+    solved through a completed basis of the low-rank factor."""
+
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 5, 2), rnd(gen, 3, 3)]
+
+    def build(self, p):
+        U, G = p[0], spd(p[1])
+        op = Kronecker(Dense(G, psd=True), LowRank(U, name="A")) + 0.05 * Identity(15)
+        return op, torch.kron(G, U @ U.mT) + 0.05 * torch.eye(15, dtype=U.dtype)
+
+
+class TestKroneckerLowRankFactor(OperatorSuite):
+    symmetric = psd = True
+    invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 3), rnd(gen, 4, 2)]
+
+    def build(self, p):
+        G, U = spd(p[0]), p[1]
+        return Kronecker(Dense(G, psd=True), LowRank(U)), torch.kron(G, U @ U.mT)

@@ -41,10 +41,19 @@ def diagonal_eigh(node, ctx):
 def kronecker_eigh(node: Kronecker, ctx):
     if not node.square_factors:
         return None
-    Es = [ctx.eigh_of(f, structured_only=True) for f in node.factors]
+    Es = [_full_factor_eigh(f, ctx) for f in node.factors]
     if any(E is None or not E.full for E in Es):
         return None
     return Eigen(Kronecker(*[E.Q for E in Es]), _kron_vectors([E.evals for E in Es]))
+
+
+def _full_factor_eigh(f, ctx):
+    # A low-rank factor (a KFAC input factor from fewer examples than inputs) gets a complete basis:
+    # the Kronecker eigen form, and its shift by c·I, need one, and it costs O(m² k), not O(m³)
+    if isinstance(f, LowRank) and f.symmetric and f.rank < f.shape[0]:
+        evals, Q = f.eigh_factors(complete=True)
+        return Eigen(Dense(Q, symmetric=False, orthogonal=True, name=f"Q_{f._str()}"), evals)
+    return ctx.eigh_of(f, structured_only=True)
 
 
 @rule("eigh", BlockDiag, name="block bases")
@@ -73,6 +82,7 @@ def product_eigh(node: Product, ctx):
 
 @rule("eigh", LowRank, name="thin QR + small eigh")
 def lowrank_eigh(node: LowRank, ctx):
-    Q, R = torch.linalg.qr(node.U)
-    evals, W = torch.linalg.eigh(R @ node.core() @ R.mT)
-    return Eigen(Dense(Q @ W, symmetric=False, orthogonal=True, name="Q"), evals)
+    if not node.symmetric:
+        return None
+    evals, Q = node.eigh_factors()
+    return Eigen(Dense(Q, symmetric=False, orthogonal=True, name="Q"), evals)
