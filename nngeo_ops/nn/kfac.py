@@ -17,6 +17,13 @@ KFAC (``PMatKFAC``) is ``BlockDiag`` over layers of:
 exact. The factored π-damping of Martens & Grosse, (A + π√λ I) ⊗ (G + √λ/π I), is available with
 ``damping="pi"`` and is never the default.
 
+An input factor A gathered from fewer rows (examples × positions) than half its size, typically the
+first layer of a wide network on one batch, has rank at most that number; it is kept as its rows
+(``data[lid]["A_rows"]``, A = rowsᵀ·rows) and enters the block as a ``LowRank`` node. The statistics
+pass then skips the Gram product of A, its products cost O(dA·n) instead of O(dA²), and damped solves
+need a QR of the rows (a completed basis) instead of an eigendecomposition of A. ``data[lid]["A"]``
+is formed on first access, for π-damping, EKFAC or :meth:`PMatKFAC.get_factors`.
+
 EKFAC (George et al. 2018) replaces the eigenvalues λ_G ⊗ λ_A of each Kronecker block by the second
 moments of the gradients in the eigenbasis Q_G ⊗ Q_A (:meth:`PMatEKFAC.update_diag`); before a
 refit it equals KFAC.
@@ -30,7 +37,7 @@ import math
 import torch
 
 from ..errors import UnsupportedError
-from ..ops import BlockDiag, Dense, Diagonal, Eigen, Identity, Kronecker, Permutation
+from ..ops import BlockDiag, Dense, Diagonal, Eigen, Identity, Kronecker, LowRank, Permutation
 from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
 from .stats import EKFACDiagAcc, KFACAcc
 
@@ -72,6 +79,11 @@ def _eigh(m):
     return e.clamp_min(0).to(m.dtype), q.to(m.dtype).contiguous()
 
 
+def _a_size(f) -> int:
+    rows = f.get("A_rows")
+    return rows.shape[1] if rows is not None else f["A"].shape[0]
+
+
 class PMatKFAC(PMatAbstract):
     """KFAC. ``data[lid]`` = {"A", "G"[, "bias"]} or {"block"} (see the module docstring).
 
@@ -99,19 +111,21 @@ class PMatKFAC(PMatAbstract):
     def _kron(self, generator, lid, f):
         """The Kronecker block, in Kronecker order."""
         module, rule = _layer_info(generator, lid)
-        a, g = f["A"], f["G"]
-        if a.dim() == 1:
-            a_node = Diagonal(a, name="A")
+        rows = f.get("A_rows")
+        if rows is not None:  # A = rowsᵀ rows, of rank ≤ the number of rows (see KroneckerFactors)
+            a_node = LowRank(rows.mT.contiguous(), psd=True, name="A")
+        elif f["A"].dim() == 1:
+            a_node = Diagonal(f["A"], name="A")
         else:
-            a_node = Dense(a, symmetric=True, psd=True, name="A")
-        g_node = Dense(g, symmetric=True, psd=True, name="G")
+            a_node = Dense(f["A"], symmetric=True, psd=True, name="A")
+        g_node = Dense(f["G"], symmetric=True, psd=True, name="G")
         return Kronecker(g_node, a_node) if rule.order == "ga" else Kronecker(a_node, g_node)
 
     def _to_param_order(self, generator, lid, kron, f):
         """From Kronecker order to parameter order (and the separate bias block)."""
         module, rule = _layer_info(generator, lid)
         if rule.order == "ga" and getattr(module, "bias", None) is not None:
-            n_out, n_in = f["G"].shape[0], f["A"].shape[0] - 1
+            n_out, n_in = f["G"].shape[0], _a_size(f) - 1
             p = _permutation_node(n_out, n_in, f["G"].dtype)
             return p.T @ kron @ p
         if "bias" in f:

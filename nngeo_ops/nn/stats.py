@@ -18,6 +18,8 @@ constant over examples. Layers with a single position do not depend on the mode.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as Fn
 from torch import nn
@@ -285,6 +287,21 @@ class GradsAcc:
         self.rows = []
 
 
+class KroneckerFactors(dict):
+    """The statistics of one Kronecker layer: ``{"A": (dA, dA), "G": (dG, dG)[, "bias": ...]}``.
+
+    An input factor gathered from fewer rows than half its size is held as ``"A_rows"`` (n × dA,
+    A = A_rowsᵀ·A_rows, normalisation included); reading ``"A"`` forms it then, once.
+    """
+
+    def __missing__(self, key):
+        if key == "A" and "A_rows" in self:
+            r = self["A_rows"]
+            self["A"] = a = gram(r)
+            return a
+        raise KeyError(key)
+
+
 class KFACAcc:
     """Kronecker factors of structured layers (see the module docstring for the two modes).
 
@@ -294,13 +311,15 @@ class KFACAcc:
     exact block couples only γ_e with β_e.
     """
 
-    def __init__(self, cap, layer_ids, mode="expand"):
+    def __init__(self, cap, layer_ids, mode="expand", low_rank: bool = True):
         if mode not in ("expand", "reduce"):
             raise ValueError(f"KFAC mode must be 'expand' or 'reduce', not {mode!r}")
         self.cap = cap
         self.layer_ids = list(layer_ids)
         self.mode = mode
+        self.low_rank = low_rank
         self._a, self._g, self._n, self._b, self._blk = {}, {}, {}, {}, {}
+        self._rows: dict[str, list[torch.Tensor]] = {}  # A's rows, while they are the cheaper form
 
     def update(self, ctx):
         for lid in self.layer_ids:
@@ -349,6 +368,18 @@ class KFACAcc:
         patches) the 1 is not appended to them: its row and column are Σ a and the row count."""
         m = rows.reshape(-1, rows.shape[-1])
         n, d = m.shape
+        if self.low_rank and lid not in self._a:
+            # Fewer rows than half of A's size: keep them (A = Σ r rᵀ has rank ≤ their number). This
+            # skips the Gram product, the largest cost of KFAC for a wide first layer, and the damped
+            # solve then needs a QR of the rows instead of the eigendecomposition of A.
+            kept = self._rows.setdefault(lid, [])
+            total = n + sum(r.shape[0] for r in kept)
+            if 2 * total <= d + ones:
+                kept.append(torch.cat([m, m.new_ones(n, 1)], dim=1) if ones else m.clone())
+                return
+            del self._rows[lid]
+            if kept:  # from now on A is dense
+                _acc(self._a, lid, gram(torch.cat(kept)))
         if not ones:
             a = gram(m)
         elif n < 4 * d:  # few rows: appending the 1 to them costs less than copying the result
@@ -388,11 +419,15 @@ class KFACAcc:
                     )
                 self.value[lid] = {"block": blk}
                 continue
-            v = {"A": self._a[lid].div_(self._n[lid]), "G": self._g[lid].mul_(scale)}
+            if lid in self._rows:
+                rows = torch.cat(self._rows[lid]).div_(math.sqrt(self._n[lid]))
+                v = KroneckerFactors(A_rows=rows, G=self._g[lid].mul_(scale))
+            else:
+                v = KroneckerFactors(A=self._a[lid].div_(self._n[lid]), G=self._g[lid].mul_(scale))
             if lid in self._b:
                 v["bias"] = self._b[lid].mul_(scale)
             self.value[lid] = v
-        self._a, self._g, self._b = {}, {}, {}
+        self._a, self._g, self._b, self._rows = {}, {}, {}, {}
 
 
 class EKFACDiagAcc:

@@ -74,14 +74,16 @@ class LowRank(LinearOperator):
             name=self.name,
         )
 
+    # Vᵀ X as (Xᵀ V)ᵀ: the tall V is then read in its own (row-major) layout, 3-9× faster on CPU
+    # for a few columns (see Dense)
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        Y = self.Vm.mT @ X
+        Y = (X.mT @ self.Vm).mT
         if self.C is not None:
             Y = self.C @ Y
         return self.U @ Y
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
-        Y = self.U.mT @ X
+        Y = (X.mT @ self.U).mT
         if self.C is not None:
             Y = self.C.mT @ Y
         return self.Vm @ Y
