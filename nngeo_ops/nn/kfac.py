@@ -222,11 +222,15 @@ class PMatEKFAC(PMatKFAC):
                 out[lid] = f
                 continue
             module, rule = _layer_info(generator, lid)
-            a, g = f["A"], f["G"]
-            if a.dim() == 1:
+            rows, g = f.get("A_rows"), f["G"]
+            if rows is not None:  # a complete basis from the QR of the rows: O(dA² n), not O(dA³)
+                ea, qa = LowRank(rows.mT.contiguous(), psd=True).eigh_factors(complete=True)
+                ea = ea.clamp_min(0)
+            elif f["A"].dim() == 1:
+                a = f["A"]
                 ea, qa = a, torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
             else:
-                ea, qa = _eigh(a)
+                ea, qa = _eigh(f["A"])
             eg, qg = _eigh(g)
             d = torch.kron(eg, ea) if rule.order == "ga" else torch.kron(ea, eg)
             out[lid] = {**f, "QA": qa, "QG": qg, "diag": d}

@@ -136,3 +136,21 @@ def test_gradient_through_a_damped_low_rank_solve():
     (o1, g1), (o2, g2) = through(True), through(False)
     torch.testing.assert_close(o1, o2)
     torch.testing.assert_close(g1, g2)
+
+
+def test_ekfac_refit_from_a_low_rank_factor_matches_the_dense_basis():
+    # the completed basis from the rows' QR spans the same eigenspaces as eigh of the dense factor;
+    # gradients have no component on A's null space, so the refit diagonal is basis-independent
+    model, x = wide_mlp()
+    loader = loader_of(x, sizes=(3,))
+    E = FIM(model, loader, PMatEKFAC, progress=False)
+    assert "A_rows" in E.data["0"]
+    K = FIM(model, loader, PMatKFAC, progress=False)
+    D = PMatEKFAC(K.generator, data=_dense_twin(K).data)
+    D.update_diag(loader)
+    torch.testing.assert_close(E.to_torch(), D.to_torch())
+    truth = gt.fim(model, x, "classif_logits")
+    sl = E.layer_collection.layer_slices()["0"]
+    assert (E.to_torch()[sl, sl] - truth[sl, sl]).norm() <= (
+        K.to_torch()[sl, sl] - truth[sl, sl]
+    ).norm() + 1e-12
