@@ -58,8 +58,8 @@ class Dense(LinearOperator):
         )
 
     # CPU BLAS is 5-10× slower on A @ X with a column-major A and a few columns than on the same
-    # product written (Xᵀ Aᵀ)ᵀ, whose large operand is then row-major (benchmarks/README.md, "Where
-    # the matvec time goes"). Products are arranged so that M is always read in its own layout:
+    # product written (Xᵀ Aᵀ)ᵀ, whose large operand is then row-major (benchmarks/README.md, curvature
+    # section, "Where we are not the fastest"). Products are arranged so that M is always read in its own layout:
     # eigh returns column-major bases, and Qᵀ X is the other half of every eigen-form product.
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         if self._colmajor:
