@@ -6,6 +6,7 @@ batch size as first dimension, dicts of them (tokeniser output), or anything els
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -68,17 +69,31 @@ def split_batch(batch: tuple, chunk_size: int | None) -> list[tuple]:
     return cuts
 
 
+@functools.lru_cache(maxsize=64)
+def _weights(k: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + k)
+    return (torch.rand(n, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+
+
 def fingerprint(batch: tuple, b: int) -> torch.Tensor:
-    """A cheap per-example signature of a chunk's tensors (to detect a loader that reshuffles)."""
+    """A cheap per-example signature of a chunk's tensors (to detect a loader that reshuffles).
+
+    Floating parts are weighed in their own precision (a float64 copy of the inputs cost more than
+    the product); compare signatures with :data:`FINGERPRINT_RTOL`, which allows for the rounding
+    of a float32 product and is far below what a different example changes.
+    """
     sig = None
     for k, x in enumerate(batch_leaves(batch)):
         if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b and not x.is_complex():
-            flat = x.detach().reshape(b, -1).to(torch.float64)  # stays on its device
-            g = torch.Generator().manual_seed(1000 + k)
-            w = torch.rand(flat.shape[1], generator=g, dtype=torch.float64) + 0.5
-            part = flat @ w.to(flat.device)
+            flat = x.detach().reshape(b, -1)
+            if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+                flat = flat.to(torch.float64)
+            part = (flat @ _weights(k, flat.shape[1], flat.dtype, flat.device)).to(torch.float64)
             sig = part if sig is None else sig + part
     return sig
+
+
+FINGERPRINT_RTOL = 1e-5
 
 
 def progress_bar(iterable, progress, desc):
