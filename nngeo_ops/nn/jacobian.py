@@ -247,6 +247,17 @@ class Jacobian(MatFree):
         parts = [self.generator.jacobian_chunk(ch) for ch in self._pass("jacobian")]
         return torch.cat(parts, dim=1)
 
+    def gram(self) -> torch.Tensor | None:
+        """J Jᵀ, (C·N) × (C·N) in the row order of J, from the NTK engine of :mod:`nngeo_ops.nn.gram`
+        (per-chunk features, no loop over examples); None when the model's parameters are no longer
+        those of this node (the engine reads the model). The ops rules use it to solve damped
+        Gauss-Newton systems in function space."""
+        if not torch.equal(self.generator.current_flat(), self.fm.flat0):
+            return None
+        k = self.generator.get_gram_matrix(self.loader)
+        m = self.shape[0]
+        return k.reshape(m, m).to(self.dtype)
+
     def pfmap(self):
         """This node as an NNGeometry-style :class:`~nngeo_ops.nn.pfmap.PFMapImplicit`."""
         from .pfmap import PFMapImplicit

@@ -178,3 +178,44 @@ def test_products_do_not_build_the_factors():
     F.vTMv(v[:, 0])
     assert loader.passes == 2 and F.op._built is None
     assert isinstance(F.op.J, Jacobian) and loader.passes == 3
+
+
+def test_damped_solve_in_function_space():
+    # C·N = 18 outputs against P = 43 parameters: (Jᵀ H J + λI)⁻¹ v through an 18 × 18 system built
+    # from the NTK J Jᵀ and H, exactly, without CG and without H⁻¹ (H is singular for a Fisher)
+    from nngeo_ops.ops import Identity
+
+    model, x = make("mlp")
+    loader = loader_of(x, sizes=(2, 2))
+    F = FIM(model, loader, PMatImplicit, progress=False)
+    truth = gt.fim(model, x, "classif_logits")
+    p = truth.shape[0]
+    assert F.op.J.shape[0] < p
+    calls = []
+    gram = type(F.op.J).gram
+
+    def counted(self):
+        calls.append(1)
+        return gram(self)
+
+    v = _vectors(p, k=1)[:, 0]
+    damped = F.op + 0.05 * Identity(p)
+    c = damped.compile()
+    import unittest.mock as mock
+
+    with mock.patch.object(type(F.op.J), "gram", counted):
+        x_sol = c.solve(v)
+    assert calls == [1]  # the NTK engine, not C·N Jacobian products
+    assert "function space" in c.explain()
+    dense = truth + 0.05 * torch.eye(p, dtype=F64)
+    torch.testing.assert_close(x_sol, torch.linalg.solve(dense, v))
+    torch.testing.assert_close(c.logdet(), torch.linalg.slogdet(dense)[1])
+    torch.testing.assert_close(F.solve(v, regul=0.05), torch.linalg.solve(dense, v))
+    # after an update of the model the engine would see other parameters: the node's own products
+    # (at its snapshot) give K instead, and the answer is unchanged
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(1.2)
+    assert F.op.J.gram() is None
+    c2 = (F.op + 0.05 * Identity(p)).compile()
+    torch.testing.assert_close(c2.solve(v), torch.linalg.solve(dense, v))

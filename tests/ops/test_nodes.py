@@ -364,3 +364,22 @@ class TestKroneckerLowRankFactor(OperatorSuite):
     def build(self, p):
         G, U = spd(p[0]), p[1]
         return Kronecker(Dense(G, psd=True), LowRank(U)), torch.kron(G, U @ U.mT)
+
+
+class TestDampedGaussNewtonPattern(OperatorSuite):
+    """``Jᵀ H J + c·I`` with a wide J (3 × 7): solved and log-determined in function space (a 3 × 3
+    system); H is a PSD, here singular, output-space matrix."""
+
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 7), rnd(gen, 3, 2)]
+
+    def build(self, p):
+        J, L = p
+        H = L @ L.mT  # rank 2: no H⁻¹ may be needed
+        Jop = MatFree(
+            lambda X: J @ X, (3, 7), J.dtype, rmatvec=lambda X: J.mT @ X, batched=True, name="J"
+        )
+        op = Jop.T @ Dense(H, psd=True, name="H") @ Jop + 0.3 * Identity(7)
+        return op, J.mT @ H @ J + 0.3 * torch.eye(7, dtype=J.dtype)

@@ -21,7 +21,7 @@ from ..permutation import Permutation
 from ..registry import rule
 from ..symbolic import Inverse
 from ._util import sign_tensor
-from .solve import woodbury_parts
+from .solve import wide_congruence_parts, woodbury_parts
 
 
 def _from_values(v: torch.Tensor):
@@ -140,3 +140,18 @@ def woodbury_slogdet(node: Sum, ctx):
         return None
     ss, ls = _lu_slogdet(LU, piv)
     return sb * ss, lb + ls
+
+
+@rule("slogdet", Sum, name="determinant lemma in function space (Xᵀ·M·X + c·I, X wide)")
+def wide_congruence_slogdet(node: Sum, ctx):
+    """``det(c·I_n + XᵀMX) = cⁿ · det(c·I_m + K M) / cᵐ`` with ``K = X Xᵀ``."""
+    parts = wide_congruence_parts(node, ctx)
+    if parts is None:
+        return None
+    X, _, c, _, (LU, piv) = parts
+    m, n = X.shape
+    ss, ls = _lu_slogdet(LU, piv)
+    c_t = torch.as_tensor(c, dtype=X.dtype, device=X.device)
+    sc = torch.sign(c_t.detach())
+    lc = torch.log(c_t.abs())
+    return ss * sc ** (n - m), ls + (n - m) * lc

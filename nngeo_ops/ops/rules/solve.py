@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from ...errors import SingularError
+from ..base import scalar_float
 from ..blockdiag import BlockDiag
-from ..composites import Product, Scale, Sum, Transpose
+from ..composites import Product, Scale, Sum, Transpose, is_transpose_of
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
@@ -146,5 +147,57 @@ def woodbury_solve(node: Sum, ctx):
     def solve(X: torch.Tensor) -> torch.Tensor:
         Y = b_solve(X)
         return Y - BU @ torch.linalg.lu_solve(LU, piv, C @ (V.mT @ Y))
+
+    return solve
+
+
+def wide_congruence_parts(node: Sum, ctx):
+    """For ``A = Xᵀ M X + c·I`` with ``X`` of shape (m, n), m < n (a Gauss-Newton matrix ``Jᵀ H J``
+    over fewer outputs than parameters): ``(X, M, c, K, LU(c·I + K M))`` with ``K = X Xᵀ``, or None.
+
+    ``K`` comes from ``X.gram()`` where the node offers it (the Jacobian's NTK engine), else from
+    m products with X and Xᵀ. Needs m ≤ ``policy.dense_limit``: everything formed is m × m.
+    """
+    key = ("wide congruence", id(node))
+    if key in ctx._memo:
+        return ctx._memo[key]
+    parts = None
+    shifts = [t for t in node.terms if isinstance(t, ScaledIdentity)]
+    rest = [t for t in node.terms if not isinstance(t, ScaledIdentity)]
+    if len(shifts) == 1 and len(rest) == 1:
+        t, c = rest[0], shifts[0].c
+        if (
+            isinstance(t, Product)
+            and len(t.factors) == 3
+            and is_transpose_of(t.factors[0], t.factors[2])
+            and t.factors[1].symmetric
+        ):
+            X, M = t.factors[2], t.factors[1]
+            m, n = X.shape
+            if m < n and m <= ctx.policy.dense_limit and scalar_float(c) != 0.0:
+                gram = getattr(X, "gram", None)
+                K = gram() if callable(gram) else None
+                if K is None:
+                    eye = torch.eye(m, dtype=X.dtype, device=X.device)
+                    K = X._matmat(X._rmatmat(eye))
+                Md = M.to_dense()
+                S = c * torch.eye(m, dtype=X.dtype, device=X.device) + K @ Md
+                parts = (X, Md, c, S, torch.linalg.lu_factor(S))
+    ctx._memo[key] = parts
+    return parts
+
+
+@rule("solve", Sum, name="Woodbury in function space (Xᵀ·M·X + c·I, X wide)")
+def wide_congruence_solve(node: Sum, ctx):
+    """``(c·I + XᵀMX)⁻¹ B = (B − Xᵀ M (c·I + K M)⁻¹ X B) / c`` with ``K = X Xᵀ``: an m × m system
+    (m = outputs × examples) instead of n × n, and no inverse of ``M`` (singular for a Fisher)."""
+    parts = wide_congruence_parts(node, ctx)
+    if parts is None:
+        return None
+    X, Md, c, _, (LU, piv) = parts
+
+    def solve(B: torch.Tensor) -> torch.Tensor:
+        Z = torch.linalg.lu_solve(LU, piv, X._matmat(B))
+        return (B - X._rmatmat(Md @ Z)) / c
 
     return solve
