@@ -154,4 +154,4 @@ def wide_congruence_slogdet(node: Sum, ctx):
     c_t = torch.as_tensor(c, dtype=X.dtype, device=X.device)
     sc = torch.sign(c_t.detach())
     lc = torch.log(c_t.abs())
-    return ss * sc ** (n - m), ls + (n - m) * lc
+    return (ss * sc ** (n - m)).to(X.dtype), (ls + (n - m) * lc).to(X.dtype)

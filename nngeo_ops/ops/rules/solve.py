@@ -180,8 +180,15 @@ def wide_congruence_parts(node: Sum, ctx):
                 if K is None:
                     eye = torch.eye(m, dtype=X.dtype, device=X.device)
                     K = X._matmat(X._rmatmat(eye))
-                Md = M.to_dense()
-                S = c * torch.eye(m, dtype=X.dtype, device=X.device) + K @ Md
+                # the m × m system in float64 for float32 operands: it carries the damping's
+                # conditioning, and m ≤ dense_limit keeps it cheap next to the passes over data
+                wide = (
+                    torch.float64
+                    if X.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                    else X.dtype
+                )
+                Md = M.to_dense().to(wide)
+                S = c * torch.eye(m, dtype=wide, device=X.device) + K.to(wide) @ Md
                 parts = (X, Md, c, S, torch.linalg.lu_factor(S))
     ctx._memo[key] = parts
     return parts
@@ -197,7 +204,7 @@ def wide_congruence_solve(node: Sum, ctx):
     X, Md, c, _, (LU, piv) = parts
 
     def solve(B: torch.Tensor) -> torch.Tensor:
-        Z = torch.linalg.lu_solve(LU, piv, X._matmat(B))
-        return (B - X._rmatmat(Md @ Z)) / c
+        Z = torch.linalg.lu_solve(LU, piv, X._matmat(B).to(LU.dtype))
+        return (B - X._rmatmat((Md @ Z).to(B.dtype))) / c
 
     return solve
