@@ -6,7 +6,7 @@ KFAC (``PMatKFAC``) is ``BlockDiag`` over layers of:
   (patches), G over the outputs. Without bias this *is* the block in parameter order (vec W row-major
   = g ⊗ a). With a bias, A gets a trailing constant input, so the Kronecker order interleaves each
   bias after its row of weights, while the parameter order is all weights then all biases; the block
-  is ``Pᵀ (G ⊗ A) P`` with the ``Permutation`` P from parameter to Kronecker order
+  is ``Pᵀ (G ⊗ A) P`` with the permutation P (``AppendColumn``) from parameter to Kronecker order
   (:func:`kron_permutation`);
 * Embedding (order "ag", W (V, d)): ``diag(token frequencies) ⊗ G``;
 * ConvTranspose2d (order "ag", W (C_in, C_out·kh·kw)): ``A ⊗ G``, and its bias as a separate exact
@@ -37,7 +37,17 @@ import math
 import torch
 
 from ..errors import UnsupportedError
-from ..ops import BlockDiag, Dense, Diagonal, Eigen, Identity, Kronecker, LowRank, Permutation
+from ..ops import (
+    AppendColumn,
+    BlockDiag,
+    Dense,
+    Diagonal,
+    Eigen,
+    Identity,
+    Kronecker,
+    LowRank,
+    Permutation,
+)
 from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
 from .stats import EKFACDiagAcc, KFACAcc
 
@@ -57,7 +67,7 @@ def kron_permutation(n_out: int, n_in: int) -> torch.Tensor:
 def _permutation_node(n_out: int, n_in: int, dtype: torch.dtype) -> Permutation:
     # nodes are immutable, and building one validates and inverts the permutation (costly for big
     # layers), so one node per layer shape is shared across builds
-    return Permutation(kron_permutation(n_out, n_in), dtype=dtype)
+    return AppendColumn(n_out, n_in, dtype=dtype)
 
 
 def _layer_info(generator, lid):

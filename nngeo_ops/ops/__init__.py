@@ -16,7 +16,7 @@ from .eigen import Eigen
 from .kronecker import Kronecker
 from .lowrank import LowRank
 from .matfree import MatFree
-from .permutation import Permutation
+from .permutation import AppendColumn, Permutation
 from .registry import all_rules, rule
 from .symbolic import Inverse, Power
 
@@ -35,6 +35,7 @@ __all__ = [
     "LowRank",
     "MatFree",
     "Permutation",
+    "AppendColumn",
     "Power",
     "Product",
     "Scale",

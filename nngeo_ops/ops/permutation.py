@@ -88,3 +88,65 @@ class Permutation(LinearOperator):
 
     def _str(self) -> str:
         return self.name
+
+
+class AppendColumn(Permutation):
+    """The permutation ``[vec(W); c] ↦ vec([W | c])`` for W of shape (rows, cols) row-major and c of
+    length rows: a layer's parameters (weights, then bias) into the interleaved order of a Kronecker
+    factorisation with the bias as an extra input. ``inverse=True`` is the transpose.
+
+    The same matrix as ``Permutation(perm)``; products are a concatenation of views instead of a
+    gather (~10× faster for a layer of 2·10⁵ parameters).
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        *,
+        inverse: bool = False,
+        name: str = "P",
+    ):
+        r = torch.arange(rows)[:, None]
+        j = torch.arange(cols + 1)[None, :]
+        perm = torch.where(j < cols, r * cols + j, rows * cols + r).reshape(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        if inverse:
+            perm, inv = inv, perm
+        super().__init__(perm, dtype, device, name=name, _inverse=inv)
+        self.rows, self.cols, self.inverse = rows, cols, inverse
+
+    def _interleave(self, X: torch.Tensor) -> torch.Tensor:
+        k, w = X.shape[1], self.rows * self.cols
+        W = X[:w].reshape(self.rows, self.cols, k)
+        return torch.cat([W, X[w:].reshape(self.rows, 1, k)], dim=1).reshape(-1, k)
+
+    def _split(self, X: torch.Tensor) -> torch.Tensor:
+        k = X.shape[1]
+        Y = X.reshape(self.rows, self.cols + 1, k)
+        return torch.cat([Y[:, : self.cols].reshape(-1, k), Y[:, self.cols]], dim=0)
+
+    def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._split(X) if self.inverse else self._interleave(X)
+
+    def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._interleave(X) if self.inverse else self._split(X)
+
+    def transpose(self) -> AppendColumn:
+        name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
+        return AppendColumn(
+            self.rows, self.cols, self.dtype, self.device, inverse=not self.inverse, name=name
+        )
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> AppendColumn:
+        return AppendColumn(
+            self.rows,
+            self.cols,
+            dtype or self.dtype,
+            device or self.device,
+            inverse=self.inverse,
+            name=self.name,
+        )

@@ -383,3 +383,37 @@ class TestDampedGaussNewtonPattern(OperatorSuite):
         )
         op = Jop.T @ Dense(H, psd=True, name="H") @ Jop + 0.3 * Identity(7)
         return op, J.mT @ H @ J + 0.3 * torch.eye(7, dtype=J.dtype)
+
+
+class TestAppendColumn(OperatorSuite):
+    """A layer's (weights, bias) into Kronecker order, by concatenation instead of a gather."""
+
+    def params(self, dtype, gen):
+        return [torch.zeros((), dtype=F64)]
+
+    def build(self, p):
+        from nngeo_ops.ops import AppendColumn
+
+        dtype = p[0].dtype  # carries the dtype the case is built in
+        r = torch.arange(3)[:, None]
+        j = torch.arange(5)[None, :]
+        perm = torch.where(j < 4, r * 4 + j, 12 + r).reshape(-1)
+        return AppendColumn(3, 4, dtype=dtype), torch.eye(15, dtype=dtype)[perm]
+
+
+class TestAppendColumnCongruence(OperatorSuite):
+    """``Pᵀ (G ⊗ A) P + c·I`` with the fast P and its fast transpose."""
+
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 2, 2), rnd(gen, 4, 4)]
+
+    def build(self, p):
+        from nngeo_ops.ops import AppendColumn
+
+        G, A = spd(p[0]), spd(p[1])
+        P = AppendColumn(2, 3, dtype=G.dtype)
+        Pd = P.to_dense()
+        op = P.T @ Kronecker(Dense(G, psd=True), Dense(A, psd=True)) @ P + 0.1 * Identity(8)
+        return op, Pd.mT @ torch.kron(G, A) @ Pd + 0.1 * torch.eye(8, dtype=G.dtype)
