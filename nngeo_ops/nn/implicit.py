@@ -36,7 +36,7 @@ from ..errors import DataError
 from ..ops import LinearOperator, MatFree, Product
 from . import functional as fx
 from .capture import batch_labels, output_factor
-from .jacobian import Jacobian
+from .jacobian import LOADER_CHANGED, Jacobian
 from .jacobian_generator import JacobianGenerator
 
 
@@ -150,21 +150,15 @@ class OutputCurvature(MatFree):
                 out = prod.fm(prod.fm.flat0, batch)
             b = out.shape[0]
             if start + b > n or out[0].numel() != c:
-                raise DataError(_CHANGED)
+                raise DataError(LOADER_CHANGED)
             lmat, count = factor(out, batch)
             ub = u3[:, start : start + b, :].permute(2, 1, 0).reshape(k, *out.shape)
             parts.append(fx.apply_output_factor(lmat, ub).reshape(k, b, c))
             start, total, nb = start + b, total + count, nb + 1
         if start != n:
-            raise DataError(_CHANGED)
+            raise DataError(LOADER_CHANGED)
         hu = torch.cat(parts, dim=1) * gen._finish(total, nb)  # (k, N, C)
         return hu.permute(2, 1, 0).reshape(c * n, k)
-
-
-_CHANGED = (
-    "the loader yielded different examples than when the operator was built; it must yield the "
-    "same examples in the same order at every pass (use shuffle=False)"
-)
 
 
 class GaussNewton(Product):

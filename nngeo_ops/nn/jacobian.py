@@ -56,6 +56,11 @@ from .vector import FVector, PVector, flat_fvector, flat_pvector
 # activations of one chunk of examples.
 MAX_COLUMNS = 128
 
+LOADER_CHANGED = (
+    "the loader yielded different examples than when the operator was built; it must yield the "
+    "same examples in the same order at every pass (use shuffle=False)"
+)
+
 
 # ---------------------------------------------------------------------- the Jacobian node
 class Jacobian(MatFree):
@@ -162,23 +167,16 @@ class Jacobian(MatFree):
         for i, chunk in enumerate(self.generator.chunks(self.loader, desc)):
             b = batch_size_of(chunk)
             if i >= len(self.chunk_sizes) or b != self.chunk_sizes[i]:
-                raise DataError(self._changed())
+                raise DataError(LOADER_CHANGED)
             sig = fingerprint(chunk, b)
             ok = torch.allclose(
                 sig, self._prints[i], rtol=FINGERPRINT_RTOL, atol=1e-6, equal_nan=True
             )
             if not ok:
-                raise DataError(self._changed())
+                raise DataError(LOADER_CHANGED)
             yield chunk
         if i + 1 != len(self.chunk_sizes):
-            raise DataError(self._changed())
-
-    @staticmethod
-    def _changed() -> str:
-        return (
-            "the loader yielded different examples than when the Jacobian was built; it must "
-            "yield the same examples in the same order at every pass (use shuffle=False)"
-        )
+            raise DataError(LOADER_CHANGED)
 
     # ------------------------------------------------------------------ products
     def _f(self, chunk):

@@ -89,6 +89,11 @@ def _eigh(m):
     return e.clamp_min(0).to(m.dtype), q.to(m.dtype).contiguous()
 
 
+def _a_low_rank(rows: torch.Tensor) -> LowRank:
+    """A = rowsᵀ·rows as a node (U = rowsᵀ, stored row-major for its products)."""
+    return LowRank(rows.mT.contiguous(), psd=True, name="A")
+
+
 def _a_size(f) -> int:
     rows = f.get("A_rows")
     return rows.shape[1] if rows is not None else f["A"].shape[0]
@@ -123,7 +128,7 @@ class PMatKFAC(PMatAbstract):
         module, rule = _layer_info(generator, lid)
         rows = f.get("A_rows")
         if rows is not None:  # A = rowsᵀ rows, of rank ≤ the number of rows (see KroneckerFactors)
-            a_node = LowRank(rows.mT.contiguous(), psd=True, name="A")
+            a_node = _a_low_rank(rows)
         elif f["A"].dim() == 1:
             a_node = Diagonal(f["A"], name="A")
         else:
@@ -234,7 +239,7 @@ class PMatEKFAC(PMatKFAC):
             module, rule = _layer_info(generator, lid)
             rows, g = f.get("A_rows"), f["G"]
             if rows is not None:  # a complete basis from the QR of the rows: O(dA² n), not O(dA³)
-                ea, qa = LowRank(rows.mT.contiguous(), psd=True).eigh_factors(complete=True)
+                ea, qa = _a_low_rank(rows).eigh_factors(complete=True)
                 ea = ea.clamp_min(0)
             elif f["A"].dim() == 1:
                 a = f["A"]
