@@ -198,6 +198,9 @@ def test_damped_solve_in_function_space():
         calls.append(1)
         return gram(self)
 
+    jt = gt.jacobian(model, x)  # (N, C, P) -> output-major rows
+    jflat = jt.permute(1, 0, 2).reshape(-1, p)
+    torch.testing.assert_close(F.op.J.gram(), jflat @ jflat.T)
     v = _vectors(p, k=1)[:, 0]
     damped = F.op + 0.05 * Identity(p)
     c = damped.compile()
