@@ -222,3 +222,17 @@ def test_damped_solve_in_function_space():
     assert F.op.J.gram() is None
     c2 = (F.op + 0.05 * Identity(p)).compile()
     torch.testing.assert_close(c2.solve(v), torch.linalg.solve(dense, v))
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d"])
+def test_trace_and_norm_from_the_gram_matrix(case):
+    # tr(JᵀHJ) = tr(H·J Jᵀ) and ‖JᵀHJ‖²_F = tr((H·J Jᵀ)²): exact, from the NTK engine, no P × P
+    model, x = make(case)
+    F = FIM(model, loader_of(x, sizes=(2, 2)), PMatImplicit, progress=False)
+    truth = gt.fim(model, x, "classif_logits")
+    c = F.op.compile()
+    torch.testing.assert_close(c.trace(), truth.trace())
+    torch.testing.assert_close(c.frobenius_norm(), torch.linalg.matrix_norm(truth))
+    text = c.explain()
+    assert "from the Gram matrix" in text and "fallback" not in text
+    torch.testing.assert_close(F.trace(), truth.trace())
