@@ -310,9 +310,13 @@ class PMatImplicit(PMatAbstract):
     the output-space curvature s·blockdiag_n(L_n L_nᵀ) in the same row order (s = 1/N for a mean
     reduction). ``simplify`` and ``explain`` see that structure; products take a fused path, one
     pass over ``examples`` (a forward pass carrying the tangent, the output factor, a backward pass).
-    For the Hessian ``F.op`` is a batched ``MatFree`` ``∇²L`` (Hessian-vector products). Quantities
-    without a product form (diag, trace, solve) fall back to the ops policies (iterative methods or,
-    for small P, densification).
+    With C·N outputs × examples at most ``CompilePolicy.dense_limit``, the algebra uses the structure:
+    the damped solve and log-determinant go through a (C·N)-dimensional system (Woodbury in function
+    space), the trace and Frobenius norm through tr(H·J Jᵀ), and ``eigh`` gives the nonzero spectrum
+    exactly (a truncated eigen form whose basis Jᵀ·C is never formed); J Jᵀ comes from the NTK
+    engine. For the Hessian ``F.op`` is a batched ``MatFree`` ``∇²L`` (Hessian-vector products).
+    Other quantities (the diagonal) fall back to the ops policies (iterative methods or, for small
+    P, densification).
 
     The operator is the curvature at the parameters of construction, as for every representation:
     later updates of the model do not change it.

@@ -236,3 +236,24 @@ def test_trace_and_norm_from_the_gram_matrix(case):
     text = c.explain()
     assert "from the Gram matrix" in text and "fallback" not in text
     torch.testing.assert_close(F.trace(), truth.trace())
+
+
+def test_spectrum_from_the_gram_matrix():
+    # the nonzero eigenpairs of JᵀHJ from the m × m matrix Lᵀ(J Jᵀ)L; the basis Jᵀ·C stays lazy
+    from nngeo_ops.ops import Eigen
+
+    model, x = make("mlp")
+    F = FIM(model, loader_of(x, sizes=(3,)), PMatImplicit, progress=False)
+    truth = gt.fim(model, x, "classif_logits")
+    E = F.op.eigh()
+    assert isinstance(E, Eigen) and not E.full and isinstance(E.Q, Product)
+    r = E.evals.numel()
+    assert r <= F.op.J.shape[0]
+    exact = torch.linalg.eigvalsh(truth)
+    torch.testing.assert_close(E.evals.sort().values, exact[-r:])
+    assert exact[:-r].abs().max() < 1e-10  # the rest of the spectrum is zero
+    Q = E.Q.to_dense()
+    torch.testing.assert_close(Q.T @ Q, torch.eye(r, dtype=F64))
+    torch.testing.assert_close(E.to_dense(), truth)
+    v = _vectors(truth.shape[0])
+    torch.testing.assert_close(E @ v, truth @ v)

@@ -18,6 +18,7 @@ from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..registry import rule
 from ._util import orthogonal_congruence
+from .diag import gram_congruence
 from .structure import _kron_vectors
 
 
@@ -86,3 +87,27 @@ def lowrank_eigh(node: LowRank, ctx):
         return None
     evals, Q = node.eigh_factors()
     return Eigen(Dense(Q, symmetric=False, orthogonal=True, name="Q"), evals)
+
+
+@rule("eigh", Product, name="nonzero spectrum of a congruence, from the Gram matrix")
+def gram_congruence_eigh(node: Product, ctx):
+    """``Xᵀ M X = BᵀB`` with ``B = LᵀX`` (``M = L Lᵀ``, PSD): its nonzero eigenvalues are those of
+    ``B Bᵀ = Lᵀ K L`` (m × m, ``K = X Xᵀ`` from ``X.gram()``), with eigenvectors ``Xᵀ L w / √σ``.
+
+    The result is a truncated :class:`Eigen` whose basis is the lazy product ``Xᵀ·C`` (n × r, never
+    formed): the exact spectrum of an implicit Gauss-Newton matrix ``Jᵀ·H·J`` from an m × m problem.
+    """
+    if not node.psd:
+        return None
+    mk = gram_congruence(node, ctx)
+    if mk is None:
+        return None
+    M, K = mk
+    lm, V = torch.linalg.eigh(M)
+    L = V * lm.clamp_min(0).sqrt()
+    sig, W = torch.linalg.eigh(L.mT @ K @ L)
+    tol = sig.max().clamp_min(0) * sig.shape[0] * torch.finfo(node.dtype).eps
+    keep = sig > tol
+    C = (L @ W[:, keep]) / sig[keep].sqrt()
+    basis = Product(node.factors[0], Dense(C.to(node.dtype), symmetric=False, name="C"))
+    return Eigen(basis, sig[keep].to(node.dtype))
