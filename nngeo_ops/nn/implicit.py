@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
+from ..ops.registry import rule
 from . import functional as fx
 from .capture import batch_labels, output_factor
 from .jacobian import LOADER_CHANGED, Jacobian
@@ -217,6 +218,27 @@ class GaussNewton(Product):
 
     def _str(self) -> str:
         return "Jᵀ·H·J"
+
+
+@rule("diag", GaussNewton, name="per-example gradients of the hook engine (exact)")
+def gauss_newton_diag(node: GaussNewton, ctx):
+    """diag(JᵀHJ) = s·Σ_n Σ_k (J_nᵀ L_{n,k})², one pass of the statistics engine (PMatDiag's).
+
+    Only where that pass computes the same matrix: the exact and empirical kinds (a Monte-Carlo
+    operator's labels are its own) and the parameters of the snapshot (the engine reads the model).
+    """
+    from .pmat import PMatDiag, _data_from_examples
+
+    gen, products = node.gen, node.products
+    current = torch.cat(
+        [p.detach().reshape(-1) for p in gen.layer_collection.parameters(gen.model)]
+    )
+    if gen.kind not in ("exact", "empirical") or not torch.equal(current, products.fm.flat0):
+        return None
+    try:
+        return _data_from_examples(PMatDiag, gen, node.examples)
+    except UnsupportedError:  # a model the hooks cannot follow: the generic fallbacks apply
+        return None
 
 
 def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatFree:

@@ -314,9 +314,10 @@ class PMatImplicit(PMatAbstract):
     the damped solve and log-determinant go through a (C·N)-dimensional system (Woodbury in function
     space), the trace and Frobenius norm through tr(H·J Jᵀ), and ``eigh`` gives the nonzero spectrum
     exactly (a truncated eigen form whose basis Jᵀ·C is never formed); J Jᵀ comes from the NTK
-    engine. For the Hessian ``F.op`` is a batched ``MatFree`` ``∇²L`` (Hessian-vector products).
-    Other quantities (the diagonal) fall back to the ops policies (iterative methods or, for small
-    P, densification).
+    engine; the diagonal comes from one pass of the statistics engine (exact and empirical kinds).
+    For the Hessian ``F.op`` is a batched ``MatFree`` ``∇²L`` (Hessian-vector products). What has no
+    structured route falls back to the ops policies (iterative methods or, for small P,
+    densification).
 
     The operator is the curvature at the parameters of construction, as for every representation:
     later updates of the model do not change it.

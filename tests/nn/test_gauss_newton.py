@@ -257,3 +257,25 @@ def test_spectrum_from_the_gram_matrix():
     torch.testing.assert_close(E.to_dense(), truth)
     v = _vectors(truth.shape[0])
     torch.testing.assert_close(E @ v, truth @ v)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d"])
+def test_diagonal_from_the_statistics_engine(case):
+    model, x = make(case)
+    F = FIM(model, loader_of(x, sizes=(2, 2)), PMatImplicit, progress=False)
+    truth = gt.fim(model, x, "classif_logits")
+    c = F.op.compile()
+    torch.testing.assert_close(c.diag(), truth.diagonal())
+    assert "per-example gradients" in c.explain()
+    torch.testing.assert_close(F.get_diag(), truth.diagonal())
+    # a Monte-Carlo operator's labels are its own: its diagonal is that of its own products
+    mc = FIM_MonteCarlo(
+        model,
+        loader_of(x),
+        PMatImplicit,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    cm = mc.op.compile()
+    torch.testing.assert_close(cm.diag(), mc.op.to_dense().diagonal())
+    assert "per-example gradients" not in cm.explain()
