@@ -232,3 +232,21 @@ def test_float32_eigh_in_float32_with_float64_fallback(monkeypatch):
     truth = torch.linalg.eigvalsh(m.double())
     torch.testing.assert_close(evals.double(), truth, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(Q @ torch.diag(evals) @ Q.T, m, rtol=1e-4, atol=1e-3)
+
+
+def test_function_space_solve_reports_a_singular_system():
+    # Xᵀ M X + c·I with an indefinite M that cancels the shift exactly on range(Xᵀ): singular
+    import pytest
+
+    from nngeo_ops.errors import SingularError
+    from nngeo_ops.ops import Dense, Identity, MatFree
+
+    X = torch.zeros(2, 5, dtype=torch.float64)
+    X[0, 0] = X[1, 1] = 1.0  # X Xᵀ = I
+    Xop = MatFree(
+        lambda V: X @ V, (2, 5), X.dtype, rmatvec=lambda V: X.mT @ V, batched=True, name="X"
+    )
+    M = Dense(-torch.eye(2, dtype=torch.float64), symmetric=True, name="M")
+    op = Xop.T @ M @ Xop + 1.0 * Identity(5)
+    with pytest.raises(SingularError, match="function-space system"):
+        op.solve(torch.ones(5, dtype=torch.float64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import SingularError
+from ...errors import NonFiniteError, SingularError
 from ..base import scalar_float
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum, Transpose, is_transpose_of
@@ -189,7 +189,18 @@ def wide_congruence_parts(node: Sum, ctx):
                 )
                 Md = M.to_dense().to(wide)
                 S = c * torch.eye(m, dtype=wide, device=X.device) + K.to(wide) @ Md
-                parts = (X, Md, c, S, torch.linalg.lu_factor(S))
+                if not bool(torch.isfinite(S).all()):
+                    raise NonFiniteError(
+                        f"{node._str()}: the function-space system has NaN or inf entries (from "
+                        "X Xᵀ or M); check the data and the model outputs"
+                    )
+                LU, piv, info = torch.linalg.lu_factor_ex(S)
+                if int(info) != 0:  # det(c·I + XᵀMX) = c^(n-m)·det(S): the operator is singular
+                    raise SingularError(
+                        f"{node._str()} is singular (its {m}×{m} function-space system has a zero "
+                        "pivot); increase the damping"
+                    )
+                parts = (X, Md, c, S, (LU, piv))
     ctx._memo[key] = parts
     return parts
 
