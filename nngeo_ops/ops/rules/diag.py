@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ...errors import NonFiniteError
 from ..base import LinearOperator, scalar_float
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum, Transpose, is_transpose_of
@@ -213,7 +214,10 @@ def gram_congruence(node: LinearOperator, ctx):
     if K is None:
         return None
     wide = torch.float64 if X.dtype in (torch.float32, torch.float16, torch.bfloat16) else X.dtype
-    return M.to_dense().to(wide), K.to(wide)
+    M, K = M.to_dense().to(wide), K.to(wide)
+    if not (bool(torch.isfinite(M).all()) and bool(torch.isfinite(K).all())):
+        raise NonFiniteError(f"{node._str()}: X Xᵀ or M has NaN or inf entries")
+    return M, K
 
 
 @rule("trace", Product, name="tr(M·X Xᵀ) of a congruence, from the Gram matrix")
