@@ -250,3 +250,22 @@ def test_function_space_solve_reports_a_singular_system():
     op = Xop.T @ M @ Xop + 1.0 * Identity(5)
     with pytest.raises(SingularError, match="function-space system"):
         op.solve(torch.ones(5, dtype=torch.float64))
+
+
+def test_gram_rules_need_a_symmetric_core():
+    # tr and ‖·‖ of Xᵀ M X from X Xᵀ: the norm formula tr((MK)²) holds for a symmetric M only; a
+    # general M takes the generic routes, and both agree with the dense matrix
+    from nngeo_ops.ops import Dense, MatFree
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    for M in (torch.randn(3, 3, dtype=torch.float64, generator=g), None):
+        M = M if M is not None else torch.eye(3, dtype=torch.float64) * 2.0
+        Xop = MatFree(lambda V: X @ V, (3, 6), X.dtype, rmatvec=lambda V: X.mT @ V, batched=True)
+        Xop.gram = lambda: X @ X.mT
+        op = Xop.T @ Dense(M, symmetric=None) @ Xop
+        dense = X.mT @ M @ X
+        c = op.compile()
+        torch.testing.assert_close(c.frobenius_norm(), torch.linalg.matrix_norm(dense))
+        torch.testing.assert_close(c.trace(), dense.trace())
+        assert ("from the Gram matrix" in c.explain()) == bool(torch.equal(M, M.mT))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import NotPSDError, SingularError
+from ...errors import NonFiniteError, NotPSDError, SingularError
 from ..base import LinearOperator, Scalar, scalar_float
 from ..composites import Product, is_transpose_of
 
@@ -16,6 +16,41 @@ def orthogonal_congruence(node: LinearOperator) -> tuple | None:
         if is_transpose_of(a, q) and q.orthogonal and q.shape[0] == q.shape[1]:
             return a, m, q
     return None
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float32 and half precisions (small systems that carry a damping's conditioning)."""
+    return torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+
+
+def congruence_gram(node: LinearOperator, ctx, from_products: bool = False) -> tuple | None:
+    """For ``node = Xᵀ·M·X`` (M symmetric, X of shape (m, n), m ≤ ``policy.dense_limit``): ``(X, M,
+    K)`` with M and ``K = X Xᵀ`` dense, in float64 for float32 operands; else None.
+
+    K comes from ``X.gram()`` where the node offers it (the ``Jacobian`` of ``nngeo_ops.nn``, from
+    its NTK engine); otherwise, with ``from_products``, from m products with Xᵀ and X. Memoised per
+    compilation, so that trace, norm, spectrum, solve and log-determinant share one K.
+    """
+    key = ("congruence gram", id(node), from_products)
+    if key in ctx._memo:
+        return ctx._memo[key]
+    out = None
+    if isinstance(node, Product) and len(node.factors) == 3:
+        qt, M, X = node.factors
+        m = X.shape[0]
+        if is_transpose_of(qt, X) and M.symmetric and m <= ctx.policy.dense_limit:
+            gram = getattr(X, "gram", None)
+            K = gram() if callable(gram) else None
+            if K is None and from_products:
+                K = X._matmat(X._rmatmat(torch.eye(m, dtype=X.dtype, device=X.device)))
+            if K is not None:
+                wide = wide_dtype(X.dtype)
+                Md, K = M.to_dense().to(wide), K.to(wide)
+                if not (bool(torch.isfinite(Md).all()) and bool(torch.isfinite(K).all())):
+                    raise NonFiniteError(f"{node._str()}: X Xᵀ or M has NaN or inf entries")
+                out = (X, Md, K)
+    ctx._memo[key] = out
+    return out
 
 
 def check_nonzero(values: torch.Tensor | Scalar, what: str) -> None:

@@ -11,10 +11,9 @@ import math
 
 import torch
 
-from ...errors import NonFiniteError
 from ..base import LinearOperator, scalar_float
 from ..blockdiag import BlockDiag
-from ..composites import Product, Scale, Sum, Transpose, is_transpose_of
+from ..composites import Product, Scale, Sum, Transpose
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
@@ -22,7 +21,7 @@ from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..permutation import Permutation
 from ..registry import rule
-from ._util import orthogonal_congruence
+from ._util import congruence_gram, orthogonal_congruence
 
 
 def hadamard_square(Q: LinearOperator) -> LinearOperator | None:
@@ -200,32 +199,12 @@ def product_trace(node: Product, ctx):
     return None if d is None else d.sum()
 
 
-def gram_congruence(node: LinearOperator, ctx):
-    """For ``Xᵀ·M·X`` whose X offers ``gram()`` (X Xᵀ, m × m, m ≤ ``policy.dense_limit``): the dense
-    ``(M, K)`` in float64 for float32 operands, or None. The Jacobian of ``nngeo_ops.nn`` offers it
-    (from the NTK engine), so the trace and norm of ``Jᵀ·H·J`` are exact and never densify P × P."""
-    if not (isinstance(node, Product) and len(node.factors) == 3):
-        return None
-    qt, M, X = node.factors
-    gram = getattr(X, "gram", None)
-    if not (callable(gram) and is_transpose_of(qt, X) and X.shape[0] <= ctx.policy.dense_limit):
-        return None
-    K = gram()
-    if K is None:
-        return None
-    wide = torch.float64 if X.dtype in (torch.float32, torch.float16, torch.bfloat16) else X.dtype
-    M, K = M.to_dense().to(wide), K.to(wide)
-    if not (bool(torch.isfinite(M).all()) and bool(torch.isfinite(K).all())):
-        raise NonFiniteError(f"{node._str()}: X Xᵀ or M has NaN or inf entries")
-    return M, K
-
-
 @rule("trace", Product, name="tr(M·X Xᵀ) of a congruence, from the Gram matrix")
 def gram_congruence_trace(node: Product, ctx):
-    mk = gram_congruence(node, ctx)
-    if mk is None:
+    parts = congruence_gram(node, ctx)
+    if parts is None:
         return None
-    M, K = mk
+    _, M, K = parts
     return (M * K).sum().to(node.dtype)  # tr(XᵀMX) = tr(M K), both symmetric
 
 
@@ -292,9 +271,9 @@ def product_fro(node: Product, ctx):
 
 @rule("frobenius", Product, name="√tr((M·X Xᵀ)²) of a congruence, from the Gram matrix")
 def gram_congruence_fro(node: Product, ctx):
-    mk = gram_congruence(node, ctx)
-    if mk is None:
+    parts = congruence_gram(node, ctx)
+    if parts is None:
         return None
-    M, K = mk
+    _, M, K = parts
     MK = M @ K
     return torch.sqrt((MK * MK.mT).sum().clamp_min(0)).to(node.dtype)  # ‖XᵀMX‖² = tr(MKMK)

@@ -17,8 +17,7 @@ from ..eigen import Eigen
 from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..registry import rule
-from ._util import orthogonal_congruence
-from .diag import gram_congruence
+from ._util import congruence_gram, orthogonal_congruence
 from .structure import _kron_vectors
 
 
@@ -99,10 +98,10 @@ def gram_congruence_eigh(node: Product, ctx):
     """
     if not node.psd:
         return None
-    mk = gram_congruence(node, ctx)
-    if mk is None:
+    parts = congruence_gram(node, ctx)
+    if parts is None:
         return None
-    M, K = mk
+    _, M, K = parts
     lm, V = torch.linalg.eigh(M)
     L = V * lm.clamp_min(0).sqrt()
     sig, W = torch.linalg.eigh(L.mT @ K @ L)

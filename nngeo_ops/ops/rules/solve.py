@@ -8,7 +8,7 @@ import torch
 from ...errors import NonFiniteError, SingularError
 from ..base import scalar_float
 from ..blockdiag import BlockDiag
-from ..composites import Product, Scale, Sum, Transpose, is_transpose_of
+from ..composites import Product, Scale, Sum, Transpose
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
@@ -17,7 +17,7 @@ from ..lowrank import LowRank
 from ..permutation import Permutation
 from ..registry import rule
 from ..symbolic import Inverse
-from ._util import check_nonzero
+from ._util import check_nonzero, congruence_gram
 
 
 @rule("solve", Dense, name="Cholesky (PSD) or LU")
@@ -153,10 +153,9 @@ def woodbury_solve(node: Sum, ctx):
 
 def wide_congruence_parts(node: Sum, ctx):
     """For ``A = Xᵀ M X + c·I`` with ``X`` of shape (m, n), m < n (a Gauss-Newton matrix ``Jᵀ H J``
-    over fewer outputs than parameters): ``(X, M, c, K, LU(c·I + K M))`` with ``K = X Xᵀ``, or None.
-
-    ``K`` comes from ``X.gram()`` where the node offers it (the Jacobian's NTK engine), else from
-    m products with X and Xᵀ. Needs m ≤ ``policy.dense_limit``: everything formed is m × m.
+    over fewer outputs than parameters): ``(X, M, c, S, LU(S))`` with ``S = c·I + K M``, ``K = X Xᵀ``
+    and M dense (:func:`congruence_gram`: K from ``X.gram()`` or from m products with X and Xᵀ;
+    m ≤ ``policy.dense_limit``, so everything formed is m × m), or None.
     """
     key = ("wide congruence", id(node))
     if key in ctx._memo:
@@ -164,43 +163,28 @@ def wide_congruence_parts(node: Sum, ctx):
     parts = None
     shifts = [t for t in node.terms if isinstance(t, ScaledIdentity)]
     rest = [t for t in node.terms if not isinstance(t, ScaledIdentity)]
-    if len(shifts) == 1 and len(rest) == 1:
+    if len(shifts) == 1 and len(rest) == 1 and scalar_float(shifts[0].c) != 0.0:
         t, c = rest[0], shifts[0].c
-        if (
-            isinstance(t, Product)
-            and len(t.factors) == 3
-            and is_transpose_of(t.factors[0], t.factors[2])
-            and t.factors[1].symmetric
-        ):
-            X, M = t.factors[2], t.factors[1]
-            m, n = X.shape
-            if m < n and m <= ctx.policy.dense_limit and scalar_float(c) != 0.0:
-                gram = getattr(X, "gram", None)
-                K = gram() if callable(gram) else None
-                if K is None:
-                    eye = torch.eye(m, dtype=X.dtype, device=X.device)
-                    K = X._matmat(X._rmatmat(eye))
-                # the m × m system in float64 for float32 operands: it carries the damping's
-                # conditioning, and m ≤ dense_limit keeps it cheap next to the passes over data
-                wide = (
-                    torch.float64
-                    if X.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                    else X.dtype
+        wide_x = isinstance(t, Product) and t.shape[0] > t.factors[-1].shape[0]
+        cong = congruence_gram(t, ctx, from_products=True) if wide_x else None
+        if cong is not None:
+            X, Md, K = cong
+            m = X.shape[0]
+            # the m × m system in float64 for float32 operands: it carries the damping's
+            # conditioning, and m ≤ dense_limit keeps it cheap next to the passes over data
+            S = c * torch.eye(m, dtype=Md.dtype, device=X.device) + K @ Md
+            if not bool(torch.isfinite(S).all()):
+                raise NonFiniteError(
+                    f"{node._str()}: the function-space system has NaN or inf entries (from "
+                    "X Xᵀ or M); check the data and the model outputs"
                 )
-                Md = M.to_dense().to(wide)
-                S = c * torch.eye(m, dtype=wide, device=X.device) + K.to(wide) @ Md
-                if not bool(torch.isfinite(S).all()):
-                    raise NonFiniteError(
-                        f"{node._str()}: the function-space system has NaN or inf entries (from "
-                        "X Xᵀ or M); check the data and the model outputs"
-                    )
-                LU, piv, info = torch.linalg.lu_factor_ex(S)
-                if int(info) != 0:  # det(c·I + XᵀMX) = c^(n-m)·det(S): the operator is singular
-                    raise SingularError(
-                        f"{node._str()} is singular (its {m}×{m} function-space system has a zero "
-                        "pivot); increase the damping"
-                    )
-                parts = (X, Md, c, S, (LU, piv))
+            LU, piv, info = torch.linalg.lu_factor_ex(S)
+            if int(info) != 0:  # det(c·I + XᵀMX) = c^(n-m)·det(S): the operator is singular
+                raise SingularError(
+                    f"{node._str()} is singular (its {m}×{m} function-space system has a zero "
+                    "pivot); increase the damping"
+                )
+            parts = (X, Md, c, S, (LU, piv))
     ctx._memo[key] = parts
     return parts
 
