@@ -230,9 +230,7 @@ def gauss_newton_diag(node: GaussNewton, ctx):
     from .pmat import PMatDiag, _data_from_examples
 
     gen, products = node.gen, node.products
-    current = torch.cat(
-        [p.detach().reshape(-1) for p in gen.layer_collection.parameters(gen.model)]
-    )
+    current = gen.layer_collection.flat_parameters(gen.model)
     if gen.kind not in ("exact", "empirical") or not torch.equal(current, products.fm.flat0):
         return None
     try:

@@ -178,9 +178,7 @@ class JacobianGenerator:
         return flatten_outputs(self.function(*batch))
 
     def current_flat(self) -> torch.Tensor:
-        return torch.cat(
-            [p.detach().reshape(-1) for p in self.layer_collection.parameters(self.model)]
-        )
+        return self.layer_collection.flat_parameters(self.model)
 
     def jacobian_op(self, examples, name: str = "J"):
         """The :class:`~nngeo_ops.nn.jacobian.Jacobian` node of ``examples``."""

@@ -208,6 +208,10 @@ class LayerCollection:
                 out.append(p)
         return out
 
+    def flat_parameters(self, model: nn.Module) -> torch.Tensor:
+        """The covered parameters of ``model`` as one detached flat vector (a copy), in flat order."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters(model)])
+
     def named_parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         names = [n for e in self.layers.values() for n in e.param_names]
         return list(zip(names, self.parameters(model)))
