@@ -76,17 +76,10 @@ def _layer_info(generator, lid):
 
 
 def _eigh(m):
-    # The eigenbasis of a factor, in the factor's own precision: a float32 factor was summed in
-    # float32, so its small eigenvalues are known to ~eps·‖m‖ whatever precision factorises it, and
-    # float32 eigh attains that (backward stable) at about half the cost of float64. EKFAC refits
-    # the eigenvalues in this basis anyway. float64 is the fallback where the solver does not
-    # converge.
-    try:
-        e, q = torch.linalg.eigh(m)
-    except RuntimeError:
-        e, q = torch.linalg.eigh(m.double())
-    # row-major: eigh's column-major Q makes the Kronecker products of EKFAC ~5× slower on CPU
-    return e.clamp_min(0).to(m.dtype), q.to(m.dtype).contiguous()
+    """The eigenbasis of a factor (row-major, in the factor's own precision; see
+    :meth:`~nngeo_ops.ops.Dense.eigh_factors`), eigenvalues clamped at 0 (the factor is PSD)."""
+    e, q = Dense(m, psd=True).eigh_factors()
+    return e.clamp_min(0), q
 
 
 def _a_low_rank(rows: torch.Tensor) -> LowRank:
