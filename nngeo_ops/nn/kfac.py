@@ -6,8 +6,9 @@ KFAC (``PMatKFAC``) is ``BlockDiag`` over layers of:
   (patches), G over the outputs. Without bias this *is* the block in parameter order (vec W row-major
   = g ⊗ a). With a bias, A gets a trailing constant input, so the Kronecker order interleaves each
   bias after its row of weights, while the parameter order is all weights then all biases; the block
-  is ``Pᵀ (G ⊗ A) P`` with the permutation P (``AppendColumn``) from parameter to Kronecker order
-  (:func:`kron_permutation`);
+  is ``Pᵀ (G ⊗ A) P`` with the permutation P from parameter to Kronecker order
+  (:class:`~nngeo_ops.ops.AppendColumn`: Kronecker index o·(n_in + 1) + i, i = n_in the bias of
+  row o);
 * Embedding (order "ag", W (V, d)): ``diag(token frequencies) ⊗ G``;
 * ConvTranspose2d (order "ag", W (C_in, C_out·kh·kw)): ``A ⊗ G``, and its bias as a separate exact
   dense block (the bias gradient has no Kronecker form there);
@@ -46,25 +47,13 @@ from ..ops import (
     Identity,
     Kronecker,
     LowRank,
-    Permutation,
 )
 from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
 from .stats import EKFACDiagAcc, KFACAcc
 
 
-def kron_permutation(n_out: int, n_in: int) -> torch.Tensor:
-    """perm with perm[j] = parameter index of Kronecker index j, for W (n_out, n_in) and bias (n_out).
-
-    Kronecker index j = o·(n_in + 1) + i (i = n_in is the bias of row o); parameter order is
-    W row-major then the bias.
-    """
-    o = torch.arange(n_out)[:, None]
-    i = torch.arange(n_in + 1)[None, :]
-    return torch.where(i < n_in, o * n_in + i, n_out * n_in + o).reshape(-1)
-
-
 @functools.lru_cache(maxsize=64)
-def _permutation_node(n_out: int, n_in: int, dtype: torch.dtype) -> Permutation:
+def _permutation_node(n_out: int, n_in: int, dtype: torch.dtype) -> AppendColumn:
     # nodes are immutable, and building one validates and inverts the permutation (costly for big
     # layers), so one node per layer shape is shared across builds
     return AppendColumn(n_out, n_in, dtype=dtype)
