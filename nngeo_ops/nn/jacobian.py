@@ -252,7 +252,9 @@ class Jacobian(MatFree):
         Gauss-Newton systems in function space."""
         if not torch.equal(self.generator.current_flat(), self.fm.flat0):
             return None
-        k = self.generator.get_gram_matrix(self.loader)
+        # the chunks of a checked pass (a reshuffled loader raises, as in every product); a list,
+        # since the engine may start over with another backend
+        k = self.generator.get_gram_matrix(list(self._pass("gram")))
         m = self.shape[0]
         return k.reshape(m, m).to(self.dtype)
 

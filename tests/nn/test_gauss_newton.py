@@ -279,3 +279,13 @@ def test_diagonal_from_the_statistics_engine(case):
     cm = mc.op.compile()
     torch.testing.assert_close(cm.diag(), mc.op.to_dense().diagonal())
     assert "per-example gradients" not in cm.explain()
+
+
+def test_gram_checks_the_loader():
+    model, x = make("mlp")
+    batches = loader_of(x, sizes=(2,))
+    F = FIM(model, batches, PMatImplicit, progress=False)
+    J = F.op.J
+    batches[0] = (batches[0][0].flip(0),)  # the first batch's examples reshuffled
+    with pytest.raises(DataError, match="same examples"):
+        J.gram()
