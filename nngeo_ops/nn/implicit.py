@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError, UnsupportedError
+from ..errors import UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
 from .capture import batch_labels, output_factor
-from .jacobian import LOADER_CHANGED, Jacobian
+from .jacobian import Jacobian
 from .jacobian_generator import JacobianGenerator
 
 
@@ -119,16 +119,17 @@ class OutputCurvature(MatFree):
     """H = s · blockdiag_n(L_n L_nᵀ) in function space, (C·N) × (C·N), rows output-major.
 
     L_n is the factor the fused GGN path uses for example n (same output model, kind, Monte-Carlo
-    seed and batches), so ``Jᵀ @ (H @ (J @ v))`` equals the fused product. Each product makes one
+    seed and batches, read through the Jacobian's checked pass, so that a reshuffled loader raises),
+    so ``Jᵀ @ (H @ (J @ v))`` equals the fused product. Each product makes one
     forward pass without gradient over the loader, to get the outputs the factor depends on (and
     the labels of the batches); nothing of size (C·N)² is stored.
     """
 
-    def __init__(self, products: ImplicitProducts, n_output: int, n_examples: int):
-        self.products = products
-        self.n_output, self.n_examples = n_output, n_examples
+    def __init__(self, products: ImplicitProducts, jacobian: Jacobian):
+        self.products, self.jacobian = products, jacobian
+        self.n_output, self.n_examples = jacobian.n_output, jacobian.n_examples
         gen = products.gen
-        m = n_output * n_examples
+        m = self.n_output * self.n_examples
         super().__init__(
             self._apply_h,
             (m, m),
@@ -146,18 +147,15 @@ class OutputCurvature(MatFree):
         u3 = u.reshape(c, n, k)
         factor = prod.factor(prod.rng())
         parts, start, total, nb = [], 0, 0, 0
-        for batch in gen._batches(prod.examples, "output curvature"):
+        # the Jacobian's checked pass: the batches J's rows were built from, or DataError
+        for batch in self.jacobian._pass("output curvature"):
             with torch.no_grad():
                 out = prod.fm(prod.fm.flat0, batch)
             b = out.shape[0]
-            if start + b > n or out[0].numel() != c:
-                raise DataError(LOADER_CHANGED)
             lmat, count = factor(out, batch)
             ub = u3[:, start : start + b, :].permute(2, 1, 0).reshape(k, *out.shape)
             parts.append(fx.apply_output_factor(lmat, ub).reshape(k, b, c))
             start, total, nb = start + b, total + count, nb + 1
-        if start != n:
-            raise DataError(LOADER_CHANGED)
         hu = torch.cat(parts, dim=1) * gen._finish(total, nb)  # (k, N, C)
         return hu.permute(2, 1, 0).reshape(c * n, k)
 
@@ -192,7 +190,7 @@ class GaussNewton(Product):
                     progress=gen.progress,
                 )
             J = Jacobian(generator=jgen, loader=self.examples, params=self.products.fm.flat0)
-            H = OutputCurvature(self.products, J.n_output, J.n_examples)
+            H = OutputCurvature(self.products, J)
             self._built = (J.T, H, J)
         return self._built
 

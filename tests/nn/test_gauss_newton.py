@@ -148,6 +148,10 @@ def test_output_curvature_checks_the_loader():
     batches.append(batches[0])  # the loader now yields more examples than at construction
     with pytest.raises(DataError, match="same examples"):
         H @ torch.zeros(H.shape[0], dtype=F64)
+    batches.pop()
+    batches[0] = (batches[0][0].flip(0),)  # the same sizes, the examples reshuffled
+    with pytest.raises(DataError, match="same examples"):
+        H @ torch.zeros(H.shape[0], dtype=F64)
 
 
 def test_hessian_is_not_a_congruence():
