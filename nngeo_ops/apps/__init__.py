@@ -1,0 +1,14 @@
+"""Applications on the public surface of :mod:`nngeo_ops.nn`, :mod:`nngeo_ops.ops` and
+:mod:`nngeo_ops.linalg`."""
+
+from .damping import AdaptiveDamping, ConstantDamping, ScheduledDamping
+from .optim import NaturalGradient, Preconditioner, PreconditionerSettings
+
+__all__ = [
+    "AdaptiveDamping",
+    "ConstantDamping",
+    "NaturalGradient",
+    "Preconditioner",
+    "PreconditionerSettings",
+    "ScheduledDamping",
+]
