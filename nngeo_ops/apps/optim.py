@@ -360,6 +360,10 @@ class Preconditioner:
     # ------------------------------------------------------------------ refresh
     def _source(self, batch):
         st = self.step_statistics
+        if st is not None and st.error is not None:
+            err = st.error
+            st.arm()  # the next forward is recorded afresh
+            raise err
         if st is not None and st.ready:
             st.check_batch(batch)
             return st.feed, "the training step's forward/backward"

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DataError, InvalidArgumentError, ShapeError, UnsupportedError
+from ..errors import DataError, InvalidArgumentError, NNGeoError, ShapeError, UnsupportedError
 from .capture import BatchContext, output_factor
 
 EMPIRICAL_VARIANTS = ("classif_logits", "classif_logsoftmax", "classif_binary_logits")
@@ -60,6 +60,8 @@ class StepStatistics:
     Attributes:
         ready: True once a forward (and, for the empirical kind, its backward) has been recorded.
         why_not: a sentence saying why :attr:`ready` is False.
+        error: the library error raised while recording (NaN in the outputs, wrong output shape),
+            re-raised by :meth:`feed`; None if none.
         batch_size: B of the recorded forward (None before).
     """
 
@@ -93,6 +95,7 @@ class StepStatistics:
         self._count = None
         self._recorded = False
         self._pending = 0  # empirical: layer outputs whose cotangent has not arrived yet
+        self.error = None
         self.why_not = "no forward pass with gradients was recorded since arm()"
 
     @property
@@ -141,6 +144,15 @@ class StepStatistics:
         if not self.cap._recording:  # noqa: SLF001  (a forward without gradients)
             return
         self.cap._recording = False  # noqa: SLF001
+        try:
+            self._record(out)
+        except NNGeoError as err:
+            # raised by feed(), not inside the user's forward: the step that uses the statistics
+            # fails, and leaves the parameters unchanged
+            self.error = err
+            self.why_not = f"the recorded forward could not be used ({err})"
+
+    def _record(self, out):
         calls = [c for u in self.cap.users for c in u.calls]
         if not torch.is_tensor(out) or not out.requires_grad:
             self.why_not = "the recorded forward returned no tensor that depends on the parameters"
@@ -223,6 +235,8 @@ class StepStatistics:
                 )
             else:
                 why = self.why_not
+            if self.error is not None:
+                raise self.error
             raise DataError(f"no statistics from the training step: {why}")
         ctx = BatchContext(self.cap, self.batch_size, self._k, self._count)
         for acc in accumulators:
