@@ -37,16 +37,23 @@ from ..ops import Identity
 
 
 def _finite(tensors, what: str) -> None:
-    for name, t in tensors:
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"{what}: NaN or inf in the curvature statistics ({name}); the parameters are "
-                "left unchanged. Lower the learning rate or check the batch"
-            )
+    tensors = list(tensors)
+    if not tensors:
+        return
+    # one host synchronisation for all the statistics; the culprit is looked up only on failure
+    flags = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(flags.all()):
+        return
+    name = next(n for (n, _), ok in zip(tensors, flags.tolist()) if not ok)
+    raise NonFiniteError(
+        f"{what}: NaN or inf in the curvature statistics ({name}); the parameters are "
+        "left unchanged. Lower the learning rate or check the batch"
+    )
 
 
 def _ema(old, new, beta):
-    return old * beta + new * (1 - beta)
+    """β·old + (1 − β)·new, one pass (a new tensor: ``old`` may back the current operator)."""
+    return torch.lerp(new, old, beta)
 
 
 def _plain(stats):

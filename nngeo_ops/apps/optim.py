@@ -286,8 +286,7 @@ class Preconditioner:
             generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.rng = generator
         if layer_collection is None:
-            kron = s.representation in (PMatKFAC, PMatEKFAC) or s.cg_precond == "kfac"
-            layer_collection = LayerCollection.from_model(model, ignore_unsupported_layers=kron)
+            layer_collection = _default_collection(model, s)
         self.layer_collection = lc = layer_collection
         self.generator = CurvatureGenerator(
             model,
@@ -569,6 +568,21 @@ class Preconditioner:
         if self.step_statistics is not None:
             self.step_statistics.release()
         self._arm_if_due()
+
+
+def _default_collection(model, s) -> LayerCollection:
+    """Every trainable parameter; for KFAC/EKFAC the layers with a Kronecker rule, less the
+    submodules of ``nn.MultiheadAttention`` (it applies ``out_proj``'s weights itself, without
+    calling the module, so no per-layer hook sees them)."""
+    if s.representation not in (PMatKFAC, PMatEKFAC) and s.cg_precond != "kfac":
+        return LayerCollection.from_model(model)
+    lc = LayerCollection.from_model(model, ignore_unsupported_layers=True)
+    inside = [
+        f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and n
+    ]
+    keep = [e.module_name for e in lc.layers.values()]
+    kept = [n for n in keep if not any(n.startswith(p) for p in inside)]
+    return lc if len(kept) == len(keep) else LayerCollection.from_modules(model, kept)
 
 
 def _device_of(model):

@@ -159,16 +159,21 @@ class PMatKFAC(PMatAbstract):
         if missing:
             raise ShapeError(f"from_factors: no factors for layers {missing}; give every layer")
         data = {}
-        for lid, entry in lc.items():
-            f = factors[lid]
-            for key, t in f.items():
+        checks = []
+        for lid in lc.layers:
+            for key, t in factors[lid].items():
                 if not torch.is_tensor(t):
                     raise ShapeError(f"from_factors: layer {lid!r} factor {key!r} is not a tensor")
-                if not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(
-                        f"from_factors: factor {key!r} of layer {lid!r} contains NaN or inf; "
-                        "check the statistics (learning rate, data) it was averaged from"
-                    )
+                checks.append((lid, key, torch.isfinite(t).all()))
+        ok = torch.stack([c[2] for c in checks]).tolist() if checks else []  # one synchronisation
+        for (lid, key, _), good in zip(checks, ok):
+            if not good:
+                raise NonFiniteError(
+                    f"from_factors: factor {key!r} of layer {lid!r} contains NaN or inf; "
+                    "check the statistics (learning rate, data) it was averaged from"
+                )
+        for lid, entry in lc.items():
+            f = factors[lid]
             if "block" in f:
                 size = f["block"].shape[0]
             else:
