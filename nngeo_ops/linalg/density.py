@@ -12,7 +12,7 @@ tr(A)/n. The standard error of φ̂(t) is the spread of the φ̂_i(t) over √p.
 On a logarithmic grid (``scale="log"``, for PSD spectra spanning decades) the broadening acts on
 u = log10 λ: the density returned is per unit of log10 λ, φ̂(u) = (1/p) Σ_i Σ_{θ_ij > 0}
 τ_ij K_σ(u − log10 θ_ij), and the weight of the Ritz values θ ≤ 0 (zero and negative
-eigenvalues, which have no logarithm) is reported as ``mass_nonpositive`` instead.
+eigenvalues, which have no logarithm) is reported as ``mass_below`` instead.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class DensitySettings:
         scale: ``"linear"`` or ``"log"`` grid (see the module docstring).
         num_points: grid size when no grid is given.
         margin: the default grid extends this many σ beyond the extreme Ritz values.
-        floor: on a log grid, the smallest λ plotted is max(θ_min⁺, floor · θ_max), θ_min⁺ the
-            smallest positive Ritz value.
+        floor: on a log grid, Ritz values ≤ floor·max|θ| count as zero (``mass_below``), and
+            the grid starts at the smallest Ritz value above that.
     """
 
     kernel: str = "gaussian"
@@ -78,8 +78,8 @@ class SpectralDensity:
         values: (g,) φ̂ on the grid: per unit λ (linear) or per unit log10 λ (log).
         stderr: (g,) standard error of ``values`` across probes (NaN for a single probe).
         kernel, sigma, scale: the broadening used (σ in decades on a log grid).
-        mass_nonpositive: the estimated fraction of eigenvalues ≤ 0 (left out of a log-grid
-            density; 0 on a linear grid, where nothing is left out).
+        mass_below: on a log grid, the estimated fraction of eigenvalues ≤ floor·max|λ| (zero,
+            negative or negligible), left out of the density; 0 on a linear grid.
         rules: the SLQ quadrature rules (nodes θ, weights τ) the density was built from, or
             ``None`` when it came from exact eigenvalues.
         exact: True when built from the exact eigenvalues (``stderr`` is then 0).
@@ -91,12 +91,12 @@ class SpectralDensity:
     kernel: str
     sigma: float
     scale: str
-    mass_nonpositive: float = 0.0
+    mass_below: float = 0.0
     rules: SLQResult | None = field(default=None, repr=False)
     exact: bool = False
 
     def integral(self) -> float:
-        """∫ φ̂ over the grid (trapezoid; in log10 λ on a log grid): ≈ 1 − ``mass_nonpositive``
+        """∫ φ̂ over the grid (trapezoid; in log10 λ on a log grid): ≈ 1 − ``mass_below``
         when the grid covers the spectrum with a margin."""
         x = self.grid.log10() if self.scale == "log" else self.grid
         return float(torch.trapezoid(self.values, x))
@@ -123,14 +123,13 @@ def _default_sigma(nodes: torch.Tensor, scale: str) -> float:
 
 def _default_grid(nodes: torch.Tensor, s: DensitySettings, sigma: float) -> torch.Tensor:
     if s.scale == "log":
-        pos = nodes[nodes > 0]
+        pos = nodes[nodes > s.floor * nodes.abs().max()]
         if pos.numel() == 0:
             raise InvalidArgumentError(
                 "a log-scale density needs positive eigenvalues, but every Ritz value is <= 0; "
                 "use scale='linear'"
             )
-        hi = float(pos.max())
-        lo = max(float(pos.min()), s.floor * hi)
+        hi, lo = float(pos.max()), float(pos.min())
         u_lo, u_hi = math.log10(lo) - s.margin * sigma, math.log10(hi) + s.margin * sigma
         return torch.logspace(u_lo, u_hi, s.num_points, dtype=nodes.dtype, device=nodes.device)
     lo, hi = float(nodes.min()), float(nodes.max())
@@ -168,7 +167,7 @@ def density_from_rules(
     if s.scale == "log":
         if bool((g <= 0).any()):
             raise InvalidArgumentError("a log-scale grid must hold positive values only")
-        pos = nodes > 0
+        pos = nodes > s.floor * nodes.abs().max()
         mass_np = float((weights * ~pos).sum(-1).mean())
         x = g.log10().reshape(-1, 1, 1) - torch.where(pos, nodes, 1.0).log10()
         kern = broadening_kernel(x, sigma, s.kernel) * pos
@@ -184,7 +183,7 @@ def density_from_rules(
         kernel=s.kernel,
         sigma=float(sigma),
         scale=s.scale,
-        mass_nonpositive=mass_np,
+        mass_below=mass_np,
         rules=rules,
         exact=exact,
     )
