@@ -112,6 +112,10 @@ class SpectralDensity:
         """``(grid, values)``."""
         return self.grid, self.values
 
+    def __iter__(self):
+        """Unpacks as ``grid, values = density``."""
+        return iter((self.grid, self.values))
+
 
 def _default_sigma(nodes: torch.Tensor, scale: str) -> float:
     if scale == "log":
