@@ -108,6 +108,13 @@ class SpectralDensity:
             raise InvalidArgumentError("mean() needs the quadrature rules of an SLQ density")
         return float((self.rules.weights * self.rules.nodes).sum(-1).mean())
 
+    def mean_stderr(self) -> float:
+        """Standard error of :meth:`mean` across probes (0 for exact eigenvalues)."""
+        if self.rules is None:
+            return 0.0
+        per = (self.rules.weights * self.rules.nodes).sum(-1)
+        return float(sample_stderr(per))
+
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(grid, values)``."""
         return self.grid, self.values
