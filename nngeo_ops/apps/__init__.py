@@ -5,6 +5,8 @@ from .damping import AdaptiveDamping, ConstantDamping, ScheduledDamping
 from .ewc import EWC
 from .laplace import Laplace, LaplaceSettings
 from .optim import NaturalGradient, Preconditioner, PreconditionerSettings
+from .plotting import MissingDependencyError, plot_spectra, plot_spectrum, plot_tracker
+from .spectrum import Spectrum, SpectrumSettings, SpectrumTracker, spectrum
 
 __all__ = [
     "EWC",
@@ -12,8 +14,16 @@ __all__ = [
     "ConstantDamping",
     "Laplace",
     "LaplaceSettings",
+    "MissingDependencyError",
     "NaturalGradient",
     "Preconditioner",
     "PreconditionerSettings",
     "ScheduledDamping",
+    "Spectrum",
+    "SpectrumSettings",
+    "SpectrumTracker",
+    "plot_spectra",
+    "plot_spectrum",
+    "plot_tracker",
+    "spectrum",
 ]
