@@ -357,7 +357,7 @@ class Preconditioner:
             self.step_statistics.release()
 
     # ------------------------------------------------------------------ refresh
-    def _source(self, batch):
+    def _source(self, batch, announce: bool = True):
         st = self.step_statistics
         if st is not None and st.error is not None:
             err = st.error
@@ -374,12 +374,14 @@ class Preconditioner:
                     "step(batch=(inputs, labels))"
                 )
             raise DataError(f"refresh='step' but the training step was not recorded: {why}")
-        if st is not None and st.why_not not in self._warned:
-            self._warned.add(st.why_not)
-            warnings.warn(
-                f"curvature refreshed by a separate pass over the batch: {st.why_not}",
-                stacklevel=4,
-            )
+        if st is not None:
+            if announce and st.why_not not in self._warned:
+                self._warned.add(st.why_not)
+                warnings.warn(
+                    f"curvature refreshed by a separate pass over the batch: {st.why_not}",
+                    stacklevel=4,
+                )
+            st.release()  # its hooks must not see the separate pass
 
         def run(accs):
             try:
@@ -426,7 +428,7 @@ class Preconditioner:
         """Refresh the curvature now (from the recorded step, else from ``batch``), whatever the
         schedule; the step count is unchanged."""
         batch = _as_batch(batch)
-        source, where = self._source(batch)
+        source, where = self._source(batch, announce=False)
         if isinstance(self.route, ImplicitRoute):
             stats = self.route.refresh(source, None, 0.0, True, batch=batch)
         else:
