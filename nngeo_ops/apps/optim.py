@@ -50,6 +50,7 @@ from ..errors import (
     InvalidArgumentError,
     NonFiniteError,
     ShapeError,
+    SingularError,
     UnsupportedError,
 )
 from ..nn import (
@@ -446,7 +447,13 @@ class Preconditioner:
         return self.damping(self.steps)
 
     def _solve(self, pmat, g: torch.Tensor, lam: float) -> torch.Tensor:
-        return self.route.solve(pmat, g, lam, pi=self.settings.pi_damping)
+        try:
+            return self.route.solve(pmat, g, lam, pi=self.settings.pi_damping)
+        except torch.linalg.LinAlgError as err:
+            raise SingularError(
+                f"the damped curvature could not be factorised ({err}); the parameters are left "
+                f"unchanged. Raise the damping (λ = {lam:g}) or check the statistics"
+            ) from err
 
     def _direction(self, pmat, g: torch.Tensor, lam: float, lr_flat) -> torch.Tensor:
         """(F + λI)⁻¹ g with the kl_clip rescaling (a tensor factor: no host synchronisation)."""
