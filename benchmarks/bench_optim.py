@@ -384,7 +384,7 @@ def main():
     for name in names:
         rows, fbm, c, n = bench_model(name, args, device, not args.no_peers)
         curves[name], fbs[name] = c, fbm
-        notes = n
+        notes += [x for x in n if x not in notes]
         for model, label, ms, rf, rs, mem in rows:
             if ms is None:
                 lines.append(f"| {model} | {label} | – | – | – | {mem} |")
