@@ -2,7 +2,8 @@
 :mod:`nngeo_ops.linalg`."""
 
 from .damping import AdaptiveDamping, ConstantDamping, ScheduledDamping
-from .optim import NaturalGradient, Preconditioner, PreconditionerSettings
+from .optim import NaturalGradient
+from .preconditioner import Preconditioner, PreconditionerSettings
 
 __all__ = [
     "AdaptiveDamping",
