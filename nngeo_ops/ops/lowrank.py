@@ -105,7 +105,14 @@ class LowRank(LinearOperator):
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             m, k = self.U.shape
             Q0, R = torch.linalg.qr(self.U)
-            evals, W = torch.linalg.eigh(R @ self.core() @ R.mT)
+            small = R @ self.core() @ R.mT
+            try:
+                evals, W = torch.linalg.eigh(small)
+            except RuntimeError:  # no convergence (ill-conditioned float32): retry in float64
+                if small.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise
+                evals, W = torch.linalg.eigh(small.to(torch.float64))
+                evals, W = evals.to(small.dtype), W.to(small.dtype)
             basis = Q0 @ W
             r = Q0.shape[1]
             if complete and r < m:
