@@ -12,6 +12,7 @@ factorisations and an in-place update of a leaf invalidates them.
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, DTypeDeviceError, NotSymmetricError, ShapeError
+
+_TO_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_to_memo", default=None)
 
 Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients flow through it)
 
@@ -126,7 +129,25 @@ class LinearOperator:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
-        """The same operator with every leaf tensor moved to ``dtype`` / ``device``."""
+        """The same operator with every leaf tensor moved to ``dtype`` / ``device``.
+
+        A subtree shared in the tree (the ``X`` of ``Xᵀ·M·X``) is converted once and stays shared,
+        so that patterns recognised by identity (congruences, hence symmetry) survive the move.
+        """
+        memo = _TO_MEMO.get()
+        token = _TO_MEMO.set({}) if memo is None else None
+        memo = _TO_MEMO.get()
+        try:
+            hit = memo.get(id(self))
+            if hit is None:
+                hit = memo[id(self)] = (self, self._to(dtype, device))
+            return hit[1]
+        finally:
+            if token is not None:
+                _TO_MEMO.reset(token)
+
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
+        """:meth:`to` of this node alone (children through their own :meth:`to`)."""
         fields: dict[str, Any] = {}
         for name in self._tensor_fields:
             t = getattr(self, name)

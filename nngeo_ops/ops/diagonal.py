@@ -64,7 +64,7 @@ class ScaledIdentity(LinearOperator):
         self.c = c.to(dtype=dtype, device=device) if isinstance(c, torch.Tensor) else c
         self.n = int(n)
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
         c = self.c.to(dtype=dtype, device=device) if isinstance(self.c, torch.Tensor) else self.c
         out = ScaledIdentity(c, self.n, dtype or self.dtype, device or self.device)
         out.flexible = self.flexible
