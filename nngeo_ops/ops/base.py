@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError, DTypeDeviceError, NotSymmetricError, ShapeError
+from ..errors import (
+    ArgumentTypeError,
+    DTypeDeviceError,
+    NonFiniteError,
+    NotSymmetricError,
+    ShapeError,
+)
 
 _TO_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_to_memo", default=None)
 
@@ -122,8 +128,16 @@ class LinearOperator:
             yield from child.leaf_tensors()
 
     def fingerprint(self) -> tuple:
-        """Identity and in-place version of every leaf tensor: changes when any of them changes."""
-        return tuple((id(t), t._version) for t in self.leaf_tensors())
+        """Identity, in-place version and a content checksum of every leaf tensor.
+
+        This keys every cache of compiled forms and factorisations (see :mod:`.cache`). The
+        version counter moves with in-place operations on the tensor; a change through ``.data``
+        (or ``torch.no_grad()`` writes into ``.data``) does not move it, so floating leaves also
+        carry a checksum of their entries (a weighted sum and the sum of magnitudes, O(size), far
+        below the cost of any factorisation they protect). What invalidates a cache: a new tensor,
+        any in-place change, or a change of entries by any route.
+        """
+        return tuple((id(t), t._version, _checksum(t)) for t in self.leaf_tensors())
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
@@ -371,6 +385,51 @@ class LinearOperator:
         )
 
 
+_RAMPS: dict[tuple, torch.Tensor] = {}
+
+
+def _checksum(t: torch.Tensor) -> tuple[float, float] | None:
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        d = t.detach().reshape(-1)
+        key = (d.numel(), d.dtype, d.device)
+        w = _RAMPS.get(key)
+        if w is None:
+            if len(_RAMPS) > 64:
+                _RAMPS.clear()
+            w = _RAMPS[key] = torch.linspace(1.0, 2.0, d.numel(), dtype=d.dtype, device=d.device)
+        both = torch.stack([d @ w, d.abs().sum()])
+    a, b = both.tolist()
+    return a, b
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """The one finiteness check of leaf tensors: raise NonFiniteError naming the leaf and the fix."""
+    with torch.no_grad():
+        ok = bool(torch.isfinite(t).all())
+    if not ok:
+        raise NonFiniteError(
+            f"{what} contains NaN or inf entries; clean the input (torch.nan_to_num, or find where "
+            "the statistics overflowed) before building the operator"
+        )
+
+
+def check_symmetric_tag(M: torch.Tensor, what: str) -> None:
+    """Verify a user's ``symmetric=True`` / ``psd=True`` tag on a dense matrix, to a tolerance:
+    ``max|M − Mᵀ| ≤ √eps · max|M|`` (O(n²))."""
+    with torch.no_grad():
+        scale = float(M.abs().max()) if M.numel() else 0.0
+        err = float((M - M.mT).abs().max()) if M.numel() else 0.0
+    tol = torch.finfo(M.dtype).eps ** 0.5 * scale
+    if err > tol:
+        raise NotSymmetricError(
+            f"{what} was tagged symmetric (symmetric=True or psd=True) but max|M − Mᵀ| = "
+            f"{err:.3g} (max|M| = {scale:.3g}); pass (M + M.mT) / 2 if the asymmetry is round-off, "
+            "or drop the tag"
+        )
+
+
 def _scalar_add_error(A: LinearOperator) -> LinearOperator:
     raise ArgumentTypeError(
         f"adding a scalar to an operator is ambiguous; write A + c * Identity({A.shape[0]}) "
@@ -386,7 +445,13 @@ def as_operator(x: Any) -> LinearOperator:
         from .dense import Dense
 
         return Dense(x)
-    raise ArgumentTypeError(f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}")
+    carried = getattr(x, "op", None)
+    if isinstance(carried, LinearOperator):
+        return carried  # a representation carrying its operator (PMat*/FMat* of nngeo_ops.nn)
+    raise ArgumentTypeError(
+        f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}; wrap a matrix "
+        "with Dense(M), a function with MatFree(f, shape), and pass F.op for a representation F"
+    )
 
 
 def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:
