@@ -21,6 +21,7 @@ __all__ = [
     "sample_probes",
     "sample_stderr",
     "check_finite",
+    "check_generator",
 ]
 
 S = TypeVar("S")
@@ -78,6 +79,15 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return value
 
 
+def check_generator(generator: Any) -> None:
+    """``generator`` must be a ``torch.Generator`` or None (a seed is not accepted silently)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+            f"({generator!r}); pass torch.Generator().manual_seed(seed) to fix the random numbers"
+        )
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
     if not bool(torch.isfinite(x).all()):
@@ -99,6 +109,7 @@ def sample_probes(
     (standard normal entries). The numbers are drawn on the generator's device, so a CPU
     generator gives the same probes whatever device the operator lives on, then moved.
     """
+    check_generator(generator)
     if distribution not in DISTRIBUTIONS:
         raise InvalidArgumentError(
             f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"

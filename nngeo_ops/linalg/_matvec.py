@@ -157,6 +157,15 @@ def _check_float(dtype: torch.dtype, what: str) -> None:
             f"{what} has dtype {dtype}; the linalg algorithms need a real floating dtype, "
             "convert with .to(torch.float64) or .float()"
         )
+    # The recurrences (CG, Lanczos, the QR of Hutch++) accumulate in the operator's dtype: with
+    # 8 (bfloat16) or 11 (float16) bits of mantissa they lose orthogonality in a few steps, and
+    # several of the factorisations they call have no half-precision kernel.
+    if dtype in (torch.float16, torch.bfloat16):
+        raise DTypeDeviceError(
+            f"{what} has dtype {dtype}; the iterative algorithms need float32 or float64 "
+            "(half precision loses the recurrences in a few steps); convert the operator with "
+            ".to(torch.float32) or .float()"
+        )
 
 
 def as_operator(
@@ -194,6 +203,14 @@ def as_operator(
             or an ``A`` of none of the accepted kinds.
     """
     device = torch.device(device) if device is not None else None
+    carried = getattr(A, "op", None)
+    if (
+        carried is not None
+        and not isinstance(A, (torch.Tensor, MatmatOperator))
+        and not _looks_like_operator(A)
+        and _looks_like_operator(carried)
+    ):
+        A = carried  # a representation carrying its operator (PMat*/FMat* of nngeo_ops.nn)
     if isinstance(A, MatmatOperator):
         if shape is not None and _as_shape(shape, "shape") != A.shape:
             raise ShapeError(f"shape={tuple(shape)} disagrees with the operator's {A.shape}")
