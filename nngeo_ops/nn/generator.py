@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, NonFiniteError, UnsupportedError
 from . import functional as fx
-from .batching import progress_bar
+from .batching import ModelOnFirst, progress_bar
 from .capture import Capture, batch_labels, prepare_batch
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -51,7 +51,7 @@ class CurvatureGenerator:
         self.output_model = output_model
         self.kind = kind
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.trials = trials
         self.rng = generator
         self.n_output = n_output

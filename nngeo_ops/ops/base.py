@@ -96,6 +96,17 @@ class LinearOperator:
         """A copy of this node with some node or tensor fields replaced (tags recomputed)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        """Nodes pickle without their caches: the compiled form of convenience calls holds
+        closures, and cached factorisations are keyed by tensor identities that do not survive a
+        round trip; both are rebuilt on first use. A ``MatFree`` pickles only if its functions do
+        (module-level functions, not lambdas)."""
+        state = self.__dict__.copy()
+        for key in ("_auto_cache", "_factors"):
+            state.pop(key, None)
+        return state
+
     # ------------------------------------------------------------------ tree walking
     def children(self) -> tuple[LinearOperator, ...]:
         out: list[LinearOperator] = []
