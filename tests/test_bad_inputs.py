@@ -296,3 +296,18 @@ def test_cache_sees_changes_through_data():
     D.solve(b)
     d.data[0] = 4.0
     torch.testing.assert_close(D.solve(b)[0], torch.tensor(0.25, dtype=F64))
+
+
+def test_cache_of_a_large_leaf_sees_data_rescaling_and_invalidate():
+    """Above 65536 entries the checksum reads a sample: a rescaling or a copy of new values through
+    ``.data`` is caught; a write to a few entries needs ``invalidate()`` (documented)."""
+    n = 100_000
+    d = torch.linspace(1.0, 2.0, n, dtype=F64)
+    D = Diagonal(d)
+    b = torch.ones(n, dtype=F64)
+    D.solve(b)
+    d.data.mul_(2.0)
+    torch.testing.assert_close(D.solve(b), 1.0 / d)
+    d.data[1] = 8.0  # off the sample
+    D.invalidate()
+    assert float(D.solve(b)[1]) == 0.125
