@@ -12,7 +12,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from nngeo_ops.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+from nngeo_ops.errors import (
+    ArgumentTypeError,
+    DTypeDeviceError,
+    InvalidArgumentError,
+    NonFiniteError,
+)
 
 __all__ = [
     "Estimate",
@@ -22,6 +27,7 @@ __all__ = [
     "sample_stderr",
     "check_finite",
     "check_generator",
+    "refuse_low_precision",
 ]
 
 S = TypeVar("S")
@@ -85,6 +91,18 @@ def check_generator(generator: Any) -> None:
         raise ArgumentTypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__} "
             f"({generator!r}); pass torch.Generator().manual_seed(seed) to fix the random numbers"
+        )
+
+
+def refuse_low_precision(dtype: torch.dtype, what: str) -> None:
+    """CG and the trace / diagonal estimators accumulate in the operator's dtype; with 8 (bfloat16)
+    or 11 (float16) bits of mantissa their recurrences and QR factorisations lose everything in
+    a few steps (lanczos/slq upcast instead)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        raise DTypeDeviceError(
+            f"{what} got an operator of dtype {dtype}; it needs float32 or float64 (half precision "
+            "loses its recurrences in a few steps); convert the operator with .to(torch.float32) "
+            "or .float()"
         )
 
 

@@ -157,15 +157,6 @@ def _check_float(dtype: torch.dtype, what: str) -> None:
             f"{what} has dtype {dtype}; the linalg algorithms need a real floating dtype, "
             "convert with .to(torch.float64) or .float()"
         )
-    # The recurrences (CG, Lanczos, the QR of Hutch++) accumulate in the operator's dtype: with
-    # 8 (bfloat16) or 11 (float16) bits of mantissa they lose orthogonality in a few steps, and
-    # several of the factorisations they call have no half-precision kernel.
-    if dtype in (torch.float16, torch.bfloat16):
-        raise DTypeDeviceError(
-            f"{what} has dtype {dtype}; the iterative algorithms need float32 or float64 "
-            "(half precision loses the recurrences in a few steps); convert the operator with "
-            ".to(torch.float32) or .float()"
-        )
 
 
 def as_operator(

@@ -17,7 +17,7 @@ from nngeo_ops.errors import (
     ShapeError,
 )
 
-from ._common import check_finite, resolve_settings
+from ._common import check_finite, refuse_low_precision, resolve_settings
 from ._matvec import (
     MatmatOperator,
     as_operator,
@@ -140,6 +140,7 @@ def cg(
             f"B must be a torch.Tensor of shape (n,) or (n, k), got {type(B).__name__}"
         )
     op = as_square_operator(A, like=B, what="cg")
+    refuse_low_precision(op.dtype, "cg")
     # CG is defined for symmetric A only: on anything else it returns a wrong answer or stalls,
     # which would then read as "raise maxiter". Dense tensors are checked (O(n²)); operators
     # tagged symmetric=False (the lazy nodes of nngeo_ops.ops) are refused.
