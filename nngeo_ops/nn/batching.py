@@ -16,6 +16,18 @@ from ..errors import ArgumentTypeError, ShapeError, UnsupportedError
 
 
 # ---------------------------------------------------------------------- small helpers
+class ModelOnFirst:
+    """The default ``function=``: the model applied to the first part of a batch,
+    ``model(batch[0])``. A class, not a lambda, so that generators and the representations holding
+    them pickle."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, *parts):
+        return self.model(parts[0])
+
+
 def flatten_outputs(out) -> torch.Tensor:
     """Model outputs ``(B, *S)`` as ``(B, C)`` with C = prod(S) (C = 1 for per-example scalars)."""
     if not torch.is_tensor(out):

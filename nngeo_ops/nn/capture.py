@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError, UnsupportedError
-from .batching import progress_bar
+from .batching import ModelOnFirst, progress_bar
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -173,7 +173,7 @@ class Capture:
         self.model = model
         self.lc = layer_collection
         self.output_model = output_model
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.kind = kind
         self.trials = trials
         self.generator = generator

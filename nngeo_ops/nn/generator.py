@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, UnsupportedError
+from ..errors import InvalidArgumentError, NonFiniteError, UnsupportedError
 from . import functional as fx
-from .batching import progress_bar
+from .batching import ModelOnFirst, progress_bar
 from .capture import Capture, batch_labels, prepare_batch
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -42,13 +42,16 @@ class CurvatureGenerator:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kfac_mode not in ("expand", "reduce"):
             raise ValueError(f"kfac_mode must be 'expand' or 'reduce', not {kfac_mode!r}")
-        if trials < 1:
-            raise ValueError(f"trials must be a positive integer, got {trials}")
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise InvalidArgumentError(
+                f"trials must be a positive int (Monte-Carlo draws per example), got {trials!r}; "
+                "pass e.g. trials=1"
+            )
         self.model = model
         self.output_model = output_model
         self.kind = kind
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.trials = trials
         self.rng = generator
         self.n_output = n_output

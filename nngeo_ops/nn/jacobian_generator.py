@@ -23,7 +23,14 @@ from ..errors import (
     NNGeoError,
     UnsupportedError,
 )
-from .batching import batch_size_of, check_same_outputs, flatten_outputs, progress_bar, split_batch
+from .batching import (
+    ModelOnFirst,
+    batch_size_of,
+    check_same_outputs,
+    flatten_outputs,
+    progress_bar,
+    split_batch,
+)
 from .capture import Capture, prepare_batch
 from .functional import FlatModel
 from .layercollection import LayerCollection
@@ -139,7 +146,7 @@ class JacobianGenerator:
             )
         if backend not in BACKENDS:
             raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.chunk_size = chunk_size
         self.progress = progress
         self.backend = backend
