@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import NonFiniteError, UnsupportedError
 from .batching import progress_bar
+from .finite import check_statistics
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -391,6 +392,7 @@ class Capture:
             raise DataError("every target was ignored (ignore_index): the mean is undefined")
         for acc in accumulators:
             acc.finalize(scale)
+        check_statistics(accumulators, self.lc)
         return scale
 
 

@@ -14,6 +14,7 @@ import torch
 from ..errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
 from ..ops import Dense, Identity, LinearOperator, MatFree
 from ..ops.base import is_scalar
+from .batching import as_loader
 from .gram import cross_gram_tensor, gram_tensor, ntk_diag
 from .pfmap import PFMap, PFMapExpr
 from .vector import FVector, flat_fvector
@@ -367,8 +368,8 @@ class FMatImplicit(FMatAbstract):
             raise ArgumentTypeError("FMatImplicit holds no data; use FMatDense")
         if examples is None:
             raise ArgumentTypeError("FMatImplicit needs examples (a loader)")
-        self.examples = examples
-        self.jacobian = generator.jacobian_op(examples)
+        self.examples = as_loader(examples, reiterable=True)  # read again at every product
+        self.jacobian = generator.jacobian_op(self.examples)
         j = self.jacobian
 
         def matmat(v):

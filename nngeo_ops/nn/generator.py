@@ -13,8 +13,9 @@ from torch import nn
 
 from ..errors import NonFiniteError, UnsupportedError
 from . import functional as fx
-from .batching import progress_bar
+from .batching import as_loader, progress_bar
 from .capture import Capture, batch_labels, prepare_batch
+from .finite import nonfinite_layers, raise_nonfinite
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
@@ -84,11 +85,11 @@ class CurvatureGenerator:
         return self._capture
 
     def run(self, examples, accumulators, desc="curvature"):
-        return self.capture().run(examples, accumulators, desc=desc)
+        return self.capture().run(as_loader(examples), accumulators, desc=desc)
 
     # ------------------------------------------------------------------ function-space paths
     def _batches(self, examples, desc):
-        for batch in progress_bar(examples, self.progress, desc):
+        for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield prepare_batch(batch, self.device)
 
     def _finish(self, total, n_batches):
@@ -122,7 +123,11 @@ class CurvatureGenerator:
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
             acc, total, nb = acc + h, total + count, nb + 1
-        return acc * self._finish(total, nb)
+        out = acc * self._finish(total, nb)
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out
 
     def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
         fm, total, nb = self.flat_model(), 0, 0
@@ -133,4 +138,8 @@ class CurvatureGenerator:
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
         scale = self._finish(total, nb)
-        return {lid: b * scale for lid, b in zip(slices, acc)}
+        out = {lid: b * scale for lid, b in zip(slices, acc)}
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out

@@ -36,7 +36,9 @@ from ..errors import UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
+from .batching import as_loader
 from .capture import batch_labels, output_factor
+from .finite import check_product
 from .jacobian import Jacobian
 from .jacobian_generator import JacobianGenerator
 
@@ -60,7 +62,8 @@ class ImplicitProducts:
     """
 
     def __init__(self, gen, examples, cache: bool = False):
-        self.gen, self.examples, self.cache = gen, examples, bool(cache)
+        self.gen, self.cache = gen, bool(cache)
+        self.examples = as_loader(examples, reiterable=True)  # read again at every product
         self.fm = gen.flat_model()  # the snapshot of the covered parameters
         self._lin = None
         self.seed = None
@@ -98,7 +101,14 @@ class ImplicitProducts:
         return self._lin
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """M V for V of shape (P, k)."""
+        """M V for V of shape (P, k); NonFiniteError (naming the layers) if M V of a finite V is not
+        finite."""
+        out = self._matmat(v)
+        what = "the Hessian product" if self.gen.kind == "hessian" else "the implicit product"
+        check_product(out, v, self.gen.layer_collection, what)
+        return out
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         gen = self.gen
         acc, total, nb = torch.zeros_like(v), 0, 0
         if self.cache:
@@ -258,4 +268,4 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
         )
         op.products = products
         return op
-    return GaussNewton(gen, examples, products)
+    return GaussNewton(gen, products.examples, products)

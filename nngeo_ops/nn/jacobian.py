@@ -46,7 +46,13 @@ from torch.func import jvp, vjp, vmap
 
 from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
 from ..ops import MatFree
-from .batching import FINGERPRINT_RTOL, batch_size_of, check_same_outputs, fingerprint
+from .batching import (
+    FINGERPRINT_RTOL,
+    as_loader,
+    batch_size_of,
+    check_same_outputs,
+    fingerprint,
+)
 from .jacobian_generator import JacobianGenerator
 from .layercollection import LayerCollection
 from .vector import FVector, PVector, flat_fvector, flat_pvector
@@ -82,7 +88,8 @@ class Jacobian(MatFree):
 
     Args:
         model, loader: the network and the examples (re-read at each product; see the module
-            docstring on ordering).
+            docstring on ordering): a re-iterable loader, or one batch — a tuple / list of tensors
+            whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.batching`).
         function: ``function(*batch) -> outputs`` (default ``model(batch[0])``), any function of
             the model, e.g. a per-example loss ``(B,)``.
         layer_collection: the parameters θ (default all trainable ones).
@@ -92,6 +99,7 @@ class Jacobian(MatFree):
         name: how the node prints (``J``).
         params: the flat covered parameters to linearise at (default: the model's current ones),
             e.g. a snapshot taken earlier by another operator.
+        max_batches: read only the first ``max_batches`` batches at each pass (a streaming loader).
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class Jacobian(MatFree):
         generator: JacobianGenerator | None = None,
         name: str = "J",
         params: torch.Tensor | None = None,
+        max_batches: int | None = None,
     ):
         if generator is None:
             if model is None:
@@ -118,7 +127,9 @@ class Jacobian(MatFree):
         if loader is None:
             raise ArgumentTypeError("Jacobian needs a loader of examples")
         self.generator = generator
-        self.loader = loader
+        self.loader = as_loader(
+            loader, reiterable=True, max_batches=max_batches
+        )  # read again at every product
         self.layer_collection = generator.layer_collection
         self.fm = generator.flat_model()
         if params is not None:

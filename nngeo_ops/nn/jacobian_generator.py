@@ -23,7 +23,14 @@ from ..errors import (
     NNGeoError,
     UnsupportedError,
 )
-from .batching import batch_size_of, check_same_outputs, flatten_outputs, progress_bar, split_batch
+from .batching import (
+    as_loader,
+    batch_size_of,
+    check_same_outputs,
+    flatten_outputs,
+    progress_bar,
+    split_batch,
+)
 from .capture import Capture, prepare_batch
 from .functional import FlatModel
 from .layercollection import LayerCollection
@@ -163,12 +170,9 @@ class JacobianGenerator:
 
     # ------------------------------------------------------------------ data
     def chunks(self, examples, desc="examples"):
-        """Yield the chunks of ``examples`` (tuples, on ``self.device``)."""
-        if torch.is_tensor(examples) or (
-            isinstance(examples, tuple) and examples and torch.is_tensor(examples[0])
-        ):
-            examples = [examples]  # a single batch, as NNGeometry accepts
-        for batch in progress_bar(examples, self.progress, desc):
+        """Yield the chunks of ``examples`` (one batch or a loader, see
+        :func:`~nngeo_ops.nn.batching.as_loader`; tuples, on ``self.device``)."""
+        for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield from split_batch(prepare_batch(batch, self.device), self.chunk_size)
 
     def flat_model(self) -> FlatModel:
