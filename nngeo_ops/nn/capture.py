@@ -385,11 +385,7 @@ class Capture:
                 acc.update(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
-        if n_ex == 0:
-            raise DataError("the loader yielded no examples")
-        scale = 1.0 / total if self.output_model.reduction == "mean" else 1.0
-        if self.output_model.reduction == "mean" and total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
+        scale = self.output_model.scale(total, n_ex)
         for acc in accumulators:
             acc.finalize(scale)
         check_statistics(accumulators, self.lc)

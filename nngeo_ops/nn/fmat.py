@@ -17,6 +17,7 @@ from ..ops.base import is_scalar
 from .batching import as_loader
 from .gram import cross_gram_tensor, gram_tensor, ntk_diag
 from .pfmap import PFMap, PFMapExpr
+from .pmat import check_regul
 from .vector import FVector, flat_fvector
 
 
@@ -151,6 +152,7 @@ class FMatAbstract:
     solveFVec = solve
 
     def _damped(self, regul) -> LinearOperator:
+        check_regul(regul)
         if regul is None or (isinstance(regul, numbers.Number) and regul == 0):
             return self.op
         return self.op + regul * Identity(self.op.shape[0], dtype=self.dtype, device=self.device)

@@ -93,13 +93,7 @@ class CurvatureGenerator:
             yield prepare_batch(batch, self.device)
 
     def _finish(self, total, n_batches):
-        if n_batches == 0:
-            raise DataError("the loader yielded no examples")
-        if self.output_model.reduction != "mean":
-            return 1.0
-        if total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
-        return 1.0 / total
+        return self.output_model.scale(total, n_batches)
 
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)

@@ -9,9 +9,18 @@ import torch
 from models import loader_of, make
 from torch import nn
 
-from nngeo_ops.errors import NonFiniteError
+from nngeo_ops.errors import (
+    ArgumentTypeError,
+    DataError,
+    NonFiniteError,
+    NotPSDError,
+    NotSymmetricError,
+    ShapeError,
+)
 from nngeo_ops.nn import (
     FIM,
+    GGN,
+    GramMatrix,
     Hessian,
     PMatBlockDiag,
     PMatDense,
@@ -71,6 +80,48 @@ def _built(rep):
     return lambda: FIM(sqrt_model()[0], sqrt_model()[1], rep, progress=False)
 
 
+def _regression(cov):
+    def call():
+        model, x = make("mlp")
+        FIM(model, loader_of(x), PMatDiag, variant="regression", covariance=cov, progress=False)
+
+    return call
+
+
+def _solve(regul, rep=PMatDiag, **kw):
+    def call():
+        model, x = make("mlp")
+        F = FIM(model, loader_of(x), rep, progress=False)
+        F.solve(torch.ones(F.size(0), dtype=torch.float64), regul=regul, **kw)
+
+    return call
+
+
+def _ntk_solve(regul):
+    def call():
+        model, x = make("mlp")
+        K = GramMatrix(model, loader_of(x), progress=False)
+        K.solve(torch.ones(K.size(0) * K.size(1), dtype=torch.float64), regul=regul)
+
+    return call
+
+
+def _all_ignored(rep):
+    def call():
+        model, x = make("mlp")
+        y = torch.full((x.shape[0],), -100)
+        F = GGN(model, loader_of(x, y), nn.CrossEntropyLoss(), rep, progress=False)
+        F.mv(torch.ones(F.size(0), dtype=torch.float64))
+
+    return call
+
+
+def _hessian_all_ignored():
+    model, x = make("mlp")
+    y = torch.full((x.shape[0],), -100)
+    Hessian(model, loader_of(x, y), nn.CrossEntropyLoss(), PMatDense, progress=False)
+
+
 ROWS = [
     # non-finite statistics while the outputs are finite: caught where they are produced
     ("nonfinite-diag", _built(PMatDiag), NonFiniteError, NONFINITE_FIX),
@@ -83,6 +134,35 @@ ROWS = [
     ("nonfinite-implicit-cached", _implicit_cached_mv, NonFiniteError, NONFINITE_FIX),
     ("nonfinite-hessian-dense", _hessian(PMatDense), NonFiniteError, NONFINITE_FIX),
     ("nonfinite-hessian-implicit", _hessian(PMatImplicit), NonFiniteError, NONFINITE_FIX),
+    # the regression covariance is a variance: positive, finite, symmetric positive definite
+    ("covariance-negative", _regression(-1.0), NotPSDError, "variance.*not a precision"),
+    ("covariance-negative-diag", _regression(torch.tensor([1.0, -2, 1])), NotPSDError, "> 0"),
+    ("covariance-nan", _regression(float("nan")), NonFiniteError, "give a finite covariance"),
+    (
+        "covariance-not-psd",
+        _regression(torch.tensor([[1.0, 2, 0], [2, 1, 0], [0, 0, 1]])),
+        NotPSDError,
+        r"SPD matrix \(e.g. S \+ eps \* I\)",
+    ),
+    (
+        "covariance-not-symmetric",
+        _regression(torch.tensor([[1.0, 0.5, 0], [0, 1, 0], [0, 0, 1]])),
+        NotSymmetricError,
+        r"\(S \+ S.T\) / 2",
+    ),
+    ("covariance-3d", _regression(torch.ones(2, 2, 2)), ShapeError, "square"),
+    ("covariance-string", _regression("1.0"), ArgumentTypeError, "number, a vector or a matrix"),
+    # the damping λ: one finite number
+    ("regul-nan", _solve(float("nan")), NonFiniteError, "finite damping"),
+    ("regul-inf-kfac-pi", _solve(float("inf"), PMatKFAC, damping="pi"), NonFiniteError, "finite"),
+    ("regul-tensor", _solve(torch.ones(3)), ArgumentTypeError, "add a diagonal explicitly"),
+    ("regul-string", _solve("1e-3"), ArgumentTypeError, "regul must be a number"),
+    ("regul-ntk-nan", _ntk_solve(float("nan")), NonFiniteError, "finite damping"),
+    # every label ignored: a mean over no target, said before any division
+    ("ce-all-ignored-dense", _all_ignored(PMatDense), DataError, "reduction='sum'"),
+    ("ce-all-ignored-kfac", _all_ignored(PMatKFAC), DataError, "reduction='sum'"),
+    ("ce-all-ignored-implicit", _all_ignored(PMatImplicit), DataError, "reduction='sum'"),
+    ("ce-all-ignored-hessian", _hessian_all_ignored, DataError, "not ignore_index"),
 ]
 
 
@@ -90,3 +170,16 @@ ROWS = [
 def test_bad_input(call, exc, fix):
     with pytest.raises(exc, match=fix):
         call()
+
+
+def test_valid_damping_and_covariance_still_accepted():
+    model, x = make("mlp")
+    F = FIM(model, loader_of(x), PMatDiag, progress=False)
+    v = torch.ones(F.size(0), dtype=torch.float64)
+    lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    F.solve(v, regul=lam).sum().backward()  # a one-element tensor damping, differentiable
+    assert lam.grad is not None and torch.isfinite(lam.grad)
+    torch.testing.assert_close(F.solve(v, regul=0.5), v / (F.get_diag() + 0.5))
+    cov = torch.tensor([[2.0, 0.5, 0], [0.5, 1, 0], [0, 0, 3]], dtype=torch.float64)
+    for c in (2.0, torch.tensor([1.0, 2, 3]), cov):
+        FIM(model, loader_of(x), PMatDiag, variant="regression", covariance=c, progress=False)
