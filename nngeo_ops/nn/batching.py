@@ -30,7 +30,13 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArgumentTypeError, InvalidArgumentError, ShapeError, UnsupportedError
+from ..errors import (
+    ArgumentTypeError,
+    DataError,
+    InvalidArgumentError,
+    ShapeError,
+    UnsupportedError,
+)
 
 
 # ---------------------------------------------------------------------- one batch or a loader
@@ -201,6 +207,46 @@ def fingerprint(batch: tuple, b: int) -> torch.Tensor:
 
 
 FINGERPRINT_RTOL = 1e-5
+
+LOADER_CHANGED = (
+    "the loader yielded different examples than when the operator was built; it must yield the "
+    "same examples in the same order at every pass (use shuffle=False, and a sampler without "
+    "replacement, or pass list(loader) to fix one draw)"
+)
+
+
+class ReplayCheck:
+    """The batches of an operator's first pass (sizes and :func:`fingerprint`), that every later pass
+    must reproduce: :meth:`check` wraps a pass and raises :class:`DataError` (``LOADER_CHANGED``) on
+    the first batch that differs, instead of letting a reshuffling or resampling loader give a
+    different matrix at every product."""
+
+    def __init__(self):
+        self.sizes: list[int] | None = None
+        self.prints: list[torch.Tensor] = []
+
+    def check(self, batches):
+        first = self.sizes is None
+        sizes, i = [], -1
+        for i, batch in enumerate(batches):
+            b = batch_size_of(batch)
+            sig = fingerprint(batch, b)
+            if first:
+                sizes.append(b)
+                self.prints.append(sig)
+            elif (
+                i >= len(self.sizes)
+                or b != self.sizes[i]
+                or not torch.allclose(
+                    sig, self.prints[i], rtol=FINGERPRINT_RTOL, atol=1e-6, equal_nan=True
+                )
+            ):
+                raise DataError(LOADER_CHANGED)
+            yield batch
+        if first:
+            self.sizes = sizes
+        elif i + 1 != len(self.sizes):
+            raise DataError(LOADER_CHANGED)
 
 
 # A pass over a loader without ``__len__`` that has run this long warns once that it may not end.

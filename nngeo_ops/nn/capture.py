@@ -77,6 +77,36 @@ class _User:
     calls: list = field(default_factory=list)
 
 
+def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+    """Warn about modules whose training mode makes per-example curvature ill-defined or random.
+
+    BatchNorm in training mode couples the examples of a batch through its statistics; Dropout (and
+    its variants) in training mode draws a new mask at every pass, so two products of an implicit
+    operator, or two passes of one computation, see different networks. Both: ``model.eval()``.
+    """
+    bn, drop = [], []
+    for n, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bn.append(n)
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            drop.append(n)
+    parts = []
+    if bn:
+        parts.append(
+            f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
+            "statistics, so per-example Jacobians are not defined"
+        )
+    if drop:
+        parts.append(
+            f"Dropout modules {drop} are in training mode: each pass draws a new mask, so the "
+            "curvature is random and the products of an implicit operator differ from call to call"
+        )
+    if parts:
+        warnings.warn("; ".join(parts) + "; call model.eval()", stacklevel=stacklevel)
+
+
 def _as_tuple(batch):
     if torch.is_tensor(batch) or isinstance(batch, Mapping):
         return (batch,)
@@ -229,11 +259,6 @@ class Capture:
                 and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
             ):
                 self.structured[lid] = user
-        self._bn_training = [
-            n
-            for n, m in self.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
 
     def require_structured(self, what: str) -> None:
         """Raise UnsupportedError naming every layer that has no structured rule."""
@@ -372,12 +397,6 @@ class Capture:
 
     def run(self, loader, accumulators, desc="curvature"):
         """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
-        if self._bn_training:
-            warnings.warn(
-                f"BatchNorm modules {self._bn_training} are in training mode: examples are coupled "
-                "through batch statistics; call model.eval() for per-example curvature",
-                stacklevel=3,
-            )
         total, n_ex = 0, 0
         for batch in progress_bar(loader, self.progress, desc):
             ctx = self.process(batch)

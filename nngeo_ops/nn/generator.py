@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import NonFiniteError, UnsupportedError
 from . import functional as fx
 from .batching import as_loader, progress_bar
-from .capture import Capture, batch_labels, prepare_batch
+from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
 from .finite import nonfinite_layers, raise_nonfinite
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -61,6 +61,7 @@ class CurvatureGenerator:
         self.device = torch.device(device) if device is not None else params[0].device
         self.dtype = params[0].dtype
         self._capture = None
+        warn_train_mode(model, stacklevel=4)
 
     @property
     def is_hessian(self) -> bool:

@@ -36,7 +36,7 @@ from ..errors import UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
-from .batching import as_loader
+from .batching import ReplayCheck, as_loader
 from .capture import batch_labels, output_factor
 from .finite import check_product
 from .jacobian import Jacobian
@@ -64,6 +64,7 @@ class ImplicitProducts:
     def __init__(self, gen, examples, cache: bool = False):
         self.gen, self.cache = gen, bool(cache)
         self.examples = as_loader(examples, reiterable=True)  # read again at every product
+        self.replay = ReplayCheck()  # every pass must read the batches of the first one
         self.fm = gen.flat_model()  # the snapshot of the covered parameters
         self._lin = None
         self.seed = None
@@ -92,7 +93,7 @@ class ImplicitProducts:
         if self._lin is None:
             gen, rng = self.gen, self.rng()
             lin = []
-            for batch in gen._batches(self.examples, "linearise"):
+            for batch in self.replay.check(gen._batches(self.examples, "linearise")):
                 if gen.kind == "hessian":
                     lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
                 else:
@@ -116,7 +117,7 @@ class ImplicitProducts:
                 acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
             return acc * gen._finish(total, nb)
         rng = self.rng()
-        for batch in gen._batches(self.examples, "implicit product"):
+        for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
                 hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
             else:

@@ -48,6 +48,7 @@ from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
 from ..ops import MatFree
 from .batching import (
     FINGERPRINT_RTOL,
+    LOADER_CHANGED,
     as_loader,
     batch_size_of,
     check_same_outputs,
@@ -61,11 +62,6 @@ from .vector import FVector, PVector, flat_fvector, flat_pvector
 # J @ V for wide V (e.g. to_dense() of a small implicit operator) to this many copies of the
 # activations of one chunk of examples.
 MAX_COLUMNS = 128
-
-LOADER_CHANGED = (
-    "the loader yielded different examples than when the operator was built; it must yield the "
-    "same examples in the same order at every pass (use shuffle=False)"
-)
 
 
 # ---------------------------------------------------------------------- the Jacobian node

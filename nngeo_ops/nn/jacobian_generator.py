@@ -9,7 +9,6 @@ Python loop over examples), or from ``torch.func`` (a ``vmap`` of the single-exa
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from .batching import (
     progress_bar,
     split_batch,
 )
-from .capture import Capture, prepare_batch
+from .capture import Capture, prepare_batch, warn_train_mode
 from .functional import FlatModel
 from .layercollection import LayerCollection
 from .outputs import Regression
@@ -156,17 +155,7 @@ class JacobianGenerator:
         self._capture = None
         self._plan: dict[str, bool] | None = None
         self._hook_chunks = 0
-        bn = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
-        if bn:
-            warnings.warn(
-                f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
-                "statistics, so per-example Jacobians are not defined; call model.eval()",
-                stacklevel=3,
-            )
+        warn_train_mode(model, stacklevel=4)
 
     # ------------------------------------------------------------------ data
     def chunks(self, examples, desc="examples"):

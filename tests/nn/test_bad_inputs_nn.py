@@ -4,10 +4,13 @@ The library never returns a silent wrong answer nor fails deep inside torch: a r
 mistake (issue 8, nn half), every row checking ``pytest.raises(Type, match=fix)``.
 """
 
+import warnings
+
 import pytest
 import torch
 from models import loader_of, make
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from nngeo_ops.errors import (
     ArgumentTypeError,
@@ -22,6 +25,7 @@ from nngeo_ops.nn import (
     GGN,
     GramMatrix,
     Hessian,
+    Jacobian,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
@@ -122,6 +126,26 @@ def _hessian_all_ignored():
     Hessian(model, loader_of(x, y), nn.CrossEntropyLoss(), PMatDense, progress=False)
 
 
+def _resampling_loader_implicit(cache):
+    def call():
+        model, x = make("mlp")
+        y = torch.randint(0, 3, (x.shape[0],))
+        ds = TensorDataset(x, y)
+        sampler = RandomSampler(ds, replacement=True, generator=torch.Generator().manual_seed(0))
+        F = FIM(
+            model,
+            DataLoader(ds, batch_size=3, sampler=sampler),
+            lambda **kw: PMatImplicit(cache=cache, **kw),
+            progress=False,
+        )
+        v = torch.ones(F.size(0), dtype=torch.float64)
+        F.mv(v)
+        F.mv(v)  # the second pass draws other examples
+        F.op.J @ v  # the Jacobian factor checks its own passes
+
+    return call
+
+
 ROWS = [
     # non-finite statistics while the outputs are finite: caught where they are produced
     ("nonfinite-diag", _built(PMatDiag), NonFiniteError, NONFINITE_FIX),
@@ -163,6 +187,9 @@ ROWS = [
     ("ce-all-ignored-kfac", _all_ignored(PMatKFAC), DataError, "reduction='sum'"),
     ("ce-all-ignored-implicit", _all_ignored(PMatImplicit), DataError, "reduction='sum'"),
     ("ce-all-ignored-hessian", _hessian_all_ignored, DataError, "not ignore_index"),
+    # an implicit operator must be one matrix: every product reads the batches of the first
+    ("resampling-loader-implicit", _resampling_loader_implicit(False), DataError, "replacement"),
+    ("resampling-loader-cached", _resampling_loader_implicit(True), DataError, "replacement"),
 ]
 
 
@@ -183,3 +210,29 @@ def test_valid_damping_and_covariance_still_accepted():
     cov = torch.tensor([[2.0, 0.5, 0], [0.5, 1, 0], [0, 0, 3]], dtype=torch.float64)
     for c in (2.0, torch.tensor([1.0, 2, 3]), cov):
         FIM(model, loader_of(x), PMatDiag, variant="regression", covariance=c, progress=False)
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return model, torch.randn(6, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rep", [PMatImplicit, PMatDiag])
+def test_train_mode_dropout_warns(rep):
+    model, x = dropout_model()
+    with pytest.warns(UserWarning, match=r"Dropout modules \['1'\] are in training mode.*eval\(\)"):
+        FIM(model, loader_of(x), rep, progress=False)
+    with pytest.warns(UserWarning, match="Dropout.*model.eval"):
+        Jacobian(model, loader_of(x), progress=False)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FIM(model, loader_of(x), rep, progress=False)
+
+
+def test_reproducible_loader_products_pass_the_check():
+    model, x = make("mlp")
+    F = FIM(model, loader_of(x), PMatImplicit, progress=False)
+    v = torch.ones(F.size(0), dtype=torch.float64)
+    torch.testing.assert_close(F.mv(v), F.mv(v))  # the same batches: the check passes
