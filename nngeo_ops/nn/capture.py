@@ -160,6 +160,13 @@ def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, genera
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _differentiable(o) -> bool:
+    """A tensor that requires grad, or a (nested) tuple holding one (an LSTM's ``(h, c)``)."""
+    if torch.is_tensor(o):
+        return o.requires_grad
+    return isinstance(o, tuple | list) and any(_differentiable(x) for x in o)
+
+
 def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
     """The output tensor whose cotangents are taken: the output itself, or the one differentiable
     tensor of a tuple output (``nn.MultiheadAttention`` returns ``(out, None)`` with
@@ -168,7 +175,7 @@ def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
         return None, output
     name = f"module {user.name or '<root>'} ({type(module).__name__})"
     if isinstance(output, tuple | list):
-        live = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.requires_grad]
+        live = [i for i, o in enumerate(output) if _differentiable(o)]
         if len(live) == 1:
             return live[0], output[live[0]]
         raise UnsupportedError(
@@ -240,6 +247,16 @@ class Capture:
                     attrs.append(attr)
                     keys.append(key_of[id(p)])
                     n_users[id(p)] = n_users.get(id(p), 0) + 1
+            if attrs and isinstance(mod, nn.RNNBase):
+                # its hidden state is a second way out of the module that a hook on the output
+                # sequence does not follow, and its per-example re-run has no vmap rule
+                raise UnsupportedError(
+                    f"module {name} ({type(mod).__name__}) is recurrent: the per-layer hooks of "
+                    "PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, PMatEKFAC and "
+                    "PMatQuasiDiag cannot follow its hidden state. PMatImplicit works (exact "
+                    "products by autograd / torch.func; then F.op.to_dense() for a small model), as "
+                    "do Jacobian and GramMatrix; or leave the module out with a LayerCollection"
+                )
             if attrs:
                 rule = rule_for(mod)
                 if rule is not None and not set(attrs) <= set(rule.attrs(mod)):

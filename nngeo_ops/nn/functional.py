@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
+from ..errors import UnsupportedError
 from .layercollection import LayerCollection
 
 
@@ -121,7 +122,19 @@ class FlatModel:
         # backward would write its gradient into a fresh zero tensor of the full size P
         parts = flat.split(self.numels)
         params = {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
-        return call_with(self.wrapper, params, batch, locations=self.locations)
+        try:
+            return call_with(self.wrapper, params, batch, locations=self.locations)
+        except RuntimeError as err:
+            if "setup_context" not in str(err):
+                raise
+            raise UnsupportedError(
+                "the model uses a custom torch.autograd.Function without setup_context, which "
+                "torch.func transforms cannot run (this path: forward-mode or vmapped products). "
+                "Split its forward into forward(*args) and setup_context(ctx, inputs, output) "
+                "(https://pytorch.org/docs/stable/notes/extending.func.html), or use what runs on "
+                "plain autograd: PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, "
+                "PMatEKFAC (hooks) or PMatImplicit (products fall back to double backward)"
+            ) from None
 
 
 def apply_output_factor(lmat: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
@@ -171,11 +184,47 @@ def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
             pass
     w0 = fm.flat0
     f = lambda w: fm(w, batch)  # noqa: E731
-    out, pull = vjp(f, w0)
+    try:
+        out, pull = vjp(f, w0)
+    except (RuntimeError, NotImplementedError):  # not runnable under torch.func: plain autograd
+        lin = Linearised(fm, batch, factor=factor)
+        return lin.matmat(v), lin.count
     lmat, count = factor(out.detach(), batch)
-    jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
+    try:
+        jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
+    except (RuntimeError, NotImplementedError):  # no forward mode (e.g. CPU LSTM): double-VJP
+        jv = jv_by_double_vjp(fm, batch, v)
     (jtu,) = vmap(pull)(apply_output_factor(lmat, jv))
     return jtu.T, count
+
+
+def jv_by_double_vjp(fm: FlatModel, batch, v: torch.Tensor) -> torch.Tensor:
+    """J V, (k, B, *out) for V of shape (P, k), without forward mode: J V = d(Jᵀu)/du · V.
+
+    For operators without a forward-mode formula (torch's CPU LSTM kernel, custom autograd
+    Functions without ``jvp``): one forward pass, a backward with ``create_graph`` and a backward
+    through it (plain autograd, no torch.func transform).
+    """
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm(w, batch)
+        if not out.requires_grad:
+            return out.new_zeros(v.shape[1], *out.shape)
+        u = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad(out, w, u, create_graph=True)
+    if not g.requires_grad:
+        return out.new_zeros(v.shape[1], *out.shape)
+    return batched_grad(g, u, v.T.to(w.dtype)).detach()
+
+
+def vjp_by_autograd(fm: FlatModel, batch, u: torch.Tensor) -> torch.Tensor:
+    """Jᵀ U, (k, P) for cotangents U of shape (k, *out), with plain autograd (no torch.func)."""
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm(w, batch)
+    if not out.requires_grad:
+        return w.new_zeros(u.shape[0], *w.shape)
+    return batched_grad(out, w, u.to(out.dtype)).detach()
 
 
 def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
@@ -258,7 +307,9 @@ class Linearised:
         g = torch.Generator(device=self.w.device).manual_seed(0)
         v = torch.randn(self.w.shape, generator=g, device=self.w.device, dtype=self.w.dtype)
         try:
-            ref = hessian_matmat(self.fm, self.batch, self.loss, v[:, None])[0][:, 0]
+            ref = hessian_matmat(self.fm, self.batch, self.loss, v[:, None], fallback=False)[0][
+                :, 0
+            ]
         except (RuntimeError, NotImplementedError):  # no forward over reverse: nothing to compare
             return True
         hv = batched_grad(self.grad, self.w, v[None])[0]
@@ -281,7 +332,7 @@ class Linearised:
                     self.double = False
             if not self.grad.requires_grad:  # the loss is linear in the parameters
                 return torch.zeros_like(v)
-            return hessian_matmat(self.fm, self.batch, self.loss, v)[0]
+            return hessian_matmat(self.fm, self.batch, self.loss, v, fallback=False)[0]
         if not self.out.requires_grad:
             return torch.zeros_like(v)
         jv = None
@@ -299,13 +350,22 @@ class Linearised:
         return batched_grad(self.out, self.w, u, create_graph).T
 
 
-def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor):
-    """(∇² Σ-loss of the batch) V via forward-over-reverse; ``loss(out, batch) -> (value, count)``."""
+def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor, fallback: bool = True):
+    """(∇² Σ-loss of the batch) V via forward-over-reverse; ``loss(out, batch) -> (value, count)``.
+
+    Where forward mode or torch.func cannot run the model (and ``fallback``), reverse over reverse
+    on the kept gradient graph (:class:`Linearised`)."""
     w0 = fm.flat0
     g = grad(lambda w: loss(fm(w, batch), batch)[0])
     if fm.tangent_mask is not None:
         v = v * fm.tangent_mask[:, None]
-    hv = vmap(lambda col: jvp(g, (w0,), (col,))[1], in_dims=1)(v)
+    try:
+        hv = vmap(lambda col: jvp(g, (w0,), (col,))[1], in_dims=1)(v)
+    except (RuntimeError, NotImplementedError):
+        if not fallback:
+            raise
+        lin = Linearised(fm, batch, loss=loss)
+        return lin.matmat(v), lin.count
     with torch.no_grad():
         count = loss(fm(w0, batch), batch)[1]
     return hv.T, count

@@ -46,6 +46,7 @@ from torch.func import jvp, vjp, vmap
 
 from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
 from ..ops import MatFree
+from . import functional as fx
 from .batching import (
     FINGERPRINT_RTOL,
     LOADER_CHANGED,
@@ -198,11 +199,14 @@ class Jacobian(MatFree):
         parts = []
         for chunk in self._pass("J @ v"):
             f = self._f(chunk)
-            if k == 1:
-                parts.append(jvp(f, (w0,), (cols[0],))[1][None])
-            else:
-                one = lambda t, f=f: jvp(f, (w0,), (t,))[1]  # noqa: E731
-                parts.append(vmap(one, chunk_size=MAX_COLUMNS)(cols))  # (k, B, C)
+            try:
+                if k == 1:
+                    parts.append(jvp(f, (w0,), (cols[0],))[1][None])
+                else:
+                    one = lambda t, f=f: jvp(f, (w0,), (t,))[1]  # noqa: E731
+                    parts.append(vmap(one, chunk_size=MAX_COLUMNS)(cols))  # (k, B, C)
+            except (RuntimeError, NotImplementedError):  # no forward mode, or not torch.func-able
+                parts.append(fx.jv_by_double_vjp(self.fm, chunk, v))
         jv = torch.cat(parts, dim=1)  # (k, N, C)
         return jv.permute(2, 1, 0).reshape(-1, k)
 
@@ -212,13 +216,18 @@ class Jacobian(MatFree):
         u3 = u.reshape(self.n_output, self.n_examples, k)
         acc, start = None, 0
         for chunk, b in zip(self._pass("J.T @ u"), self.chunk_sizes):
-            _, pull = vjp(self._f(chunk), self.fm.flat0)
             ub = u3[:, start : start + b, :].permute(2, 1, 0)  # (k, B, C): cotangents of (B, C)
             start += b
-            if k == 1:
-                g = pull(ub[0].contiguous())[0][None]
-            else:
-                g = vmap(lambda t, pull=pull: pull(t)[0], chunk_size=MAX_COLUMNS)(ub.contiguous())
+            try:
+                _, pull = vjp(self._f(chunk), self.fm.flat0)
+                if k == 1:
+                    g = pull(ub[0].contiguous())[0][None]
+                else:
+                    g = vmap(lambda t, pull=pull: pull(t)[0], chunk_size=MAX_COLUMNS)(
+                        ub.contiguous()
+                    )
+            except (RuntimeError, NotImplementedError):  # not runnable under torch.func
+                g = fx.vjp_by_autograd(self.fm, chunk, ub.contiguous())
             acc = g if acc is None else acc + g
         return acc.T
 

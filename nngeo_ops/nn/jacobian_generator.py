@@ -22,6 +22,7 @@ from ..errors import (
     NNGeoError,
     UnsupportedError,
 )
+from . import functional as fx
 from .batching import (
     as_loader,
     batch_size_of,
@@ -237,8 +238,18 @@ class JacobianGenerator:
         def row(w, e, *parts):
             return vjp(lambda w_: one(w_, *parts), w)[1](e)[0]
 
-        jac = vmap(row, in_dims=(None, 0, *dims))(fm.flat0, eye.repeat(b, 1), *rep)
-        jac = jac.view(b, c, -1)  # row n·C + c of the flat vmap is (example n, output c)
+        try:
+            jac = vmap(row, in_dims=(None, 0, *dims))(fm.flat0, eye.repeat(b, 1), *rep)
+            jac = jac.view(b, c, -1)  # row n·C + c of the flat vmap is (example n, output c)
+        except (RuntimeError, NotImplementedError):
+            # no batching rule (a recurrent kernel, a custom autograd.Function): one example at
+            # a time with plain autograd, the C cotangents batched
+            jac = torch.stack(
+                [
+                    fx.vjp_by_autograd(fm, one_ex, eye[:, None, :])
+                    for one_ex in split_batch(chunk, 1)
+                ]
+            )
         if fm.tangent_mask is not None:
             jac = jac * fm.tangent_mask
         return jac.permute(1, 0, 2)

@@ -6,6 +6,7 @@ mistake (issue 8, nn half), every row checking ``pytest.raises(Type, match=fix)`
 
 import warnings
 
+import groundtruth as gt
 import pytest
 import torch
 from models import loader_of, make
@@ -19,6 +20,7 @@ from nngeo_ops.errors import (
     NotPSDError,
     NotSymmetricError,
     ShapeError,
+    UnsupportedError,
 )
 from nngeo_ops.nn import (
     FIM,
@@ -236,3 +238,138 @@ def test_reproducible_loader_products_pass_the_check():
     F = FIM(model, loader_of(x), PMatImplicit, progress=False)
     v = torch.ones(F.size(0), dtype=torch.float64)
     torch.testing.assert_close(F.mv(v), F.mv(v))  # the same batches: the check passes
+
+
+# ---------------------------------------------------------------------- models torch.func cannot run
+class RNNHead(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 5, batch_first=True)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+class Square(torch.autograd.Function):
+    """x² with the old-style forward(ctx, x): no setup_context, so no torch.func transform."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class SquareNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(Square.apply(self.a(x)))
+
+
+def autograd_jacobian(model, x):
+    """(B·C, P) by one reverse pass per output entry (no torch.func), rows example-major."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x).reshape(-1)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, params, retain_graph=True)])
+        for o in out
+    ]
+    return torch.stack(rows)
+
+
+def _rnn(cell, rep):
+    def call():
+        FIM(
+            RNNHead(cell).double(),
+            [(torch.randn(4, 3, 4, dtype=torch.float64),)],
+            rep,
+            progress=False,
+        )
+
+    return call
+
+
+def _square_hessian_dense():
+    model = SquareNet().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    Hessian(
+        model,
+        [(x, torch.zeros(5, dtype=torch.long))],
+        nn.CrossEntropyLoss(),
+        PMatDense,
+        progress=False,
+    )
+
+
+MORE_ROWS = [
+    ("lstm-dense", _rnn(nn.LSTM, PMatDense), UnsupportedError, "recurrent.*PMatImplicit works"),
+    ("lstm-kfac", _rnn(nn.LSTM, PMatKFAC), UnsupportedError, "recurrent.*PMatImplicit works"),
+    ("gru-diag", _rnn(nn.GRU, PMatDiag), UnsupportedError, "recurrent.*PMatImplicit works"),
+    (
+        "autograd-function-hessian",
+        _square_hessian_dense,
+        UnsupportedError,
+        "setup_context.*PMatImplicit",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "call, exc, fix", [r[1:] for r in MORE_ROWS], ids=[r[0] for r in MORE_ROWS]
+)
+def test_unsupported_models(call, exc, fix):
+    with pytest.raises(exc, match=fix):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_models_work_under_implicit_and_jacobian(cell, dtype):
+    # float32 LSTM on CPU has no forward-mode formula: products take the double-backward route
+    torch.manual_seed(0)
+    model = RNNHead(cell).to(dtype)
+    x = torch.randn(4, 3, 4, dtype=dtype)
+    jac = autograd_jacobian(model, x).double()  # (B·C, P) example-major
+    truth = gt.fisher_output_matrix(model(x).double(), "classif_logits")
+    truth = jac.T @ truth @ jac / x.shape[0]
+    v = torch.randn(jac.shape[1], 2, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    for cache in (False, True):
+        F = FIM(
+            model, [(x,)], lambda cache=cache, **kw: PMatImplicit(cache=cache, **kw), progress=False
+        )
+        torch.testing.assert_close(F.op @ v, (truth @ v.double()).to(dtype), **tol)
+    J = Jacobian(model, [(x,)], progress=False)
+    jt = jac.view(x.shape[0], 3, -1).permute(1, 0, 2).to(dtype)
+    torch.testing.assert_close(J.to_torch(), jt, **tol)
+    torch.testing.assert_close(J @ v, jt.reshape(-1, jt.shape[-1]) @ v, **tol)
+
+
+def test_custom_autograd_function_without_setup_context():
+    torch.manual_seed(0)
+    model = SquareNet().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    jac = autograd_jacobian(model, x)
+    truth = jac.T @ gt.fisher_output_matrix(model(x), "classif_logits") @ jac / x.shape[0]
+    v = torch.randn(jac.shape[1], 2, dtype=torch.float64)
+    F = FIM(model, [(x,)], PMatImplicit, progress=False)
+    torch.testing.assert_close(F.op @ v, truth @ v)
+    torch.testing.assert_close(F.mv(v[:, 0]), truth @ v[:, 0])
+    torch.testing.assert_close(FIM(model, [(x,)], PMatDense, progress=False).to_torch(), truth)
+    J = Jacobian(model, [(x,)], progress=False)
+    jt = jac.view(5, 3, -1).permute(1, 0, 2)
+    torch.testing.assert_close(J.to_torch(), jt)
+    torch.testing.assert_close(J @ v, jt.reshape(-1, jt.shape[-1]) @ v)
+    u = torch.randn(15, dtype=torch.float64)
+    torch.testing.assert_close(J.T @ u, jt.reshape(15, -1).T @ u)
+    K = GramMatrix(model, [(x,)], backend="func", progress=False).to_torch()
+    torch.testing.assert_close(K, torch.einsum("cnp,dmp->cndm", jt, jt))
