@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, UnsupportedError
+from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
 from . import functional as fx
 from .batching import as_loader, progress_bar
 from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
@@ -20,6 +20,26 @@ from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
 KINDS = ("exact", "sample", "empirical", "hessian")
+
+
+def check_trainable(model, layer_collection=None) -> None:
+    """A model with parameters to cover: not a frozen one (InvalidArgumentError naming the fix)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layer_collection is not None:
+        return
+    params = list(model.parameters())
+    if not params:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no trainable parameter (no parameters at "
+            "all): there is no curvature to compute; give the model whose parameters you study"
+        )
+    if not any(p.requires_grad for p in params):
+        raise InvalidArgumentError(
+            "the model is fully frozen (requires_grad=False on every parameter), so no parameter "
+            "is covered: unfreeze the ones to cover with p.requires_grad_(True), or pass "
+            "layer_collection=LayerCollection.from_modules(model, [...]) after unfreezing them"
+        )
 
 
 class CurvatureGenerator:
@@ -43,8 +63,16 @@ class CurvatureGenerator:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kfac_mode not in ("expand", "reduce"):
             raise ValueError(f"kfac_mode must be 'expand' or 'reduce', not {kfac_mode!r}")
-        if trials < 1:
-            raise ValueError(f"trials must be a positive integer, got {trials}")
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise InvalidArgumentError(
+                f"trials must be a positive integer (the labels drawn per example), got {trials!r}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
+                "generator=torch.Generator().manual_seed(seed) (a seed alone is not accepted)"
+            )
+        check_trainable(model, layer_collection)
         self.model = model
         self.output_model = output_model
         self.kind = kind

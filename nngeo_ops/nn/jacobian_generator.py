@@ -33,6 +33,7 @@ from .batching import (
 )
 from .capture import Capture, prepare_batch, warn_train_mode
 from .functional import FlatModel
+from .generator import check_trainable
 from .layercollection import LayerCollection
 from .outputs import Regression
 
@@ -47,6 +48,7 @@ def resolve_layer_collection(model: nn.Module, layer_collection) -> LayerCollect
     """The collection (all trainable parameters by default), checked against ``model``."""
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_trainable(model, layer_collection)
     lc = layer_collection if layer_collection is not None else LayerCollection.from_model(model)
     if not isinstance(lc, LayerCollection):
         raise ArgumentTypeError(

@@ -7,6 +7,7 @@ mistake (issue 8, nn half), every row checking ``pytest.raises(Type, match=fix)`
 import warnings
 
 import groundtruth as gt
+import numpy as np
 import pytest
 import torch
 from models import loader_of, make
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from nngeo_ops.errors import (
     ArgumentTypeError,
     DataError,
+    InvalidArgumentError,
     NonFiniteError,
     NotPSDError,
     NotSymmetricError,
@@ -25,9 +27,11 @@ from nngeo_ops.errors import (
 from nngeo_ops.nn import (
     FIM,
     GGN,
+    FIM_MonteCarlo,
     GramMatrix,
     Hessian,
     Jacobian,
+    LayerCollection,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
@@ -35,6 +39,7 @@ from nngeo_ops.nn import (
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
+    PVector,
 )
 
 
@@ -310,7 +315,87 @@ def _square_hessian_dense():
     )
 
 
+FROZEN = r"requires_grad=False on every parameter.*requires_grad_\(True\)"
+
+
+def _frozen(entry):
+    def call():
+        model, x = make("mlp")
+        model.requires_grad_(False)
+        entry(model, loader_of(x))
+
+    return call
+
+
+def _mc(**kw):
+    return lambda: FIM_MonteCarlo(*make("mlp"), PMatDiag, progress=False, **kw)
+
+
+def _from_flat_swapped():
+    model, _ = make("mlp")
+    PVector.from_flat(torch.zeros(38), LayerCollection.from_model(model))
+
+
+def _from_flat_model():
+    model, _ = make("mlp")
+    PVector.from_flat(model, torch.zeros(38, dtype=torch.float64))
+
+
+def _from_flat_numpy():
+    model, _ = make("mlp")
+    PVector.from_flat(LayerCollection.from_model(model), np.zeros(38))
+
+
+ONE_SHOT = r"one-shot iterator.*re-iterable loader.*list\(iterator\)"
+
+
+def _loader(rep, wrap, **kw):
+    def call():
+        model, x = make("mlp")
+        F = FIM(model, wrap(loader_of(x)), rep, progress=False, **kw)
+        F.mv(torch.ones(F.size(0), dtype=torch.float64))
+
+    return call
+
+
+def _jac_one_shot():
+    model, x = make("mlp")
+    Jacobian(model, (b for b in loader_of(x)), progress=False)
+
+
+def _ambiguous():
+    model, x = make("mlp")
+    FIM(model, (x, torch.zeros(2, dtype=torch.long)), PMatDiag, progress=False)
+
+
 MORE_ROWS = [
+    ("frozen-fim", _frozen(lambda m, d: FIM(m, d, PMatDiag)), InvalidArgumentError, FROZEN),
+    (
+        "frozen-implicit",
+        _frozen(lambda m, d: FIM(m, d, PMatImplicit)),
+        InvalidArgumentError,
+        FROZEN,
+    ),
+    ("frozen-jacobian", _frozen(lambda m, d: Jacobian(m, d)), InvalidArgumentError, FROZEN),
+    ("frozen-gram", _frozen(lambda m, d: GramMatrix(m, d)), InvalidArgumentError, FROZEN),
+    ("generator-seed", _mc(generator=3), ArgumentTypeError, r"torch.Generator\(\).manual_seed"),
+    ("generator-numpy", _mc(generator=np.random.default_rng(0)), ArgumentTypeError, "manual_seed"),
+    ("trials-zero", _mc(trials=0), InvalidArgumentError, "positive integer"),
+    ("trials-float", _mc(trials=2.5), InvalidArgumentError, "positive integer"),
+    ("trials-bool", _mc(trials=True), InvalidArgumentError, "positive integer"),
+    ("from-flat-swapped", _from_flat_swapped, ArgumentTypeError, "arguments are swapped"),
+    (
+        "from-flat-model",
+        _from_flat_model,
+        ArgumentTypeError,
+        r"LayerCollection.from_model\(model\)",
+    ),
+    ("from-flat-numpy", _from_flat_numpy, ArgumentTypeError, "torch.as_tensor"),
+    # loaders: one rule for one batch vs a loader, re-iterable where products re-read it
+    ("one-shot-iterator-implicit", _loader(PMatImplicit, iter), ArgumentTypeError, ONE_SHOT),
+    ("one-shot-generator-jacobian", _jac_one_shot, ArgumentTypeError, ONE_SHOT),
+    ("ambiguous-batch", _ambiguous, ArgumentTypeError, r"Pass one batch as \[batch\]"),
+    ("max-batches-zero", _loader(PMatDiag, list, max_batches=0), InvalidArgumentError, "positive"),
     ("lstm-dense", _rnn(nn.LSTM, PMatDense), UnsupportedError, "recurrent.*PMatImplicit works"),
     ("lstm-kfac", _rnn(nn.LSTM, PMatKFAC), UnsupportedError, "recurrent.*PMatImplicit works"),
     ("gru-diag", _rnn(nn.GRU, PMatDiag), UnsupportedError, "recurrent.*PMatImplicit works"),
