@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import NonFiniteError, UnsupportedError
 from .batching import ModelOnFirst, progress_bar
+from .finite import check_statistics
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
@@ -74,6 +75,36 @@ class _User:
     keys: tuple[tuple[str, int], ...]  # (layer_id, index of the parameter inside the layer)
     rule: object | None
     calls: list = field(default_factory=list)
+
+
+def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+    """Warn about modules whose training mode makes per-example curvature ill-defined or random.
+
+    BatchNorm in training mode couples the examples of a batch through its statistics; Dropout (and
+    its variants) in training mode draws a new mask at every pass, so two products of an implicit
+    operator, or two passes of one computation, see different networks. Both: ``model.eval()``.
+    """
+    bn, drop = [], []
+    for n, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bn.append(n)
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            drop.append(n)
+    parts = []
+    if bn:
+        parts.append(
+            f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
+            "statistics, so per-example Jacobians are not defined"
+        )
+    if drop:
+        parts.append(
+            f"Dropout modules {drop} are in training mode: each pass draws a new mask, so the "
+            "curvature is random and the products of an implicit operator differ from call to call"
+        )
+    if parts:
+        warnings.warn("; ".join(parts) + "; call model.eval()", stacklevel=stacklevel)
 
 
 def _as_tuple(batch):
@@ -129,6 +160,13 @@ def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, genera
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _differentiable(o) -> bool:
+    """A tensor that requires grad, or a (nested) tuple holding one (an LSTM's ``(h, c)``)."""
+    if torch.is_tensor(o):
+        return o.requires_grad
+    return isinstance(o, tuple | list) and any(_differentiable(x) for x in o)
+
+
 def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
     """The output tensor whose cotangents are taken: the output itself, or the one differentiable
     tensor of a tuple output (``nn.MultiheadAttention`` returns ``(out, None)`` with
@@ -137,7 +175,7 @@ def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
         return None, output
     name = f"module {user.name or '<root>'} ({type(module).__name__})"
     if isinstance(output, tuple | list):
-        live = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.requires_grad]
+        live = [i for i, o in enumerate(output) if _differentiable(o)]
         if len(live) == 1:
             return live[0], output[live[0]]
         raise UnsupportedError(
@@ -209,6 +247,16 @@ class Capture:
                     attrs.append(attr)
                     keys.append(key_of[id(p)])
                     n_users[id(p)] = n_users.get(id(p), 0) + 1
+            if attrs and isinstance(mod, nn.RNNBase):
+                # its hidden state is a second way out of the module that a hook on the output
+                # sequence does not follow, and its per-example re-run has no vmap rule
+                raise UnsupportedError(
+                    f"module {name} ({type(mod).__name__}) is recurrent: the per-layer hooks of "
+                    "PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, PMatEKFAC and "
+                    "PMatQuasiDiag cannot follow its hidden state. PMatImplicit works (exact "
+                    "products by autograd / torch.func; then F.op.to_dense() for a small model), as "
+                    "do Jacobian and GramMatrix; or leave the module out with a LayerCollection"
+                )
             if attrs:
                 rule = rule_for(mod)
                 if rule is not None and not set(attrs) <= set(rule.attrs(mod)):
@@ -228,11 +276,6 @@ class Capture:
                 and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
             ):
                 self.structured[lid] = user
-        self._bn_training = [
-            n
-            for n, m in self.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
 
     def require_structured(self, what: str) -> None:
         """Raise UnsupportedError naming every layer that has no structured rule."""
@@ -371,12 +414,6 @@ class Capture:
 
     def run(self, loader, accumulators, desc="curvature"):
         """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
-        if self._bn_training:
-            warnings.warn(
-                f"BatchNorm modules {self._bn_training} are in training mode: examples are coupled "
-                "through batch statistics; call model.eval() for per-example curvature",
-                stacklevel=3,
-            )
         total, n_ex = 0, 0
         for batch in progress_bar(loader, self.progress, desc):
             ctx = self.process(batch)
@@ -384,13 +421,10 @@ class Capture:
                 acc.update(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
-        if n_ex == 0:
-            raise DataError("the loader yielded no examples")
-        scale = 1.0 / total if self.output_model.reduction == "mean" else 1.0
-        if self.output_model.reduction == "mean" and total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
+        scale = self.output_model.scale(total, n_ex)
         for acc in accumulators:
             acc.finalize(scale)
+        check_statistics(accumulators, self.lc)
         return scale
 
 

@@ -11,14 +11,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, NonFiniteError, UnsupportedError
+from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
 from . import functional as fx
-from .batching import ModelOnFirst, progress_bar
-from .capture import Capture, batch_labels, prepare_batch
+from .batching import ModelOnFirst, as_loader, progress_bar
+from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
+from .finite import nonfinite_layers, raise_nonfinite
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
 KINDS = ("exact", "sample", "empirical", "hessian")
+
+
+def check_trainable(model, layer_collection=None) -> None:
+    """A model with parameters to cover: not a frozen one (InvalidArgumentError naming the fix)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layer_collection is not None:
+        return
+    params = list(model.parameters())
+    if not params:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no trainable parameter (no parameters at "
+            "all): there is no curvature to compute; give the model whose parameters you study"
+        )
+    if not any(p.requires_grad for p in params):
+        raise InvalidArgumentError(
+            "the model is fully frozen (requires_grad=False on every parameter), so no parameter "
+            "is covered: unfreeze the ones to cover with p.requires_grad_(True), or pass "
+            "layer_collection=LayerCollection.from_modules(model, [...]) after unfreezing them"
+        )
 
 
 class CurvatureGenerator:
@@ -44,9 +65,14 @@ class CurvatureGenerator:
             raise ValueError(f"kfac_mode must be 'expand' or 'reduce', not {kfac_mode!r}")
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
             raise InvalidArgumentError(
-                f"trials must be a positive int (Monte-Carlo draws per example), got {trials!r}; "
-                "pass e.g. trials=1"
+                f"trials must be a positive integer (the labels drawn per example), got {trials!r}"
             )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
+                "generator=torch.Generator().manual_seed(seed) (a seed alone is not accepted)"
+            )
+        check_trainable(model, layer_collection)
         self.model = model
         self.output_model = output_model
         self.kind = kind
@@ -63,6 +89,7 @@ class CurvatureGenerator:
         self.device = torch.device(device) if device is not None else params[0].device
         self.dtype = params[0].dtype
         self._capture = None
+        warn_train_mode(model, stacklevel=4)
 
     @property
     def is_hessian(self) -> bool:
@@ -87,21 +114,15 @@ class CurvatureGenerator:
         return self._capture
 
     def run(self, examples, accumulators, desc="curvature"):
-        return self.capture().run(examples, accumulators, desc=desc)
+        return self.capture().run(as_loader(examples), accumulators, desc=desc)
 
     # ------------------------------------------------------------------ function-space paths
     def _batches(self, examples, desc):
-        for batch in progress_bar(examples, self.progress, desc):
+        for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield prepare_batch(batch, self.device)
 
     def _finish(self, total, n_batches):
-        if n_batches == 0:
-            raise DataError("the loader yielded no examples")
-        if self.output_model.reduction != "mean":
-            return 1.0
-        if total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
-        return 1.0 / total
+        return self.output_model.scale(total, n_batches)
 
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
@@ -125,7 +146,11 @@ class CurvatureGenerator:
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
             acc, total, nb = acc + h, total + count, nb + 1
-        return acc * self._finish(total, nb)
+        out = acc * self._finish(total, nb)
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out
 
     def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
         fm, total, nb = self.flat_model(), 0, 0
@@ -136,4 +161,8 @@ class CurvatureGenerator:
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
         scale = self._finish(total, nb)
-        return {lid: b * scale for lid, b in zip(slices, acc)}
+        out = {lid: b * scale for lid, b in zip(slices, acc)}
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out

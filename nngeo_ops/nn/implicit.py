@@ -36,7 +36,9 @@ from ..errors import UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
+from .batching import ReplayCheck, as_loader
 from .capture import batch_labels, output_factor
+from .finite import check_product
 from .jacobian import Jacobian
 from .jacobian_generator import JacobianGenerator
 
@@ -60,7 +62,9 @@ class ImplicitProducts:
     """
 
     def __init__(self, gen, examples, cache: bool = False):
-        self.gen, self.examples, self.cache = gen, examples, bool(cache)
+        self.gen, self.cache = gen, bool(cache)
+        self.examples = as_loader(examples, reiterable=True)  # read again at every product
+        self.replay = ReplayCheck()  # every pass must read the batches of the first one
         self.fm = gen.flat_model()  # the snapshot of the covered parameters
         self._lin = None
         self.seed = None
@@ -89,7 +93,7 @@ class ImplicitProducts:
         if self._lin is None:
             gen, rng = self.gen, self.rng()
             lin = []
-            for batch in gen._batches(self.examples, "linearise"):
+            for batch in self.replay.check(gen._batches(self.examples, "linearise")):
                 if gen.kind == "hessian":
                     lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
                 else:
@@ -98,7 +102,14 @@ class ImplicitProducts:
         return self._lin
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """M V for V of shape (P, k)."""
+        """M V for V of shape (P, k); NonFiniteError (naming the layers) if M V of a finite V is not
+        finite."""
+        out = self._matmat(v)
+        what = "the Hessian product" if self.gen.kind == "hessian" else "the implicit product"
+        check_product(out, v, self.gen.layer_collection, what)
+        return out
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         gen = self.gen
         acc, total, nb = torch.zeros_like(v), 0, 0
         if self.cache:
@@ -106,7 +117,7 @@ class ImplicitProducts:
                 acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
             return acc * gen._finish(total, nb)
         rng = self.rng()
-        for batch in gen._batches(self.examples, "implicit product"):
+        for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
                 hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
             else:
@@ -258,4 +269,4 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
         )
         op.products = products
         return op
-    return GaussNewton(gen, examples, products)
+    return GaussNewton(gen, products.examples, products)

@@ -48,7 +48,7 @@ from ..ops import (
     Kronecker,
     LowRank,
 )
-from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
+from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator, check_regul
 from .stats import EKFACDiagAcc, KFACAcc
 
 
@@ -227,6 +227,7 @@ class PMatKFAC(PMatAbstract):
         return BlockDiag(blocks, names=list(lc.layers))
 
     def _damped_op(self, regul, damping):
+        check_regul(regul)
         if damping == "exact":
             return self._damped(regul)
         if damping == "pi":

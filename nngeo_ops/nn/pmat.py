@@ -16,15 +16,37 @@ one generator in a single pass over the data.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-from ..errors import ShapeError, UnsupportedError
+from ..errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
 from ..ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from .layercollection import LayerCollection
 from .stats import BlockAcc, DenseAcc, DiagAcc, GradsAcc
 from .vector import PVector
+
+
+def check_regul(regul) -> None:
+    """A damping λ must be one finite number (a Python number or a one-element tensor, which may
+    require grad); a per-parameter damping is a matrix: add it explicitly."""
+    if regul is None:
+        return
+    if torch.is_tensor(regul):
+        if regul.numel() != 1:
+            raise ArgumentTypeError(
+                f"regul must be a number, got a tensor of shape {tuple(regul.shape)}; for a "
+                "per-parameter damping add a diagonal explicitly: F + PMatDiag-like term, e.g. "
+                "PMatExpr(lc, F.op + nngeo_ops.ops.Diagonal(d)), then solve with regul=0"
+            )
+        ok = bool(torch.isfinite(regul.detach()).all())
+    elif isinstance(regul, numbers.Real) and not isinstance(regul, bool):
+        ok = math.isfinite(regul)
+    else:
+        raise ArgumentTypeError(f"regul must be a number, got {type(regul).__name__}")
+    if not ok:
+        raise NonFiniteError(f"regul is {float(regul)}: give a finite damping (e.g. regul=1e-3)")
 
 
 class PMatAbstract:
@@ -66,6 +88,7 @@ class PMatAbstract:
         )
 
     def _damped(self, regul) -> LinearOperator:
+        check_regul(regul)
         if regul is None or regul == 0:
             return self.op
         op = self.op

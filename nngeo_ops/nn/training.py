@@ -241,10 +241,7 @@ class StepStatistics:
         ctx = BatchContext(self.cap, self.batch_size, self._k, self._count)
         for acc in accumulators:
             acc.update(ctx)
-        if self.generator.output_model.reduction == "mean":
-            scale = 1.0 / self._count
-        else:
-            scale = 1.0
+        scale = self.generator.output_model.scale(self._count, self.batch_size)
         for acc in accumulators:
             acc.finalize(scale)
         return scale
