@@ -169,9 +169,12 @@ class Capture:
         n_output=None,
         device=None,
         progress=None,
+        process_group=None,
     ):
         self.model = model
         self.lc = layer_collection
+        # an already resolved group (see nngeo_ops.nn.distributed.resolve_group), or None: local
+        self.process_group = process_group
         self.output_model = output_model
         self.function = function if function is not None else (lambda *d: model(d[0]))
         self.kind = kind
@@ -384,6 +387,10 @@ class Capture:
                 acc.update(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
+        if self.process_group is not None:  # every rank now holds the sums over all shards
+            from .distributed import reduce_pass
+
+            total, n_ex = reduce_pass(self.process_group, accumulators, total, n_ex)
         if n_ex == 0:
             raise DataError("the loader yielded no examples")
         scale = 1.0 / total if self.output_model.reduction == "mean" else 1.0

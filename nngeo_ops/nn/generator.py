@@ -15,6 +15,7 @@ from ..errors import NonFiniteError, UnsupportedError
 from . import functional as fx
 from .batching import progress_bar
 from .capture import Capture, batch_labels, prepare_batch
+from .distributed import all_reduce_sum, reduce_counts, resolve_group
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
@@ -37,6 +38,7 @@ class CurvatureGenerator:
         device=None,
         progress=None,
         kfac_mode: str = "expand",
+        process_group=None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -60,6 +62,8 @@ class CurvatureGenerator:
         self.device = torch.device(device) if device is not None else params[0].device
         self.dtype = params[0].dtype
         self._capture = None
+        # data-parallel: each rank reads its shard, statistics are summed over the group
+        self.process_group = resolve_group(process_group)
 
     @property
     def is_hessian(self) -> bool:
@@ -80,6 +84,7 @@ class CurvatureGenerator:
                 n_output=self.n_output,
                 device=self.device,
                 progress=self.progress,
+                process_group=self.process_group,
             )
         return self._capture
 
@@ -91,7 +96,13 @@ class CurvatureGenerator:
         for batch in progress_bar(examples, self.progress, desc):
             yield prepare_batch(batch, self.device)
 
-    def _finish(self, total, n_batches):
+    def _finish(self, total, n_batches, reduced: bool = False):
+        if (
+            self.process_group is not None and not reduced
+        ):  # counts over all shards (an empty shard is allowed)
+            total, n_batches = reduce_counts(
+                self.process_group, [total, n_batches], self.device, allow_empty=True
+            )
         if n_batches == 0:
             raise DataError("the loader yielded no examples")
         if self.output_model.reduction != "mean":
@@ -99,6 +110,14 @@ class CurvatureGenerator:
         if total == 0:
             raise DataError("every target was ignored (ignore_index): the mean is undefined")
         return 1.0 / total
+
+    def _sum_over_group(self, tensors, fm, sizes=None):
+        """Sum symmetric matrices over the group; a rank with an empty shard sends zeros."""
+        if tensors is None or (len(tensors) == 1 and not torch.is_tensor(tensors[0])):
+            n = fm.flat0.numel()
+            sizes = sizes or [n]
+            tensors = [torch.zeros(k, k, dtype=self.dtype, device=self.device) for k in sizes]
+        return all_reduce_sum(self.process_group, tensors, [True] * len(tensors))
 
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
@@ -122,6 +141,8 @@ class CurvatureGenerator:
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
             acc, total, nb = acc + h, total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group([acc], fm)[0]
         return acc * self._finish(total, nb)
 
     def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
@@ -132,5 +153,7 @@ class CurvatureGenerator:
             blocks, count = fx.hessian_blocks(fm, batch, self._loss, list(slices.values()))
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group(acc, fm, [s.stop - s.start for s in slices.values()])
         scale = self._finish(total, nb)
         return {lid: b * scale for lid, b in zip(slices, acc)}

@@ -37,6 +37,7 @@ from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
 from .capture import batch_labels, output_factor
+from .distributed import ConsistentProduct
 from .jacobian import Jacobian
 from .jacobian_generator import JacobianGenerator
 
@@ -66,6 +67,8 @@ class ImplicitProducts:
         self.seed = None
         if gen.kind == "sample":
             self.seed = int(torch.randint(0, 2**62, (1,), generator=gen.rng).item())
+        # in a process group: the product is the all-reduce of the per-shard products
+        self._group = ConsistentProduct(gen.process_group) if gen.process_group else None
 
     def clear(self) -> None:
         """Free the linearised batches (the next product rebuilds them)."""
@@ -104,7 +107,7 @@ class ImplicitProducts:
         if self.cache:
             for lin in self._linearised():
                 acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
-            return acc * gen._finish(total, nb)
+            return self._scaled(acc, v, total, nb)
         rng = self.rng()
         for batch in gen._batches(self.examples, "implicit product"):
             if gen.kind == "hessian":
@@ -112,7 +115,13 @@ class ImplicitProducts:
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
             acc, total, nb = acc + hv, total + count, nb + 1
-        return acc * gen._finish(total, nb)
+        return self._scaled(acc, v, total, nb)
+
+    def _scaled(self, acc, v, total, nb):
+        if self._group is None:
+            return acc * self.gen._finish(total, nb)
+        acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
+        return acc * self.gen._finish(total, nb, reduced=True)
 
 
 class OutputCurvature(MatFree):
@@ -245,7 +254,9 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
     products). ``op.products`` is the :class:`ImplicitProducts` in both cases.
     """
     products = ImplicitProducts(gen, examples, cache)
-    if gen.kind == "hessian":
+    if gen.kind == "hessian" or gen.process_group is not None:
+        # sharded data: J (rows on each rank) is not a factor of a replicated product, so the
+        # function-space routes of Jᵀ·H·J do not apply; products are all-reduced
         n = gen.layer_collection.numel()
         op = MatFree(
             products.matmat,
@@ -253,8 +264,9 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
             dtype=gen.dtype,
             device=gen.device,
             symmetric=True,
+            psd=gen.kind != "hessian",
             batched=True,
-            name="∇²L",
+            name="∇²L" if gen.kind == "hessian" else "Jᵀ·H·J (all-reduced)",
         )
         op.products = products
         return op

@@ -25,6 +25,7 @@ from ..errors import (
 )
 from .batching import batch_size_of, check_same_outputs, flatten_outputs, progress_bar, split_batch
 from .capture import Capture, prepare_batch
+from .distributed import resolve_group
 from .functional import FlatModel
 from .layercollection import LayerCollection
 from .outputs import Regression
@@ -130,8 +131,11 @@ class JacobianGenerator:
         device=None,
         progress=None,
         backend: str = "hooks",
+        process_group=None,
     ):
         self.model = model
+        # sharded data (see nngeo_ops.nn.distributed): Gram matrices are gathered, J stays sharded
+        self.process_group = resolve_group(process_group)
         self.layer_collection = resolve_layer_collection(model, layer_collection)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise InvalidArgumentError(

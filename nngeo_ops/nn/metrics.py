@@ -7,6 +7,11 @@ Hessian are those of the dataset loss with the loss module's reduction (``mean``
 divides by — non-ignored targets for CE/NLL, elements for MSE/BCE — over the whole loader, not a mean
 of batch means; ``sum``: not divided). Batches are ``(inputs, labels, ...)`` tuples or plain input
 tensors; ``function(*batch)`` overrides ``model(batch[0])``.
+
+``process_group``: inside an initialised ``torch.distributed`` group each rank passes its own shard
+of the data and receives the matrix of the union of the shards (see
+:mod:`nngeo_ops.nn.distributed`); ``None`` uses the default group when there is one, ``False``
+computes on the local shard only.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def FIM(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    process_group=None,
 ):
     """The Fisher information with the expectation over y | x in closed form.
 
@@ -56,6 +62,7 @@ def FIM(
         device=device,
         progress=progress,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -73,6 +80,7 @@ def FIM_MonteCarlo(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    process_group=None,
 ):
     """The Fisher with ``trials`` labels per example drawn from the model (``torch.Generator``)."""
     om = output_model_for_variant(variant, covariance)
@@ -90,6 +98,7 @@ def FIM_MonteCarlo(
         trials=trials,
         generator=generator,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -105,6 +114,7 @@ def EmpiricalFisher(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    process_group=None,
 ):
     """(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = −log p(y_n | x_n) at the loader's labels."""
     om = output_model_for_variant(variant, covariance)
@@ -120,6 +130,7 @@ def EmpiricalFisher(
         device=device,
         progress=progress,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -134,6 +145,7 @@ def GGN(
     device=None,
     progress=None,
     kfac_mode="expand",
+    process_group=None,
 ):
     """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
     BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.outputs` for NLLLoss)."""
@@ -150,6 +162,7 @@ def GGN(
         device=device,
         progress=progress,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -166,6 +179,7 @@ def Hessian(
     layer_collection=None,
     device=None,
     progress=None,
+    process_group=None,
 ):
     """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
     layer) or implicit (Hessian-vector products, forward over reverse)."""
@@ -186,4 +200,5 @@ def Hessian(
         n_output=n_output,
         device=device,
         progress=progress,
+        process_group=process_group,
     )
