@@ -64,8 +64,11 @@ def _dense(m):
     return m.to_torch() if hasattr(m, "to_torch") else m
 
 
-def run_checks(rank, world, shards):
-    """{check name: max abs difference with the single-process result on all data}."""
+def run_checks(rank, shards, pg=None):
+    """{check name: tensor} built on this rank's shard (``pg=None``: over the initialised group).
+
+    The test calls it once more without a group on a single shard of all 13 examples: the
+    single-process reference on the union of the shards (same models, data and probes)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = ConvNet().double()
@@ -76,16 +79,10 @@ def run_checks(rank, world, shards):
     wx64 = torch.randn(13, 64, generator=g, dtype=torch.float64)
     lo = sum(shards[:rank])
     hi = lo + shards[rank]
-    local, full = _batches(x, y, lo, hi), _batches(x, y, 0, 13)
-    wlocal, wfull = _batches(wx, y, lo, hi), _batches(wx, y, 0, 13)
-    w64local, w64full = _batches(wx64, y, lo, hi), _batches(wx64, y, 0, 13)
+    local, wlocal, w64local = (_batches(t, y, lo, hi) for t in (x, wx, wx64))
     ce = nn.CrossEntropyLoss()
+    kw = {"progress": False, "process_group": pg}
     out = {}
-
-    def compare(name, build, m=model, a=local, b=full, get=_dense):
-        got = get(build(m, a, None))
-        ref = get(build(m, b, False))
-        out[name] = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-300)
 
     for rep in (
         PMatDense,
@@ -96,133 +93,74 @@ def run_checks(rank, world, shards):
         PMatQuasiDiag,
         PMatLowRank,
     ):
-        compare(
-            f"FIM {rep.__name__}",
-            lambda m, d, pg, rep=rep: FIM(m, d, rep, progress=False, process_group=pg),
-        )
-        compare(
-            f"GGN CE(ignore) {rep.__name__}",
-            lambda m, d, pg, rep=rep: GGN(m, d, ce, rep, progress=False, process_group=pg),
-        )
-    # the reduce form of KFAC (weight sharing) and the EKFAC bases / refit diagonal themselves
-    compare(
-        "FIM KFAC reduce",
-        lambda m, d, pg: FIM(m, d, PMatKFAC, progress=False, process_group=pg, kfac_mode="reduce"),
-    )
-
-    def ekfac_parts(f):
-        return torch.cat(
-            [
-                torch.cat([v["QA"].abs().reshape(-1), v["QG"].abs().reshape(-1), v["diag"]])
-                for v in f.data.values()
-                if "diag" in v
-            ]
-        )
-
-    compare(
-        "EKFAC bases and diag",
-        lambda m, d, pg: FIM(m, d, PMatEKFAC, progress=False, process_group=pg),
-        get=ekfac_parts,
+        out[f"FIM {rep.__name__}"] = FIM(model, local, rep, **kw).to_torch()
+    for rep in (PMatDense, PMatKFAC, PMatLowRank):  # mean over the non-ignored targets
+        out[f"GGN CE(ignore) {rep.__name__}"] = GGN(model, local, ce, rep, **kw).to_torch()
+    f = FIM(model, local, PMatKFAC, kfac_mode="reduce", **kw)
+    out["FIM KFAC reduce"] = f.to_torch()
+    f = FIM(model, local, PMatEKFAC, **kw)  # the bases (up to signs) and the refit diagonals
+    out["EKFAC bases and diag"] = torch.cat(
+        [
+            torch.cat([v["QA"].abs().reshape(-1), v["QG"].abs().reshape(-1), v["diag"]])
+            for v in f.data.values()
+            if "diag" in v
+        ]
     )
     # low-rank input factors: rows gathered (64 wide) or densified when the union has too many
-    for name, m, a, b in (
-        ("rows gathered", wider, w64local, w64full),
-        ("rows densified", wide, wlocal, wfull),
-    ):
-        compare(
-            f"KFAC low-rank A {name}",
-            lambda m, d, pg: FIM(m, d, PMatKFAC, progress=False, process_group=pg),
-            m,
-            a,
-            b,
-        )
-        f = FIM(m, a, PMatKFAC, progress=False)
-        out[f"KFAC low-rank A {name} form"] = float(("A_rows" in f.data["0"]) != (m is wider))
+    for name, m, d in (("rows gathered", wider, w64local), ("rows densified", wide, wlocal)):
+        f = FIM(m, d, PMatKFAC, **kw)
+        out[f"KFAC low-rank A {name}"] = f.to_torch()
+        out[f"KFAC low-rank A {name} form"] = torch.tensor(float("A_rows" in f.data["0"]))
     for rep in (PMatDense, PMatBlockDiag, PMatDiag):
-        compare(
-            f"Hessian {rep.__name__}",
-            lambda m, d, pg, rep=rep: Hessian(m, d, ce, rep, progress=False, process_group=pg),
-        )
+        out[f"Hessian {rep.__name__}"] = Hessian(model, local, ce, rep, **kw).to_torch()
 
     # implicit products: all-reduced, so iterative algorithms run unchanged on top
     p = sum(q.numel() for q in model.parameters())
-    gv = torch.Generator().manual_seed(7)
-    v = torch.randn(p, 3, generator=gv, dtype=torch.float64)
-    for kind, build in (
-        ("GGN", lambda d, pg: GGN(model, d, ce, PMatImplicit, progress=False, process_group=pg)),
-        (
-            "Hessian",
-            lambda d, pg: Hessian(model, d, ce, PMatImplicit, progress=False, process_group=pg),
-        ),
-        (
-            "Fisher cached",
-            lambda d, pg: FIM(
-                model,
-                d,
-                lambda generator, examples: PMatImplicit(generator, examples=examples, cache=True),
-                progress=False,
-                process_group=pg,
-            ),
-        ),
+    v = torch.randn(p, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def cached(generator, examples):
+        return PMatImplicit(generator, examples=examples, cache=True)
+
+    for kind, f in (
+        ("GGN", GGN(model, local, ce, PMatImplicit, **kw)),
+        ("Hessian", Hessian(model, local, ce, PMatImplicit, **kw)),
+        ("Fisher cached", FIM(model, local, cached, **kw)),
     ):
-        fd, fr = build(local, None), build(full, False)
-        rel = lambda a, b: float((a - b).abs().max()) / float(b.abs().max())  # noqa: E731
-        out[f"implicit {kind} matmat"] = rel(fd.op @ v, fr.op @ v)
-        if kind != "Hessian":
-            sd, _ = cg(lambda z, f=fd: f.op @ z + 0.5 * z, v, tol=1e-13, maxiter=300)
-            sr, _ = cg(lambda z, f=fr: f.op @ z + 0.5 * z, v, tol=1e-13, maxiter=300)
-            out[f"implicit {kind} CG"] = rel(sd, sr)
-        ld = lanczos(fd.op, k=3, num_iter=40, generator=torch.Generator().manual_seed(1))
-        lr = lanczos(fr.op, k=3, num_iter=40, generator=torch.Generator().manual_seed(1))
-        out[f"implicit {kind} Lanczos"] = rel(ld[0], lr[0])
-        td = hutchpp(fd.op, 12, generator=torch.Generator().manual_seed(2))
-        tr = hutchpp(fr.op, 12, generator=torch.Generator().manual_seed(2))
-        out[f"implicit {kind} Hutch++"] = abs(float(td.value) - float(tr.value)) / abs(
-            float(tr.value)
-        )
-    # probes drawn differently on different ranks: every rank raises
-    fd = GGN(model, local, ce, PMatImplicit, progress=False)
-    try:
-        fd.op @ torch.randn(
-            p, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64
-        )
-        out["different probes raise"] = 1.0
-    except DataError:
-        out["different probes raise"] = 0.0
+        out[f"implicit {kind} matmat"] = f.op @ v
+        if kind == "Hessian":
+            continue
+        out[f"implicit {kind} CG"] = cg(lambda z, f=f: f.op @ z + 0.5 * z, v, tol=1e-13)[0]
+        out[f"implicit {kind} Lanczos"] = lanczos(
+            f.op, k=3, num_iter=40, generator=torch.Generator().manual_seed(1)
+        )[0]
+        est = hutchpp(f.op, 12, generator=torch.Generator().manual_seed(2))
+        out[f"implicit {kind} Hutch++"] = torch.as_tensor(est.value)
+    if pg is None:  # probes drawn differently on different ranks: every rank raises
+        f = GGN(model, local, ce, PMatImplicit, **kw)
+        g = torch.Generator().manual_seed(100 + rank)
+        try:
+            f.op @ torch.randn(p, generator=g, dtype=torch.float64)
+            out["different probes raise"] = torch.tensor(0.0)
+        except DataError:
+            out["different probes raise"] = torch.tensor(1.0)
 
     # function space: the Gram matrix gathered, the Jacobian sharded
     xs = [b[0] for b in local]
-    xf = [b[0] for b in full]
-    compare(
-        "GramMatrix",
-        lambda m, d, pg: GramMatrix(m, d, progress=False, process_group=pg),
-        a=xs,
-        b=xf,
-    )
-    compare(  # both loaders sharded; the same examples on both sides, through the cross path
-        "CrossGramMatrix",
-        lambda m, d, pg: CrossGramMatrix(m, d, d, progress=False, process_group=pg),
-        a=xs,
-        b=xf,
-    )
-    jd = Jacobian(model, xs, progress=False)
-    jr = Jacobian(generator=JacobianGenerator(model, process_group=False), loader=xf)
-    c = jr.n_output
+    out["GramMatrix"] = GramMatrix(model, xs, **kw).to_torch()
+    out["CrossGramMatrix"] = CrossGramMatrix(model, xs, xs, **kw).to_torch()
+    j = Jacobian(generator=JacobianGenerator(model, process_group=pg), loader=xs)
+    c = j.n_output
     u_full = torch.randn(c, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    u_local = u_full[:, lo:hi].reshape(-1)
-    got, ref = jd.T @ u_local, jr.T @ u_full.reshape(-1)
-    out["Jacobian J.T @ u (sharded u)"] = float((got - ref).abs().max()) / float(ref.abs().max())
+    out["Jacobian J.T @ u (sharded u)"] = j.T @ u_full[:, lo:hi].reshape(-1)
     w = torch.randn(p, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    got = (jd @ w).view(c, -1)
-    ref = (jr @ w).view(c, 13)[:, lo:hi]
-    out["Jacobian J @ v (rows of this shard)"] = float((got - ref).abs().max())
+    out["Jacobian J @ v (rows of this shard)"] = (j @ w).view(c, -1)
     return out
 
 
 def worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        res = run_checks(rank, world, SHARDS[world])
+        res = run_checks(rank, SHARDS[world])
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
