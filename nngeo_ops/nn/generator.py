@@ -16,6 +16,7 @@ from . import functional as fx
 from .batching import progress_bar
 from .capture import Capture, batch_labels, prepare_batch
 from .distributed import all_reduce_sum, reduce_counts, resolve_group
+from .precision import accumulation_dtype
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 
@@ -60,7 +61,8 @@ class CurvatureGenerator:
         if not params:
             raise DataError("the layer collection covers no parameter")
         self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = params[0].dtype
+        self.model_dtype = params[0].dtype
+        self.dtype = accumulation_dtype(self.model_dtype)  # of the statistics and operators
         self._capture = None
         # data-parallel: each rank reads its shard, statistics are summed over the group
         self.process_group = resolve_group(process_group)
@@ -140,7 +142,7 @@ class CurvatureGenerator:
         fm, acc, total, nb = self.flat_model(), 0, 0, 0
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
-            acc, total, nb = acc + h, total + count, nb + 1
+            acc, total, nb = acc + h.to(self.dtype), total + count, nb + 1
         if self.process_group is not None:
             acc = self._sum_over_group([acc], fm)[0]
         return acc * self._finish(total, nb)
@@ -151,6 +153,7 @@ class CurvatureGenerator:
         acc = None
         for batch in self._batches(examples, "hessian"):
             blocks, count = fx.hessian_blocks(fm, batch, self._loss, list(slices.values()))
+            blocks = [b.to(self.dtype) for b in blocks]
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
         if self.process_group is not None:

@@ -101,12 +101,13 @@ class ImplicitProducts:
         return self._lin
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """M V for V of shape (P, k)."""
+        """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's)."""
         gen = self.gen
-        acc, total, nb = torch.zeros_like(v), 0, 0
+        acc, total, nb = torch.zeros_like(v, dtype=gen.dtype), 0, 0
+        v = v.to(gen.model_dtype)  # a half model runs in half; its products are summed in float32
         if self.cache:
             for lin in self._linearised():
-                acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
+                acc, total, nb = acc + lin.matmat(v).to(acc.dtype), total + lin.count, nb + 1
             return self._scaled(acc, v, total, nb)
         rng = self.rng()
         for batch in gen._batches(self.examples, "implicit product"):
@@ -114,7 +115,7 @@ class ImplicitProducts:
                 hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
-            acc, total, nb = acc + hv, total + count, nb + 1
+            acc, total, nb = acc + hv.to(acc.dtype), total + count, nb + 1
         return self._scaled(acc, v, total, nb)
 
     def _scaled(self, acc, v, total, nb):

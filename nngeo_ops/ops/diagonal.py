@@ -58,7 +58,7 @@ class ScaledIdentity(LinearOperator):
             dtype = dtype or c.dtype
             device = device if device is not None else c.device
         dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device if device is not None else "cpu")
+        device = torch.device(device) if device is not None else torch.get_default_device()
         cf = scalar_float(c)
         super().__init__((n, n), dtype, device, symmetric=True, psd=cf >= 0, orthogonal=cf == 1)
         self.c = c.to(dtype=dtype, device=device) if isinstance(c, torch.Tensor) else c
