@@ -16,9 +16,9 @@ from . import functional as fx
 from .batching import progress_bar
 from .capture import Capture, batch_labels, prepare_batch
 from .distributed import all_reduce_sum, reduce_counts, resolve_group
-from .precision import accumulation_dtype
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
+from .precision import accumulation_dtype
 
 KINDS = ("exact", "sample", "empirical", "hessian")
 
