@@ -98,3 +98,16 @@ def test_main_paths_in_each_precision(dtype):
     k = GramMatrix(model, [b for b, _ in data], progress=False).to_torch()
     kr = GramMatrix(ref_model, [b for b, _ in ref], progress=False).to_torch()
     assert float((k.double() - kr).norm() / kr.norm()) < tol
+
+
+def test_gpu_benchmark_skips_cleanly_without_cuda():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_bench", PACKAGE.parent / "benchmarks" / "gpu.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu.py by hand")
+    assert "no CUDA device" in mod.run(quick=True)
