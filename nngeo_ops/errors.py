@@ -54,3 +54,8 @@ class InvalidArgumentError(NNGeoError, ValueError):
 
 class ArgumentTypeError(NNGeoError, TypeError):
     """An argument is of the wrong kind (not a tensor, not a node, wrong number of dimensions)."""
+
+
+class MemoryLimitError(NNGeoError, MemoryError):
+    """A dense object would exceed the memory limit (message names its size and a structure that
+    fits)."""
