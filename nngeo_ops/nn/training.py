@@ -241,8 +241,14 @@ class StepStatistics:
         ctx = BatchContext(self.cap, self.batch_size, self._k, self._count)
         for acc in accumulators:
             acc.update(ctx)
+        count = self._count
+        group = getattr(self.generator, "process_group", None)
+        if group is not None:  # data-parallel step: statistics of every rank's batch
+            from .distributed import reduce_pass
+
+            count, _ = reduce_pass(group, accumulators, count, self.batch_size)
         if self.generator.output_model.reduction == "mean":
-            scale = 1.0 / self._count
+            scale = 1.0 / count
         else:
             scale = 1.0
         for acc in accumulators:

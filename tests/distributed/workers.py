@@ -154,6 +154,49 @@ def run_checks(rank, shards, pg=None):
     out["Jacobian J.T @ u (sharded u)"] = j.T @ u_full[:, lo:hi].reshape(-1)
     w = torch.randn(p, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out["Jacobian J @ v (rows of this shard)"] = (j @ w).view(c, -1)
+    out.update(app_checks(rank, shards, pg))
+    return out
+
+
+def app_checks(rank, shards, pg):
+    """A natural-gradient step of a DDP model, a Laplace marginal likelihood, an EWC penalty."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nngeo_ops.apps import EWC, Laplace, NaturalGradient
+
+    out = {}
+    x, y, _ = _data()
+    y = y.clamp_min(0)  # the apps' losses take every target
+    world, lo = len(shards), sum(shards[:rank])
+    local = _batches(x, y, lo, lo + shards[rank])
+
+    def mlp():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    # DDP averages the per-rank mean gradients: equal shards of the first 12 examples
+    lo, hi = rank * 12 // world, (rank + 1) * 12 // world
+    xb, yb = x[lo:hi], y[lo:hi]
+    for rep in (PMatKFAC, PMatEKFAC, PMatDense):
+        net = mlp()
+        model = DistributedDataParallel(net) if pg is None else net
+        before = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
+        opt = NaturalGradient(model, lr=0.5, representation=rep, damping=1e-2, fisher="exact")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step(batch=(xb, yb))
+        after = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
+        out[f"NaturalGradient DDP step {rep.__name__}"] = after - before
+    for rep in (PMatKFAC, PMatDiag, PMatDense):
+        lap = Laplace(mlp(), local, representation=rep, prior_precision=0.7)
+        out[f"Laplace log marginal likelihood {rep.__name__}"] = lap.log_marginal_likelihood()
+    net = mlp()
+    ewc = EWC(net, strength=2.0)
+    ewc.add_task(local, representation=PMatKFAC)
+    with torch.no_grad():
+        for q in net.parameters():
+            q.add_(0.1)
+    out["EWC penalty"] = ewc.penalty().detach()
     return out
 
 
