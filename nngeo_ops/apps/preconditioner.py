@@ -562,7 +562,7 @@ def _default_collection(model, s) -> LayerCollection:
 def _device_of(model):
     for p in model.parameters():
         return p.device
-    return torch.device("cpu")
+    return torch.get_default_device()
 
 
 def _check_finite(d: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ from .finite import check_statistics
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
+from .precision import accumulation_dtype
 from .rules import ConvRule, KronRule, rule_for
 from .stats import conv_squared_grads
 
@@ -207,9 +208,12 @@ class Capture:
         n_output=None,
         device=None,
         progress=None,
+        process_group=None,
     ):
         self.model = model
         self.lc = layer_collection
+        # an already resolved group (see nngeo_ops.nn.distributed.resolve_group), or None: local
+        self.process_group = process_group
         self.output_model = output_model
         self.function = function if function is not None else ModelOnFirst(model)
         self.kind = kind
@@ -221,7 +225,7 @@ class Capture:
         if not params:
             raise DataError("the layer collection covers no parameter")
         self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = params[0].dtype
+        self.dtype = accumulation_dtype(params[0].dtype)  # float32 for a half-precision model
         self._find_users(params)
         self._recording = False
         self._clone = False
@@ -386,7 +390,23 @@ class Capture:
                 )
             )
             c.output = None  # the graph is no longer needed
+        if self.dtype != out.dtype:
+            self._widen()
         return BatchContext(self, out.shape[0], lmat.shape[0], count)
+
+    def _widen(self) -> None:
+        """Cast the cotangents and inputs that layer rules read to the accumulation dtype (see
+        :mod:`~nngeo_ops.nn.precision`); users on the generic path keep the model's precision,
+        which their re-run needs, and their per-example gradients are cast afterwards."""
+        for u in self.users:
+            if u.rule is None:
+                continue
+            for c in u.calls:
+                c.grad = c.grad.to(self.dtype)
+                c.args = tuple(
+                    a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+                    for a in c.args
+                )
 
     def _backprop(self, out, targets, lmat):
         if lmat.shape[0] == 1:  # one column (Monte-Carlo with one trial, empirical): no vmap
@@ -421,6 +441,10 @@ class Capture:
                 acc.update(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
+        if self.process_group is not None:  # every rank now holds the sums over all shards
+            from .distributed import reduce_pass
+
+            total, n_ex = reduce_pass(self.process_group, accumulators, total, n_ex)
         scale = self.output_model.scale(total, n_ex)
         for acc in accumulators:
             acc.finalize(scale)
@@ -489,7 +513,7 @@ class BatchContext:
                 t = torch.zeros(
                     (self.k, self.batch_size, *shape), dtype=self.cap.dtype, device=self.cap.device
                 )
-            parts.append(t.reshape(self.m, -1))
+            parts.append(t.reshape(self.m, -1).to(self.cap.dtype))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def per_example_all(self) -> torch.Tensor:

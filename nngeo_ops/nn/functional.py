@@ -29,7 +29,7 @@ from .layercollection import LayerCollection
 
 def model_device(model):
     p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return p.device if p is not None else torch.get_default_device()
 
 
 def tied_locations(root: nn.Module, names) -> dict[str, list[str]]:

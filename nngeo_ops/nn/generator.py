@@ -16,8 +16,10 @@ from . import functional as fx
 from .batching import ModelOnFirst, as_loader, progress_bar
 from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
 from .finite import nonfinite_layers, raise_nonfinite
+from .distributed import all_reduce_sum, reduce_counts, resolve_group
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
+from .precision import accumulation_dtype
 
 KINDS = ("exact", "sample", "empirical", "hessian")
 
@@ -58,6 +60,7 @@ class CurvatureGenerator:
         device=None,
         progress=None,
         kfac_mode: str = "expand",
+        process_group=None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -87,9 +90,12 @@ class CurvatureGenerator:
         if not params:
             raise DataError("the layer collection covers no parameter")
         self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = params[0].dtype
+        self.model_dtype = params[0].dtype
+        self.dtype = accumulation_dtype(self.model_dtype)  # of the statistics and operators
         self._capture = None
         warn_train_mode(model, stacklevel=4)
+        # data-parallel: each rank reads its shard, statistics are summed over the group
+        self.process_group = resolve_group(process_group)
 
     @property
     def is_hessian(self) -> bool:
@@ -110,6 +116,7 @@ class CurvatureGenerator:
                 n_output=self.n_output,
                 device=self.device,
                 progress=self.progress,
+                process_group=self.process_group,
             )
         return self._capture
 
@@ -121,8 +128,22 @@ class CurvatureGenerator:
         for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield prepare_batch(batch, self.device)
 
-    def _finish(self, total, n_batches):
+    def _finish(self, total, n_batches, reduced: bool = False):
+        if (
+            self.process_group is not None and not reduced
+        ):  # counts over all shards (an empty shard is allowed)
+            total, n_batches = reduce_counts(
+                self.process_group, [total, n_batches], self.device, allow_empty=True
+            )
         return self.output_model.scale(total, n_batches)
+
+    def _sum_over_group(self, tensors, fm, sizes=None):
+        """Sum symmetric matrices over the group; a rank with an empty shard sends zeros."""
+        if tensors is None or (len(tensors) == 1 and not torch.is_tensor(tensors[0])):
+            n = fm.flat0.numel()
+            sizes = sizes or [n]
+            tensors = [torch.zeros(k, k, dtype=self.dtype, device=self.device) for k in sizes]
+        return all_reduce_sum(self.process_group, tensors, [True] * len(tensors))
 
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
@@ -145,7 +166,9 @@ class CurvatureGenerator:
         fm, acc, total, nb = self.flat_model(), 0, 0, 0
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
-            acc, total, nb = acc + h, total + count, nb + 1
+            acc, total, nb = acc + h.to(self.dtype), total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group([acc], fm)[0]
         out = acc * self._finish(total, nb)
         layers = nonfinite_layers(out, self.layer_collection)
         if layers != []:
@@ -158,8 +181,11 @@ class CurvatureGenerator:
         acc = None
         for batch in self._batches(examples, "hessian"):
             blocks, count = fx.hessian_blocks(fm, batch, self._loss, list(slices.values()))
+            blocks = [b.to(self.dtype) for b in blocks]
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group(acc, fm, [s.stop - s.start for s in slices.values()])
         scale = self._finish(total, nb)
         out = {lid: b * scale for lid, b in zip(slices, acc)}
         layers = nonfinite_layers(out, self.layer_collection)

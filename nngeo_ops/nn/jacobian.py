@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
-from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
+from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError, UnsupportedError
 from ..ops import MatFree
 from . import functional as fx
 from .batching import (
@@ -55,6 +55,7 @@ from .batching import (
     check_same_outputs,
     fingerprint,
 )
+from .distributed import all_reduce_sum
 from .jacobian_generator import JacobianGenerator
 from .layercollection import LayerCollection
 from .vector import FVector, PVector, flat_fvector, flat_pvector
@@ -229,6 +230,10 @@ class Jacobian(MatFree):
             except (RuntimeError, NotImplementedError):  # not runnable under torch.func
                 g = fx.vjp_by_autograd(self.fm, chunk, ub.contiguous())
             acc = g if acc is None else acc + g
+        if acc is None:  # an empty shard
+            acc = torch.zeros(k, self.shape[1], dtype=self.dtype, device=self.device)
+        if self.generator.process_group is not None:  # Jᵀ U sums over the rows of every rank
+            all_reduce_sum(self.generator.process_group, [acc])
         return acc.T
 
     def __matmul__(self, other):
@@ -266,6 +271,12 @@ class Jacobian(MatFree):
         (per-chunk features, no loop over examples); None when the model's parameters are no longer
         those of this node (the engine reads the model). The ops rules use it to solve damped
         Gauss-Newton systems in function space."""
+        if self.generator.process_group is not None:
+            raise UnsupportedError(
+                "this Jacobian is sharded over a process group (each rank holds its own rows), so "
+                "J Jᵀ of its rows is not the Gram matrix of all examples and function-space "
+                "routes do not apply: use GramMatrix (gathered) or iterative solvers on Jᵀ·M·J"
+            )
         if not torch.equal(self.generator.current_flat(), self.fm.flat0):
             return None
         # the chunks of a checked pass (a reshuffled loader raises, as in every product); a list,

@@ -33,6 +33,7 @@ from .batching import (
     split_batch,
 )
 from .capture import Capture, prepare_batch, warn_train_mode
+from .distributed import resolve_group
 from .functional import FlatModel
 from .generator import check_trainable
 from .layercollection import LayerCollection
@@ -140,8 +141,11 @@ class JacobianGenerator:
         device=None,
         progress=None,
         backend: str = "hooks",
+        process_group=None,
     ):
         self.model = model
+        # sharded data (see nngeo_ops.nn.distributed): Gram matrices are gathered, J stays sharded
+        self.process_group = resolve_group(process_group)
         self.layer_collection = resolve_layer_collection(model, layer_collection)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise InvalidArgumentError(

@@ -12,6 +12,11 @@ tensors; ``function(*batch)`` overrides ``model(batch[0])``.
 or a tuple / list of tensors whose first dimensions agree is one minibatch (``FIM(model, (x, y),
 ...)``), anything else iterable a loader; what is neither raises. ``max_batches=k`` reads only the
 first k batches of each pass (a streaming loader without ``__len__``).
+
+``process_group``: inside an initialised ``torch.distributed`` group each rank passes its own shard
+of the data and receives the matrix of the union of the shards (see
+:mod:`nngeo_ops.nn.distributed`); ``None`` uses the default group when there is one, ``False``
+computes on the local shard only.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def FIM(
     covariance=None,
     kfac_mode="expand",
     max_batches=None,
+    process_group=None,
 ):
     """The Fisher information with the expectation over y | x in closed form.
 
@@ -65,6 +71,7 @@ def FIM(
         progress=progress,
         max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -83,6 +90,7 @@ def FIM_MonteCarlo(
     covariance=None,
     kfac_mode="expand",
     max_batches=None,
+    process_group=None,
 ):
     """The Fisher with ``trials`` labels per example drawn from the model (``torch.Generator``)."""
     om = output_model_for_variant(variant, covariance)
@@ -101,6 +109,7 @@ def FIM_MonteCarlo(
         trials=trials,
         generator=generator,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -117,6 +126,7 @@ def EmpiricalFisher(
     covariance=None,
     kfac_mode="expand",
     max_batches=None,
+    process_group=None,
 ):
     """(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = −log p(y_n | x_n) at the loader's labels."""
     om = output_model_for_variant(variant, covariance)
@@ -133,6 +143,7 @@ def EmpiricalFisher(
         progress=progress,
         max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -148,6 +159,7 @@ def GGN(
     progress=None,
     kfac_mode="expand",
     max_batches=None,
+    process_group=None,
 ):
     """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
     BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.outputs` for NLLLoss)."""
@@ -165,6 +177,7 @@ def GGN(
         progress=progress,
         max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -182,6 +195,7 @@ def Hessian(
     device=None,
     progress=None,
     max_batches=None,
+    process_group=None,
 ):
     """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
     layer) or implicit (Hessian-vector products, forward over reverse)."""
@@ -203,4 +217,5 @@ def Hessian(
         device=device,
         progress=progress,
         max_batches=max_batches,
+        process_group=process_group,
     )

@@ -70,6 +70,7 @@ def GramMatrix(
     progress=None,
     backend: str = "hooks",
     max_batches: int | None = None,
+    process_group=None,
 ):
     """The finite-width NTK K[c, n, c', n'] = ⟨∂f_c(x_n)/∂θ, ∂f_c'(x_n')/∂θ⟩ of ``model`` on ``loader``.
 
@@ -87,10 +88,13 @@ def GramMatrix(
         backend: ``"hooks"`` (default, structured) or ``"func"`` (torch.func per-example
             Jacobians of each chunk, then matrix products).
         max_batches: read only the first ``max_batches`` batches (a streaming loader).
+        process_group: in a ``torch.distributed`` group (the default one when initialised; False:
+            local) each rank passes its shard and gets the [C, N, C, N] kernel of the union of the
+            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.gram.sharded_gram`).
     """
     loader = as_loader(loader, max_batches=max_batches)
     gen = JacobianGenerator(
-        model, function, layer_collection, chunk_size, device, progress, backend
+        model, function, layer_collection, chunk_size, device, progress, backend, process_group
     )
     return representation(generator=gen, examples=loader)
 
@@ -105,14 +109,16 @@ def CrossGramMatrix(
     device=None,
     progress=None,
     backend: str = "hooks",
+    process_group=None,
 ) -> FMatDense:
     """The cross-kernel K(X_left, X_right)[c, n, c', m] = ⟨∂f_c(x_n)/∂θ, ∂f_c'(x'_m)/∂θ⟩.
 
     Returns an :class:`FMatDense` of size [C, N_left, C, N_right] (e.g. test × train for the
     predictions of the linearised model). Both loaders must give the same number of outputs C.
+    In a process group both loaders are sharded and the gathered kernel is replicated.
     """
     gen = JacobianGenerator(
-        model, function, layer_collection, chunk_size, device, progress, backend
+        model, function, layer_collection, chunk_size, device, progress, backend, process_group
     )
     return FMatDense(gen, examples=loader_left, examples_right=loader_right)
 

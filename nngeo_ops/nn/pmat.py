@@ -24,6 +24,7 @@ import torch
 from ..errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
 from ..ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from .layercollection import LayerCollection
+from .precision import HALF
 from .stats import BlockAcc, DenseAcc, DiagAcc, GradsAcc
 from .vector import PVector
 
@@ -77,12 +78,17 @@ class PMatAbstract:
         if isinstance(v, PVector):
             if v.layer_collection != self.layer_collection:
                 raise ShapeError("the PVector is over a different layer collection than the matrix")
-            return v.to_torch()
-        if torch.is_tensor(v):
-            return v
-        raise TypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+            v = v.to_torch()
+        elif not torch.is_tensor(v):
+            raise TypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+        if v.dtype in HALF and self.op.dtype not in HALF:  # a half model's float32 statistics
+            return v.to(self.op.dtype)
+        return v
 
     def _wrap(self, like, flat):
+        dtype = like.to_torch().dtype if isinstance(like, PVector) else like.dtype
+        if dtype in HALF and flat.dtype != dtype:  # back to the vector's own precision
+            flat = flat.to(dtype)
         return (
             PVector(self.layer_collection, vector_repr=flat) if isinstance(like, PVector) else flat
         )
@@ -113,7 +119,7 @@ class PMatAbstract:
     def vTMv(self, v) -> torch.Tensor:
         """vᵀ M v (a scalar tensor)."""
         x = self._flat(v)
-        return torch.dot(x, self.op @ x)
+        return torch.dot(x, self.op @ x)  # in the statistics' precision
 
     def solve(self, v, regul: float = 1e-8):
         """(M + regul·I)⁻¹ v."""

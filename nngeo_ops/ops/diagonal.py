@@ -61,7 +61,7 @@ class ScaledIdentity(LinearOperator):
             dtype = dtype or c.dtype
             device = device if device is not None else c.device
         dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device if device is not None else "cpu")
+        device = torch.device(device) if device is not None else torch.get_default_device()
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise InvalidArgumentError(
                 f"Identity / ScaledIdentity: the size must be a non-negative int, got {n!r}; pass "

@@ -43,7 +43,7 @@ class MatFree(LinearOperator):
         super().__init__(
             shape,
             dtype or torch.get_default_dtype(),
-            device if device is not None else "cpu",
+            device if device is not None else torch.get_default_device(),
             symmetric=symmetric,
             psd=psd,
         )
