@@ -5,8 +5,8 @@ from .damping import AdaptiveDamping, ConstantDamping, ScheduledDamping
 from .ewc import EWC
 from .laplace import Laplace, LaplaceSettings
 from .optim import NaturalGradient
-from .preconditioner import Preconditioner, PreconditionerSettings
 from .plotting import MissingDependencyError, plot_spectra, plot_spectrum, plot_tracker
+from .preconditioner import Preconditioner, PreconditionerSettings
 from .spectrum import Spectrum, SpectrumSettings, SpectrumTracker, spectrum
 
 __all__ = [

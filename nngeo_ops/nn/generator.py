@@ -15,8 +15,8 @@ from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, Un
 from . import functional as fx
 from .batching import ModelOnFirst, as_loader, progress_bar
 from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
-from .finite import nonfinite_layers, raise_nonfinite
 from .distributed import all_reduce_sum, reduce_counts, resolve_group
+from .finite import nonfinite_layers, raise_nonfinite
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
 from .precision import accumulation_dtype
