@@ -48,6 +48,17 @@ class ConvergenceWarning(UserWarning):
     """An iterative routine stopped before reaching its tolerance."""
 
 
+class StochasticFallbackWarning(UserWarning):
+    """A quantity was estimated (stochastic trace / diagonal / log-determinant) because no exact
+    routine matched; the message names the node that blocked the exact route and the standard
+    error. ``CompilePolicy(exact=True)`` turns it into :class:`InexactError`."""
+
+
+class InexactError(NNGeoError, NotImplementedError):
+    """Only an estimate is available, and the caller asked for exact results
+    (``CompilePolicy(exact=True)``)."""
+
+
 class InvalidArgumentError(NNGeoError, ValueError):
     """An argument has a value outside what the function accepts (a count, a tolerance, ...)."""
 

@@ -4,8 +4,9 @@ on the public surface of :mod:`nngeo_ops.nn`, :mod:`nngeo_ops.ops` and :mod:`nng
 from .damping import AdaptiveDamping, ConstantDamping, ScheduledDamping
 from .ewc import EWC
 from .laplace import Laplace, LaplaceSettings
-from .optim import NaturalGradient, Preconditioner, PreconditionerSettings
+from .optim import NaturalGradient
 from .plotting import MissingDependencyError, plot_spectra, plot_spectrum, plot_tracker
+from .preconditioner import Preconditioner, PreconditionerSettings
 from .spectrum import Spectrum, SpectrumSettings, SpectrumTracker, spectrum
 
 __all__ = [

@@ -59,6 +59,7 @@ from ..nn import (
     PMatLowRank,
     PVector,
 )
+from ..nn.distributed import all_reduce_sum, reduce_counts, resolve_group
 from ..ops import BlockDiag, Diagonal, Identity, LinearOperator
 from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
@@ -321,9 +322,16 @@ class Laplace:
 
     def fit(self, loader) -> Laplace:
         """Compute the curvature at the model's current parameters θ* (one pass, plus the
-        representation's own passes). Returns self."""
+        representation's own passes). Returns self.
+
+        Inside an initialised ``torch.distributed`` group each rank passes its own shard: N, the
+        loss and the Fisher are those of all the ranks' data (:mod:`nngeo_ops.nn.distributed`)."""
         st = self.settings
         self.N, self._loss, self.n_outputs, self._input_shape = self._data_pass(loader)
+        group = resolve_group(None)  # as FIM below: the default group when there is one
+        if group is not None:  # each rank passed its shard: N and the loss of all the data
+            self.N = reduce_counts(group, [self.N], self.device)[0]
+            self._loss = all_reduce_sum(group, [self._loss.clone()])[0]
         self.theta = self.lc.flat_parameters(self.model)
         rep = self._rep_class()
         self._check_fit_memory(rep)

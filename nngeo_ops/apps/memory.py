@@ -16,7 +16,7 @@ from ..errors import MemoryLimitError
 
 def available_memory(device=None) -> int | None:
     """Bytes available for new tensors on ``device`` (None when it cannot be read)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.get_default_device()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)

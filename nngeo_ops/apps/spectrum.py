@@ -69,7 +69,9 @@ class SpectrumSettings:
             ``"lanczos"`` (always iterate, e.g. to compare).
         tol, block_size, num_iter, max_restarts: of the Lanczos route
             (:func:`~nngeo_ops.linalg.block_lanczos`; ``None`` keeps its defaults:
-            tol = eps^(3/4) relative to max|λ|, block size 1, basis size ≈ 2k + 20).
+            tol = eps^(3/4) relative to max|λ|, basis size ≈ max(2k + 20, k + 2b)), except the
+            block size, min(k, 8) by default: a product with b columns costs about one pass
+            over the data, like a product with one.
         trace: ``"auto"`` (exact if the structure gives it, else Hutch++), ``"exact"`` (raise
             otherwise), ``"estimate"`` (always Hutch++) or ``"none"``.
         trace_matvecs: products spent by Hutch++.
@@ -249,7 +251,9 @@ def _lanczos_route(target, k, which, s, generator, progress, v0):
         target,
         k,
         which=which,
-        block_size=s.block_size if v0 is None else None,
+        # one (n, b) product costs little more than one (n, 1) product for the nn operators
+        # (a pass over the data each), so the k wanted pairs are sought as a block by default
+        block_size=(s.block_size or min(k, 8)) if v0 is None else None,
         num_iter=s.num_iter,
         v0=v0,
         tol=s.tol,

@@ -12,7 +12,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from nngeo_ops.errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+from nngeo_ops.errors import (
+    ArgumentTypeError,
+    DTypeDeviceError,
+    InvalidArgumentError,
+    NonFiniteError,
+)
 
 __all__ = [
     "Estimate",
@@ -21,6 +26,8 @@ __all__ = [
     "sample_probes",
     "sample_stderr",
     "check_finite",
+    "check_generator",
+    "refuse_low_precision",
 ]
 
 S = TypeVar("S")
@@ -78,6 +85,27 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return value
 
 
+def check_generator(generator: Any) -> None:
+    """``generator`` must be a ``torch.Generator`` or None (a seed is not accepted silently)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+            f"({generator!r}); pass torch.Generator().manual_seed(seed) to fix the random numbers"
+        )
+
+
+def refuse_low_precision(dtype: torch.dtype, what: str) -> None:
+    """CG and the trace / diagonal estimators accumulate in the operator's dtype; with 8 (bfloat16)
+    or 11 (float16) bits of mantissa their recurrences and QR factorisations lose everything in
+    a few steps (lanczos/slq upcast instead)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        raise DTypeDeviceError(
+            f"{what} got an operator of dtype {dtype}; it needs float32 or float64 (half precision "
+            "loses its recurrences in a few steps); convert the operator with .to(torch.float32) "
+            "or .float()"
+        )
+
+
 def check_finite(x: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` holds a NaN or an infinity."""
     if not bool(torch.isfinite(x).all()):
@@ -99,6 +127,7 @@ def sample_probes(
     (standard normal entries). The numbers are drawn on the generator's device, so a CPU
     generator gives the same probes whatever device the operator lives on, then moved.
     """
+    check_generator(generator)
     if distribution not in DISTRIBUTIONS:
         raise InvalidArgumentError(
             f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"

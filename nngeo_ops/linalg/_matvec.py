@@ -194,6 +194,14 @@ def as_operator(
             or an ``A`` of none of the accepted kinds.
     """
     device = torch.device(device) if device is not None else None
+    carried = getattr(A, "op", None)
+    if (
+        carried is not None
+        and not isinstance(A, (torch.Tensor, MatmatOperator))
+        and not _looks_like_operator(A)
+        and _looks_like_operator(carried)
+    ):
+        A = carried  # a representation carrying its operator (PMat*/FMat* of nngeo_ops.nn)
     if isinstance(A, MatmatOperator):
         if shape is not None and _as_shape(shape, "shape") != A.shape:
             raise ShapeError(f"shape={tuple(shape)} disagrees with the operator's {A.shape}")

@@ -143,6 +143,9 @@ def thick_restart_lanczos(
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
     keep = max(k, min(k + (m - k) // 2, m - b))
+    # every block after the kept vectors must be b wide: a narrower block would take only part of
+    # the previous residual F, and the rest would fall outside the decomposition A V = V H + F Eᵀ
+    keep = m - b * ((m - keep) // b) if m < n else keep
     needs_grad = False
     num_mv = 0
 
@@ -168,7 +171,7 @@ def thick_restart_lanczos(
     restarts = 0
     while True:
         # ---- expand the basis to m columns
-        while V.shape[1] < m:
+        while V.shape[1] + b <= m or (m == n and V.shape[1] < n):
             if pending is None:
                 F = _project_out(AV[:, -last:] - V @ H[:, -last:], V, reorth_passes)
             else:
@@ -177,7 +180,7 @@ def thick_restart_lanczos(
             W = _orthonormal_block(
                 F,
                 V,
-                min(b, m - V.shape[1]),
+                min(b, n - V.shape[1]),
                 max(n, 10) * eps * max(anorm, 1e-300),
                 reorth_passes,
                 generator,

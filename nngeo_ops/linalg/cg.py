@@ -13,11 +13,17 @@ from nngeo_ops.errors import (
     DTypeDeviceError,
     InvalidArgumentError,
     NotPSDError,
+    NotSymmetricError,
     ShapeError,
 )
 
-from ._common import check_finite, resolve_settings
-from ._matvec import MatmatOperator, as_operator, as_square_operator
+from ._common import check_finite, refuse_low_precision, resolve_settings
+from ._matvec import (
+    MatmatOperator,
+    as_operator,
+    as_square_operator,
+    check_symmetric_if_dense,
+)
 
 __all__ = ["CGSettings", "CGInfo", "cg"]
 
@@ -134,6 +140,17 @@ def cg(
             f"B must be a torch.Tensor of shape (n,) or (n, k), got {type(B).__name__}"
         )
     op = as_square_operator(A, like=B, what="cg")
+    refuse_low_precision(op.dtype, "cg")
+    # CG is defined for symmetric A only: on anything else it returns a wrong answer or stalls,
+    # which would then read as "raise maxiter". Dense tensors are checked (O(n²)); operators
+    # tagged symmetric=False (the lazy nodes of nngeo_ops.ops) are refused.
+    check_symmetric_if_dense(A, "cg")
+    if getattr(A, "symmetric", None) is False and not isinstance(A, (torch.Tensor, MatmatOperator)):
+        raise NotSymmetricError(
+            f"cg needs a symmetric positive definite operator, but this {type(A).__name__} is "
+            "tagged symmetric=False; for a general square system use scipy's gmres on "
+            "to_scipy(A), or tag the operator symmetric if it is (e.g. psd=True on its leaves)"
+        )
     n = op.shape[0]
     vector = B.ndim == 1
     if B.ndim not in (1, 2) or B.shape[0] != n:
@@ -189,6 +206,7 @@ def cg(
             )
         Pa = P[:, idx]
         APa = op.matmat(Pa)
+        check_finite(APa, "A·p (the operator produced NaN/inf from finite input)")
         pAp = (Pa * APa).sum(0)
         bad = ~(pAp > 0)
         if bool(bad.any()):
@@ -208,7 +226,14 @@ def cg(
         P[:, idx] = Za + beta * Pa
         rz[idx] = rz_new
         rn = torch.linalg.vector_norm(Ra, dim=0)
-        check_finite(rn, "the CG residual (A or M produced NaN/inf)")
+        if not bool(torch.isfinite(rn).all()) or not bool(torch.isfinite(rz_new).all()):
+            if precond is not None:
+                check_finite(precond(Ra), "M·r (the preconditioner produced NaN/inf)")
+            raise NotPSDError(
+                f"cg broke down at iteration {it} (NaN/inf in the recurrence from finite products "
+                "of A): A is singular or indefinite on this right-hand side (a right-hand side "
+                "outside the range of a singular A has no solution); add damping (A + λI)"
+            )
         rnorm[idx] = rn
         col_iters[idx] += 1
         active[idx] = rn > threshold[idx]
@@ -222,8 +247,9 @@ def cg(
         rel = (rnorm / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm)))[~converged]
         warnings.warn(
             f"cg did not converge in {maxiter} iterations for column(s) {bad_cols[:10]} "
-            f"(relative residual up to {float(rel.max()):.3g}, tol={s.tol}); raise maxiter, "
-            "loosen tol or use a preconditioner",
+            f"(relative residual up to {float(rel.max()):.3g}, tol={s.tol}). A singular A (zero "
+            "eigenvalues: add damping A + λI) or one that is not symmetric also stalls CG; "
+            "otherwise raise maxiter, loosen tol or use a preconditioner",
             ConvergenceWarning,
             stacklevel=2,
         )

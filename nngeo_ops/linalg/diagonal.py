@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Estimate, check_positive_int, sample_probes, sample_stderr
+from ._common import (
+    Estimate,
+    check_positive_int,
+    refuse_low_precision,
+    sample_probes,
+    sample_stderr,
+)
 from ._matvec import as_square_operator
 
 __all__ = ["diag_estimate", "exact_diag"]
@@ -42,6 +48,7 @@ def diag_estimate(
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
     op = as_square_operator(A, what="diag_estimate")
+    refuse_low_precision(op.dtype, "diag_estimate")
     n = op.shape[0]
     Z = sample_probes(
         n,

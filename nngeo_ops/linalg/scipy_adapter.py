@@ -117,6 +117,16 @@ def _lu_inverse(M: torch.Tensor, sigma: float) -> MatmatOperator:
     )
 
 
+def _takes_regul(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "regul" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def inverse_to_scipy(
     A: object,
     sigma: float = 0.0,
@@ -130,10 +140,12 @@ def inverse_to_scipy(
 
     1. ``solve``: a callable mapping an (n, k) tensor B to (A − σI)⁻¹ B (it must include the
        shift itself);
-    2. ``A.solve``: the object's solve, called as ``A.solve(B)`` for σ = 0 and
-       ``A.solve(B, regul=-σ)`` otherwise (the library convention: ``solve(v, regul=λ)`` solves
-       with A + λI);
-    3. a dense LU factorisation of A − σI, computed once, when A is a tensor.
+    2. for σ ≠ 0, ``A.to_scipy_inverse(σ)`` when the object has it (the lazy operators of
+       ``nngeo_ops.ops``, whose ``solve`` takes no ``regul=``: they solve with the node A − σI);
+    3. ``A.solve``: the object's solve, called as ``A.solve(B)`` for σ = 0 and
+       ``A.solve(B, regul=-σ)`` otherwise (the library convention of representations:
+       ``solve(v, regul=λ)`` solves with A + λI; a ``solve`` without ``regul=`` is refused);
+    4. a dense LU factorisation of A − σI, computed once, when A is a tensor.
 
     Use as ``eigsh(to_scipy(A), k, sigma=σ, OPinv=inverse_to_scipy(A, σ))``; eigsh then returns
     the k eigenvalues nearest σ.
@@ -166,6 +178,14 @@ def inverse_to_scipy(
         if not op.is_square:
             raise ShapeError(f"inverse_to_scipy needs a square matrix, got shape {op.shape}")
         inv = _lu_inverse(A, sigma)
+    elif sigma != 0.0 and hasattr(A, "to_scipy_inverse"):
+        # lazy operators shift themselves (A − σI) and solve that; their solve takes no regul=
+        return A.to_scipy_inverse(sigma)
+    elif sigma != 0.0 and hasattr(A, "solve") and not _takes_regul(A.solve):
+        raise UnsupportedError(
+            f"inverse_to_scipy: {type(A).__name__}.solve takes no regul= argument, so the shift "
+            "σ cannot be applied; pass solve=callable applying (A − σI)⁻¹, or sigma=0"
+        )
     elif hasattr(A, "solve") and hasattr(A, "shape"):
         op = as_operator(A)
         node = A

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Estimate, check_positive_int, sample_probes, sample_stderr
+from ._common import (
+    Estimate,
+    check_positive_int,
+    refuse_low_precision,
+    sample_probes,
+    sample_stderr,
+)
 from ._matvec import MatmatOperator, as_square_operator
 
 __all__ = ["hutchinson", "hutchpp", "xtrace"]
@@ -74,6 +80,7 @@ def hutchinson(
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
     op = as_square_operator(A, what="hutchinson")
+    refuse_low_precision(op.dtype, "hutchinson")
     Z = _probes(op, num_probes, distribution, generator)
     samples = _quad_samples(op, Z, batch_size)
     return Estimate(samples.mean(), sample_stderr(samples))
@@ -110,6 +117,7 @@ def hutchpp(
     """
     check_positive_int(num_matvecs, "num_matvecs", minimum=3)
     op = as_square_operator(A, what="hutchpp")
+    refuse_low_precision(op.dtype, "hutchpp")
     exact = _exact_if_affordable(op, num_matvecs)
     if exact is not None:
         return exact
@@ -157,6 +165,7 @@ def xtrace(
     """
     check_positive_int(num_matvecs, "num_matvecs", minimum=4)
     op = as_square_operator(A, what="xtrace")
+    refuse_low_precision(op.dtype, "xtrace")
     exact = _exact_if_affordable(op, num_matvecs)
     if exact is not None:
         return exact

@@ -1,21 +1,146 @@
-"""Batches of examples: their parts, sizes, chunks and fingerprints.
+"""Batches of examples: one batch or a loader, their parts, sizes, chunks and fingerprints.
 
 A batch is a tuple (what a loader yields, moved to the device); its parts may be tensors with the
 batch size as first dimension, dicts of them (tokeniser output), or anything else passed unchanged.
+
+**One batch or a loader** — the one rule of every entry point that takes examples (``FIM``,
+``GGN``, ``Hessian``, ``Jacobian``, ``GramMatrix``, the representations...), applied by
+:func:`as_loader`:
+
+* a tensor, a dict, or a tuple / list of tensors (and dicts of tensors) whose first dimensions all
+  agree is **one minibatch** — ``(x, y)``, ``[x, y]`` as a ``DataLoader`` yields it, or ``x``;
+* anything else iterable is a **loader** of such batches — ``[(x1, y1), (x2, y2)]``, a
+  ``DataLoader``, a generator;
+* a tuple / list holding tensors that is not one batch (first dimensions that disagree, tensors
+  mixed with other things) is ambiguous and raises :class:`~nngeo_ops.errors.ArgumentTypeError`:
+  wrap one batch in a list (``[batch]``), or make each batch of a loader a tuple (``[(x1,), (x2,)]``).
+
+So ``[x1, x2]`` with equal first dimensions is one batch (inputs ``x1``, targets ``x2``); a loader of
+input-only batches is written ``[(x1,), (x2,)]``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import itertools
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ArgumentTypeError, ShapeError, UnsupportedError
+from ..errors import (
+    ArgumentTypeError,
+    DataError,
+    InvalidArgumentError,
+    ShapeError,
+    UnsupportedError,
+)
+
+
+# ---------------------------------------------------------------------- one batch or a loader
+def _first_dims(part) -> list | None:
+    """The first dimensions of a batch part's tensors, or None if it is not a batch part."""
+    if torch.is_tensor(part):
+        return [part.shape[0]] if part.dim() > 0 else None
+    if isinstance(part, Mapping):
+        dims = [v.shape[0] for v in part.values() if torch.is_tensor(v) and v.dim() > 0]
+        return dims or None
+    return None
+
+
+def is_single_batch(examples) -> bool:
+    """Whether ``examples`` is one minibatch under the rule of the module docstring.
+
+    Raises :class:`ArgumentTypeError` for a tuple / list that holds tensors but is not one batch.
+    """
+    if torch.is_tensor(examples) or isinstance(examples, Mapping):
+        return True
+    if not isinstance(examples, tuple | list) or not examples:
+        return False
+    if not any(torch.is_tensor(x) for x in examples):
+        return False  # a list of batches (tuples, dicts, ...)
+    dims = [_first_dims(x) for x in examples]
+    sizes = {d for ds in dims if ds is not None for d in ds}
+    if all(ds is not None for ds in dims) and len(sizes) == 1:
+        return True
+    kinds = ", ".join(
+        f"tensor{tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__ for x in examples
+    )
+    raise ArgumentTypeError(
+        f"ambiguous examples: a {type(examples).__name__} of ({kinds}) is neither one batch (a tuple "
+        "or list of tensors whose first dimensions agree) nor a loader (an iterable of batches). "
+        "Pass one batch as [batch], or a loader of input-only batches as [(x1,), (x2,), ...]"
+    )
+
+
+class LimitedLoader:
+    """The first ``max_batches`` batches of ``loader`` at each pass (re-iterable if it is)."""
+
+    def __init__(self, loader, max_batches: int):
+        self.loader, self.max_batches = loader, max_batches
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.max_batches)
+
+    def __len__(self) -> int:
+        try:
+            return min(len(self.loader), self.max_batches)
+        except TypeError:
+            return self.max_batches
+
+
+def as_loader(examples, *, reiterable: bool = False, max_batches: int | None = None):
+    """``examples`` as a loader: one batch becomes ``[batch]``, a loader is kept (see the rule in
+    the module docstring). Idempotent.
+
+    ``reiterable=True`` where the examples are read at every product (implicit operators, the
+    Jacobian node): a one-shot iterator (a generator, ``iter(loader)``) is refused, since its second
+    pass would be empty. ``max_batches`` stops every pass after that many batches (a streaming or
+    infinite loader without ``__len__``).
+    """
+    if examples is None:
+        raise ArgumentTypeError("no examples given: pass a loader (or one batch)")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise InvalidArgumentError(
+            f"max_batches must be a positive integer or None, got {max_batches!r}"
+        )
+    if is_single_batch(examples):
+        return [examples]
+    if not isinstance(examples, Iterable):
+        raise ArgumentTypeError(
+            f"examples of type {type(examples).__name__} are neither one batch (a tensor, or a tuple "
+            "of tensors with the batch first) nor a loader (an iterable of batches)"
+        )
+    if reiterable and isinstance(examples, Iterator):
+        raise ArgumentTypeError(
+            f"a one-shot iterator ({type(examples).__name__}) was given where the examples are read "
+            "again at every product; pass a re-iterable loader (the DataLoader itself, or "
+            "list(iterator))"
+        )
+    if max_batches is not None and not (
+        isinstance(examples, LimitedLoader) and examples.max_batches <= max_batches
+    ):
+        examples = LimitedLoader(examples, max_batches)
+    return examples
 
 
 # ---------------------------------------------------------------------- small helpers
+class ModelOnFirst:
+    """The default ``function=``: the model applied to the first part of a batch,
+    ``model(batch[0])``. A class, not a lambda, so that generators and the representations holding
+    them pickle."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, *parts):
+        return self.model(parts[0])
+
+
 def flatten_outputs(out) -> torch.Tensor:
     """Model outputs ``(B, *S)`` as ``(B, C)`` with C = prod(S) (C = 1 for per-example scalars)."""
     if not torch.is_tensor(out):
@@ -95,17 +220,78 @@ def fingerprint(batch: tuple, b: int) -> torch.Tensor:
 
 FINGERPRINT_RTOL = 1e-5
 
+LOADER_CHANGED = (
+    "the loader yielded different examples than when the operator was built; it must yield the "
+    "same examples in the same order at every pass (use shuffle=False, and a sampler without "
+    "replacement, or pass list(loader) to fix one draw)"
+)
+
+
+class ReplayCheck:
+    """The batches of an operator's first pass (sizes and :func:`fingerprint`), that every later pass
+    must reproduce: :meth:`check` wraps a pass and raises :class:`DataError` (``LOADER_CHANGED``) on
+    the first batch that differs, instead of letting a reshuffling or resampling loader give a
+    different matrix at every product."""
+
+    def __init__(self):
+        self.sizes: list[int] | None = None
+        self.prints: list[torch.Tensor] = []
+
+    def check(self, batches):
+        first = self.sizes is None
+        sizes, i = [], -1
+        for i, batch in enumerate(batches):
+            b = batch_size_of(batch)
+            sig = fingerprint(batch, b)
+            if first:
+                sizes.append(b)
+                self.prints.append(sig)
+            elif (
+                i >= len(self.sizes)
+                or b != self.sizes[i]
+                or not torch.allclose(
+                    sig, self.prints[i], rtol=FINGERPRINT_RTOL, atol=1e-6, equal_nan=True
+                )
+            ):
+                raise DataError(LOADER_CHANGED)
+            yield batch
+        if first:
+            self.sizes = sizes
+        elif i + 1 != len(self.sizes):
+            raise DataError(LOADER_CHANGED)
+
+
+# A pass over a loader without ``__len__`` that has run this long warns once that it may not end.
+LONG_PASS_SECONDS = 120.0
+
+
+def _watch_long_pass(it, desc):
+    start, warned = time.monotonic(), False
+    for n, batch in enumerate(it, 1):
+        yield batch
+        if not warned and time.monotonic() - start > LONG_PASS_SECONDS:
+            warned = True
+            warnings.warn(
+                f"{desc}: the loader has no __len__ and this pass has read {n} batches in "
+                f"{time.monotonic() - start:.0f} s; if it does not end (a streaming or infinite "
+                "loader), pass max_batches=... to read that many batches per pass",
+                stacklevel=2,
+            )
+
 
 def progress_bar(iterable, progress, desc):
     """``iterable`` behind a tqdm bar: shown when ``progress`` is True, hidden when False, and with
     None only on a terminal. The loader is iterated exactly once per pass (``tqdm.auto`` would call
-    ``iter()`` on it twice: a DataLoader with workers would start them twice)."""
+    ``iter()`` on it twice: a DataLoader with workers would start them twice). A loader without
+    ``__len__`` warns when a pass runs longer than :data:`LONG_PASS_SECONDS` (see ``max_batches``)."""
     disable = None if progress is None else not progress
+    it = iter(iterable)
     try:
         total = len(iterable)
     except TypeError:
         total = None
-    return tqdm(iter(iterable), total=total, desc=desc, disable=disable, leave=False)
+        it = _watch_long_pass(it, desc)
+    return tqdm(it, total=total, desc=desc, disable=disable, leave=False)
 
 
 def check_same_outputs(cs):

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError, UnsupportedError
-from .batching import progress_bar
+from .batching import ModelOnFirst, progress_bar
+from .finite import check_statistics
 from .generic import generic_per_example
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
+from .precision import accumulation_dtype
 from .rules import ConvRule, KronRule, rule_for
 from .stats import conv_squared_grads
 
@@ -74,6 +76,36 @@ class _User:
     keys: tuple[tuple[str, int], ...]  # (layer_id, index of the parameter inside the layer)
     rule: object | None
     calls: list = field(default_factory=list)
+
+
+def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+    """Warn about modules whose training mode makes per-example curvature ill-defined or random.
+
+    BatchNorm in training mode couples the examples of a batch through its statistics; Dropout (and
+    its variants) in training mode draws a new mask at every pass, so two products of an implicit
+    operator, or two passes of one computation, see different networks. Both: ``model.eval()``.
+    """
+    bn, drop = [], []
+    for n, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bn.append(n)
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            drop.append(n)
+    parts = []
+    if bn:
+        parts.append(
+            f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
+            "statistics, so per-example Jacobians are not defined"
+        )
+    if drop:
+        parts.append(
+            f"Dropout modules {drop} are in training mode: each pass draws a new mask, so the "
+            "curvature is random and the products of an implicit operator differ from call to call"
+        )
+    if parts:
+        warnings.warn("; ".join(parts) + "; call model.eval()", stacklevel=stacklevel)
 
 
 def _as_tuple(batch):
@@ -129,6 +161,13 @@ def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, genera
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _differentiable(o) -> bool:
+    """A tensor that requires grad, or a (nested) tuple holding one (an LSTM's ``(h, c)``)."""
+    if torch.is_tensor(o):
+        return o.requires_grad
+    return isinstance(o, tuple | list) and any(_differentiable(x) for x in o)
+
+
 def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
     """The output tensor whose cotangents are taken: the output itself, or the one differentiable
     tensor of a tuple output (``nn.MultiheadAttention`` returns ``(out, None)`` with
@@ -137,7 +176,7 @@ def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
         return None, output
     name = f"module {user.name or '<root>'} ({type(module).__name__})"
     if isinstance(output, tuple | list):
-        live = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.requires_grad]
+        live = [i for i, o in enumerate(output) if _differentiable(o)]
         if len(live) == 1:
             return live[0], output[live[0]]
         raise UnsupportedError(
@@ -169,11 +208,14 @@ class Capture:
         n_output=None,
         device=None,
         progress=None,
+        process_group=None,
     ):
         self.model = model
         self.lc = layer_collection
+        # an already resolved group (see nngeo_ops.nn.distributed.resolve_group), or None: local
+        self.process_group = process_group
         self.output_model = output_model
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.kind = kind
         self.trials = trials
         self.generator = generator
@@ -183,7 +225,7 @@ class Capture:
         if not params:
             raise DataError("the layer collection covers no parameter")
         self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = params[0].dtype
+        self.dtype = accumulation_dtype(params[0].dtype)  # float32 for a half-precision model
         self._find_users(params)
         self._recording = False
         self._clone = False
@@ -209,6 +251,16 @@ class Capture:
                     attrs.append(attr)
                     keys.append(key_of[id(p)])
                     n_users[id(p)] = n_users.get(id(p), 0) + 1
+            if attrs and isinstance(mod, nn.RNNBase):
+                # its hidden state is a second way out of the module that a hook on the output
+                # sequence does not follow, and its per-example re-run has no vmap rule
+                raise UnsupportedError(
+                    f"module {name} ({type(mod).__name__}) is recurrent: the per-layer hooks of "
+                    "PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, PMatEKFAC and "
+                    "PMatQuasiDiag cannot follow its hidden state. PMatImplicit works (exact "
+                    "products by autograd / torch.func; then F.op.to_dense() for a small model), as "
+                    "do Jacobian and GramMatrix; or leave the module out with a LayerCollection"
+                )
             if attrs:
                 rule = rule_for(mod)
                 if rule is not None and not set(attrs) <= set(rule.attrs(mod)):
@@ -228,11 +280,6 @@ class Capture:
                 and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
             ):
                 self.structured[lid] = user
-        self._bn_training = [
-            n
-            for n, m in self.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
 
     def require_structured(self, what: str) -> None:
         """Raise UnsupportedError naming every layer that has no structured rule."""
@@ -343,7 +390,23 @@ class Capture:
                 )
             )
             c.output = None  # the graph is no longer needed
+        if self.dtype != out.dtype:
+            self._widen()
         return BatchContext(self, out.shape[0], lmat.shape[0], count)
+
+    def _widen(self) -> None:
+        """Cast the cotangents and inputs that layer rules read to the accumulation dtype (see
+        :mod:`~nngeo_ops.nn.precision`); users on the generic path keep the model's precision,
+        which their re-run needs, and their per-example gradients are cast afterwards."""
+        for u in self.users:
+            if u.rule is None:
+                continue
+            for c in u.calls:
+                c.grad = c.grad.to(self.dtype)
+                c.args = tuple(
+                    a.to(self.dtype) if torch.is_tensor(a) and a.is_floating_point() else a
+                    for a in c.args
+                )
 
     def _backprop(self, out, targets, lmat):
         if lmat.shape[0] == 1:  # one column (Monte-Carlo with one trial, empirical): no vmap
@@ -371,12 +434,6 @@ class Capture:
 
     def run(self, loader, accumulators, desc="curvature"):
         """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
-        if self._bn_training:
-            warnings.warn(
-                f"BatchNorm modules {self._bn_training} are in training mode: examples are coupled "
-                "through batch statistics; call model.eval() for per-example curvature",
-                stacklevel=3,
-            )
         total, n_ex = 0, 0
         for batch in progress_bar(loader, self.progress, desc):
             ctx = self.process(batch)
@@ -384,13 +441,14 @@ class Capture:
                 acc.update(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
-        if n_ex == 0:
-            raise DataError("the loader yielded no examples")
-        scale = 1.0 / total if self.output_model.reduction == "mean" else 1.0
-        if self.output_model.reduction == "mean" and total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
+        if self.process_group is not None:  # every rank now holds the sums over all shards
+            from .distributed import reduce_pass
+
+            total, n_ex = reduce_pass(self.process_group, accumulators, total, n_ex)
+        scale = self.output_model.scale(total, n_ex)
         for acc in accumulators:
             acc.finalize(scale)
+        check_statistics(accumulators, self.lc)
         return scale
 
 
@@ -455,7 +513,7 @@ class BatchContext:
                 t = torch.zeros(
                     (self.k, self.batch_size, *shape), dtype=self.cap.dtype, device=self.cap.device
                 )
-            parts.append(t.reshape(self.m, -1))
+            parts.append(t.reshape(self.m, -1).to(self.cap.dtype))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def per_example_all(self) -> torch.Tensor:

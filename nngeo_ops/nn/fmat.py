@@ -14,8 +14,10 @@ import torch
 from ..errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
 from ..ops import Dense, Identity, LinearOperator, MatFree
 from ..ops.base import is_scalar
+from .batching import as_loader
 from .gram import cross_gram_tensor, gram_tensor, ntk_diag
 from .pfmap import PFMap, PFMapExpr
+from .pmat import check_regul
 from .vector import FVector, flat_fvector
 
 
@@ -150,6 +152,7 @@ class FMatAbstract:
     solveFVec = solve
 
     def _damped(self, regul) -> LinearOperator:
+        check_regul(regul)
         if regul is None or (isinstance(regul, numbers.Number) and regul == 0):
             return self.op
         return self.op + regul * Identity(self.op.shape[0], dtype=self.dtype, device=self.device)
@@ -367,8 +370,8 @@ class FMatImplicit(FMatAbstract):
             raise ArgumentTypeError("FMatImplicit holds no data; use FMatDense")
         if examples is None:
             raise ArgumentTypeError("FMatImplicit needs examples (a loader)")
-        self.examples = examples
-        self.jacobian = generator.jacobian_op(examples)
+        self.examples = as_loader(examples, reiterable=True)  # read again at every product
+        self.jacobian = generator.jacobian_op(self.examples)
         j = self.jacobian
 
         def matmat(v):

@@ -11,7 +11,9 @@ These serve the representations that never form per-example gradients:
   reverse over reverse on a kept gradient graph with the cache).
 
 Parameters are seen as one flat vector in the layer collection's order; the model's other parameters
-and buffers are left as they are.
+and buffers are left as they are. The model itself is never modified: :func:`call_with` swaps the
+given tensors in for the duration of one call and restores the user's ``Parameter`` objects, also
+for a module registered under several names or a parameter shared by several modules.
 """
 
 from __future__ import annotations
@@ -21,12 +23,48 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
+from ..errors import UnsupportedError
 from .layercollection import LayerCollection
 
 
 def model_device(model):
     p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return p.device if p is not None else torch.get_default_device()
+
+
+def tied_locations(root: nn.Module, names) -> dict[str, list[str]]:
+    """For each parameter name of ``root``, every distinct ``module.attr`` path holding that tensor.
+
+    A parameter is reached once per (module object, attribute) pair: ``Sequential(lin, Tanh(), lin)``
+    registers ``lin`` as ``0`` and ``2``, which are one pair (setting ``0.weight`` sets both), while
+    a weight tied between an embedding and a projection is two pairs that must both see the tensor.
+    """
+    wanted = {id(root.get_parameter(n)): n for n in names}
+    out: dict[str, list[str]] = {n: [] for n in names}
+    seen = set()
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) not in wanted or (id(mod), attr) in seen:
+                continue
+            seen.add((id(mod), attr))
+            out[wanted[id(p)]].append(f"{mod_name}.{attr}" if mod_name else attr)
+    return out
+
+
+def call_with(root: nn.Module, tensors: dict, args, kwargs=None, locations=None):
+    """``root(*args, **kwargs)`` with the named parameters replaced by ``tensors``, leaving ``root``
+    as it was (same ``Parameter`` objects, ``requires_grad`` and values) when it returns.
+
+    ``torch.func.functional_call`` ties weights by name: for a module registered under two names it
+    swaps the tensor in twice and restores only one of the originals, so the user's ``Parameter`` is
+    left replaced by a plain tensor without gradient. Here each (module, attribute) pair is swapped
+    once (``locations`` from :func:`tied_locations`, computed when not given) and nothing is tied
+    behind our back.
+    """
+    if locations is None:
+        locations = tied_locations(root, list(tensors))
+    params = {path: t for name, t in tensors.items() for path in locations[name]}
+    return functional_call(root, params, args, kwargs, tie_weights=False, strict=False)
 
 
 class _Call(nn.Module):
@@ -50,6 +88,7 @@ class FlatModel:
         self.numels = [p.numel() for _, p in named]
         self.flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
         self.wrapper = _Call(model, function)
+        self.locations = tied_locations(self.wrapper, self.names)
         self.tangent_mask = self._padding_mask(model, lc)
 
     @staticmethod
@@ -83,7 +122,19 @@ class FlatModel:
         # backward would write its gradient into a fresh zero tensor of the full size P
         parts = flat.split(self.numels)
         params = {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
-        return functional_call(self.wrapper, params, batch)
+        try:
+            return call_with(self.wrapper, params, batch, locations=self.locations)
+        except RuntimeError as err:
+            if "setup_context" not in str(err):
+                raise
+            raise UnsupportedError(
+                "the model uses a custom torch.autograd.Function without setup_context, which "
+                "torch.func transforms cannot run (this path: forward-mode or vmapped products). "
+                "Split its forward into forward(*args) and setup_context(ctx, inputs, output) "
+                "(https://pytorch.org/docs/stable/notes/extending.func.html), or use what runs on "
+                "plain autograd: PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, "
+                "PMatEKFAC (hooks) or PMatImplicit (products fall back to double backward)"
+            ) from None
 
 
 def apply_output_factor(lmat: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
@@ -133,11 +184,47 @@ def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
             pass
     w0 = fm.flat0
     f = lambda w: fm(w, batch)  # noqa: E731
-    out, pull = vjp(f, w0)
+    try:
+        out, pull = vjp(f, w0)
+    except (RuntimeError, NotImplementedError):  # not runnable under torch.func: plain autograd
+        lin = Linearised(fm, batch, factor=factor)
+        return lin.matmat(v), lin.count
     lmat, count = factor(out.detach(), batch)
-    jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
+    try:
+        jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
+    except (RuntimeError, NotImplementedError):  # no forward mode (e.g. CPU LSTM): double-VJP
+        jv = jv_by_double_vjp(fm, batch, v)
     (jtu,) = vmap(pull)(apply_output_factor(lmat, jv))
     return jtu.T, count
+
+
+def jv_by_double_vjp(fm: FlatModel, batch, v: torch.Tensor) -> torch.Tensor:
+    """J V, (k, B, *out) for V of shape (P, k), without forward mode: J V = d(Jᵀu)/du · V.
+
+    For operators without a forward-mode formula (torch's CPU LSTM kernel, custom autograd
+    Functions without ``jvp``): one forward pass, a backward with ``create_graph`` and a backward
+    through it (plain autograd, no torch.func transform).
+    """
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm(w, batch)
+        if not out.requires_grad:
+            return out.new_zeros(v.shape[1], *out.shape)
+        u = torch.zeros_like(out, requires_grad=True)
+        (g,) = torch.autograd.grad(out, w, u, create_graph=True)
+    if not g.requires_grad:
+        return out.new_zeros(v.shape[1], *out.shape)
+    return batched_grad(g, u, v.T.to(w.dtype)).detach()
+
+
+def vjp_by_autograd(fm: FlatModel, batch, u: torch.Tensor) -> torch.Tensor:
+    """Jᵀ U, (k, P) for cotangents U of shape (k, *out), with plain autograd (no torch.func)."""
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm(w, batch)
+    if not out.requires_grad:
+        return w.new_zeros(u.shape[0], *w.shape)
+    return batched_grad(out, w, u.to(out.dtype)).detach()
 
 
 def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
@@ -220,7 +307,9 @@ class Linearised:
         g = torch.Generator(device=self.w.device).manual_seed(0)
         v = torch.randn(self.w.shape, generator=g, device=self.w.device, dtype=self.w.dtype)
         try:
-            ref = hessian_matmat(self.fm, self.batch, self.loss, v[:, None])[0][:, 0]
+            ref = hessian_matmat(self.fm, self.batch, self.loss, v[:, None], fallback=False)[0][
+                :, 0
+            ]
         except (RuntimeError, NotImplementedError):  # no forward over reverse: nothing to compare
             return True
         hv = batched_grad(self.grad, self.w, v[None])[0]
@@ -243,7 +332,7 @@ class Linearised:
                     self.double = False
             if not self.grad.requires_grad:  # the loss is linear in the parameters
                 return torch.zeros_like(v)
-            return hessian_matmat(self.fm, self.batch, self.loss, v)[0]
+            return hessian_matmat(self.fm, self.batch, self.loss, v, fallback=False)[0]
         if not self.out.requires_grad:
             return torch.zeros_like(v)
         jv = None
@@ -261,13 +350,22 @@ class Linearised:
         return batched_grad(self.out, self.w, u, create_graph).T
 
 
-def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor):
-    """(∇² Σ-loss of the batch) V via forward-over-reverse; ``loss(out, batch) -> (value, count)``."""
+def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor, fallback: bool = True):
+    """(∇² Σ-loss of the batch) V via forward-over-reverse; ``loss(out, batch) -> (value, count)``.
+
+    Where forward mode or torch.func cannot run the model (and ``fallback``), reverse over reverse
+    on the kept gradient graph (:class:`Linearised`)."""
     w0 = fm.flat0
     g = grad(lambda w: loss(fm(w, batch), batch)[0])
     if fm.tangent_mask is not None:
         v = v * fm.tangent_mask[:, None]
-    hv = vmap(lambda col: jvp(g, (w0,), (col,))[1], in_dims=1)(v)
+    try:
+        hv = vmap(lambda col: jvp(g, (w0,), (col,))[1], in_dims=1)(v)
+    except (RuntimeError, NotImplementedError):
+        if not fallback:
+            raise
+        lin = Linearised(fm, batch, loss=loss)
+        return lin.matmat(v), lin.count
     with torch.no_grad():
         count = loss(fm(w0, batch), batch)[1]
     return hv.T, count

@@ -11,14 +11,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, UnsupportedError
+from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
 from . import functional as fx
-from .batching import progress_bar
-from .capture import Capture, batch_labels, prepare_batch
+from .batching import ModelOnFirst, as_loader, progress_bar
+from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
+from .distributed import all_reduce_sum, reduce_counts, resolve_group
+from .finite import nonfinite_layers, raise_nonfinite
 from .layercollection import LayerCollection
 from .outputs import DataError, OutputModel
+from .precision import accumulation_dtype
 
 KINDS = ("exact", "sample", "empirical", "hessian")
+
+
+def check_trainable(model, layer_collection=None) -> None:
+    """A model with parameters to cover: not a frozen one (InvalidArgumentError naming the fix)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layer_collection is not None:
+        return
+    params = list(model.parameters())
+    if not params:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no trainable parameter (no parameters at "
+            "all): there is no curvature to compute; give the model whose parameters you study"
+        )
+    if not any(p.requires_grad for p in params):
+        raise InvalidArgumentError(
+            "the model is fully frozen (requires_grad=False on every parameter), so no parameter "
+            "is covered: unfreeze the ones to cover with p.requires_grad_(True), or pass "
+            "layer_collection=LayerCollection.from_modules(model, [...]) after unfreezing them"
+        )
 
 
 class CurvatureGenerator:
@@ -37,18 +60,27 @@ class CurvatureGenerator:
         device=None,
         progress=None,
         kfac_mode: str = "expand",
+        process_group=None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kfac_mode not in ("expand", "reduce"):
             raise ValueError(f"kfac_mode must be 'expand' or 'reduce', not {kfac_mode!r}")
-        if trials < 1:
-            raise ValueError(f"trials must be a positive integer, got {trials}")
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise InvalidArgumentError(
+                f"trials must be a positive integer (the labels drawn per example), got {trials!r}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ArgumentTypeError(
+                f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
+                "generator=torch.Generator().manual_seed(seed) (a seed alone is not accepted)"
+            )
+        check_trainable(model, layer_collection)
         self.model = model
         self.output_model = output_model
         self.kind = kind
         self.layer_collection = layer_collection or LayerCollection.from_model(model)
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.trials = trials
         self.rng = generator
         self.n_output = n_output
@@ -58,8 +90,12 @@ class CurvatureGenerator:
         if not params:
             raise DataError("the layer collection covers no parameter")
         self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = params[0].dtype
+        self.model_dtype = params[0].dtype
+        self.dtype = accumulation_dtype(self.model_dtype)  # of the statistics and operators
         self._capture = None
+        warn_train_mode(model, stacklevel=4)
+        # data-parallel: each rank reads its shard, statistics are summed over the group
+        self.process_group = resolve_group(process_group)
 
     @property
     def is_hessian(self) -> bool:
@@ -80,25 +116,34 @@ class CurvatureGenerator:
                 n_output=self.n_output,
                 device=self.device,
                 progress=self.progress,
+                process_group=self.process_group,
             )
         return self._capture
 
     def run(self, examples, accumulators, desc="curvature"):
-        return self.capture().run(examples, accumulators, desc=desc)
+        return self.capture().run(as_loader(examples), accumulators, desc=desc)
 
     # ------------------------------------------------------------------ function-space paths
     def _batches(self, examples, desc):
-        for batch in progress_bar(examples, self.progress, desc):
+        for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield prepare_batch(batch, self.device)
 
-    def _finish(self, total, n_batches):
-        if n_batches == 0:
-            raise DataError("the loader yielded no examples")
-        if self.output_model.reduction != "mean":
-            return 1.0
-        if total == 0:
-            raise DataError("every target was ignored (ignore_index): the mean is undefined")
-        return 1.0 / total
+    def _finish(self, total, n_batches, reduced: bool = False):
+        if (
+            self.process_group is not None and not reduced
+        ):  # counts over all shards (an empty shard is allowed)
+            total, n_batches = reduce_counts(
+                self.process_group, [total, n_batches], self.device, allow_empty=True
+            )
+        return self.output_model.scale(total, n_batches)
+
+    def _sum_over_group(self, tensors, fm, sizes=None):
+        """Sum symmetric matrices over the group; a rank with an empty shard sends zeros."""
+        if tensors is None or (len(tensors) == 1 and not torch.is_tensor(tensors[0])):
+            n = fm.flat0.numel()
+            sizes = sizes or [n]
+            tensors = [torch.zeros(k, k, dtype=self.dtype, device=self.device) for k in sizes]
+        return all_reduce_sum(self.process_group, tensors, [True] * len(tensors))
 
     def flat_model(self) -> fx.FlatModel:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
@@ -121,8 +166,14 @@ class CurvatureGenerator:
         fm, acc, total, nb = self.flat_model(), 0, 0, 0
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
-            acc, total, nb = acc + h, total + count, nb + 1
-        return acc * self._finish(total, nb)
+            acc, total, nb = acc + h.to(self.dtype), total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group([acc], fm)[0]
+        out = acc * self._finish(total, nb)
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out
 
     def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
         fm, total, nb = self.flat_model(), 0, 0
@@ -130,7 +181,14 @@ class CurvatureGenerator:
         acc = None
         for batch in self._batches(examples, "hessian"):
             blocks, count = fx.hessian_blocks(fm, batch, self._loss, list(slices.values()))
+            blocks = [b.to(self.dtype) for b in blocks]
             acc = blocks if acc is None else [a + b for a, b in zip(acc, blocks)]
             total, nb = total + count, nb + 1
+        if self.process_group is not None:
+            acc = self._sum_over_group(acc, fm, [s.stop - s.start for s in slices.values()])
         scale = self._finish(total, nb)
-        return {lid: b * scale for lid, b in zip(slices, acc)}
+        out = {lid: b * scale for lid, b in zip(slices, acc)}
+        layers = nonfinite_layers(out, self.layer_collection)
+        if layers != []:
+            raise_nonfinite(layers, "the Hessian")
+        return out

@@ -10,9 +10,10 @@ BatchNorm in training mode.
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
 from ..errors import UnsupportedError
+from .functional import call_with, tied_locations
 
 
 def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str, torch.Tensor]:
@@ -24,6 +25,7 @@ def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str,
     """
     k, b = g.shape[:2]
     params = {a: module.get_parameter(a).detach() for a in attrs}  # dotted names allowed
+    locations = tied_locations(module, list(attrs))
     in_dims = tuple(
         0 if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == b else None for x in args
     )
@@ -41,7 +43,7 @@ def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str,
         kw_n = {key: (x.unsqueeze(0) if d == 0 else x) for key, x, d in zip(kw_keys, kw_n, kw_dims)}
 
         def f(p):
-            out = functional_call(module, p, args_n, kw_n)
+            out = call_with(module, p, args_n, kw_n, locations)
             if index is not None:
                 out = out[index]
             if not torch.is_tensor(out):

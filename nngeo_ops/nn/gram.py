@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import DataError, ShapeError
-from .batching import batch_size_of, progress_bar
+from .batching import batch_size_of, check_same_outputs, progress_bar
+from .distributed import gather_rows, reduce_counts
 from .jacobian_generator import BackendSwitched, Features, JacobianGenerator
 
 
@@ -127,13 +128,56 @@ def _gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
 
 
 def gram_tensor(gen: JacobianGenerator, examples) -> torch.Tensor:
-    """The NTK of ``examples`` as a [C, N, C, N] tensor."""
+    """The NTK of ``examples`` as a [C, N, C, N] tensor (gathered over a process group)."""
+    if gen.process_group is not None:
+        return sharded_gram(gen, examples)
     return _gram(gen, examples)
 
 
 def cross_gram_tensor(gen: JacobianGenerator, examples_a, examples_b) -> torch.Tensor:
-    """The cross-kernel K(A, B) as a [C, N_a, C, N_b] tensor."""
+    """The cross-kernel K(A, B) as a [C, N_a, C, N_b] tensor (gathered over a process group)."""
+    if gen.process_group is not None:
+        return sharded_gram(gen, examples_a, examples_b)
     return _gram(gen, examples_a, examples_b)
+
+
+@_retrying
+def _local_jacobian(gen: JacobianGenerator, examples) -> torch.Tensor:
+    gen.reset_plan()
+    parts = [gen.jacobian_chunk(ch) for ch in gen.chunks(examples, "gram (shard)")]
+    if not parts:
+        raise DataError("the loader of this rank yielded no examples")
+    check_same_outputs([p.shape[0] for p in parts])
+    return torch.cat(parts, dim=1)  # (C, N_r, P)
+
+
+def sharded_gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
+    """K over the union of the ranks' shards, [C, N, C, M], the same on every rank.
+
+    Each rank forms the per-example Jacobian of its shard (C, N_r, P), gathers those of every rank
+    (``all_gather``, rank order: example n of the union is example n − Σ_{q<r} N_q of rank r),
+    computes its block row K[:, shard_r, :, :] and the block rows are gathered. Memory: the
+    Jacobians of all examples, C·N·P numbers, on each rank.
+    """
+    group = gen.process_group
+    ja = _local_jacobian(gen, examples_a)
+    jb = ja if examples_b is None else _local_jacobian(gen, examples_b)
+    n_a = reduce_counts(group, [ja.shape[1]], ja.device)[0]
+    if ja.shape[0] != jb.shape[0]:
+        raise ShapeError(
+            f"the two loaders give {ja.shape[0]} and {jb.shape[0]} outputs per example; a "
+            "cross-kernel needs the same outputs on both (same model, function and output shape)"
+        )
+    j_all = gather_rows(group, jb.transpose(0, 1).contiguous()).transpose(0, 1)  # (C, M, P)
+    row = torch.einsum("cnp,dmp->ncdm", ja, j_all)  # this rank's block row, examples first
+    k = gather_rows(group, row.contiguous()).permute(1, 0, 2, 3)  # (C, N, C, M)
+    if k.shape[1] != n_a:
+        raise ShapeError(f"gathered {k.shape[1]} examples, expected {n_a}")
+    if examples_b is None:
+        c, n = k.shape[0], k.shape[1]
+        flat = k.reshape(c * n, c * n)
+        k = (0.5 * (flat + flat.T)).reshape(c, n, c, n)  # exact symmetry (rounding)
+    return k.contiguous()
 
 
 @_retrying

@@ -36,7 +36,10 @@ from ..errors import UnsupportedError
 from ..ops import LinearOperator, MatFree, Product
 from ..ops.registry import rule
 from . import functional as fx
+from .batching import ReplayCheck, as_loader
 from .capture import batch_labels, output_factor
+from .distributed import ConsistentProduct
+from .finite import check_product
 from .jacobian import Jacobian
 from .jacobian_generator import JacobianGenerator
 
@@ -60,12 +63,16 @@ class ImplicitProducts:
     """
 
     def __init__(self, gen, examples, cache: bool = False):
-        self.gen, self.examples, self.cache = gen, examples, bool(cache)
+        self.gen, self.cache = gen, bool(cache)
+        self.examples = as_loader(examples, reiterable=True)  # read again at every product
+        self.replay = ReplayCheck()  # every pass must read the batches of the first one
         self.fm = gen.flat_model()  # the snapshot of the covered parameters
         self._lin = None
         self.seed = None
         if gen.kind == "sample":
             self.seed = int(torch.randint(0, 2**62, (1,), generator=gen.rng).item())
+        # in a process group: the product is the all-reduce of the per-shard products
+        self._group = ConsistentProduct(gen.process_group) if gen.process_group else None
 
     def clear(self) -> None:
         """Free the linearised batches (the next product rebuilds them)."""
@@ -89,7 +96,7 @@ class ImplicitProducts:
         if self._lin is None:
             gen, rng = self.gen, self.rng()
             lin = []
-            for batch in gen._batches(self.examples, "linearise"):
+            for batch in self.replay.check(gen._batches(self.examples, "linearise")):
                 if gen.kind == "hessian":
                     lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
                 else:
@@ -98,21 +105,35 @@ class ImplicitProducts:
         return self._lin
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
-        """M V for V of shape (P, k)."""
+        """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);
+        NonFiniteError (naming the layers) if M V of a finite V is not finite."""
+        out = self._matmat(v)
+        what = "the Hessian product" if self.gen.kind == "hessian" else "the implicit product"
+        check_product(out, v, self.gen.layer_collection, what)
+        return out
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         gen = self.gen
-        acc, total, nb = torch.zeros_like(v), 0, 0
+        acc, total, nb = torch.zeros_like(v, dtype=gen.dtype), 0, 0
+        v = v.to(gen.model_dtype)  # a half model runs in half; its products are summed in float32
         if self.cache:
             for lin in self._linearised():
-                acc, total, nb = acc + lin.matmat(v), total + lin.count, nb + 1
-            return acc * gen._finish(total, nb)
+                acc, total, nb = acc + lin.matmat(v).to(acc.dtype), total + lin.count, nb + 1
+            return self._scaled(acc, v, total, nb)
         rng = self.rng()
-        for batch in gen._batches(self.examples, "implicit product"):
+        for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
                 hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
-            acc, total, nb = acc + hv, total + count, nb + 1
-        return acc * gen._finish(total, nb)
+            acc, total, nb = acc + hv.to(acc.dtype), total + count, nb + 1
+        return self._scaled(acc, v, total, nb)
+
+    def _scaled(self, acc, v, total, nb):
+        if self._group is None:
+            return acc * self.gen._finish(total, nb)
+        acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
+        return acc * self.gen._finish(total, nb, reduced=True)
 
 
 class OutputCurvature(MatFree):
@@ -245,7 +266,9 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
     products). ``op.products`` is the :class:`ImplicitProducts` in both cases.
     """
     products = ImplicitProducts(gen, examples, cache)
-    if gen.kind == "hessian":
+    if gen.kind == "hessian" or gen.process_group is not None:
+        # sharded data: J (rows on each rank) is not a factor of a replicated product, so the
+        # function-space routes of Jᵀ·H·J do not apply; products are all-reduced
         n = gen.layer_collection.numel()
         op = MatFree(
             products.matmat,
@@ -253,9 +276,10 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
             dtype=gen.dtype,
             device=gen.device,
             symmetric=True,
+            psd=gen.kind != "hessian",
             batched=True,
-            name="∇²L",
+            name="∇²L" if gen.kind == "hessian" else "Jᵀ·H·J (all-reduced)",
         )
         op.products = products
         return op
-    return GaussNewton(gen, examples, products)
+    return GaussNewton(gen, products.examples, products)

@@ -44,9 +44,18 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
-from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError
+from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError, UnsupportedError
 from ..ops import MatFree
-from .batching import FINGERPRINT_RTOL, batch_size_of, check_same_outputs, fingerprint
+from . import functional as fx
+from .batching import (
+    FINGERPRINT_RTOL,
+    LOADER_CHANGED,
+    as_loader,
+    batch_size_of,
+    check_same_outputs,
+    fingerprint,
+)
+from .distributed import all_reduce_sum
 from .jacobian_generator import JacobianGenerator
 from .layercollection import LayerCollection
 from .vector import FVector, PVector, flat_fvector, flat_pvector
@@ -55,11 +64,6 @@ from .vector import FVector, PVector, flat_fvector, flat_pvector
 # J @ V for wide V (e.g. to_dense() of a small implicit operator) to this many copies of the
 # activations of one chunk of examples.
 MAX_COLUMNS = 128
-
-LOADER_CHANGED = (
-    "the loader yielded different examples than when the operator was built; it must yield the "
-    "same examples in the same order at every pass (use shuffle=False)"
-)
 
 
 # ---------------------------------------------------------------------- the Jacobian node
@@ -82,7 +86,8 @@ class Jacobian(MatFree):
 
     Args:
         model, loader: the network and the examples (re-read at each product; see the module
-            docstring on ordering).
+            docstring on ordering): a re-iterable loader, or one batch — a tuple / list of tensors
+            whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.batching`).
         function: ``function(*batch) -> outputs`` (default ``model(batch[0])``), any function of
             the model, e.g. a per-example loss ``(B,)``.
         layer_collection: the parameters θ (default all trainable ones).
@@ -92,6 +97,7 @@ class Jacobian(MatFree):
         name: how the node prints (``J``).
         params: the flat covered parameters to linearise at (default: the model's current ones),
             e.g. a snapshot taken earlier by another operator.
+        max_batches: read only the first ``max_batches`` batches at each pass (a streaming loader).
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class Jacobian(MatFree):
         generator: JacobianGenerator | None = None,
         name: str = "J",
         params: torch.Tensor | None = None,
+        max_batches: int | None = None,
     ):
         if generator is None:
             if model is None:
@@ -118,7 +125,9 @@ class Jacobian(MatFree):
         if loader is None:
             raise ArgumentTypeError("Jacobian needs a loader of examples")
         self.generator = generator
-        self.loader = loader
+        self.loader = as_loader(
+            loader, reiterable=True, max_batches=max_batches
+        )  # read again at every product
         self.layer_collection = generator.layer_collection
         self.fm = generator.flat_model()
         if params is not None:
@@ -191,11 +200,14 @@ class Jacobian(MatFree):
         parts = []
         for chunk in self._pass("J @ v"):
             f = self._f(chunk)
-            if k == 1:
-                parts.append(jvp(f, (w0,), (cols[0],))[1][None])
-            else:
-                one = lambda t, f=f: jvp(f, (w0,), (t,))[1]  # noqa: E731
-                parts.append(vmap(one, chunk_size=MAX_COLUMNS)(cols))  # (k, B, C)
+            try:
+                if k == 1:
+                    parts.append(jvp(f, (w0,), (cols[0],))[1][None])
+                else:
+                    one = lambda t, f=f: jvp(f, (w0,), (t,))[1]  # noqa: E731
+                    parts.append(vmap(one, chunk_size=MAX_COLUMNS)(cols))  # (k, B, C)
+            except (RuntimeError, NotImplementedError):  # no forward mode, or not torch.func-able
+                parts.append(fx.jv_by_double_vjp(self.fm, chunk, v))
         jv = torch.cat(parts, dim=1)  # (k, N, C)
         return jv.permute(2, 1, 0).reshape(-1, k)
 
@@ -205,14 +217,23 @@ class Jacobian(MatFree):
         u3 = u.reshape(self.n_output, self.n_examples, k)
         acc, start = None, 0
         for chunk, b in zip(self._pass("J.T @ u"), self.chunk_sizes):
-            _, pull = vjp(self._f(chunk), self.fm.flat0)
             ub = u3[:, start : start + b, :].permute(2, 1, 0)  # (k, B, C): cotangents of (B, C)
             start += b
-            if k == 1:
-                g = pull(ub[0].contiguous())[0][None]
-            else:
-                g = vmap(lambda t, pull=pull: pull(t)[0], chunk_size=MAX_COLUMNS)(ub.contiguous())
+            try:
+                _, pull = vjp(self._f(chunk), self.fm.flat0)
+                if k == 1:
+                    g = pull(ub[0].contiguous())[0][None]
+                else:
+                    g = vmap(lambda t, pull=pull: pull(t)[0], chunk_size=MAX_COLUMNS)(
+                        ub.contiguous()
+                    )
+            except (RuntimeError, NotImplementedError):  # not runnable under torch.func
+                g = fx.vjp_by_autograd(self.fm, chunk, ub.contiguous())
             acc = g if acc is None else acc + g
+        if acc is None:  # an empty shard
+            acc = torch.zeros(k, self.shape[1], dtype=self.dtype, device=self.device)
+        if self.generator.process_group is not None:  # Jᵀ U sums over the rows of every rank
+            all_reduce_sum(self.generator.process_group, [acc])
         return acc.T
 
     def __matmul__(self, other):
@@ -250,6 +271,12 @@ class Jacobian(MatFree):
         (per-chunk features, no loop over examples); None when the model's parameters are no longer
         those of this node (the engine reads the model). The ops rules use it to solve damped
         Gauss-Newton systems in function space."""
+        if self.generator.process_group is not None:
+            raise UnsupportedError(
+                "this Jacobian is sharded over a process group (each rank holds its own rows), so "
+                "J Jᵀ of its rows is not the Gram matrix of all examples and function-space "
+                "routes do not apply: use GramMatrix (gathered) or iterative solvers on Jᵀ·M·J"
+            )
         if not torch.equal(self.generator.current_flat(), self.fm.flat0):
             return None
         # the chunks of a checked pass (a reshuffled loader raises, as in every product); a list,

@@ -9,7 +9,6 @@ Python loop over examples), or from ``torch.func`` (a ``vmap`` of the single-exa
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +22,20 @@ from ..errors import (
     NNGeoError,
     UnsupportedError,
 )
-from .batching import batch_size_of, check_same_outputs, flatten_outputs, progress_bar, split_batch
-from .capture import Capture, prepare_batch
+from . import functional as fx
+from .batching import (
+    ModelOnFirst,
+    as_loader,
+    batch_size_of,
+    check_same_outputs,
+    flatten_outputs,
+    progress_bar,
+    split_batch,
+)
+from .capture import Capture, prepare_batch, warn_train_mode
+from .distributed import resolve_group
 from .functional import FlatModel
+from .generator import check_trainable
 from .layercollection import LayerCollection
 from .outputs import Regression
 
@@ -40,6 +50,7 @@ def resolve_layer_collection(model: nn.Module, layer_collection) -> LayerCollect
     """The collection (all trainable parameters by default), checked against ``model``."""
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_trainable(model, layer_collection)
     lc = layer_collection if layer_collection is not None else LayerCollection.from_model(model)
     if not isinstance(lc, LayerCollection):
         raise ArgumentTypeError(
@@ -130,8 +141,11 @@ class JacobianGenerator:
         device=None,
         progress=None,
         backend: str = "hooks",
+        process_group=None,
     ):
         self.model = model
+        # sharded data (see nngeo_ops.nn.distributed): Gram matrices are gathered, J stays sharded
+        self.process_group = resolve_group(process_group)
         self.layer_collection = resolve_layer_collection(model, layer_collection)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise InvalidArgumentError(
@@ -139,7 +153,7 @@ class JacobianGenerator:
             )
         if backend not in BACKENDS:
             raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.function = function if function is not None else (lambda *d: model(d[0]))
+        self.function = function if function is not None else ModelOnFirst(model)
         self.chunk_size = chunk_size
         self.progress = progress
         self.backend = backend
@@ -149,26 +163,13 @@ class JacobianGenerator:
         self._capture = None
         self._plan: dict[str, bool] | None = None
         self._hook_chunks = 0
-        bn = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
-        if bn:
-            warnings.warn(
-                f"BatchNorm modules {bn} are in training mode: examples are coupled through batch "
-                "statistics, so per-example Jacobians are not defined; call model.eval()",
-                stacklevel=3,
-            )
+        warn_train_mode(model, stacklevel=4)
 
     # ------------------------------------------------------------------ data
     def chunks(self, examples, desc="examples"):
-        """Yield the chunks of ``examples`` (tuples, on ``self.device``)."""
-        if torch.is_tensor(examples) or (
-            isinstance(examples, tuple) and examples and torch.is_tensor(examples[0])
-        ):
-            examples = [examples]  # a single batch, as NNGeometry accepts
-        for batch in progress_bar(examples, self.progress, desc):
+        """Yield the chunks of ``examples`` (one batch or a loader, see
+        :func:`~nngeo_ops.nn.batching.as_loader`; tuples, on ``self.device``)."""
+        for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield from split_batch(prepare_batch(batch, self.device), self.chunk_size)
 
     def flat_model(self) -> FlatModel:
@@ -244,8 +245,18 @@ class JacobianGenerator:
         def row(w, e, *parts):
             return vjp(lambda w_: one(w_, *parts), w)[1](e)[0]
 
-        jac = vmap(row, in_dims=(None, 0, *dims))(fm.flat0, eye.repeat(b, 1), *rep)
-        jac = jac.view(b, c, -1)  # row n·C + c of the flat vmap is (example n, output c)
+        try:
+            jac = vmap(row, in_dims=(None, 0, *dims))(fm.flat0, eye.repeat(b, 1), *rep)
+            jac = jac.view(b, c, -1)  # row n·C + c of the flat vmap is (example n, output c)
+        except (RuntimeError, NotImplementedError):
+            # no batching rule (a recurrent kernel, a custom autograd.Function): one example at
+            # a time with plain autograd, the C cotangents batched
+            jac = torch.stack(
+                [
+                    fx.vjp_by_autograd(fm, one_ex, eye[:, None, :])
+                    for one_ex in split_batch(chunk, 1)
+                ]
+            )
         if fm.tangent_mask is not None:
             jac = jac * fm.tangent_mask
         return jac.permute(1, 0, 2)

@@ -48,7 +48,7 @@ from ..ops import (
     Kronecker,
     LowRank,
 )
-from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator
+from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator, check_regul
 from .stats import EKFACDiagAcc, KFACAcc
 
 
@@ -209,7 +209,9 @@ class PMatKFAC(PMatAbstract):
             f = self.data[lid]
             if "block" in f:
                 blk = Dense(f["block"], symmetric=True, psd=True, name=f"F[{lid}]")
-                blocks.append(blk + regul * Identity(blk.shape[0], dtype=blk.dtype))
+                blocks.append(
+                    blk + regul * Identity(blk.shape[0], dtype=blk.dtype, device=blk.device)
+                )
                 continue
             a, g = f["A"], f["G"]
             ta = (a.sum() if a.dim() == 1 else a.trace()) / a.shape[0]
@@ -218,15 +220,21 @@ class PMatKFAC(PMatAbstract):
             sq = math.sqrt(regul)
             eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
             damped = {
-                "A": a + pi * sq * (1 if a.dim() == 1 else torch.eye(a.shape[0], dtype=a.dtype)),
+                "A": a
+                + pi
+                * sq
+                * (1 if a.dim() == 1 else torch.eye(a.shape[0], dtype=a.dtype, device=a.device)),
                 "G": g + sq / pi * eye_g,
             }
             if "bias" in f:
-                damped["bias"] = f["bias"] + regul * torch.eye(f["bias"].shape[0], dtype=g.dtype)
+                damped["bias"] = f["bias"] + regul * torch.eye(
+                    f["bias"].shape[0], dtype=g.dtype, device=g.device
+                )
             blocks.append(self._to_param_order(gen, lid, self._kron(gen, lid, damped), damped))
         return BlockDiag(blocks, names=list(lc.layers))
 
     def _damped_op(self, regul, damping):
+        check_regul(regul)
         if damping == "exact":
             return self._damped(regul)
         if damping == "pi":
@@ -342,6 +350,12 @@ class QuasiDiagAcc:
                 w = pe[:, : e.numels[0]].reshape(pe.shape[0], n_out, -1)
                 c = torch.einsum("moi,mo->oi", w, pe[:, e.numels[0] :])
                 self.cross[lid] = c if lid not in self.cross else self.cross[lid] + c
+
+    def reduce(self, comm):
+        for lid in self.layer_ids:
+            comm.sum(self.diag[lid])
+            if lid in self.cross:
+                comm.sum(self.cross[lid])
 
     def finalize(self, scale):
         self.value = {

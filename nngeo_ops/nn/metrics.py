@@ -7,17 +7,29 @@ Hessian are those of the dataset loss with the loss module's reduction (``mean``
 divides by — non-ignored targets for CE/NLL, elements for MSE/BCE — over the whole loader, not a mean
 of batch means; ``sum``: not divided). Batches are ``(inputs, labels, ...)`` tuples or plain input
 tensors; ``function(*batch)`` overrides ``model(batch[0])``.
+
+``loader`` is a loader of batches or one batch, by the rule of :mod:`nngeo_ops.nn.batching`: a tensor
+or a tuple / list of tensors whose first dimensions agree is one minibatch (``FIM(model, (x, y),
+...)``), anything else iterable a loader; what is neither raises. ``max_batches=k`` reads only the
+first k batches of each pass (a streaming loader without ``__len__``).
+
+``process_group``: inside an initialised ``torch.distributed`` group each rank passes its own shard
+of the data and receives the matrix of the union of the shards (see
+:mod:`nngeo_ops.nn.distributed`); ``None`` uses the default group when there is one, ``False``
+computes on the local shard only.
 """
 
 from __future__ import annotations
 
 from ..errors import UnsupportedError
+from .batching import as_loader
 from .generator import CurvatureGenerator
 from .outputs import output_model_for_loss, output_model_for_variant
 from .pmat import PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
 
 
-def _make(model, loader, representation, om, kind, **kw):
+def _make(model, loader, representation, om, kind, max_batches=None, **kw):
+    loader = as_loader(loader, max_batches=max_batches)
     gen = CurvatureGenerator(model, om, kind, **kw)
     return representation(generator=gen, examples=loader)
 
@@ -34,6 +46,8 @@ def FIM(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    max_batches=None,
+    process_group=None,
 ):
     """The Fisher information with the expectation over y | x in closed form.
 
@@ -55,7 +69,9 @@ def FIM(
         n_output=n_output,
         device=device,
         progress=progress,
+        max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -73,6 +89,8 @@ def FIM_MonteCarlo(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    max_batches=None,
+    process_group=None,
 ):
     """The Fisher with ``trials`` labels per example drawn from the model (``torch.Generator``)."""
     om = output_model_for_variant(variant, covariance)
@@ -87,9 +105,11 @@ def FIM_MonteCarlo(
         n_output=n_output,
         device=device,
         progress=progress,
+        max_batches=max_batches,
         trials=trials,
         generator=generator,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -105,6 +125,8 @@ def EmpiricalFisher(
     progress=None,
     covariance=None,
     kfac_mode="expand",
+    max_batches=None,
+    process_group=None,
 ):
     """(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = −log p(y_n | x_n) at the loader's labels."""
     om = output_model_for_variant(variant, covariance)
@@ -119,7 +141,9 @@ def EmpiricalFisher(
         n_output=n_output,
         device=device,
         progress=progress,
+        max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -134,6 +158,8 @@ def GGN(
     device=None,
     progress=None,
     kfac_mode="expand",
+    max_batches=None,
+    process_group=None,
 ):
     """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
     BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.outputs` for NLLLoss)."""
@@ -149,7 +175,9 @@ def GGN(
         n_output=n_output,
         device=device,
         progress=progress,
+        max_batches=max_batches,
         kfac_mode=kfac_mode,
+        process_group=process_group,
     )
 
 
@@ -166,6 +194,8 @@ def Hessian(
     layer_collection=None,
     device=None,
     progress=None,
+    max_batches=None,
+    process_group=None,
 ):
     """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
     layer) or implicit (Hessian-vector products, forward over reverse)."""
@@ -186,4 +216,6 @@ def Hessian(
         n_output=n_output,
         device=device,
         progress=progress,
+        max_batches=max_batches,
+        process_group=process_group,
     )

@@ -51,7 +51,7 @@ import torch.nn.functional as Fn
 
 from ..errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
 from ..ops.base import is_scalar
-from .batching import batch_size_of
+from .batching import as_loader, batch_size_of
 from .fmat import FMatDense, FMatImplicit
 from .gram import cross_gram_tensor
 from .jacobian_generator import JacobianGenerator
@@ -69,13 +69,16 @@ def GramMatrix(
     device=None,
     progress=None,
     backend: str = "hooks",
+    max_batches: int | None = None,
+    process_group=None,
 ):
     """The finite-width NTK K[c, n, c', n'] = ⟨∂f_c(x_n)/∂θ, ∂f_c'(x_n')/∂θ⟩ of ``model`` on ``loader``.
 
     Args:
         model: the network; ``function(*batch) -> (B, *S)`` (default ``model(batch[0])``) selects
             the outputs (flattened to C = prod(S) per example).
-        loader: an iterable of batches (tuples, inputs first), or one batch.
+        loader: an iterable of batches (tuples, inputs first), or one batch: a tuple / list of
+            tensors whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.batching`).
         layer_collection: θ, a :class:`LayerCollection` of ``model`` (default: all trainable
             parameters); a subset of layers gives the NTK of that subset.
         representation: :class:`FMatDense` (the [C, N, C, N] tensor) or :class:`FMatImplicit`.
@@ -84,9 +87,14 @@ def GramMatrix(
         device, progress: where batches go; progress bars (None: on a terminal only).
         backend: ``"hooks"`` (default, structured) or ``"func"`` (torch.func per-example
             Jacobians of each chunk, then matrix products).
+        max_batches: read only the first ``max_batches`` batches (a streaming loader).
+        process_group: in a ``torch.distributed`` group (the default one when initialised; False:
+            local) each rank passes its shard and gets the [C, N, C, N] kernel of the union of the
+            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.gram.sharded_gram`).
     """
+    loader = as_loader(loader, max_batches=max_batches)
     gen = JacobianGenerator(
-        model, function, layer_collection, chunk_size, device, progress, backend
+        model, function, layer_collection, chunk_size, device, progress, backend, process_group
     )
     return representation(generator=gen, examples=loader)
 
@@ -101,14 +109,16 @@ def CrossGramMatrix(
     device=None,
     progress=None,
     backend: str = "hooks",
+    process_group=None,
 ) -> FMatDense:
     """The cross-kernel K(X_left, X_right)[c, n, c', m] = ⟨∂f_c(x_n)/∂θ, ∂f_c'(x'_m)/∂θ⟩.
 
     Returns an :class:`FMatDense` of size [C, N_left, C, N_right] (e.g. test × train for the
     predictions of the linearised model). Both loaders must give the same number of outputs C.
+    In a process group both loaders are sharded and the gathered kernel is replicated.
     """
     gen = JacobianGenerator(
-        model, function, layer_collection, chunk_size, device, progress, backend
+        model, function, layer_collection, chunk_size, device, progress, backend, process_group
     )
     return FMatDense(gen, examples=loader_left, examples_right=loader_right)
 

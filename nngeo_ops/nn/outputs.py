@@ -38,7 +38,17 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from ..errors import DataError, DTypeDeviceError, NNGeoError, ShapeError, UnsupportedError  # noqa: F401  (DataError re-exported)
+from ..errors import (  # noqa: F401  (DataError re-exported)
+    ArgumentTypeError,
+    DataError,
+    DTypeDeviceError,
+    NNGeoError,
+    NonFiniteError,
+    NotPSDError,
+    NotSymmetricError,
+    ShapeError,
+    UnsupportedError,
+)
 
 
 # ---------------------------------------------------------------------- factor helpers
@@ -151,6 +161,22 @@ class OutputModel:
     def exact(self, out, y):
         raise NotImplementedError
 
+    def scale(self, total: int, n_examples: int) -> float:
+        """The normalisation of a whole pass: 1/total for ``mean`` (total = the summed counts of
+        the batches), 1 for ``sum``; DataError for an empty pass or a mean over no counted target."""
+        if n_examples == 0:
+            raise DataError("the loader yielded no examples")
+        if self.reduction != "mean":
+            return 1.0
+        if total == 0:
+            ign = getattr(getattr(self, "loss_fn", None), "ignore_index", None)
+            raise DataError(
+                f"every target was ignored (ignore_index={ign}): the mean over counted targets is "
+                "undefined; give batches with at least one label that is not ignore_index, or use "
+                "the loss with reduction='sum'"
+            )
+        return 1.0 / total
+
     def sample(self, out, y, trials: int, generator=None):
         raise UnsupportedError(f"Monte-Carlo sampling is not defined for {self.name}")
 
@@ -236,6 +262,43 @@ class ClassifBinaryLogits(OutputModel):
         return (torch.sigmoid(out.detach()) - y.to(out.dtype))[None], out.shape[0]
 
 
+def check_covariance(cov) -> torch.Tensor:
+    """The regression covariance as a tensor, checked: a positive scalar σ², a positive vector (a
+    diagonal Σ) or a symmetric positive-definite matrix; finite. Raises with the fix otherwise."""
+    if isinstance(cov, bool) or not (
+        torch.is_tensor(cov) or isinstance(cov, int | float) or hasattr(cov, "__array__")
+    ):
+        raise ArgumentTypeError(
+            f"covariance must be a number, a vector or a matrix (tensor), got {type(cov).__name__}"
+        )
+    t = torch.as_tensor(cov)
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    if t.dim() > 2 or (t.dim() == 2 and t.shape[0] != t.shape[1]):
+        raise ShapeError(
+            f"covariance of shape {tuple(t.shape)}: give σ² (a number), a vector (diagonal) or a "
+            "square (E, E) matrix"
+        )
+    if not torch.isfinite(t).all():
+        raise NonFiniteError("covariance contains NaN or inf: give a finite covariance")
+    if t.dim() < 2:
+        if (t <= 0).any():
+            raise NotPSDError(
+                "covariance must be positive (σ² > 0, or every diagonal entry > 0); it is a "
+                "variance of the Gaussian likelihood, not a precision or a log-variance"
+            )
+        return t
+    d = t.to(torch.float64)
+    if not torch.allclose(d, d.T, rtol=1e-6, atol=1e-12 * float(d.abs().max())):
+        raise NotSymmetricError("covariance is not symmetric: pass (S + S.T) / 2")
+    if torch.linalg.cholesky_ex(d).info != 0:
+        raise NotPSDError(
+            "covariance is not positive definite: give an SPD matrix (e.g. S + eps * I), or a "
+            "vector for a diagonal covariance"
+        )
+    return t
+
+
 class Regression(OutputModel):
     """Gaussian likelihood N(f, Σ) on the flattened outputs; Fisher = Jᵀ Σ⁻¹ J, mean over examples.
 
@@ -245,7 +308,7 @@ class Regression(OutputModel):
     name = "regression"
 
     def __init__(self, covariance=None):
-        self.covariance = covariance
+        self.covariance = None if covariance is None else check_covariance(covariance)
         self._root = None
 
     def precision_root(self, e: int, dtype, device) -> torch.Tensor:

@@ -16,15 +16,38 @@ one generator in a single pass over the data.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-from ..errors import ShapeError, UnsupportedError
+from ..errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
 from ..ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from .layercollection import LayerCollection
+from .precision import HALF
 from .stats import BlockAcc, DenseAcc, DiagAcc, GradsAcc
 from .vector import PVector
+
+
+def check_regul(regul) -> None:
+    """A damping λ must be one finite number (a Python number or a one-element tensor, which may
+    require grad); a per-parameter damping is a matrix: add it explicitly."""
+    if regul is None:
+        return
+    if torch.is_tensor(regul):
+        if regul.numel() != 1:
+            raise ArgumentTypeError(
+                f"regul must be a number, got a tensor of shape {tuple(regul.shape)}; for a "
+                "per-parameter damping add a diagonal explicitly: F + PMatDiag-like term, e.g. "
+                "PMatExpr(lc, F.op + nngeo_ops.ops.Diagonal(d)), then solve with regul=0"
+            )
+        ok = bool(torch.isfinite(regul.detach()).all())
+    elif isinstance(regul, numbers.Real) and not isinstance(regul, bool):
+        ok = math.isfinite(regul)
+    else:
+        raise ArgumentTypeError(f"regul must be a number, got {type(regul).__name__}")
+    if not ok:
+        raise NonFiniteError(f"regul is {float(regul)}: give a finite damping (e.g. regul=1e-3)")
 
 
 class PMatAbstract:
@@ -55,17 +78,23 @@ class PMatAbstract:
         if isinstance(v, PVector):
             if v.layer_collection != self.layer_collection:
                 raise ShapeError("the PVector is over a different layer collection than the matrix")
-            return v.to_torch()
-        if torch.is_tensor(v):
-            return v
-        raise TypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+            v = v.to_torch()
+        elif not torch.is_tensor(v):
+            raise TypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+        if v.dtype in HALF and self.op.dtype not in HALF:  # a half model's float32 statistics
+            return v.to(self.op.dtype)
+        return v
 
     def _wrap(self, like, flat):
+        dtype = like.to_torch().dtype if isinstance(like, PVector) else like.dtype
+        if dtype in HALF and flat.dtype != dtype:  # back to the vector's own precision
+            flat = flat.to(dtype)
         return (
             PVector(self.layer_collection, vector_repr=flat) if isinstance(like, PVector) else flat
         )
 
     def _damped(self, regul) -> LinearOperator:
+        check_regul(regul)
         if regul is None or regul == 0:
             return self.op
         op = self.op
@@ -90,7 +119,7 @@ class PMatAbstract:
     def vTMv(self, v) -> torch.Tensor:
         """vᵀ M v (a scalar tensor)."""
         x = self._flat(v)
-        return torch.dot(x, self.op @ x)
+        return torch.dot(x, self.op @ x)  # in the statistics' precision
 
     def solve(self, v, regul: float = 1e-8):
         """(M + regul·I)⁻¹ v."""

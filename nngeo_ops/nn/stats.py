@@ -200,6 +200,10 @@ class DenseAcc:
     def finalize(self, scale):
         self.value = self.value * scale
 
+    def reduce(self, comm):
+        """Sum over a process group (:mod:`~nngeo_ops.nn.distributed`), before ``finalize``."""
+        comm.sum(self.value, symmetric=True)
+
 
 def kron_block(ctx, lid) -> torch.Tensor | None:
     """Σ_{k,n} ∇θ ∇θᵀ of a layer y = W a (+ b) with one position per example, in parameter order.
@@ -256,6 +260,10 @@ class BlockAcc:
     def finalize(self, scale):
         self.value = {k: v.mul_(scale) for k, v in self.value.items()}
 
+    def reduce(self, comm):
+        for lid in self.layer_ids:
+            comm.sum(self.value[lid], symmetric=True)
+
 
 class DiagAcc:
     """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
@@ -272,6 +280,10 @@ class DiagAcc:
     def finalize(self, scale):
         self.value = {k: v.mul_(scale) for k, v in self.value.items()}
 
+    def reduce(self, comm):
+        for lid in self.layer_ids:
+            comm.sum(self.value[lid])
+
 
 class GradsAcc:
     """The per-(column, example) gradients themselves, scaled so that U Uᵀ is the matrix: U = (P, M)."""
@@ -285,6 +297,12 @@ class GradsAcc:
     def finalize(self, scale):
         self.value = torch.cat(self.rows, dim=0).T * scale**0.5
         self.rows = []
+
+    def reduce(self, comm):
+        # the columns of U over all ranks, in rank order: U Uᵀ is the matrix of the union
+        from .distributed import gather_rows
+
+        self.rows = [gather_rows(comm.group, torch.cat(self.rows, dim=0))]
 
 
 class KroneckerFactors(dict):
@@ -392,6 +410,45 @@ class KFACAcc:
             a[d, d] = n
         _acc(self._a, lid, a)
 
+    def reduce(self, comm):
+        """Sum the factors over a process group (before ``finalize``).
+
+        A low-rank input factor stays in row form only if the rows of all ranks together are still
+        fewer than half its size (the single-process rule on the union); its rows are then
+        gathered, else every rank forms its dense part and the parts are summed.
+        """
+        from .distributed import gather_rows
+
+        kron = [lid for lid in self.layer_ids if lid not in self._blk]
+        held = [
+            sum(r.shape[0] for r in self._rows[lid]) if lid in self._rows else 1 << 50
+            for lid in kron
+        ]
+        held = torch.tensor(held, dtype=torch.int64, device=self.cap.device)
+        comm.sum(held)
+        comm.flush()
+        for lid, total in zip(kron, held.tolist()):
+            if lid not in self._rows:
+                continue
+            rows = torch.cat(self._rows[lid])
+            if 2 * total <= rows.shape[1]:
+                self._rows[lid] = [gather_rows(comm.group, rows)]
+            else:
+                del self._rows[lid]
+                _acc(self._a, lid, gram(rows))
+        for lid in self.layer_ids:
+            for store in (self._a, self._g, self._b):
+                if lid in store:
+                    comm.sum(store[lid], symmetric=store[lid].dim() == 2)
+            if lid in self._blk:
+                comm.sum(self._blk[lid])
+        counted = [lid for lid in self.layer_ids if lid in self._n]
+        n = torch.tensor(
+            [self._n[lid] for lid in counted], dtype=torch.int64, device=self.cap.device
+        )
+        comm.sum(n)
+        comm.then(lambda: self._n.update(zip(counted, (int(v) for v in n.tolist()))))
+
     def _update_elementwise(self, ctx, lid):
         pe = ctx.per_example(lid)
         n_w = self.cap.lc.layers[lid].numels[0]
@@ -483,3 +540,7 @@ class EKFACDiagAcc:
 
     def finalize(self, scale):
         self.value = {k: v.mul_(scale) for k, v in self.value.items()}
+
+    def reduce(self, comm):
+        for lid in self.bases:
+            comm.sum(self.value[lid])

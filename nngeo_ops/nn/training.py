@@ -241,10 +241,13 @@ class StepStatistics:
         ctx = BatchContext(self.cap, self.batch_size, self._k, self._count)
         for acc in accumulators:
             acc.update(ctx)
-        if self.generator.output_model.reduction == "mean":
-            scale = 1.0 / self._count
-        else:
-            scale = 1.0
+        count = self._count
+        group = getattr(self.generator, "process_group", None)
+        if group is not None:  # data-parallel step: statistics of every rank's batch
+            from .distributed import reduce_pass
+
+            count, _ = reduce_pass(group, accumulators, count, self.batch_size)
+        scale = self.generator.output_model.scale(count, self.batch_size)
         for acc in accumulators:
             acc.finalize(scale)
         return scale

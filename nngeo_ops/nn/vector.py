@@ -17,6 +17,24 @@ from ..errors import ArgumentTypeError, NNGeoError, ShapeError
 from .layercollection import LayerCollection
 
 
+def _check_layer_collection(lc, vector_repr) -> None:
+    if isinstance(lc, nn.Module):
+        raise ArgumentTypeError(
+            f"a model ({type(lc).__name__}) was given where a LayerCollection is expected: pass "
+            "LayerCollection.from_model(model) (or the F.layer_collection of a representation)"
+        )
+    if not isinstance(lc, LayerCollection):
+        raise ArgumentTypeError(
+            f"layer_collection must be a LayerCollection, got {type(lc).__name__}: build one with "
+            "LayerCollection.from_model(model)"
+        )
+    if vector_repr is not None and not torch.is_tensor(vector_repr):
+        raise ArgumentTypeError(
+            f"the flat vector must be a tensor of shape ({lc.numel()},), got "
+            f"{type(vector_repr).__name__}: convert it with torch.as_tensor"
+        )
+
+
 class PVector:
     """A vector in parameter space (NNGeometry-compatible).
 
@@ -27,6 +45,7 @@ class PVector:
     def __init__(self, layer_collection: LayerCollection, vector_repr=None, dict_repr=None):
         if (vector_repr is None) == (dict_repr is None):
             raise NNGeoError("give exactly one of vector_repr and dict_repr")
+        _check_layer_collection(layer_collection, vector_repr)
         self.layer_collection = layer_collection
         if vector_repr is not None and vector_repr.shape != (layer_collection.numel(),):
             raise ShapeError(
@@ -47,6 +66,12 @@ class PVector:
     # ------------------------------------------------------------------ constructors
     @staticmethod
     def from_flat(layer_collection: LayerCollection, flat: torch.Tensor) -> PVector:
+        """The PVector of a flat (P,) tensor, in the collection's order (``from_flat(lc, flat)``)."""
+        if torch.is_tensor(layer_collection) and isinstance(flat, LayerCollection | nn.Module):
+            raise ArgumentTypeError(
+                "PVector.from_flat(layer_collection, flat): the arguments are swapped; call "
+                "PVector.from_flat(lc, flat_tensor)"
+            )
         return PVector(layer_collection, vector_repr=flat)
 
     @staticmethod

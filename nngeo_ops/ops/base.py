@@ -12,13 +12,22 @@ factorisations and an in-place update of a leaf invalidates them.
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError, DTypeDeviceError, NotSymmetricError, ShapeError
+from ..errors import (
+    ArgumentTypeError,
+    DTypeDeviceError,
+    NonFiniteError,
+    NotSymmetricError,
+    ShapeError,
+)
+
+_TO_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_to_memo", default=None)
 
 Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients flow through it)
 
@@ -87,6 +96,17 @@ class LinearOperator:
         """A copy of this node with some node or tensor fields replaced (tags recomputed)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        """Nodes pickle without their caches: the compiled form of convenience calls holds
+        closures, and cached factorisations are keyed by tensor identities that do not survive a
+        round trip; both are rebuilt on first use. A ``MatFree`` pickles only if its functions do
+        (module-level functions, not lambdas)."""
+        state = self.__dict__.copy()
+        for key in ("_auto_cache", "_factors"):
+            state.pop(key, None)
+        return state
+
     # ------------------------------------------------------------------ tree walking
     def children(self) -> tuple[LinearOperator, ...]:
         out: list[LinearOperator] = []
@@ -119,14 +139,50 @@ class LinearOperator:
             yield from child.leaf_tensors()
 
     def fingerprint(self) -> tuple:
-        """Identity and in-place version of every leaf tensor: changes when any of them changes."""
-        return tuple((id(t), t._version) for t in self.leaf_tensors())
+        """Identity, in-place version and a content checksum of every leaf tensor.
+
+        This keys every cache of compiled forms and factorisations (see :mod:`.cache`). The
+        version counter moves with in-place operations on the tensor; a change through ``.data``
+        does not move it, so floating leaves also carry a checksum of their entries (a weighted
+        sum over all entries up to ``CHECKSUM_ENTRIES`` = 65536, over an evenly spaced sample of
+        65536 entries beyond). What invalidates a cache: a new tensor, any in-place operation, a
+        ``.data`` write to a leaf of at most 65536 entries, or one that changes a sampled entry of
+        a larger leaf (a rescaling, a copy of new values); after a ``.data`` write to a few
+        entries of a large leaf call :meth:`invalidate`.
+        """
+        return tuple((id(t), t._version, _checksum(t)) for t in self.leaf_tensors())
+
+    def invalidate(self) -> None:
+        """Drop the compiled forms and cached factorisations held by this node and its subtree
+        (for a ``.data`` write that the fingerprint's sample may miss, see :meth:`fingerprint`)."""
+        for key in ("_auto_cache", "_factors"):
+            self.__dict__.pop(key, None)
+        for child in self.children():
+            child.invalidate()
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
-        """The same operator with every leaf tensor moved to ``dtype`` / ``device``."""
+        """The same operator with every leaf tensor moved to ``dtype`` / ``device``.
+
+        A subtree shared in the tree (the ``X`` of ``Xᵀ·M·X``) is converted once and stays shared,
+        so that patterns recognised by identity (congruences, hence symmetry) survive the move.
+        """
+        memo = _TO_MEMO.get()
+        token = _TO_MEMO.set({}) if memo is None else None
+        memo = _TO_MEMO.get()
+        try:
+            hit = memo.get(id(self))
+            if hit is None:
+                hit = memo[id(self)] = (self, self._to(dtype, device))
+            return hit[1]
+        finally:
+            if token is not None:
+                _TO_MEMO.reset(token)
+
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
+        """:meth:`to` of this node alone (children through their own :meth:`to`)."""
         fields: dict[str, Any] = {}
         for name in self._tensor_fields:
             t = getattr(self, name)
@@ -350,6 +406,57 @@ class LinearOperator:
         )
 
 
+_RAMPS: dict[tuple, torch.Tensor] = {}
+
+
+CHECKSUM_ENTRIES = 1 << 16  # leaves up to this size are checksummed whole, larger ones sampled
+
+
+def _checksum(t: torch.Tensor) -> float | None:
+    """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 2] over every entry of a leaf of at most
+    :data:`CHECKSUM_ENTRIES` entries, over an evenly spaced sample of that many entries of a larger
+    one (a whole pass would cost as much as a cached dense solve)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    with torch.no_grad():
+        d = t.detach().reshape(-1)
+        if d.numel() > CHECKSUM_ENTRIES:
+            d = d[:: -(-d.numel() // CHECKSUM_ENTRIES)]
+        key = (d.numel(), d.dtype, d.device)
+        w = _RAMPS.get(key)
+        if w is None:
+            if len(_RAMPS) > 64:
+                _RAMPS.clear()
+            w = _RAMPS[key] = torch.linspace(1.0, 2.0, d.numel(), dtype=d.dtype, device=d.device)
+        return float(d @ w)
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """The one finiteness check of leaf tensors: raise NonFiniteError naming the leaf and the fix."""
+    with torch.no_grad():
+        ok = bool(torch.isfinite(t).all())
+    if not ok:
+        raise NonFiniteError(
+            f"{what} contains NaN or inf entries; clean the input (torch.nan_to_num, or find where "
+            "the statistics overflowed) before building the operator"
+        )
+
+
+def check_symmetric_tag(M: torch.Tensor, what: str) -> None:
+    """Verify a user's ``symmetric=True`` / ``psd=True`` tag on a dense matrix, to a tolerance:
+    ``max|M − Mᵀ| ≤ √eps · max|M|`` (O(n²))."""
+    with torch.no_grad():
+        scale = float(M.abs().max()) if M.numel() else 0.0
+        err = float((M - M.mT).abs().max()) if M.numel() else 0.0
+    tol = torch.finfo(M.dtype).eps ** 0.5 * scale
+    if err > tol:
+        raise NotSymmetricError(
+            f"{what} was tagged symmetric (symmetric=True or psd=True) but max|M − Mᵀ| = "
+            f"{err:.3g} (max|M| = {scale:.3g}); pass (M + M.mT) / 2 if the asymmetry is round-off, "
+            "or drop the tag"
+        )
+
+
 def _scalar_add_error(A: LinearOperator) -> LinearOperator:
     raise ArgumentTypeError(
         f"adding a scalar to an operator is ambiguous; write A + c * Identity({A.shape[0]}) "
@@ -365,7 +472,13 @@ def as_operator(x: Any) -> LinearOperator:
         from .dense import Dense
 
         return Dense(x)
-    raise ArgumentTypeError(f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}")
+    carried = getattr(x, "op", None)
+    if isinstance(carried, LinearOperator):
+        return carried  # a representation carrying its operator (PMat*/FMat* of nngeo_ops.nn)
+    raise ArgumentTypeError(
+        f"expected a LinearOperator or a torch.Tensor, got {type(x).__name__}; wrap a matrix "
+        "with Dense(M), a function with MatFree(f, shape), and pass F.op for a representation F"
+    )
 
 
 def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:

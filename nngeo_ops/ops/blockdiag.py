@@ -35,6 +35,9 @@ class BlockDiag(LinearOperator):
             orthogonal=all(b.orthogonal for b in bs),
         )
         self.blocks = bs
+        # a BlockDiag of identities built without a dtype (a per-layer prior δ_l·I) adopts the
+        # dtype of what it is added to, as Identity does
+        self.flexible = all(getattr(b, "flexible", False) for b in bs)
         self.names = list(names) if names is not None else None
 
     def _rebuild(self, **fields: Any) -> BlockDiag:

@@ -34,6 +34,10 @@ class CompilePolicy:
             estimation, stochastic Lanczos quadrature probes × steps).
         lanczos_steps: Lanczos steps per probe for the SLQ log-determinant fallback.
         seed: seed of the generator used by stochastic fallbacks (results are reproducible).
+        exact: never estimate. A quantity with no exact routine raises
+            :class:`~nngeo_ops.errors.InexactError` instead of running a stochastic fallback
+            (which otherwise warns with :class:`~nngeo_ops.errors.StochasticFallbackWarning` and
+            records its :class:`~nngeo_ops.linalg.Estimate` in ``Compiled.estimates``).
     """
 
     dense_limit: int = 3000
@@ -42,6 +46,7 @@ class CompilePolicy:
     num_matvecs: int = 300
     lanczos_steps: int = 40
     seed: int = 0
+    exact: bool = False
 
     def generator(self, device: torch.device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -59,6 +64,8 @@ class Compiled:
         self._routines: list[tuple[str, LinearOperator, str]] = []
         self._memo: dict[tuple[str, int], Any] = {}
         self._alive: list[LinearOperator] = []  # keeps memo keys (ids) from being reused
+        # (quantity, node formula) -> Estimate of every stochastic fallback that ran
+        self.estimates: dict[tuple[str, str], Any] = {}
         self.simplified = self.simplify(expr)
 
     # ------------------------------------------------------------------ rewriting
@@ -177,6 +184,12 @@ class Compiled:
         lines += [f"  {op:<9} {node}  ⇒  {name}" for op, node, name in self.routines] or [
             "  (none computed yet)"
         ]
+        if self.estimates:
+            lines.append("estimated (stochastic, not exact):")
+            lines += [
+                f"  {op:<9} {node}  ≈ {_fmt_estimate(est)}"
+                for (op, node), est in self.estimates.items()
+            ]
         lines.append("cached factorisations:")
         seen, cached = set(), []
         for root in (self.simplified, self.expr):
@@ -198,6 +211,13 @@ class Compiled:
             if o == op and n is target:
                 return name
         return None
+
+
+def _fmt_estimate(est: Any) -> str:
+    v, e = est.value.detach(), est.stderr.detach()
+    if v.dim() == 0:
+        return f"{float(v):.6g} ± {float(e):.2g} (stderr)"
+    return f"vector of {v.numel()}, stderr up to {float(e.max()):.2g}"
 
 
 def _inherit_tags(src: LinearOperator, dst: LinearOperator) -> None:

@@ -155,7 +155,7 @@ class Scale(LinearOperator):
             yield self.c
         yield from self.child.leaf_tensors()
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Scale:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> Scale:
         c = self.c.to(dtype=dtype, device=device) if isinstance(self.c, torch.Tensor) else self.c
         return Scale(c, self.child.to(dtype, device))
 

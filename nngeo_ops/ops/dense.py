@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError, NonFiniteError, NotPSDError, SingularError
-from .base import LinearOperator
+from ..errors import ArgumentTypeError, NotPSDError, SingularError
+from .base import LinearOperator, check_finite, check_symmetric_tag
 from .cache import cached_factor
 
 
@@ -17,8 +17,13 @@ class Dense(LinearOperator):
     Args:
         M: a 2-D floating tensor.
         symmetric: tag; ``None`` detects exact symmetry (``M == Mᵀ``) for square ``M``.
-        psd: tag, trusted (checking would cost an eigendecomposition); a Cholesky that fails on a
-            node tagged PSD raises :class:`~nngeo_ops.errors.NotPSDError`.
+        psd: tag, verified when the matrix is first factorised: a Cholesky that fails, or an
+            eigendecomposition with an eigenvalue below ``−√eps·max|λ|``, on a node tagged PSD
+            raises :class:`~nngeo_ops.errors.NotPSDError`. Symmetry implied by ``symmetric=True``
+            or ``psd=True`` is verified at construction, to ``√eps·max|M|`` (O(n²)).
+
+    NaN / inf entries raise :class:`~nngeo_ops.errors.NonFiniteError` when the matrix is first
+    factorised (the check of every other leaf runs at construction).
         orthogonal: tag for orthonormal columns.
         name: how the node prints (default ``M``).
     """
@@ -40,8 +45,11 @@ class Dense(LinearOperator):
             )
         if not M.is_floating_point() and not M.is_complex():
             raise ArgumentTypeError(f"Dense expects a floating tensor, got {M.dtype}")
+        square = M.shape[0] == M.shape[1]
+        if (symmetric or psd) and square and M.is_floating_point():
+            check_symmetric_tag(M, f"Dense {name} ({M.shape[0]}×{M.shape[1]})")
         if symmetric is None:
-            symmetric = psd or (M.shape[0] == M.shape[1] and bool(torch.equal(M, M.mT)))
+            symmetric = psd or (square and bool(torch.equal(M, M.mT)))
         super().__init__(
             M.shape, M.dtype, M.device, symmetric=symmetric, psd=psd, orthogonal=orthogonal
         )
@@ -109,17 +117,34 @@ class Dense(LinearOperator):
                 wide = torch.complex128 if self.M.is_complex() else torch.float64
                 evals, Q = torch.linalg.eigh(self.M.to(wide))
                 evals, Q = evals.to(self.M.real.dtype), Q.to(self.dtype)
+            if self.psd and evals.numel():
+                top = float(evals.detach().abs().max())
+                low = float(evals.detach().min())
+                if low < -(torch.finfo(evals.dtype).eps ** 0.5) * top:
+                    raise NotPSDError(
+                        f"{self.name} ({self.shape[0]}×{self.shape[1]}) was tagged psd=True but "
+                        f"has eigenvalue {low:.3g} (largest magnitude {top:.3g}); drop psd=True "
+                        "or fix the matrix"
+                    )
             # eigh returns column-major Q; row-major makes the Kronecker products ~10× faster
             return evals, Q.contiguous()
 
         return cached_factor(self, "eigh", compute)
 
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of the Cholesky / LU factors: float32 for half precisions (torch has no
+        half-precision kernels for them, and 8-11 bits of mantissa do not carry a
+        factorisation); solves cast the right-hand side there and the result back."""
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
     def cholesky_factor(self) -> torch.Tensor:
-        """Lower ``L`` with ``M = L Lᵀ``; raises NotPSDError when ``M`` is not positive definite."""
+        """Lower ``L`` with ``M = L Lᵀ`` (in :attr:`factor_dtype`); raises NotPSDError when ``M``
+        is not positive definite."""
 
         def compute() -> torch.Tensor:
             _check_finite(self.M, "Cholesky")
-            L, info = torch.linalg.cholesky_ex(self.M)
+            L, info = torch.linalg.cholesky_ex(self.M.to(self.factor_dtype))
             if int(info) != 0:
                 raise NotPSDError(
                     f"Cholesky of {self.name} ({self.shape[0]}×{self.shape[1]}) failed at pivot "
@@ -133,7 +158,7 @@ class Dense(LinearOperator):
     def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             _check_finite(self.M, "LU")
-            LU, piv, info = torch.linalg.lu_factor_ex(self.M)
+            LU, piv, info = torch.linalg.lu_factor_ex(self.M.to(self.factor_dtype))
             if int(info) != 0:
                 raise SingularError(
                     f"{self.name} ({self.shape[0]}×{self.shape[1]}) is singular (zero pivot "
@@ -145,5 +170,4 @@ class Dense(LinearOperator):
 
 
 def _check_finite(M: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(M).all()):
-        raise NonFiniteError(f"{what}: the matrix contains NaN or inf entries")
+    check_finite(M, f"{what}: the matrix")

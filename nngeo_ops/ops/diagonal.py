@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError
-from .base import LinearOperator, Scalar, fmt_scalar, is_scalar, scalar_float
+from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
+from .base import LinearOperator, Scalar, check_finite, fmt_scalar, is_scalar, scalar_float
 
 
 class Diagonal(LinearOperator):
@@ -20,6 +22,7 @@ class Diagonal(LinearOperator):
             raise ArgumentTypeError(
                 f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}"
             )
+        check_finite(d, f"Diagonal {name}")
         psd = bool((d.detach() >= 0).all())
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=psd)
         self.d = d
@@ -58,13 +61,28 @@ class ScaledIdentity(LinearOperator):
             dtype = dtype or c.dtype
             device = device if device is not None else c.device
         dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device if device is not None else "cpu")
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise InvalidArgumentError(
+                f"Identity / ScaledIdentity: the size must be a non-negative int, got {n!r}; pass "
+                "the number of rows, e.g. Identity(A.shape[0])"
+            )
+        if not is_scalar(c):
+            raise ArgumentTypeError(
+                f"ScaledIdentity: c must be a number or a 0-dim tensor, got {type(c).__name__}; "
+                "for a vector of diagonal entries use Diagonal(d)"
+            )
         cf = scalar_float(c)
+        if not math.isfinite(cf):
+            raise NonFiniteError(
+                f"ScaledIdentity: c = {cf} is not finite; pass a finite scale (a damping, a prior "
+                "precision)"
+            )
         super().__init__((n, n), dtype, device, symmetric=True, psd=cf >= 0, orthogonal=cf == 1)
         self.c = c.to(dtype=dtype, device=device) if isinstance(c, torch.Tensor) else c
         self.n = int(n)
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:
         c = self.c.to(dtype=dtype, device=device) if isinstance(self.c, torch.Tensor) else self.c
         out = ScaledIdentity(c, self.n, dtype or self.dtype, device or self.device)
         out.flexible = self.flexible

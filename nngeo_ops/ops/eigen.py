@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator, as_operator, harmonise
+from .base import LinearOperator, as_operator, check_finite, harmonise
 
 
 class Eigen(LinearOperator):
@@ -35,6 +35,7 @@ class Eigen(LinearOperator):
         (Q,) = harmonise((Q,))
         if evals.dtype != Q.dtype:
             raise ArgumentTypeError(f"Eigen: evals are {evals.dtype} but Q is {Q.dtype}")
+        check_finite(evals, "Eigen: the eigenvalues")
         psd = bool((evals.detach() >= 0).all())
         n = Q.shape[0]
         super().__init__((n, n), Q.dtype, Q.device, symmetric=True, psd=psd)

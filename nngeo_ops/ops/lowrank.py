@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator
+from .base import LinearOperator, check_finite
 from .cache import cached_factor
 
 
@@ -30,6 +30,12 @@ class LowRank(LinearOperator):
         psd: bool | None = None,
         name: str | None = None,
     ) -> None:
+        for nm, t in (("U", U), ("C", C), ("V", V)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(
+                    f"LowRank: {nm} must be a torch.Tensor, got {type(t).__name__}; convert it "
+                    f"with torch.as_tensor({nm})"
+                )
         if U.dim() != 2:
             raise ShapeError(f"LowRank: U must be 2-D, got shape {tuple(U.shape)}")
         k = U.shape[1]
@@ -42,6 +48,9 @@ class LowRank(LinearOperator):
         for t in (C, V):
             if t is not None and (t.dtype != U.dtype or t.device != U.device):
                 raise ArgumentTypeError("LowRank: U, C and V must share dtype and device")
+        for nm, t in (("U", U), ("C", C), ("V", V)):
+            if t is not None:
+                check_finite(t, f"LowRank {nm}")
         symmetric = V is None and (C is None or bool(torch.equal(C, C.mT)))
         if psd is None:
             psd = V is None and C is None
@@ -105,7 +114,14 @@ class LowRank(LinearOperator):
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             m, k = self.U.shape
             Q0, R = torch.linalg.qr(self.U)
-            evals, W = torch.linalg.eigh(R @ self.core() @ R.mT)
+            small = R @ self.core() @ R.mT
+            try:
+                evals, W = torch.linalg.eigh(small)
+            except RuntimeError:  # no convergence (ill-conditioned float32): retry in float64
+                if small.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise
+                evals, W = torch.linalg.eigh(small.to(torch.float64))
+                evals, W = evals.to(small.dtype), W.to(small.dtype)
             basis = Q0 @ W
             r = Q0.shape[1]
             if complete and r < m:

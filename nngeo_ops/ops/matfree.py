@@ -43,7 +43,7 @@ class MatFree(LinearOperator):
         super().__init__(
             shape,
             dtype or torch.get_default_dtype(),
-            device if device is not None else "cpu",
+            device if device is not None else torch.get_default_device(),
             symmetric=symmetric,
             psd=psd,
         )
@@ -52,7 +52,7 @@ class MatFree(LinearOperator):
     def _rebuild(self, **fields: Any) -> MatFree:
         return self
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> MatFree:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> MatFree:
         """Wraps the functions so that they see their original dtype/device."""
         src_dt, src_dev = self.dtype, self.device
         dst_dt, dst_dev = dtype or src_dt, torch.device(device) if device is not None else src_dev

@@ -54,7 +54,7 @@ class Permutation(LinearOperator):
     def _rebuild(self, **fields: Any) -> Permutation:
         return Permutation(fields.get("perm", self.perm), self.dtype, self.device, name=self.name)
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Permutation:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> Permutation:
         return Permutation(
             self.perm,
             dtype or self.dtype,
@@ -141,7 +141,7 @@ class AppendColumn(Permutation):
             self.rows, self.cols, self.dtype, self.device, inverse=not self.inverse, name=name
         )
 
-    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> AppendColumn:
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> AppendColumn:
         return AppendColumn(
             self.rows,
             self.cols,

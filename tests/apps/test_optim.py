@@ -526,3 +526,30 @@ def test_damping_specs():
         as_damping("big")
     with pytest.raises(InvalidArgumentError):
         as_damping(float("nan"))
+
+
+def test_fallback_to_a_pass_over_the_batch_is_announced_and_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(inplace=True), nn.Linear(10, 3)).to(D)
+    x, y = batch()
+    w0, g = flat_params(model), flat_grad(model, x, y)
+    M = FIM(model, [(x, y)], PMatKFAC).to_torch()
+    with pytest.warns(UserWarning, match="separate pass.*in-place"):
+        opt = one_ng_step(model, x, y, fisher="exact")
+    assert opt.preconditioner.last_source == "a separate pass over the batch"
+    torch.testing.assert_close(flat_params(model), w0 - LR * solve(M, g))
+
+
+def test_update_curvature_precondition_and_explain():
+    model = mlp()
+    x, y = batch()
+    pre = Preconditioner(model, representation=PMatKFAC, fisher="exact", damping=LAM)
+    with pytest.raises(DataError, match="no curvature"):
+        pre.precondition(torch.zeros(103, dtype=D))
+    pre.update_curvature((x, y))  # nothing recorded: a pass over the batch
+    g = flat_grad(model, x, y)
+    M = FIM(model, [(x, y)], PMatKFAC).to_torch()
+    torch.testing.assert_close(pre.precondition(g), solve(M, g))
+    assert pre.steps == 0
+    text = pre.explain()
+    assert "exact: (F + λI)⁻¹" in text and "eigen" in text.lower()

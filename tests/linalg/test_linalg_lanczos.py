@@ -301,3 +301,23 @@ def test_no_restart_budget_warns_and_bad_settings():
         LanczosSettings(block_size=0)
     with pytest.raises(ShapeError, match="v0"):
         block_lanczos(A, 2, block_size=3, v0=torch.ones(400, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("block", [2, 3, 5])
+def test_block_sizes_that_do_not_divide_the_basis(block):
+    lam = torch.cat(
+        [
+            torch.linspace(-9, -5, 4, dtype=DT),
+            torch.linspace(-1, 1, 150, dtype=DT),
+            torch.linspace(4, 8, 4, dtype=DT),
+        ]
+    )
+    A = with_spectrum(lam, seed=30)
+    ref = torch.linalg.eigvalsh(A)
+    res = block_lanczos(A, 3, which="BE", block_size=block, num_iter=26, generator=gen(1))
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.eigenvalues, torch.cat([ref[:1], ref[-2:]]), rtol=0, atol=1e-10)
+    true_res = torch.linalg.vector_norm(
+        A @ res.eigenvectors - res.eigenvectors * res.eigenvalues, dim=0
+    )
+    torch.testing.assert_close(res.residuals, true_res, rtol=0, atol=1e-10)

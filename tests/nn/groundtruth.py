@@ -18,12 +18,24 @@ def flat_fn(model, names=None):
     numels = [params[n].numel() for n in names]
     flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
 
+    # every (module, attribute) pair holding each chosen tensor, once: a module registered under
+    # two names is one pair, a weight shared by two modules two pairs (functional_call's own weight
+    # tying would swap a doubly-registered module twice and leave the model damaged)
+    chosen = {id(params[n]): n for n in names}
+    paths, seen = {n: [] for n in names}, set()
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in chosen and (id(mod), attr) not in seen:
+                seen.add((id(mod), attr))
+                paths[chosen[id(p)]].append(f"{mod_name}.{attr}" if mod_name else attr)
+
     def f(flat, *inputs):
         d, i = {}, 0
         for n, s, k in zip(names, shapes, numels):
-            d[n] = flat[i : i + k].reshape(s)
+            for path in paths[n]:
+                d[path] = flat[i : i + k].reshape(s)
             i += k
-        return functional_call(model, d, inputs)
+        return functional_call(model, d, inputs, tie_weights=False)
 
     return f, flat0
 

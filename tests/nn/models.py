@@ -56,6 +56,12 @@ class Tied(nn.Module):
         return self.proj(torch.tanh(self.emb(idx)).mean(1))
 
 
+def twice():
+    """``Sequential(lin, Tanh(), lin, ...)``: one module registered under two names, called twice."""
+    lin = nn.Linear(4, 4)
+    return nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
+
+
 def _randomise_norms(model):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -89,6 +95,7 @@ CASES = [
     "generic",
     "residual",
     "tied",
+    "twice",
 ]
 
 
@@ -176,6 +183,7 @@ def make(name):
         ),
         "residual": lambda: (Residual(), torch.randn(5, 4)),
         "tied": lambda: (Tied(), torch.randint(0, 5, (5, 3))),
+        "twice": lambda: (twice(), torch.randn(5, 4)),
     }
     model, x = cases[name]()
     model = model.to(d)

@@ -184,6 +184,7 @@ def test_products_do_not_build_the_factors():
     assert isinstance(F.op.J, Jacobian) and loader.passes == 3
 
 
+@pytest.mark.mutates_model  # changes the parameters to check the snapshot
 def test_damped_solve_in_function_space():
     # C·N = 18 outputs against P = 43 parameters: (Jᵀ H J + λI)⁻¹ v through an 18 × 18 system built
     # from the NTK J Jᵀ and H, exactly, without CG and without H⁻¹ (H is singular for a Fisher)

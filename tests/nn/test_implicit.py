@@ -52,6 +52,7 @@ def test_cached_ggn_and_hessian(loss_fn):
     assert not H.op.psd
 
 
+@pytest.mark.mutates_model  # changes the parameters to check the snapshot
 @pytest.mark.parametrize("rep", [PMatImplicit, CACHED], ids=["plain", "cached"])
 def test_operator_is_the_curvature_at_construction(rep):
     # like a dense Fisher, the operator keeps the parameters it was built at: an optimiser step

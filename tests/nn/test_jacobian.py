@@ -4,12 +4,13 @@ The ground truth is computed here, independently of nngeo_ops: ``jacrev`` over `
 the flat vector of the chosen parameters, rearranged to NNGeometry's [C, N, P] layout.
 """
 
+import groundtruth as gt
 import pytest
 import torch
 import torch.nn.functional as Fn
 from models import loader_of, make
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 from nngeo_ops.errors import (
     DataError,
@@ -32,22 +33,15 @@ from nngeo_ops.nn import (
 )
 from nngeo_ops.ops import Dense, Product
 
-CASES = ["mlp", "conv2d", "embedding", "tied"]
+CASES = ["mlp", "conv2d", "embedding", "tied", "twice"]
 
 
 def gt_jacobian(model, x, names=None, post=None):
     """[C, N, P]: ∂ post(model(x))[n, c] / ∂θ_p, θ = the named parameters (all trainable by default)."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    names = list(params) if names is None else list(names)
-    shapes = [params[n].shape for n in names]
-    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+    f0, flat0 = gt.flat_fn(model, names)  # functional_call, each (module, attribute) swapped once
 
     def f(flat):
-        d, i = {}, 0
-        for n, s in zip(names, shapes):
-            d[n] = flat[i : i + s.numel()].view(s)
-            i += s.numel()
-        out = functional_call(model, d, (x,))
+        out = f0(flat, x)
         return out if post is None else post(out)
 
     j = jacrev(f)(flat0)
@@ -191,6 +185,7 @@ def test_pfmaps_and_mapTMmap():
         mapTMmap(Dense(torch.eye(p + 1, dtype=torch.float64)), dense)
 
 
+@pytest.mark.mutates_model  # changes the parameters to check the snapshot
 def test_loader_must_not_change():
     model, x = make("mlp")
     data = loader_of(x)

@@ -68,7 +68,7 @@ def _make(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["mlp", "conv2d", "seq", "seq_wide", "embedding", "residual", "tied"]
+    "case", ["mlp", "conv2d", "seq", "seq_wide", "embedding", "residual", "tied", "twice"]
 )
 @pytest.mark.parametrize("kw", [{}, {"chunk_size": 2}, {"backend": "func"}])
 def test_gram_matrix(case, kw):

@@ -1,7 +1,8 @@
 """Random composite trees through the generic suite.
 
 Each seed draws a tree of depth ≤ 3 over every node kind (dense, diagonal, scaled identity, low
-rank, Kronecker, block-diagonal, eigen, matrix-free, permutation congruence) joined by sums,
+rank, Kronecker, block-diagonal, eigen, matrix-free, permutation congruence, and the spellings of a
+damped scaled KFAC ``N·F + δ·I``) joined by sums,
 positive scalings, congruences ``Xᵀ·T·X``, inverses, powers and shifts. Trees are symmetric
 positive definite by construction, so every check of the suite applies; the dense twin is built
 from the same leaves with plain torch.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from nngeo_ops.ops import (
+    AppendColumn,
     BlockDiag,
     Dense,
     Diagonal,
@@ -49,7 +51,7 @@ class _Spec:
     def leaf(self, n):
         kinds = ["dense", "diag", "shift", "eigen", "matfree"]
         if n == N:
-            kinds += ["kron", "blockdiag"]
+            kinds += ["kron", "blockdiag", "laplace"]
         kind = kinds[self.choice(len(kinds))]
         if kind == "dense":
             return ("dense", self.t(n, n))
@@ -63,6 +65,15 @@ class _Spec:
             return ("matfree", self.t(n, n))
         if kind == "kron":
             return ("kron", self.t(3, 3), self.t(4, 4))
+        if kind == "laplace":  # N·F + prior, F = BlockDiag[Pᵀ(G⊗A)P, G₂⊗A₂], in one of 4 spellings
+            return (
+                "laplace",
+                self.choice(4),
+                self.t(2, 2),
+                self.t(3, 3),
+                self.t(2, 2),
+                self.t(3, 3),
+            )
         return ("blockdiag", self.t(5, 5), self.t(7))
 
     def tree(self, depth, n=N):
@@ -109,6 +120,8 @@ def _build(spec, p):
     if kind == "kron":
         A, G = _spd(p[a[0]]), _spd(p[a[1]])
         return Kronecker(Dense(A, psd=True), Dense(G, psd=True)), torch.kron(A, G)
+    if kind == "laplace":
+        return laplace_spelling(a[0], *[_spd(p[i]) for i in a[1:]], N=3.0, deltas=(0.2, 0.7))
     if kind == "blockdiag":
         A, d = _spd(p[a[0]]), p[a[1]].square() + 0.5
         return BlockDiag([Dense(A, psd=True), Diagonal(d)]), torch.block_diag(A, torch.diag(d))
@@ -138,6 +151,36 @@ def _build(spec, p):
         return op + c * Identity(n), D + c * torch.eye(n, dtype=D.dtype)
     U = p[a[1]]
     return op + LowRank(U), D + U @ U.mT
+
+
+def _kfac_like(G, A, G2, A2):
+    """(F, dense F): a KFAC-shaped BlockDiag[Pᵀ(G⊗A)P, G₂⊗A₂] (the first block with a bias column,
+    permuted to parameter order as nn.PMatKFAC does)."""
+    P = AppendColumn(G.shape[0], A.shape[0] - 1, dtype=G.dtype)
+    K1 = Kronecker(Dense(G, psd=True, name="G"), Dense(A, psd=True, name="A"))
+    K2 = Kronecker(Dense(G2, psd=True, name="G"), Dense(A2, psd=True, name="A"))
+    F = BlockDiag([P.T @ K1 @ P, K2])
+    Pd = torch.eye(P.shape[0], dtype=G.dtype)[P.perm]
+    Fd = torch.block_diag(Pd.mT @ torch.kron(G, A) @ Pd, torch.kron(G2, A2))
+    return F, Fd
+
+
+def laplace_spelling(which, G, A, G2, A2, N, deltas):
+    """(op, dense) of a damped, scaled KFAC ``N·F + prior`` written one of four ways."""
+    F, Fd = _kfac_like(G, A, G2, A2)
+    n1, n = F.blocks[0].shape[0], F.shape[0]
+    d1, d2 = deltas
+    eye = torch.eye(n, dtype=Fd.dtype)
+    if which == 0:
+        return N * F + d1 * Identity(n), N * Fd + d1 * eye
+    if which == 1:
+        return N * (F + (d1 / N) * Identity(n)), N * Fd + d1 * eye
+    if which == 2:
+        prior = BlockDiag([d1 * Identity(n1), d2 * Identity(n - n1)])
+        ones = torch.ones(n, dtype=Fd.dtype)
+        D = torch.diag(torch.cat([d1 * ones[:n1], d2 * ones[n1:]]))
+        return N * F + prior, N * Fd + D
+    return d1 * Identity(n) + F * N, N * Fd + d1 * eye
 
 
 def _dense_power(D, p):

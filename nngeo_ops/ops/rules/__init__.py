@@ -4,6 +4,7 @@
   :mod:`.products`, :mod:`.structure` (Kronecker / BlockDiag): ``"rewrite"`` rules.
 - :mod:`.solve`, :mod:`.logdet`, :mod:`.diag` (diag, trace, Frobenius norm), :mod:`.eigh`:
   closed-form routines per node class.
+- :mod:`.sylvester`: ``c·(A⊗B⊗…) + λI`` for non-symmetric factors (Schur forms).
 - :mod:`.fallback`: dense and iterative routines used where no closed form applies.
 """
 
@@ -19,5 +20,6 @@ from . import (  # noqa: F401
     solve,
     structure,
     sums,
+    sylvester,
     transpose,
 )

@@ -40,8 +40,9 @@ def _lu_slogdet(LU: torch.Tensor, piv: torch.Tensor):
 def dense_slogdet(node: Dense, ctx):
     if node.psd:
         L = node.cholesky_factor()
-        return sign_tensor(1.0, L), 2.0 * torch.log(L.diagonal()).sum()
-    return _lu_slogdet(*node.lu_factors())
+        return sign_tensor(1.0, L), 2.0 * torch.log(L.diagonal()).sum().to(node.dtype)
+    sign, logabs = _lu_slogdet(*node.lu_factors())
+    return sign.to(node.dtype), logabs.to(node.dtype)
 
 
 @rule("slogdet", Diagonal, name="sum of log|dᵢ|")

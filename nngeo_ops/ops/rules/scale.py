@@ -1,4 +1,13 @@
-"""Rewrites of ``Scale(c, X)``: fold the scalar into the structure of ``X``."""
+"""Rewrites of ``Scale(c, X)``: fold the scalar into the structure of ``X``.
+
+Normal form of constants (one convention, so that a shift meets a scaled term in any spelling):
+a scalar is folded *into* a leaf whose storage takes it for free (scaled identity, diagonal, dense,
+low-rank core, eigenvalues) and distributed *into* the children of a block-diagonal or a sum; it is
+kept at the *root* of a Kronecker product and of a product (``product structure`` and
+``kronecker structure`` pull scalars out), so ``c·Pᵀ(G⊗A)P`` stays over the factors whose
+eigendecompositions are cached. ``sums.absorb_shift`` then sees ``c·X + s·I`` as
+``c·(X + (s/c)·I)``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,6 @@ from ..composites import Scale, Sum
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
-from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..registry import rule
 
@@ -35,8 +43,6 @@ def fold_scalar(node: Scale, ctx):
         return LowRank(X.U, c * X.core(), X.V, psd=X.psd and nonneg, name=X.name)
     if isinstance(X, Eigen):
         return Eigen(X.Q, c * X.evals)
-    if isinstance(X, Kronecker):
-        return Kronecker(Scale(c, X.factors[0]), *X.factors[1:])
     if isinstance(X, BlockDiag):
         return BlockDiag([Scale(c, b) for b in X.blocks], X.names)
     if isinstance(X, Sum):

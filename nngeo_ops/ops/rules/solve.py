@@ -24,8 +24,12 @@ from ._util import check_nonzero, congruence_gram
 def dense_solve(node: Dense, ctx):
     if node.psd:
         L = node.cholesky_factor()
+        if L.dtype != node.dtype:  # half precision, factorised in float32
+            return lambda X: torch.cholesky_solve(X.to(L.dtype), L).to(X.dtype)
         return lambda X: torch.cholesky_solve(X, L)
     LU, piv = node.lu_factors()
+    if LU.dtype != node.dtype:
+        return lambda X: torch.linalg.lu_solve(LU, piv, X.to(LU.dtype)).to(X.dtype)
     return lambda X: torch.linalg.lu_solve(LU, piv, X)
 
 
@@ -106,7 +110,7 @@ def transpose_solve(node: Transpose, ctx):
         return A._matmat
     if isinstance(A, Dense):
         LU, piv = A.lu_factors()
-        return lambda X: torch.linalg.lu_solve(LU, piv, X, adjoint=True)
+        return lambda X: torch.linalg.lu_solve(LU, piv, X.to(LU.dtype), adjoint=True).to(X.dtype)
     return None
 
 

@@ -6,6 +6,7 @@ import torch
 
 from ..base import scalar_float
 from ..blockdiag import BlockDiag
+from ..composites import Scale
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
 from ..kronecker import Kronecker
@@ -33,6 +34,12 @@ def kronecker_structure(node: Kronecker, ctx):
         for f in fs:
             flat.extend(f.factors if isinstance(f, Kronecker) else (f,))
         return Kronecker(*flat)
+    scaled = [f for f in fs if isinstance(f, Scale)]
+    if scaled:  # constants to the root: (c·A)⊗B = c·(A⊗B), so shifts meet the bare factors
+        c = 1.0
+        for f in scaled:
+            c = c * f.c
+        return Scale(c, Kronecker(*[f.child if isinstance(f, Scale) else f for f in fs]))
     if all(isinstance(f, Eigen) and f.full for f in fs):  # ⊗(Qᵢ Λᵢ Qᵢᵀ) = (⊗Qᵢ)(⊗Λᵢ)(⊗Qᵢ)ᵀ
         return Eigen(Kronecker(*[f.Q for f in fs]), _kron_vectors([f.evals for f in fs]))
     if all(isinstance(f, ScaledIdentity) for f in fs):
@@ -55,12 +62,14 @@ def blockdiag_structure(node: BlockDiag, ctx):
         for b in bs:
             flat.extend(b.blocks if isinstance(b, BlockDiag) else (b,))
         return BlockDiag(flat)
-    if all(isinstance(b, (Diagonal, ScaledIdentity)) for b in bs):
-        if (
-            all(isinstance(b, ScaledIdentity) for b in bs)
-            and len({scalar_float(b.c) for b in bs}) == 1
-            and not any(isinstance(b.c, torch.Tensor) for b in bs)
+    if all(isinstance(b, ScaledIdentity) for b in bs):
+        if len({scalar_float(b.c) for b in bs}) == 1 and not any(
+            isinstance(b.c, torch.Tensor) for b in bs
         ):
             return ScaledIdentity(bs[0].c, node.shape[0], node.dtype, node.device)
+        # one constant per block stays a BlockDiag: a per-layer prior δ_l·I meets the layer's block
+        # in a sum (sums.blockwise_sum) and is absorbed into its eigenvalues there
+        return None
+    if all(isinstance(b, (Diagonal, ScaledIdentity)) for b in bs):
         return Diagonal(torch.cat([_diag_vector(b) for b in bs]))
     return None

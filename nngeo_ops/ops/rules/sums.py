@@ -7,17 +7,25 @@ kind so that ``D + UUᵀ`` and ``UUᵀ + D`` are the same tree.
 Shift absorption (the damping rules): ``Eigen(Q, λ) + c·I = Eigen(Q, λ + c)``;
 ``(A⊗B) + c·I`` (symmetric factors) is the eigen form over ``Q_A⊗Q_B`` with shifted eigenvalues
 ``λ_A⊗λ_B + c`` (factor eigendecompositions only, never a P×P matrix);
-``BlockDiag + c·I`` shifts each block; ``Qᵀ·M·Q + c·I = Qᵀ·(M + c·I)·Q`` for orthogonal ``Q``;
-``Dense + diag`` is one dense matrix.
+``BlockDiag + c·I`` shifts each block; ``Qᵀ·M·Q + c·I = Qᵀ·(M + c·I)·Q`` for orthogonal ``Q``
+(a permutation congruence ``Pᵀ·X·P`` included); ``c·X + s·I = c·(X + (s/c)·I)`` for a scalar kept
+at the root of ``X`` (see :mod:`.scale`); ``Dense + diag`` is one dense matrix.
+
+Block-wise sum: block-diagonals with the same partition add block by block, so a per-block shift
+``BlockDiag[δ₁·I, δ₂·I, …]`` reaches each block as a scalar shift.
+
+Together with the constant normal form of :mod:`.scale`, every spelling of a damped, scaled KFAC
+(``N·F + δ·I``, ``N·(F + (δ/N)·I)``, ``N·F + BlockDiag[δ_l·I]``) reaches the same shifted
+Kronecker eigenvalues.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..base import LinearOperator
+from ..base import LinearOperator, scalar_float
 from ..blockdiag import BlockDiag
-from ..composites import Product, Sum
+from ..composites import Product, Scale, Sum
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
@@ -65,6 +73,9 @@ def canonical_sum(node: Sum, ctx):
     for i, t in enumerate(flat):
         if isinstance(t, Eigen) and not t.full and isinstance(t.Q, Dense):
             flat[i] = LowRank(t.Q.M, torch.diag(t.evals), psd=t.psd)
+    if sum(isinstance(t, BlockDiag) for t in flat) < 2:
+        # a BlockDiag of scaled identities with nothing to add to block-wise is a diagonal
+        flat = [_shift_vector(t) if _is_blockwise_shift(t) else t for t in flat]
     groups: dict[str, list] = {"diag": [], "dense": [], "lowrank": []}
     rest = []
     for t in flat:
@@ -97,9 +108,46 @@ def canonical_sum(node: Sum, ctx):
     return Sum(*rest)
 
 
+def _is_blockwise_shift(t: LinearOperator) -> bool:
+    return isinstance(t, BlockDiag) and all(isinstance(b, ScaledIdentity) for b in t.blocks)
+
+
+def _shift_vector(t: BlockDiag) -> Diagonal:
+    return Diagonal(torch.cat([b.diag_vector() for b in t.blocks]))
+
+
+@rule("rewrite", Sum, name="block-wise sum")
+def blockwise_sum(node: Sum, ctx):
+    """``BlockDiag[A₁, A₂, …] + BlockDiag[B₁, B₂, …] = BlockDiag[A₁ + B₁, A₂ + B₂, …]`` for the
+    same partition (square blocks)."""
+    bds = [t for t in node.terms if isinstance(t, BlockDiag) and t.row_sizes == t.col_sizes]
+    if len(bds) < 2:
+        return None
+    first = bds[0]
+    same = [t for t in bds if t.aligned_with(first)]
+    if len(same) < 2:
+        return None
+    merged = BlockDiag([Sum(*parts) for parts in zip(*[t.blocks for t in same])], first.names)
+    rest = [t for t in node.terms if not any(t is u for u in same)]
+    return merged if not rest else Sum(merged, *rest)
+
+
+def _scaled_shift(s: LinearOperator, c) -> LinearOperator:
+    """The shift ``s / c``."""
+    if isinstance(s, ScaledIdentity):
+        out = ScaledIdentity(s.c / c, s.n, s.dtype, s.device)
+        out.flexible = s.flexible
+        return out
+    return Diagonal(s.d / c)
+
+
 def _absorb(t: LinearOperator, s: LinearOperator, ctx) -> LinearOperator | None:
     """``t + s`` as one node, for a shift ``s`` (scaled identity or diagonal), or None."""
     scalar = isinstance(s, ScaledIdentity)
+    if isinstance(t, Scale) and t.shape[0] == t.shape[1] and scalar_float(t.c) != 0:
+        # c·X + s = c·(X + s/c): the scalar stays at the root and the shift meets X's structure
+        inner = _absorb(t.child, _scaled_shift(s, t.c), ctx)
+        return None if inner is None else Scale(t.c, inner)
     if isinstance(t, Eigen) and t.full and scalar:
         return Eigen(t.Q, t.evals + s.c)
     if isinstance(t, Kronecker) and scalar and t.symmetric and t.square_factors:

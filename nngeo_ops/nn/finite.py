@@ -1,0 +1,85 @@
+"""Non-finite statistics, caught where they are produced and named by layer.
+
+A model whose outputs are finite can still have non-finite derivatives: ``x.abs().sqrt()`` at 0, a
+saturated ``log``, an overflow in float16. The statistics gathered from them (Fisher blocks, KFAC
+factors, implicit products) then hold NaN or inf, and every later solve, trace or product would
+return NaN without a word. The checks here run once per statistic, on the accumulated values (not
+per batch, not per use), and raise :class:`~nngeo_ops.errors.NonFiniteError` naming the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import NonFiniteError
+from .layercollection import LayerCollection
+
+_FIX = (
+    "the model's outputs are finite but its derivatives are not (e.g. x.abs().sqrt() or log at 0, an "
+    "overflow in low precision); make the activation differentiable there (add a small epsilon), "
+    "or leave these layers out with a LayerCollection"
+)
+
+
+def _finite(t) -> bool:
+    return not torch.is_tensor(t) or not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _all_finite(value) -> bool:
+    if isinstance(value, Mapping):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    return _finite(value)
+
+
+def layers_of_rows(bad_rows: torch.Tensor, lc: LayerCollection) -> list[str]:
+    """The layers owning the given flat parameter indices (rows of a (P, ...) statistic)."""
+    rows = set(bad_rows.tolist())
+    return [
+        lid for lid, sl in lc.layer_slices().items() if any(sl.start <= r < sl.stop for r in rows)
+    ]
+
+
+def nonfinite_layers(value, lc: LayerCollection) -> list[str] | None:
+    """The layers of ``value`` holding NaN / inf ([] when it is finite; None when it is not finite
+    but its layout does not say which layer). ``value`` is a per-layer dict (any nesting below the
+    layer ids), or a tensor whose first dimension is the flat parameter index."""
+    if isinstance(value, Mapping) and set(value) <= set(lc.layers):
+        return [lid for lid, v in value.items() if not _all_finite(v)]
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == lc.numel():
+        if _finite(value):
+            return []
+        if value.dim() == 2 and value.shape[1] == value.shape[0]:
+            # a (P, P) matrix: a NaN gradient of one layer spreads to the rows of every layer it is
+            # coupled with, but to the diagonal of its own layer only
+            bad = ~torch.isfinite(value.diagonal())
+            if bad.any():
+                return layers_of_rows(bad.nonzero().reshape(-1), lc)
+        bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(1)
+        return layers_of_rows(bad.nonzero().reshape(-1), lc)
+    return [] if _all_finite(value) else None
+
+
+def raise_nonfinite(layers: list[str] | None, what: str) -> None:
+    where = f" in layers {layers}" if layers else ""
+    raise NonFiniteError(f"{what} contains NaN or inf{where}: {_FIX}")
+
+
+def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvature") -> None:
+    """Raise NonFiniteError naming the layers if a finalised accumulator holds NaN or inf."""
+    for acc in accumulators:
+        layers = nonfinite_layers(getattr(acc, "value", None), lc)
+        if layers != []:
+            raise_nonfinite(layers, f"{what} ({type(acc).__name__})")
+
+
+def check_product(result: torch.Tensor, v: torch.Tensor, lc: LayerCollection, what: str) -> None:
+    """Raise NonFiniteError if a product M V of finite V is not finite, naming the layers of the
+    non-finite rows (``result`` of shape (P, k))."""
+    if _finite(result) or not _finite(v):
+        return
+    bad = ~torch.isfinite(result.reshape(result.shape[0], -1)).all(1)
+    raise_nonfinite(layers_of_rows(bad.nonzero().reshape(-1), lc), what)
