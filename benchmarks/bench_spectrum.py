@@ -155,7 +155,7 @@ def main() -> None:
     rows = []
 
     def row(matrix, k, method, t, err, matvecs="", note=""):
-        rows.append((matrix, k, method, t / t0, err, matvecs, note))
+        rows.append((matrix, k, method, t, t / t0, err, matvecs, note))
         print(f"  {matrix} {k} {method}: {t:.1f} s", file=sys.stderr, flush=True)
 
     for k in ks:
@@ -212,13 +212,13 @@ def main() -> None:
         f"CNN, P = {P}, batch {batch}, float32, CPU ({torch.get_num_threads()} threads); "
         f"forward+backward = {t0 * 1e3:.1f} ms",
         "",
-        "| matrix | k | method | time / fwd+bwd | max rel err | products | note |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| matrix | k | method | time (s) | time / fwd+bwd | max rel err | products | note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for m, k, meth, ratio, err, mv, note in rows:
+    for m, k, meth, sec, ratio, err, mv, note in rows:
         e = "" if err != err else f"{err:.1e}"
-        rr = "" if ratio != ratio else f"{ratio:.0f}"
-        lines.append(f"| {m} | {k} | {meth} | {rr} | {e} | {mv} | {note} |")
+        rr = "" if ratio != ratio else f"{ratio:.2g}"
+        lines.append(f"| {m} | {k} | {meth} | {sec:.1f} | {rr} | {e} | {mv} | {note} |")
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
