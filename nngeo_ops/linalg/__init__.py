@@ -54,3 +54,23 @@ __all__ = [
     "tridiag_matrix",
     "xtrace",
 ]
+
+# Restarted / block Lanczos and spectral densities (issue 11).
+from .block_lanczos import LanczosResult, block_lanczos  # noqa: E402
+from .density import (  # noqa: E402
+    DensitySettings,
+    SpectralDensity,
+    density_from_rules,
+    estimate_density,
+)
+from .slq import broadening_kernel  # noqa: E402
+
+__all__ += [
+    "DensitySettings",
+    "LanczosResult",
+    "SpectralDensity",
+    "block_lanczos",
+    "broadening_kernel",
+    "density_from_rules",
+    "estimate_density",
+]

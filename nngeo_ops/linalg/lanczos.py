@@ -1,20 +1,34 @@
-"""Symmetric Lanczos with full reorthogonalisation, and Ritz pairs from its tridiagonal."""
+"""Symmetric Lanczos: the tridiagonalisation behind SLQ, and converged extreme eigenpairs.
+
+:func:`lanczos_tridiag` runs plain Lanczos with full reorthogonalisation (p runs batched, one
+(n, p) product per step) and is differentiable: its recurrence never writes in place into a tensor
+that autograd needs. :func:`lanczos` returns extreme eigenpairs converged to a tolerance by the
+thick-restart (block) Lanczos of :mod:`nngeo_ops.linalg.block_lanczos`.
+"""
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from nngeo_ops.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
+from nngeo_ops.errors import DTypeDeviceError, InvalidArgumentError, NotSymmetricError, ShapeError
 
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
 from ._matvec import MatmatOperator, as_square_operator, check_symmetric_if_dense
+from .block_lanczos import block_lanczos
 
-__all__ = ["LanczosSettings", "lanczos", "lanczos_tridiag", "tridiag_matrix"]
+__all__ = [
+    "LanczosSettings",
+    "lanczos",
+    "lanczos_tridiag",
+    "prepare_symmetric",
+    "tridiag_matrix",
+]
 
 WHICH = ("LA", "SA", "BE")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -22,25 +36,67 @@ class LanczosSettings:
     """Settings of :func:`lanczos` and :func:`lanczos_tridiag`.
 
     Attributes:
-        num_iter: Krylov dimension m; ``None`` means ``min(n, max(2k + 20, 3k))`` in
-            :func:`lanczos`.
+        num_iter: the largest basis (Krylov dimension) m before a restart; ``None`` means
+            ``min(n, max(2k + 20, 3k, k + 2b))`` in :func:`lanczos`.
         reorth_passes: classical Gram–Schmidt passes against all previous Lanczos vectors per
-            step (two passes are enough to keep Q orthonormal to working precision).
-        tol: a Ritz pair (θ, y) is reported unconverged, with a :class:`ConvergenceWarning`,
-            when its residual estimate |β_m s_m| exceeds ``tol·‖T‖``; ``None`` means
-            ``sqrt(eps)`` of the dtype.
+            step (two passes are enough to keep the basis orthonormal to working precision).
+        tol: a Ritz pair (θ, y) is converged when its residual ‖A y − θ y‖ ≤ ``tol·max|θ|``;
+            ``None`` means eps^(3/4) of the dtype (1.8e-12 in float64, 6.4e-6 in float32).
+        max_restarts: thick restarts before :func:`lanczos` gives up with a
+            :class:`ConvergenceWarning` (0: a single Krylov space of dimension m, no restart).
+        block_size: b start vectors, one (n, b) product per step (block Lanczos).
     """
 
     num_iter: int | None = None
     reorth_passes: int = 2
     tol: float | None = None
+    max_restarts: int = 100
+    block_size: int = 1
 
     def __post_init__(self) -> None:
         if self.num_iter is not None:
             check_positive_int(self.num_iter, "num_iter")
         check_positive_int(self.reorth_passes, "reorth_passes", minimum=0)
+        check_positive_int(self.max_restarts, "max_restarts", minimum=0)
+        check_positive_int(self.block_size, "block_size")
         if self.tol is not None and not self.tol >= 0:
             raise InvalidArgumentError(f"tol must be >= 0, got {self.tol}")
+
+
+def prepare_symmetric(
+    A: object, like: torch.Tensor | None, what: str
+) -> tuple[MatmatOperator, torch.dtype | None]:
+    """Normalise a symmetric operator for the Lanczos family; returns ``(op, low_dtype)``.
+
+    - An object carrying a ``symmetric`` tag set to False (a lazy node) is refused with
+      :class:`NotSymmetricError`: its Ritz values would be wrong, not merely inaccurate.
+    - A dense tensor is checked for symmetry (O(n²)).
+    - half / bfloat16 operators run in float32 (a Krylov recurrence in 8 bits of mantissa loses
+      orthogonality within a few steps); ``low_dtype`` is then the dtype to cast results back to.
+    """
+    tag = getattr(A, "symmetric", None)
+    if tag is False and not isinstance(A, (torch.Tensor, MatmatOperator)):
+        name = A._str() if hasattr(A, "_str") else type(A).__name__
+        raise NotSymmetricError(
+            f"{what} needs a symmetric operator, but {name} of shape {tuple(A.shape)} is not "
+            "tagged symmetric (its Ritz values would be wrong); build its leaves with "
+            "symmetric=True / psd=True if A = Aᵀ, or pass the symmetric part (A + A.T) / 2"
+        )
+    op = as_square_operator(A, like=like, what=what, symmetric=True)
+    check_symmetric_if_dense(A, what)
+    if op.dtype in LOW_PRECISION:
+        low = op.dtype
+
+        def upcast(X: torch.Tensor, _op: MatmatOperator = op) -> torch.Tensor:
+            return _op.matmat(X.to(low)).to(torch.float32)
+
+        op = MatmatOperator(
+            op.shape, torch.float32, op.device, upcast, None, True, f"{op.description} ({low})"
+        )
+        return op, low
+    if not op.dtype.is_floating_point:  # pragma: no cover - as_operator refuses these already
+        raise DTypeDeviceError(f"{what} needs a floating dtype, got {op.dtype}")
+    return op, None
 
 
 def tridiag_matrix(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -70,50 +126,57 @@ def _run_lanczos(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """p independent Lanczos runs driven by one (n, p) product per step.
 
-    Returns alpha (p, m), beta (p, m−1), Q (p, n, m) and the residual norms β_m (p,).
+    Returns alpha (p, m), beta (p, m−1), Q (p, n, m) and the residual norms β_m (p,). Written
+    without in-place writes into tensors autograd records (lists, stacked at the end), so that
+    a log-determinant or density estimated from it can be differentiated with respect to the
+    operator (e.g. its damping).
     """
     n, p = V0.shape
     dtype, device = op.dtype, op.device
     eps = torch.finfo(dtype).eps
-    Q = torch.zeros(p, n, m, dtype=dtype, device=device)
-    alpha = torch.zeros(p, m, dtype=dtype, device=device)
-    beta = torch.zeros(p, m, dtype=dtype, device=device)
     norms = torch.linalg.vector_norm(V0, dim=0)
     if bool((norms == 0).any()):
         raise InvalidArgumentError("lanczos: the start vector v0 (or one of its columns) is zero")
-    Q[:, :, 0] = (V0 / norms).T
+    qs = [(V0 / norms).T]
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
     anorm = torch.zeros(p, dtype=dtype, device=device)
     for j in range(m):
-        q = Q[:, :, j]
+        q = qs[j]
+        Q = torch.stack(qs, -1)  # (p, n, j + 1)
         W = op.matmat(q.T.contiguous()).T
         a = (q * W).sum(-1)
         check_finite(a, "the Lanczos coefficients (A produced NaN/inf)")
-        alpha[:, j] = a
+        alphas.append(a)
         W = W - a[:, None] * q
         if j > 0:
-            W = W - beta[:, j - 1, None] * Q[:, :, j - 1]
-        W = _orthogonalise(W, Q[:, :, : j + 1], passes)
+            W = W - betas[j - 1][:, None] * qs[j - 1]
+        W = _orthogonalise(W, Q, passes)
         b = torch.linalg.vector_norm(W, dim=-1)
-        anorm = torch.maximum(anorm, a.abs() + b + (beta[:, j - 1] if j > 0 else 0))
-        beta[:, j] = b
+        anorm = torch.maximum(anorm, (a.abs() + b + (betas[j - 1] if j > 0 else 0)).detach())
         if j + 1 == m:
+            betas.append(b)
             break
         # An invariant subspace was found (β ≈ 0). Rather than stopping, restart with a random
         # direction orthogonal to Q and record β = 0: T becomes block diagonal, its first block
         # keeps the exact Ritz values and quadrature weights, and the later blocks can still find
         # further (e.g. repeated) eigenvalues.
-        broken = b <= max(n, 10) * eps * anorm
+        broken = b.detach() <= max(n, 10) * eps * anorm
         if bool(broken.any()):
-            nb = int(broken.sum())
             Rnd = sample_probes(
-                n, nb, distribution="gaussian", dtype=dtype, device=device, generator=generator
+                n, p, distribution="gaussian", dtype=dtype, device=device, generator=generator
             ).T
-            Rnd = _orthogonalise(Rnd, Q[broken, :, : j + 1], max(passes, 2))
-            W[broken] = Rnd
-            beta[broken, j] = 0
-            b = torch.where(broken, torch.linalg.vector_norm(W, dim=-1), b)
-        Q[:, :, j + 1] = W / b[:, None]
-    return alpha, beta[:, : m - 1], Q, beta[:, m - 1]
+            Rnd = _orthogonalise(Rnd, Q, max(passes, 2))
+            Rnd = Rnd / torch.linalg.vector_norm(Rnd, dim=-1, keepdim=True)
+            b = torch.where(broken, torch.zeros_like(b), b)
+            nxt = torch.where(broken[:, None], Rnd, W / torch.where(broken, 1.0, b)[:, None])
+        else:
+            nxt = W / b[:, None]
+        betas.append(b)
+        qs.append(nxt)
+    alpha = torch.stack(alphas, -1)
+    beta = torch.stack(betas, -1)
+    return alpha, beta[:, : m - 1], torch.stack(qs, -1), beta[:, m - 1]
 
 
 def lanczos_tridiag(
@@ -149,28 +212,18 @@ def lanczos_tridiag(
         (n, p), shapes (p, m), (p, m−1), (p, n, m).
     """
     s = resolve_settings(LanczosSettings, settings, overrides)
-    op = as_square_operator(A, like=v0, what="lanczos_tridiag", symmetric=True)
-    check_symmetric_if_dense(A, "lanczos_tridiag")
+    op, low = prepare_symmetric(A, v0, "lanczos_tridiag")
     n = op.shape[0]
     check_positive_int(m, "m")
     if v0.ndim not in (1, 2) or v0.shape[0] != n:
         raise ShapeError(f"v0 must have shape ({n},) or ({n}, p), got {tuple(v0.shape)}")
     V0 = v0.reshape(n, -1).to(dtype=op.dtype, device=op.device)
     alpha, beta, Q, _ = _run_lanczos(op, V0, min(m, n), s.reorth_passes, generator)
+    if low is not None:
+        alpha, beta, Q = alpha.to(low), beta.to(low), Q.to(low)
     if v0.ndim == 1:
         return alpha[0], beta[0], Q[0]
     return alpha, beta, Q
-
-
-def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    m = theta.shape[0]
-    if which == "LA":
-        return torch.arange(m - k, m)
-    if which == "SA":
-        return torch.arange(k)
-    hi = (k + 1) // 2  # ARPACK's convention: the odd one out comes from the high end
-    lo = k - hi
-    return torch.cat([torch.arange(lo), torch.arange(m - hi, m)])
 
 
 def lanczos(
@@ -184,67 +237,42 @@ def lanczos(
     settings: LanczosSettings | None = None,
     **overrides: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+    """k extreme eigenpairs of a symmetric operator, converged to ``tol`` by restarted Lanczos.
 
-    Runs m = ``num_iter`` Lanczos steps (:func:`lanczos_tridiag`), diagonalises T = S Θ Sᵀ and
-    returns Ritz pairs (θ_i, Q s_i). ``which`` picks the ``"LA"`` largest, ``"SA"`` smallest or
-    ``"BE"`` both ends (⌈k/2⌉ from the top, ⌊k/2⌋ from the bottom) algebraic eigenvalues. With
-    m = n the result equals a dense eigendecomposition up to rounding.
+    Thick-restart Lanczos with full reorthogonalisation (:func:`block_lanczos` with block size
+    ``settings.block_size``, 1 by default): a Krylov basis of dimension m = ``num_iter`` is
+    built, its Ritz pairs (θ_i, y_i) are extracted, and unless every wanted pair has residual
+    ‖A y_i − θ_i y_i‖ ≤ ``tol``·max|θ|, the basis restarts from the wanted Ritz vectors, up to
+    ``max_restarts`` times (as ARPACK behind scipy's ``eigsh``). ``which`` picks the ``"LA"``
+    largest, ``"SA"`` smallest or ``"BE"`` both ends (⌈k/2⌉ from the top, ⌊k/2⌋ from the
+    bottom) algebraic eigenvalues; indefinite operators (Hessians) are fine. With m = n the
+    result equals a dense eigendecomposition up to rounding.
 
     Args:
         A: symmetric operator (n, n); a plain callable takes its shape/dtype/device from ``v0``.
-        k: number of eigenpairs, 1 ≤ k ≤ m.
+            A node tagged ``symmetric=False`` raises :class:`NotSymmetricError`; half/bfloat16
+            operators are run in float32 and the results cast back.
+        k: number of eigenpairs, 1 ≤ k ≤ n.
         which: ``"LA"``, ``"SA"`` or ``"BE"``.
-        num_iter: Krylov dimension m (overrides ``settings.num_iter``), capped at n.
-        v0: start vector (n,); by default a Gaussian vector from ``generator``.
-        generator: for the start vector and breakdown restarts.
-        settings: :class:`LanczosSettings`; keyword ``overrides`` (``tol=``,
-            ``reorth_passes=``) replace its fields.
+        num_iter: basis size m (overrides ``settings.num_iter``), capped at n.
+        v0: start vector (n,) (or block (n, b)); by default Gaussian from ``generator``.
+        generator: for the start vector and breakdown directions (reproducible results).
+        settings: :class:`LanczosSettings`; keyword ``overrides`` (``tol=``, ``max_restarts=``,
+            ``block_size=``, ``reorth_passes=``) replace its fields.
 
     Returns:
         ``(evals, evecs)``: evals (k,) sorted ascending, evecs (n, k) orthonormal columns with
-        ``A evecs[:, i] ≈ evals[i] evecs[:, i]``.
+        ``A evecs[:, i] ≈ evals[i] evecs[:, i]``. Differentiable: when A's products carry
+        autograd history, evals are the Rayleigh quotients yᵀ A y of the (detached) eigenvectors,
+        whose gradient is yᵀ ∂A y. :func:`block_lanczos` also returns residuals and counts.
 
     Warns:
-        ConvergenceWarning: some selected Ritz pair has residual estimate > tol·‖T‖.
+        ConvergenceWarning: some wanted pair is still above tolerance after ``max_restarts``.
     """
     s = resolve_settings(LanczosSettings, settings, {"num_iter": num_iter, **overrides})
     if which not in WHICH:
         raise InvalidArgumentError(f"which must be one of {WHICH}, got {which!r}")
-    op = as_square_operator(A, like=v0, what="lanczos", symmetric=True)
-    check_symmetric_if_dense(A, "lanczos")
-    n = op.shape[0]
-    check_positive_int(k, "k")
-    if k > n:
-        raise ShapeError(f"lanczos: asked for k={k} eigenpairs of an operator of shape {op.shape}")
-    m = min(n, s.num_iter if s.num_iter is not None else max(2 * k + 20, 3 * k))
-    if k > m:
-        raise InvalidArgumentError(
-            f"lanczos: k={k} eigenpairs need num_iter >= k, got num_iter={m}"
-        )
-    if v0 is None:
-        v0 = sample_probes(
-            n, 1, distribution="gaussian", dtype=op.dtype, device=op.device, generator=generator
-        )
-    elif v0.ndim != 1 or v0.shape[0] != n:
-        raise ShapeError(f"lanczos: v0 must have shape ({n},), got {tuple(v0.shape)}")
-    V0 = v0.reshape(n, 1).to(dtype=op.dtype, device=op.device)
-    alpha, beta, Q, beta_last = _run_lanczos(op, V0, m, s.reorth_passes, generator)
-    T = tridiag_matrix(alpha[0], beta[0])
-    theta, S = torch.linalg.eigh(T)
-    idx = _select(theta, k, which).to(theta.device)
-    evals = theta[idx]
-    evecs = Q[0] @ S[:, idx]
-    if m < n:
-        tol = s.tol if s.tol is not None else torch.finfo(op.dtype).eps ** 0.5
-        resid = (beta_last[0] * S[-1, idx]).abs()
-        scale = theta.abs().max().clamp_min(torch.finfo(op.dtype).tiny)
-        if bool((resid > tol * scale).any()):
-            warnings.warn(
-                f"lanczos: {int((resid > tol * scale).sum())} of the {k} Ritz pairs have not "
-                f"converged after {m} steps (relative residual up to "
-                f"{float(resid.max() / scale):.3g} > tol={tol:.3g}); raise num_iter",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-    return evals, evecs
+    if v0 is not None and v0.ndim == 2 and v0.shape[1] != s.block_size:
+        s = dataclasses.replace(s, block_size=v0.shape[1])
+    res = block_lanczos(A, k, which=which, v0=v0, generator=generator, settings=s)
+    return res.eigenvalues, res.eigenvectors

@@ -17,8 +17,7 @@ import torch
 from nngeo_ops.errors import InvalidArgumentError, NotPSDError, ShapeError
 
 from ._common import Estimate, check_positive_int, resolve_settings, sample_probes, sample_stderr
-from ._matvec import as_square_operator, check_symmetric_if_dense
-from .lanczos import _run_lanczos, tridiag_matrix
+from .lanczos import _run_lanczos, prepare_symmetric, tridiag_matrix
 
 __all__ = ["SLQSettings", "SLQResult", "slq", "slq_logdet", "spectral_density"]
 
@@ -71,19 +70,43 @@ class SLQResult:
         smp = self.samples(f)
         return Estimate(smp.mean(), sample_stderr(smp))
 
-    def density(self, grid: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Gaussian-smoothed spectral density on ``grid``.
+    def density(
+        self,
+        grid: torch.Tensor,
+        sigma: float,
+        kernel: str = "gaussian",
+        *,
+        per_probe: bool = False,
+    ) -> torch.Tensor:
+        """Smoothed spectral density on ``grid`` (linear axis).
 
-        φ(t) = (1/p) Σ_i Σ_j τ_ij N(t; θ_ij, σ²), an estimate of (1/n) Σ_l N(t; λ_l, σ²). It
-        integrates to 1 over the real line (each probe's weights sum to 1). Returns the shape of
-        ``grid``.
+        φ(t) = (1/p) Σ_i Σ_j τ_ij K_σ(t − θ_ij), an estimate of (1/n) Σ_l K_σ(t − λ_l), with
+        ``kernel`` ``"gaussian"`` (K_σ = N(0, σ²)) or ``"lorentzian"``
+        (K_σ(x) = σ / (π (x² + σ²)), heavy tails). It integrates to 1 over the real line (each
+        probe's weights sum to 1). Returns the shape of ``grid``, or (p, *grid.shape) with
+        ``per_probe=True`` (the estimate of each probe, whose spread gives the error).
         """
-        if not sigma > 0:
-            raise InvalidArgumentError(f"sigma must be > 0, got {sigma}")
         g = torch.as_tensor(grid, dtype=self.nodes.dtype, device=self.nodes.device)
-        diff = g.reshape(-1, 1, 1) - self.nodes  # (g, p, m)
-        kern = torch.exp(-0.5 * (diff / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        return (kern * self.weights).sum(-1).mean(-1).reshape(g.shape)
+        kern = broadening_kernel(g.reshape(-1, 1, 1) - self.nodes, sigma, kernel)  # (g, p, m)
+        per = (kern * self.weights).sum(-1)  # (g, p)
+        if per_probe:
+            return per.mT.reshape(-1, *g.shape)
+        return per.mean(-1).reshape(g.shape)
+
+
+KERNELS = ("gaussian", "lorentzian")
+
+
+def broadening_kernel(x: torch.Tensor, sigma: float, kernel: str = "gaussian") -> torch.Tensor:
+    """The broadening K_σ(x) of a spectral density: ``"gaussian"`` exp(−x²/2σ²)/(σ√(2π)) or
+    ``"lorentzian"`` σ/(π(x² + σ²)); both integrate to 1 over the real line."""
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise InvalidArgumentError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if kernel == "gaussian":
+        return torch.exp(-0.5 * (x / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    if kernel == "lorentzian":
+        return (sigma / math.pi) / (x * x + sigma * sigma)
+    raise InvalidArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def slq(
@@ -101,6 +124,12 @@ def slq(
     Draws p probes z_i (``distribution``), runs m Lanczos steps from each (all p runs share one
     (n, p) product per step, with full reorthogonalisation) and returns the Gauss quadrature rules
     (θ_ij, τ_ij) such that z_iᵀ f(A) z_i ≈ ‖z_i‖² Σ_j τ_ij f(θ_ij). Costs p·m products.
+
+    The weights are the squared first components of the tridiagonal's eigenvectors,
+    τ_ij = (S_i)_{1j}². The recurrence is differentiable (no in-place writes into tensors autograd
+    records), so ``slq_logdet(A(δ))`` can be differentiated in δ. A node tagged
+    ``symmetric=False`` raises :class:`NotSymmetricError`; half/bfloat16 operators run in float32
+    and the rules are cast back.
 
     Args:
         A: symmetric operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
@@ -121,8 +150,7 @@ def slq(
             **overrides,
         },
     )
-    op = as_square_operator(A, what="slq", symmetric=True)
-    check_symmetric_if_dense(A, "slq")
+    op, low = prepare_symmetric(A, None, "slq")
     n = op.shape[0]
     if n == 0:
         raise ShapeError("slq: the operator is empty (shape (0, 0))")
@@ -137,7 +165,10 @@ def slq(
     norms_sq = (Z * Z).sum(0)
     alpha, beta, _, _ = _run_lanczos(op, Z, min(s.num_iter, n), s.reorth_passes, generator)
     theta, S = torch.linalg.eigh(tridiag_matrix(alpha, beta))
-    return SLQResult(nodes=theta, weights=S[:, 0, :] ** 2, probe_norms_sq=norms_sq, n=n)
+    weights = S[:, 0, :] ** 2
+    if low is not None:
+        theta, weights, norms_sq = theta.to(low), weights.to(low), norms_sq.to(low)
+    return SLQResult(nodes=theta, weights=weights, probe_norms_sq=norms_sq, n=n)
 
 
 def slq_logdet(
@@ -185,6 +216,7 @@ def spectral_density(
     grid: torch.Tensor,
     *,
     sigma: float,
+    kernel: str = "gaussian",
     num_probes: int | None = None,
     num_iter: int | None = None,
     generator: torch.Generator | None = None,
@@ -192,11 +224,13 @@ def spectral_density(
     settings: SLQSettings | None = None,
     **overrides: object,
 ) -> torch.Tensor:
-    """Gaussian-smoothed spectral density of a symmetric operator, evaluated on ``grid``.
+    """Smoothed spectral density of a symmetric operator, evaluated on ``grid``.
 
-    Estimates φ(t) = (1/n) Σ_l N(t; λ_l, σ²) (the eigenvalue histogram convolved with a Gaussian of
-    width ``sigma``) by SLQ, see :meth:`SLQResult.density`. The result integrates to 1 when the
-    grid covers the spectrum with a margin of a few σ.
+    Estimates φ(t) = (1/n) Σ_l K_σ(t − λ_l) (the eigenvalue histogram convolved with a Gaussian
+    or Lorentzian ``kernel`` of width ``sigma``) by SLQ, see :meth:`SLQResult.density`. The
+    result integrates to 1 when the grid covers the spectrum with a margin of a few σ.
+    For the estimate together with its spread across probes, a default grid (linear or
+    logarithmic) and the quadrature rules, use :func:`nngeo_ops.linalg.estimate_density`.
 
     Returns:
         A tensor of the shape of ``grid`` (values of the density, same dtype as A).
@@ -210,4 +244,4 @@ def spectral_density(
         settings=settings,
         **overrides,
     )
-    return res.density(grid, sigma)
+    return res.density(grid, sigma, kernel)

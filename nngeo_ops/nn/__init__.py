@@ -28,6 +28,7 @@ from .pmat import (
     PMatLowRank,
     build_many,
 )
+from .training import StepStatistics
 from .vector import FVector, PVector
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "PMatLowRank",
     "PMatQuasiDiag",
     "PVector",
+    "StepStatistics",
     "build_many",
     "CrossGramMatrix",
     "FMatDense",

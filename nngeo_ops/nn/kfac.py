@@ -134,6 +134,68 @@ class PMatKFAC(PMatAbstract):
             return Dense(f["block"], symmetric=True, psd=True, name=f"F[{lid}]")
         return self._to_param_order(generator, lid, self._kron(generator, lid, f), f)
 
+    @classmethod
+    def from_factors(cls, generator, factors):
+        """The representation built from given Kronecker factors (a moving average of them, factors
+        read from a checkpoint...), instead of a pass over data.
+
+        ``factors[layer_id]`` for every layer of ``generator.layer_collection``, in the layout of
+        ``data`` (module docstring): ``{"A": (dA, dA)`` (1-D ``(V,)`` for Embedding, a diagonal) or
+        ``"A_rows": (n, dA)`` with A = A_rowsᵀ·A_rows, ``"G": (dG, dG)[, "bias": (C, C)]}``, or
+        ``{"block": (P_l, P_l)}`` for elementwise layers. A carries the bias's constant input as its
+        last row and column for "ga" layers with a bias; the block is A ⊗ G in that Kronecker order,
+        so the factors' normalisation is the caller's (the means over examples of a pass over data
+        put it in G). :class:`PMatEKFAC` also takes ``"QA", "QG", "diag"`` (kept as given; without
+        them the eigenbases are computed and diag = λ_G ⊗ λ_A).
+
+        Raises ShapeError when a layer is missing or a factor's size does not fit its layer, and
+        NonFiniteError for NaN or inf in a factor.
+        """
+        from ..errors import NonFiniteError, ShapeError
+        from .stats import KroneckerFactors
+
+        lc = generator.layer_collection
+        missing = [lid for lid in lc.layers if lid not in factors]
+        if missing:
+            raise ShapeError(f"from_factors: no factors for layers {missing}; give every layer")
+        data = {}
+        checks = []
+        for lid in lc.layers:
+            for key, t in factors[lid].items():
+                if not torch.is_tensor(t):
+                    raise ShapeError(f"from_factors: layer {lid!r} factor {key!r} is not a tensor")
+                checks.append((lid, key, torch.isfinite(t).all()))
+        ok = torch.stack([c[2] for c in checks]).tolist() if checks else []  # one synchronisation
+        for (lid, key, _), good in zip(checks, ok):
+            if not good:
+                raise NonFiniteError(
+                    f"from_factors: factor {key!r} of layer {lid!r} contains NaN or inf; "
+                    "check the statistics (learning rate, data) it was averaged from"
+                )
+        for lid, entry in lc.items():
+            f = factors[lid]
+            if "block" in f:
+                size = f["block"].shape[0]
+            else:
+                if "G" not in f or ("A" not in f and "A_rows" not in f):
+                    raise ShapeError(
+                        f"from_factors: layer {lid!r} needs 'G' and 'A' (or 'A_rows'), got "
+                        f"{sorted(f)}"
+                    )
+                d_a = f["A_rows"].shape[1] if "A_rows" in f else f["A"].shape[0]
+                if "A" in f and f["A"].dim() == 2 and f["A"].shape[0] != f["A"].shape[1]:
+                    raise ShapeError(f"from_factors: A of layer {lid!r} is not square")
+                if f["G"].dim() != 2 or f["G"].shape[0] != f["G"].shape[1]:
+                    raise ShapeError(f"from_factors: G of layer {lid!r} is not square")
+                size = d_a * f["G"].shape[0] + (f["bias"].shape[0] if "bias" in f else 0)
+            if size != entry.numel():
+                raise ShapeError(
+                    f"from_factors: the factors of layer {lid!r} describe {size} parameters, the "
+                    f"layer has {entry.numel()}; pass the factors of this model's layers"
+                )
+            data[lid] = dict(f) if "block" in f else KroneckerFactors(f)
+        return cls(generator, data=data)
+
     def get_factors(self, layer_id):
         """(A, G) of a Kronecker layer (A is 1-D, a diagonal, for Embedding)."""
         f = self.data[layer_id]

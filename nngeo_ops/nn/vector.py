@@ -125,6 +125,18 @@ class PVector:
             for p, v in zip(self.layer_collection.parameters(model), self._flat_parts()):
                 p.add_(v)
 
+    def copy_to_model_grad(self, model: nn.Module) -> None:
+        """Write the values into the ``.grad`` fields of the model's covered parameters, the
+        inverse of :meth:`from_model_grad`: an existing ``.grad`` is overwritten in place (so that
+        an optimiser holding it sees the new values), a missing one is created. This is how a
+        preconditioned gradient (F + λI)⁻¹ g is handed to any ``torch.optim`` optimiser."""
+        with torch.no_grad():
+            for p, v in zip(self.layer_collection.parameters(model), self._flat_parts()):
+                if p.grad is None:
+                    p.grad = v.detach().clone().to(p.dtype)
+                else:
+                    p.grad.copy_(v)
+
     def _flat_parts(self):
         return [t for lid in self.layer_collection.layers for t in self.to_torch_layer(lid)]
 
