@@ -59,7 +59,7 @@ from ..nn import (
     PMatLowRank,
     PVector,
 )
-from ..ops import BlockDiag, Diagonal, Identity, LinearOperator
+from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
 from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
 
@@ -424,7 +424,10 @@ class Laplace:
                 st.memory_limit,
                 self.device,
             )
-        eig = self.F.op.eigh()
+        if rep is PMatImplicit:  # the function-space spectrum up to this Laplace's dense_limit
+            eig = self.F.op.compile(CompilePolicy(dense_limit=st.dense_limit)).eigh()
+        else:
+            eig = self.F.op.eigh()
         sizes = [e.numel() for e in self.lc.layers.values()]
         blocks = None
         q = eig.Q
