@@ -60,6 +60,7 @@ from ..nn import (
     PVector,
 )
 from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
+from .laplace_data import data_pass
 from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
 
@@ -257,73 +258,13 @@ class Laplace:
         self._mean = t.reshape(()) if t.numel() == 1 else t.reshape(-1)
 
     # ------------------------------------------------------------------ fitting
-    def _check_batch(self, batch):
-        if not isinstance(batch, list | tuple) or len(batch) < 2:
-            raise DataError(
-                "Laplace needs labelled batches (inputs, targets); the loader yielded "
-                f"{type(batch).__name__}"
-            )
-        x, y = batch[0].to(self.device), batch[1].to(self.device)
-        try:
-            with torch.no_grad():
-                out = self.model(x)
-        except RuntimeError as err:
-            raise ShapeError(
-                f"the model cannot take inputs of shape {tuple(x.shape[1:])} (torch says: "
-                f"{str(err).splitlines()[0]}); give a loader of the inputs the model was built for"
-            ) from None
-        if out.dim() != 2:
-            raise ShapeError(f"Laplace needs outputs of shape [B, C], got {tuple(out.shape)}")
-        return x, y, out
-
-    def _data_pass(self, loader):
-        """N, the summed loss at θ*, the output count and the input shape, checking targets."""
-        n, total, c, in_shape = 0, torch.zeros((), dtype=self.dtype, device=self.device), None, None
-        for batch in loader:
-            x, y, out = self._check_batch(batch)
-            if in_shape is None:
-                in_shape, c = tuple(x.shape[1:]), out.shape[1]
-            elif tuple(x.shape[1:]) != in_shape:
-                raise ShapeError(
-                    f"the loader yields inputs of shapes {in_shape} and {tuple(x.shape[1:])}; all "
-                    "batches must have the same input shape"
-                )
-            if self.likelihood == "classification":
-                if y.is_floating_point() or y.dim() != 1 or y.shape[0] != out.shape[0]:
-                    raise DataError(
-                        f"a classification Laplace needs integer class labels of shape [B], got "
-                        f"{y.dtype} of shape {tuple(y.shape)} (regression targets?); use "
-                        "likelihood='regression' for real-valued targets"
-                    )
-                if bool((y < 0).any()) or bool((y >= c).any()):
-                    raise DataError(
-                        f"class labels must lie in [0, {c}) for a model with {c} outputs, got "
-                        f"[{int(y.min())}, {int(y.max())}]"
-                    )
-                total = total + nn.functional.cross_entropy(out, y, reduction="sum")
-            else:
-                if not y.is_floating_point():
-                    raise DataError(
-                        f"a regression Laplace needs real-valued targets, got {y.dtype} (class "
-                        "labels?); use likelihood='classification' or cast the targets to float"
-                    )
-                y = y.reshape(out.shape) if y.numel() == out.numel() else y
-                if y.shape != out.shape:
-                    raise DataError(
-                        f"regression targets of shape {tuple(y.shape)} for outputs of shape "
-                        f"{tuple(out.shape)}: they must match"
-                    )
-                total = total + (y.to(out.dtype) - out).square().sum()
-            n += out.shape[0]
-        if n == 0:
-            raise DataError("the loader yielded no examples")
-        return n, total, c, in_shape
-
     def fit(self, loader) -> Laplace:
         """Compute the curvature at the model's current parameters θ* (one pass, plus the
         representation's own passes). Returns self."""
         st = self.settings
-        self.N, self._loss, self.n_outputs, self._input_shape = self._data_pass(loader)
+        self.N, self._loss, self.n_outputs, self._input_shape = data_pass(
+            self.model, loader, self.likelihood, self.dtype, self.device
+        )
         self.theta = self.lc.flat_parameters(self.model)
         rep = self._rep_class()
         self._check_fit_memory(rep)
