@@ -48,18 +48,17 @@ from ..errors import (
 )
 from ..nn import (
     FIM,
-    Jacobian,
     LayerCollection,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
-    PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
     PVector,
 )
 from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
+from .glm import LastLayerKron, jacobian_functional, last_layer_kron_applies
 from .laplace_data import data_pass
 from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
@@ -278,6 +277,7 @@ class Laplace:
             progress=st.progress,
         )
         self._routes: dict[str, object] = {}
+        self._kron_ll = None
         self._ll_cache = None
         return self
 
@@ -496,66 +496,18 @@ class Laplace:
         self._check_model()
         return x.to(self.device)
 
-    def _last_layer_kron(self):
-        """(module, Q_G, Q_A, λ matrix [C, dA], bias) for a Linear last layer in KFAC/EKFAC."""
-        if getattr(self, "_kron_ll", None) is not None:
-            return self._kron_ll
-        (lid,) = self.lc.layers
-        mod = self.lc.get_layerid_module_map(self.model)[lid]
-        f = self.F.data[lid]
-        if "diag" in f:  # EKFAC: its refitted eigenvalues in the basis Q_G ⊗ Q_A
-            qg, qa = f["QG"], f["QA"]
-            lam = f["diag"].reshape(qg.shape[1], qa.shape[1])
-        else:
-            a, g = self.F.get_factors(lid)
-            ea, qa = torch.linalg.eigh(a)
-            eg, qg = torch.linalg.eigh(g)
-            lam = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :]
-        self._kron_ll = (mod, qg, qa, lam.clamp_min(0), mod.bias is not None)
-        return self._kron_ll
-
     def _kron_fast_path(self, kind: str) -> bool:
-        if self._rep_class() not in (PMatKFAC, PMatEKFAC) or len(self.lc.layers) != 1:
-            return False
-        (lid,) = self.lc.layers
-        mod = self.lc.get_layerid_module_map(self.model)[lid]
-        e = self.lc.layers[lid]
-        return isinstance(mod, nn.Linear) and e.attrs[0] == "weight" and kind != "diag"
+        return kind != "diag" and last_layer_kron_applies(self._rep_class(), self.lc, self.model)
 
     def _glm_chunk_kron(self, x, s, delta):
-        mod, qg, qa, lam, bias = self._last_layer_kron()
-        feats = []
-        handle = mod.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
-        try:
-            with torch.no_grad():
-                f = self.model(x)
-        finally:
-            handle.remove()
-        phi = feats[-1]
-        if bias:
-            phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-        u2 = (phi @ qa).square()  # (B, dA)
-        w = u2 @ (1.0 / (s * lam + delta[0])).mT  # (B, C): Σ_j u_j² / (s λ_ij + δ)
-        var = (qg[None] * w[:, None, :]) @ qg.mT[None]
-        return f, var
+        if self._kron_ll is None:
+            self._kron_ll = LastLayerKron(self.F, self.lc, self.model)
+        return self._kron_ll.functional(self.model, x, s, delta)
 
     def _glm_chunk_jac(self, x, route, s, delta):
-        c, b, p = self.n_outputs, x.shape[0], self.n_params
-        check_memory(
-            3 * c * b * p * self.dtype.itemsize,
-            f"the Jacobian rows of {b} test points ({c}·{b}×{p})",
-            "lower settings.chunk_size or use subset='last_layer'",
-            self.settings.memory_limit,
-            self.device,
+        return jacobian_functional(
+            self.model, self.lc, x, route, s, delta, self.n_outputs, self.settings
         )
-        J = Jacobian(self.model, [x], layer_collection=self.lc, progress=False)
-        jt = J.to_torch().reshape(c * b, p).mT  # (P, C·b), rows c·b + n
-        m = route.inv_quad(jt, s, delta)  # (C·b, C·b)
-        var = torch.diagonal(m.reshape(c, b, c, b), dim1=1, dim2=3).permute(2, 0, 1)
-        err = route.last_error.get("inv_quad") if isinstance(route, IterativePosterior) else None
-        if err is not None:
-            err = torch.diagonal(err.reshape(c, b, c, b), dim1=1, dim2=3).permute(2, 0, 1)
-        return J.outputs.mT, var, err
 
     def _glm(self, x):
         """(f(x; θ*) [B, C], J P⁻¹ Jᵀ [B, C, C])."""
