@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness as H
+from benchmarks import report as R
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (300.0 if args.quick else 7200.0)
 
     cfg = H.HarnessConfig(python_peers=peers, peers=bool(peers))
-    info = H.machine_info(cfg)
+    info = R.machine_info(cfg)
     meter = H.LoadMeter()
     meter.start()
     sections, failed, t0 = [], [], time.perf_counter()

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks import harness as H
+from benchmarks import report as R
 from benchmarks.models import TITLES, batch
 
 DAMPING = 1e-3
@@ -467,7 +468,7 @@ def render(results: list[H.CaseResult], info: dict, load: float | None, explorat
             bcells = [
                 best,
                 f"{lst[1]:.2f}",
-                H.fmt_q(pst),
+                R.fmt_q(pst),
                 verdict(pst, ours_s[1], lst[1]),
                 f"{_mib(res, H.OURS, q)} / {_mib(res, best, q)}",
             ]
@@ -504,7 +505,7 @@ def chart(results, path) -> bool:
             stats.append(paired[best][0])
     if not labels:
         return False
-    return H.bar_chart(path, labels, stats, "curvature: ours / fastest peer (same matrix)")
+    return R.bar_chart(path, labels, stats, "curvature: ours / fastest peer (same matrix)")
 
 
 def main(argv=None) -> int:
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
     models = args.only or (["mlp"] if quick else list(TITLES))
     reps = args.reps or (["kfac", "implicit GGN"] if quick else REPS)
     sp = specs(models, reps, cfg.peers)
-    info = H.machine_info(cfg)
+    info = R.machine_info(cfg)
     print(f"# curvature benchmark ({len(sp)} cases, {cfg.rounds} rounds)", file=sys.stderr)
     t0 = time.perf_counter()
     results = H.run_suite("benchmarks.bench_curvature", sp, cfg,
@@ -558,7 +559,7 @@ def main(argv=None) -> int:
         if refusal and not args.allow_load:
             print(f"README not updated: {refusal}", file=sys.stderr)
             return 3
-        H.replace_section(Path(__file__).with_name("README.md"), "curvature", text)
+        R.replace_section(Path(__file__).with_name("README.md"), "curvature", text)
     return 0
 
 

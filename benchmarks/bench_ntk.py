@@ -298,7 +298,7 @@ def main(argv=None):
         bars = run(args)
     if out:
         write_report(out, "bench_ntk", tee.text)
-        from benchmarks.harness import bar_chart
+        from benchmarks.report import bar_chart
 
         bar_chart(
             Path(out) / "bench_ntk.png",

@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def chart(rows: list[Row], path: Path) -> bool:
     """Speed-up over dense torch of the first and repeated calls (log bars); False if no plot."""
-    from benchmarks.harness import bar_chart
+    from benchmarks.report import bar_chart
 
     labels, stats = [], []
     for r in rows:

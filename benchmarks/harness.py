@@ -32,7 +32,8 @@ A *suite* is a module (e.g. ``benchmarks.bench_curvature``) with
 * ``setup(case_id: str, lib: str, device: torch.device) -> Case`` (called in the worker), and
 * a list of :class:`CaseSpec` it hands to :func:`run_suite` in the coordinator.
 
-Instruction counts of one case (a noise-free second figure) are in ``benchmarks/instructions.py``.
+Instruction counts of one case (a noise-free second figure) are in ``benchmarks/instructions.py``;
+the header, charts and README tables of a run in ``benchmarks/report.py``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -463,6 +463,15 @@ class CaseResult:
         n = min(len(a), len(b))
         return paired_ratios(a[:n], b[:n])
 
+    @classmethod
+    def from_json(cls, d: dict) -> CaseResult:
+        """The inverse of :meth:`to_json` (re-render a saved run without measuring again)."""
+        spec = CaseSpec(d["case"], d["title"])
+        return cls(
+            spec, d["libs"], d["rounds"], d["memory"], d["notes"], d["versions"], d["load"],
+            d["seconds"], d.get("info", {}), d.get("t_ref", {}),
+        )  # fmt: skip
+
     def to_json(self) -> dict:
         return {
             "case": self.spec.case_id,
@@ -567,100 +576,6 @@ def overall_load(results: Sequence[CaseResult]) -> float | None:
     return sum(load * s for load, s in known) / total
 
 
-# ---------------------------------------------------------------------- reporting
-def machine_info(cfg: HarnessConfig) -> dict[str, str]:
-    """Date, commit, machine, torch and thread settings of a run (for the table's header)."""
-    import torch
-
-    def git(*a):
-        try:
-            return subprocess.run(
-                ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dirty = " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": (git("rev-parse", "--short", "HEAD") or "?") + dirty,
-        "machine": f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": str(cfg.threads),
-        "device": cfg.device,
-        "rounds": str(cfg.rounds),
-    }
-
-
-def fmt_q(qs: tuple[float, float, float], digits: int = 2) -> str:
-    q1, m, q3 = qs
-    return f"{m:.{digits}f} [{q1:.{digits}f}–{q3:.{digits}f}]"
-
-
-def bar_chart(
-    path: str | Path,
-    labels: Sequence[str],
-    stats: Sequence[tuple[float, float, float]],
-    title: str,
-    xlabel: str = "ours / peer (median, IQR)",
-    lines: Sequence[float] = (0.8, 1.0),
-    lower_is_better: bool = True,
-) -> bool:
-    """Horizontal bars of medians with IQR whiskers on a log axis; False if matplotlib is missing.
-
-    ``stats`` are (lower quartile, median, upper quartile); a bar is green when its whole IQR is on
-    the better side of 1, red when on the worse side, grey otherwise.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(8, 0.28 * n + 1.2))
-    med = [m for _, m, _ in stats]
-    lo = [m - q1 for q1, m, _ in stats]
-    hi = [q3 - m for _, m, q3 in stats]
-    good, bad = ("tab:green", "tab:red") if lower_is_better else ("tab:red", "tab:green")
-    colors = [good if q3 < 1 else bad if q1 > 1 else "tab:gray" for q1, _, q3 in stats]
-    ax.barh(range(n), med, xerr=[lo, hi], color=colors, capsize=2)
-    ax.set_yticks(range(n), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    for x in lines:
-        ax.axvline(x, color="k", lw=0.6, ls="--")
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def replace_section(path: str | Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- harness:NAME:start -->`` and its end marker in a file."""
-    path = Path(path)
-    start, end = f"<!-- harness:{name}:start -->", f"<!-- harness:{name}:end -->"
-    doc = path.read_text()
-    if start not in doc or end not in doc:
-        raise ValueError(f"{path} has no markers {start} … {end}; add them where the table goes")
-    head, rest = doc.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
-
-
 def _cli() -> None:
     p = argparse.ArgumentParser(description="worker of the benchmark harness (internal)")
     p.add_argument("--worker", action="store_true")
@@ -687,14 +602,10 @@ __all__ = [
     "HarnessConfig",
     "LoadMeter",
     "Workload",
-    "bar_chart",
     "check_load",
-    "fmt_q",
-    "machine_info",
     "overall_load",
     "paired_ratios",
     "quartiles",
-    "replace_section",
     "run_case",
     "run_suite",
 ]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import harness as H
+from benchmarks import report as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,10 +69,10 @@ def test_load_refusal_and_readme_markers(tmp_path):
 
     doc = tmp_path / "README.md"
     doc.write_text("a\n<!-- harness:t:start -->\nold\n<!-- harness:t:end -->\nb\n")
-    H.replace_section(doc, "t", "new table")
+    R.replace_section(doc, "t", "new table")
     assert doc.read_text() == "a\n<!-- harness:t:start -->\nnew table\n<!-- harness:t:end -->\nb\n"
     with pytest.raises(ValueError, match="no markers"):
-        H.replace_section(doc, "other", "x")
+        R.replace_section(doc, "other", "x")
 
 
 def test_harness_pairs_rounds_and_reports_failures():
