@@ -33,7 +33,6 @@ import copy
 import functools
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -402,21 +401,28 @@ def verdict(stats, ours_fb: float, peer_fb: float) -> str:
     return "tie"
 
 
-def rows(results: list[H.CaseResult]):
-    """(model, rep, q, ours stats, ours MiB, best peer, its stats, paired stats, MiB, others)."""
+def rows(results: list[H.CaseResult], clock: str = "wall"):
+    """(model, rep, q, ours stats, result, best peer, {peer: (paired, peer's, comparable, other)}).
+
+    Stats are quartiles over rounds on ``clock``; ``other`` is the paired median on the other clock.
+    """
+    other_clock = "cpu" if clock == "wall" else "wall"
     out = []
     for res in results:
         model, rep = res.spec.case_id.split("/", 1)
         for q in QUANTITIES:
-            ours_r = res.ratios(H.OURS, q)
+            ours_r = res.ratios(H.OURS, q, clock)
             if not ours_r:
                 continue
             paired = {}
             for lib in res.libs[1:]:
-                pr = res.paired(lib, q)
+                pr = res.paired(lib, q, clock)
                 if pr:
                     comparable = res.info.get(lib, {}).get(q, {}).get("comparable", True)
-                    paired[lib] = (H.quartiles(pr), H.quartiles(res.ratios(lib, q)), comparable)
+                    po = res.paired(lib, q, other_clock)
+                    other = H.quartiles(po)[1] if po else float("nan")
+                    peer_r = H.quartiles(res.ratios(lib, q, clock))
+                    paired[lib] = (H.quartiles(pr), peer_r, comparable, other)
             best = min(
                 (lib for lib in paired if paired[lib][2]),
                 key=lambda lib: paired[lib][1][1],
@@ -431,7 +437,14 @@ def _mib(res, lib, q):
     return "—" if m is None else f"{m:.0f}"
 
 
-def render(results: list[H.CaseResult], info: dict, load: float | None, exploratory: str | None):
+def render(
+    results: list[H.CaseResult],
+    info: dict,
+    load: float | None,
+    exploratory: str | None,
+    clock: str = "wall",
+) -> str:
+    """The markdown report: header (date, commit, machine, load), the table, notes."""
     lines = []
     if exploratory:
         lines += [f"**EXPLORATORY — not a committed measurement: {exploratory}.**", ""]
@@ -449,32 +462,37 @@ def render(results: list[H.CaseResult], info: dict, load: float | None, explorat
     if versions:
         lines.append("Peers: " + ", ".join(versions) + ".")
     lines.append("")
+    name = "CPU time of the worker process" if clock == "cpu" else "wall-clock time"
+    other = "CPU-time" if clock == "wall" else "wall-clock"
     lines.append(
-        "Ratios to one forward+backward (median over rounds); **ours / peer**: median of the "
-        "per-round paired ratios [interquartile range]; *best peer*: the fastest peer computing "
-        "the same matrix; peak MiB: extra resident memory of one call."
+        f"Clock: **{name}**. Ratios to one forward+backward (median over rounds [interquartile "
+        "range]); **ours / peer**: median of the per-round paired ratios [IQR]; *best peer*: the "
+        f"fastest peer computing the same matrix; *{other}*: the paired median on the other "
+        "clock; peak MiB: extra resident memory of one call. Verdict: **target** = median ≤ 0.8 "
+        "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1."
     )
     lines.append("")
     head = (
         "| model | representation | quantity | ours ×fb | best peer | peer ×fb | ours / peer "
-        "| verdict | peak MiB ours / peer | other peers (ours / peer) |"
+        f"| {other} | verdict | peak MiB ours / peer | other peers (×fb → ours / peer) |"
     )
-    lines += [head, "|---|---|---|---:|---|---:|---:|---|---:|---|"]
-    for model, rep, q, ours_s, res, best, paired in rows(results):
+    lines += [head, "|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
+    for model, rep, q, ours_s, res, best, paired in rows(results, clock):
         if best is None:
-            bcells = ["—", "—", "—", "no peer", f"{_mib(res, H.OURS, q)} / —"]
+            bcells = ["—", "—", "—", "—", "no peer", f"{_mib(res, H.OURS, q)} / —"]
         else:
-            pst, lst, _ = paired[best]
+            pst, lst, _, oth = paired[best]
             bcells = [
                 best,
                 f"{lst[1]:.2f}",
                 R.fmt_q(pst),
+                f"{oth:.2f}",
                 verdict(pst, ours_s[1], lst[1]),
                 f"{_mib(res, H.OURS, q)} / {_mib(res, best, q)}",
             ]
         others = "; ".join(
             f"{lib}{'' if c else ' (≠)'} {lst[1]:.2f}× → {pst[1]:.2f}"
-            for lib, (pst, lst, c) in paired.items()
+            for lib, (pst, lst, c, _) in paired.items()
             if lib != best
         )
         cells = [model, rep, q, f"{ours_s[1]:.2f} [{ours_s[0]:.2f}–{ours_s[2]:.2f}]"]
@@ -495,9 +513,9 @@ def render(results: list[H.CaseResult], info: dict, load: float | None, explorat
     return "\n".join(lines)
 
 
-def chart(results, path) -> bool:
+def chart(results, path, clock: str = "wall") -> bool:
     labels, stats = [], []
-    for model, rep, q, ours_s, _, best, paired in rows(results):
+    for model, rep, q, ours_s, _, best, paired in rows(results, clock):
         if best is None:
             continue
         if verdict(paired[best][0], ours_s[1], paired[best][1][1]) != "negligible":
@@ -505,7 +523,8 @@ def chart(results, path) -> bool:
             stats.append(paired[best][0])
     if not labels:
         return False
-    return R.bar_chart(path, labels, stats, "curvature: ours / fastest peer (same matrix)")
+    title = f"curvature: ours / fastest peer (same matrix), {clock} clock"
+    return R.bar_chart(path, labels, stats, title)
 
 
 def main(argv=None) -> int:
@@ -522,13 +541,25 @@ def main(argv=None) -> int:
     p.add_argument("--max-load", type=float, default=0.05, help="refuse above this load share")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README table")
     p.add_argument("--allow-load", action="store_true", help="write it anyway, as exploratory")
+    p.add_argument(
+        "--from-json",
+        nargs="*",
+        default=None,
+        help="render saved runs (bench_curvature.json files) instead of measuring",
+    )
+    p.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="ratios of wall or CPU time (auto: wall unless the load was above --max-load)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     cfg = H.HarnessConfig(
         rounds=args.rounds or (3 if quick else 7),
         threads=args.threads,
-        budget_s=0.1 if quick else 0.25,
-        max_pairs=3 if quick else 5,
+        budget_s=0.05 if quick else 0.1,
+        max_pairs=3,
         python_peers=args.python_peers,
         peers=not args.no_peers,
         device=args.device,
@@ -536,16 +567,31 @@ def main(argv=None) -> int:
     )
     models = args.only or (["mlp"] if quick else list(TITLES))
     reps = args.reps or (["kfac", "implicit GGN"] if quick else REPS)
-    sp = specs(models, reps, cfg.peers)
-    info = R.machine_info(cfg)
-    print(f"# curvature benchmark ({len(sp)} cases, {cfg.rounds} rounds)", file=sys.stderr)
-    t0 = time.perf_counter()
-    results = H.run_suite("benchmarks.bench_curvature", sp, cfg,
-                          log=lambda s: print(s, file=sys.stderr))  # fmt: skip
+    if args.from_json:
+        saved = [json.loads(Path(f).read_text()) for f in args.from_json]
+        info = saved[0]["info"]
+        results = [H.CaseResult.from_json(c) for d in saved for c in d["cases"]]
+    else:
+        sp = specs(models, reps, cfg.peers)
+        info = R.machine_info(cfg)
+        print(f"# curvature benchmark ({len(sp)} cases, {cfg.rounds} rounds)", file=sys.stderr)
+
+        def save(done):  # a long run is saved case by case
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                doc = {"info": info, "cases": [r.to_json() for r in done]}
+                (Path(args.out) / f"{NAME}.json").write_text(json.dumps(doc))
+
+        results = H.run_suite("benchmarks.bench_curvature", sp, cfg,
+                              log=lambda s: print(s, file=sys.stderr), on_case=save)  # fmt: skip
     load = H.overall_load(results)
     refusal = H.check_load(load, cfg, args.allow_load)
-    text = render(results, info, load, refusal)
-    text += f"\n\n(total {time.perf_counter() - t0:.0f} s)\n"
+    clock = args.clock
+    if clock == "auto":
+        clock = "wall" if load is not None and load <= cfg.max_load else "cpu"
+    text = render(results, info, load, refusal, clock)
+    total = sum(r.seconds for r in results)
+    text += f"\n\n(measuring took {total / 60:.0f} min)\n"
     print(text)
     if args.out:
         out = Path(args.out)
@@ -554,7 +600,7 @@ def main(argv=None) -> int:
         (out / f"{NAME}.json").write_text(
             json.dumps({"info": info, "load": load, "cases": [r.to_json() for r in results]})
         )
-        chart(results, out / f"{NAME}.png")
+        chart(results, out / f"{NAME}.png", clock)
     if args.update_readme:
         if refusal and not args.allow_load:
             print(f"README not updated: {refusal}", file=sys.stderr)

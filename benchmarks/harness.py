@@ -15,6 +15,11 @@ forward+backward of the same model on the same batch, and ours is compared with 
   that a change of load between rounds weighs on both; over at least 7 rounds (``--rounds``) the
   report gives the **median of the per-round ratios ours / peer and their interquartile range**
   (IQR). A lead is real when the upper quartile is below 1.
+* **wall and CPU clocks**: each timed call records its wall time and the CPU time of its process
+  (``time.process_time``, all threads); each gives its ratio. On a quiet machine the two agree and
+  the wall ratio is the figure; on a shared machine the CPU-time ratio is the one a preempted
+  process cannot inflate (it still feels the caches and memory bandwidth others take), so a
+  report can be rendered with either (``clock``).
 * **pinned threads**: every worker calls ``torch.set_num_threads(threads)`` (1 by default: a
   multi-threaded CPU op waits for its slowest thread, so a busy neighbour inflates it unevenly).
 * **load of the machine**: over each case, the CPU time the whole machine spent busy (from
@@ -243,22 +248,23 @@ class _Worker:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
 
-    def _time(self, fn: Callable[[Any], Any], arg: Any) -> float:
+    def _time(self, fn: Callable[[Any], Any], arg: Any) -> tuple[float, float]:
+        """(wall, CPU) seconds of one call; CPU time of this process, all its threads."""
         self._sync()
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         fn(arg)
         self._sync()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     def warm_up(self, max_pairs: int) -> dict:
         ref = lambda _: self.case.reference()  # noqa: E731
         for _ in range(3):
             self._time(ref, None)
-        t_ref = min(self._time(ref, None) for _ in range(3))
+        t_ref = min(self._time(ref, None)[1] for _ in range(3))
         for name, w in list(self.case.quantities.items()):
             try:
                 state = w.prepare() if w.prepare else None
-                t = self._time(w.run, state)
+                t = self._time(w.run, state)[1]  # CPU time: the budget holds under load
             except Exception as e:  # the library cannot compute this quantity here
                 self.failed[name] = f"fails: {type(e).__name__}: {str(e)[:80]}"
                 del self.case.quantities[name]
@@ -283,21 +289,23 @@ class _Worker:
         for name, w in self.case.quantities.items():
             if w.max_rounds is not None and r >= w.max_rounds:
                 continue
-            ratios, ts, tbs = [], [], []
+            walls, cpus, ts, tbs = [], [], [], []
             for _ in range(self.pairs[name]):
                 state = w.prepare() if w.prepare else None
                 gc.collect()
-                tb = self._time(ref, None)
-                t = self._time(w.run, state)
+                tb, cb = self._time(ref, None)
+                t, c = self._time(w.run, state)
                 del state
-                ratios.append(t / tb)
+                walls.append(t / tb)
+                cpus.append(c / cb if cb > 0 else math.nan)
                 ts.append(t)
                 tbs.append(tb)
             out[name] = {
-                "ratio": statistics.median(ratios),
+                "ratio": statistics.median(walls),
+                "ratio_cpu": statistics.median(cpus),
                 "t": statistics.median(ts),
                 "tb": statistics.median(tbs),
-                "n": len(ratios),
+                "n": len(walls),
             }
         return out
 
@@ -455,11 +463,13 @@ class CaseResult:
     info: dict[str, dict[str, dict]] = field(default_factory=dict)
     t_ref: dict[str, float] = field(default_factory=dict)
 
-    def ratios(self, lib: str, q: str) -> list[float]:
-        return [r["ratio"] for r in self.rounds.get(lib, {}).get(q, [])]
+    def ratios(self, lib: str, q: str, clock: str = "wall") -> list[float]:
+        """Per-round ratios to one forward+backward; ``clock``: "wall" or "cpu" (process time)."""
+        key = "ratio" if clock == "wall" else "ratio_cpu"
+        return [r[key] for r in self.rounds.get(lib, {}).get(q, []) if key in r]
 
-    def paired(self, peer: str, q: str) -> list[float]:
-        a, b = self.ratios(OURS, q), self.ratios(peer, q)
+    def paired(self, peer: str, q: str, clock: str = "wall") -> list[float]:
+        a, b = self.ratios(OURS, q, clock), self.ratios(peer, q, clock)
         n = min(len(a), len(b))
         return paired_ratios(a[:n], b[:n])
 
@@ -562,9 +572,18 @@ def run_suite(
     specs: Sequence[CaseSpec],
     cfg: HarnessConfig,
     log: Callable[[str], None] = print,
+    on_case: Callable[[list[CaseResult]], None] | None = None,
 ) -> list[CaseResult]:
-    """Run every case of a suite (each with its own workers) and return the per-round results."""
-    return [run_case(suite, spec, cfg, log) for spec in specs]
+    """Run every case of a suite (each with its own workers) and return the per-round results.
+
+    ``on_case(results so far)`` is called after each case (e.g. to save a long run as it goes).
+    """
+    results: list[CaseResult] = []
+    for spec in specs:
+        results.append(run_case(suite, spec, cfg, log))
+        if on_case is not None:
+            on_case(results)
+    return results
 
 
 def overall_load(results: Sequence[CaseResult]) -> float | None:
