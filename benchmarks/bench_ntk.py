@@ -22,7 +22,8 @@ Part 2, one ``J @ v`` (forward mode, ``jvp``) and one ``J.T @ u`` (reverse mode,
 :class:`~nngeo_ops.nn.jacobian.Jacobian` node over the same 256 examples, against one plain
 forward+backward of the model (``out.backward(u)``), as ratios.
 
-Run: ``python benchmarks/bench_ntk.py [--repeats 3] [--device cuda] [--mlp-width 128]``; run it with
+Run: ``python benchmarks/bench_ntk.py [--quick] [--out DIR] [--repeats 3] [--device cuda]``
+``[--mlp-width 128]`` (``--quick``: N = 64, width 64, time only, no chunked run); run it with
 an interpreter where ``nngeometry`` is importable to include NNGeometry.
 """
 

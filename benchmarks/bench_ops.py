@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_ops.py            # full run (about a minute on 2 CPU cores)
     python benchmarks/bench_ops.py --quick    # fewer repetitions (well under 30 s)
+    python benchmarks/bench_ops.py --out DIR  # also DIR/bench_ops.md and DIR/bench_ops.png
 
 What is measured, all in float64 on the CPU (see ``benchmarks/README.md`` for the reading):
 
