@@ -353,16 +353,31 @@ def setup(case_id: str, lib: str, device: torch.device) -> H.Case:
     few = 3 if heavy else None
     q = {"build": H.Workload(run=lambda _: build(), max_rounds=few)}
     if mv is not None or solve is not None:
-        F0 = build()
+        try:
+            F0 = build()
+        except Exception:  # the worker's warm-up reports the build's failure; nothing else runs
+            return H.Case(reference=fwd_bwd, quantities=q, note=note, version=_version(lib))
+
+    def first(fn):
+        """fn(F0, v) once (caches), or a workload that fails in the warm-up with the same error."""
+        try:
+            fn(F0, v)
+        except Exception as e:
+            err = e
+
+            def fail(_):
+                raise err
+
+            return fail
+        return lambda _: fn(F0, v)
+
     if mv is not None:
         if rep == "implicit GGN (cache)":
             q["mv1"] = H.Workload(prepare=build, run=lambda F: mv(F, v), note="first product")
-        mv(F0, v)
-        q["mv"] = H.Workload(run=lambda _: mv(F0, v))
+        q["mv"] = H.Workload(run=first(mv))
     if solve is not None:
         comparable = not note.startswith("solve: π-damped")
-        solve(F0, v)
-        q["solve"] = H.Workload(run=lambda _: solve(F0, v), comparable=comparable, max_rounds=few)
+        q["solve"] = H.Workload(run=first(solve), comparable=comparable, max_rounds=few)
         q["solve1"] = H.Workload(
             prepare=build,
             run=lambda F: solve(F, v),
