@@ -464,11 +464,12 @@ def render(
     """The markdown report: header (date, commit, machine, load), the table, notes."""
     lines = []
     if exploratory:
-        lines += [f"**EXPLORATORY — not a committed measurement: {exploratory}.**", ""]
+        reason = exploratory.split("; rerun")[0]
+        lines += [f"**EXPLORATORY — not a committed measurement: {reason}.**", ""]
     share = "?" if load is None else f"{100 * load:.0f}%"
     per_case = [r.load for r in results if r.load is not None]
     lines.append(
-        f"{info['date']}, commit `{info['commit']}`, {info['machine']}, torch {info['torch']}, "
+        f"Started {info['date']}, commit `{info['commit']}`, {info['machine']}, torch {info['torch']}, "
         f"Python {info['python']}, {info['threads']} thread(s) per worker, {info['device']}, "
         f"{info['rounds']} rounds (block-diagonal CNN: 3, its first solve 1). CPU share used by "
         f"other processes during the run: **{share}** (per case "
@@ -485,7 +486,8 @@ def render(
         f"Clock: **{name}**. Ratios to one forward+backward (median over rounds [interquartile "
         "range]); **ours / peer**: median of the per-round paired ratios [IQR]; *best peer*: the "
         f"fastest peer computing the same matrix; *{other}*: the paired median on the other "
-        "clock; peak MiB: extra resident memory of one call. Verdict: **target** = median ≤ 0.8 "
+        "clock; peak MiB: extra resident memory of one call; (≠): not comparable (another "
+        "matrix, or a lazy constructor). Verdict: **target** = median ≤ 0.8 "
         "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1."
     )
     lines.append("")
