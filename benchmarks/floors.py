@@ -14,7 +14,9 @@ divided by the floor's. The cases (benchmarks/models.py, float32):
   (G V) Rᵀ R / N, and dense A for the other layers.
 * ``mlp kfac solve1`` — the factorisations an exactly damped Kronecker solve needs: ``eigh`` of
   every G and of every dense A, the complete QR of the first layer's 785 × 256 rows, then one
-  application of the eigenbases to v.
+  application of the eigenbases to v (the floor of the route nngeo_ops takes today; the thin-basis
+  solve described in the README would lower it).
+
 The CNN's KFAC build has no bare-torch floor here: written with ``unfold``, ``max_unpool2d`` and
 ``conv2d_input`` it is slower than the libraries themselves (their strided patches and autograd's
 kernels are faster), so its floor is given as a count of multiply-adds in benchmarks/README.md.
