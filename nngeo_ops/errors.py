@@ -54,3 +54,12 @@ class InvalidArgumentError(NNGeoError, ValueError):
 
 class ArgumentTypeError(NNGeoError, TypeError):
     """An argument is of the wrong kind (not a tensor, not a node, wrong number of dimensions)."""
+
+
+class ModelStateError(NNGeoError, RuntimeError):
+    """The model is in a state where the quantity is undefined (e.g. BatchNorm in training mode
+    couples the examples of a batch, so per-example Jacobians do not exist)."""
+
+
+class MixedDTypeError(DTypeDeviceError, ValueError):
+    """The covered parameters of a model have different dtypes; convert the model with ``.to(dtype)``."""
