@@ -129,6 +129,11 @@ class _Compat:
         return backend.stats_from_jacobian(self._jacobian_kind, examples, lc)
 
     # ------------------------------------------------------------------ results as compat objects
+    def _wrap(self, like, flat):
+        if isinstance(like, _PVector):
+            return PVector(self.layer_collection, vector_repr=flat)
+        return flat
+
     def _expr(self, op):
         return PMatExpr(self.layer_collection, op, self.generator)
 

@@ -6,11 +6,24 @@ from __future__ import annotations
 import torch
 
 from ....nn import vector as _v
+from ..layercollection import LayerCollection
 
 
 class PVector(_v.PVector):
     """Our PVector, plus NNGeometry's in-place ``+=``, ``-=``, ``*=`` (which, as in NNGeometry,
     modify the stored tensors and need both operands stored alike: both flat or both per layer)."""
+
+    @staticmethod
+    def from_model(model, layer_collection=None) -> PVector:
+        lc = layer_collection or LayerCollection.from_model(model)
+        v = _v.PVector.from_model(model, lc)
+        return PVector(v.layer_collection, dict_repr=v.dict_repr)
+
+    @staticmethod
+    def from_model_grad(model, layer_collection=None) -> PVector:
+        lc = layer_collection or LayerCollection.from_model(model)
+        v = _v.PVector.from_model_grad(model, lc)
+        return PVector(v.layer_collection, dict_repr=v.dict_repr)
 
     def _inplace(self, other, op):
         if self.dict_repr is not None and getattr(other, "dict_repr", None) is not None:
