@@ -445,3 +445,32 @@ def test_custom_layers_fisher():
         warnings.simplefilter("ignore")
         with pytest.raises(NotImplementedError, match="structured"):
             FIM(model, _loader(x, y), PMatKFAC)
+
+
+def test_core_mixed_representation_through_our_fim():
+    from nngeo_ops.nn import FIM as OurFIM
+    from nngeo_ops.nn import LayerCollection as OurLC
+    from nngeo_ops.nn import PMatEKFAC as OurEKFAC
+    from nngeo_ops.nn.mixed import PMatEKFACBlockDiag as OurMixed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    x, y = _data(n=10)
+    loader = _loader(x, y, 5)
+    M = OurFIM(model, loader, OurMixed, progress=False)
+    assert M.layer_map["1"].__name__ == "PMatBlockDiag"
+    ref = gt.fim(model, x, "classif_logits")
+    sl = M.layer_collection.layer_slices()
+    dense = M.to_torch()
+    torch.testing.assert_close(dense[sl["1"], sl["1"]], ref[sl["1"], sl["1"]])
+    lc = OurLC.from_modules(model, [model[0], model[3]])
+    E = OurFIM(model, loader, OurEKFAC, layer_collection=lc, progress=False).to_torch()
+    esl = lc.layer_slices()
+    for lid in ("0", "3"):  # ours refits the EKFAC diagonal at construction
+        torch.testing.assert_close(dense[sl[lid], sl[lid]], E[esl[lid], esl[lid]])
+    torch.testing.assert_close(M.trace(), dense.trace())
+    lam = 1e-2
+    v = torch.randn(dense.shape[0], dtype=D)
+    torch.testing.assert_close(
+        M.solve(v, regul=lam), torch.linalg.solve(dense + lam * torch.eye(len(v), dtype=D), v)
+    )
