@@ -80,6 +80,27 @@ def kron_order(layer_collection) -> torch.Tensor | None:
     return torch.cat(parts) if moved else None
 
 
+def _factor_eigenvalues(pmat) -> torch.Tensor:
+    """All eigenvalues of one of our KFAC / EKFAC matrices from its factors, per layer: λ_G ⊗ λ_A
+    (the parameter-order permutation does not change them), the fitted diagonal for EKFAC, the
+    dense blocks' own eigenvalues."""
+    out = []
+    for lid in pmat.layer_collection.layers:
+        f = pmat.data[lid]
+        if "block" in f:
+            out.append(torch.linalg.eigvalsh(f["block"]))
+            continue
+        if "diag" in f:
+            out.append(f["diag"])
+        else:
+            a, g = pmat.get_factors(lid)
+            ea = a if a.dim() == 1 else torch.linalg.eigvalsh(a)
+            out.append(torch.kron(torch.linalg.eigvalsh(g), ea))
+        if "bias" in f:
+            out.append(torch.linalg.eigvalsh(f["bias"]))
+    return torch.cat(out)
+
+
 class _Compat:
     """NNGeometry's methods on one of our representations (``self.op`` over ``self.layer_collection``)."""
 
@@ -399,6 +420,9 @@ class PMatKFAC(_Compat, _kf.PMatKFAC):
             return self._factored(regul, use_pi).inv()
         raise UnsupportedCompatError(f"solve={solve!r} is not available for PMatKFAC")
 
+    def _eigenvalues(self):
+        return _factor_eigenvalues(self)
+
     def compute_eigendecomposition(self, impl: str = "eigh") -> None:
         """Per layer: ``evals[lid] = (λ_A, λ_G)``, ``evecs[lid] = (Q_A, Q_G)`` of the factors."""
         if impl != "eigh":
@@ -425,6 +449,9 @@ class PMatEKFAC(_Compat, _kf.PMatEKFAC):
     def pow(self, p, regul=1e-8):
         return self._expr(self._damped(regul).pow(p))
 
+    def _eigenvalues(self):
+        return _factor_eigenvalues(self)
+
     def update_diag(self, examples):
         super().update_diag(examples)
         self.__dict__.pop("_damped_nodes", None)
@@ -439,6 +466,15 @@ class PMatMixed(_Compat, _mx.PMatMixed):
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kw):
         self._compat_init(layer_collection, generator, data, examples, **kw)
+
+    def _eigenvalues(self):
+        parts = []
+        for pmat in self.sub_pmats.values():
+            if isinstance(pmat, _kf.PMatKFAC):
+                parts.append(_factor_eigenvalues(pmat))
+            else:
+                parts.append(pmat.op.eigh().evals)
+        return torch.cat(parts)
 
 
 class PMatEKFACBlockDiag(PMatMixed):
