@@ -132,8 +132,9 @@ def test_model_called_only_through_another_models_function_gives_zero():
     x, y = _data()
     lc = LayerCollection.from_model(model2)
     backend = TorchHooksJacobianBackend(model2, function=lambda *d: model1(d[0]))
-    F = PMatDense(lc, backend, examples=_loader(x, y))
-    torch.testing.assert_close(F.to_torch(), torch.zeros(lc.numel(), lc.numel(), dtype=D))
+    zero = torch.zeros(lc.numel(), lc.numel(), dtype=D)
+    torch.testing.assert_close(PMatDense(lc, backend, examples=_loader(x, y)).to_torch(), zero)
+    torch.testing.assert_close(PMatKFAC(lc, backend, examples=_loader(x, y)).to_torch(), zero)
 
 
 def test_errors_have_nngeometry_kinds():
@@ -474,3 +475,16 @@ def test_core_mixed_representation_through_our_fim():
     torch.testing.assert_close(
         M.solve(v, regul=lam), torch.linalg.solve(dense + lam * torch.eye(len(v), dtype=D), v)
     )
+
+
+def test_monte_carlo_regression_covariance_is_nngeometry_s():
+    from nngeo_ops.compat.nngeometry.metrics import FIM_MonteCarlo
+
+    model = _mlp()
+    x, y = _data(n=40)
+    loader = _loader(x, y, 20)
+    torch.manual_seed(0)
+    F = FIM_MonteCarlo(model, loader, PMatDense, variant="regression", trials=400, covariance=4.0)
+    ref = 4.0 * _second_moment(model, x)[0]  # NNGeometry: Jᵀ Σ J for y ~ N(f, Σ)
+    err = torch.linalg.norm(F.to_torch() - ref) / torch.linalg.norm(ref)
+    assert err < 0.15

@@ -3,6 +3,8 @@ NNGeometry's signatures (``device`` and ``verbose`` accepted; ``verbose`` shows 
 
 from __future__ import annotations
 
+import torch
+
 from ...nn import metrics as _m
 from .backend.torch_hooks.torch_hooks import check_same_dtype
 from .layercollection import LayerCollection
@@ -50,7 +52,15 @@ def FIM_MonteCarlo(
     verbose=False,
     **kwargs,
 ):
-    """The Fisher with ``trials`` labels per example drawn from the model."""
+    """The Fisher with ``trials`` labels per example drawn from the model.
+
+    NNGeometry's ``variant="regression"`` with ``covariance=Σ`` draws y ~ N(f, Σ) and averages the
+    outer products of Jᵀ(y − f), i.e. estimates Jᵀ Σ J (not the Fisher Jᵀ Σ⁻¹ J of N(f, Σ), which is
+    what ``nngeo_ops.nn.FIM_MonteCarlo`` estimates): the compat layer keeps NNGeometry's meaning by
+    handing Σ⁻¹ to ours.
+    """
+    if variant == "regression" and kwargs.get("covariance") is not None:
+        kwargs["covariance"] = _inverse_covariance(kwargs["covariance"])
     return _m.FIM_MonteCarlo(
         model,
         loader,
@@ -62,3 +72,10 @@ def FIM_MonteCarlo(
         progress=bool(verbose),
         **kwargs,
     )
+
+
+def _inverse_covariance(cov):
+    c = torch.as_tensor(cov).detach()
+    if c.dim() <= 1:
+        return 1.0 / c
+    return torch.linalg.inv(c)

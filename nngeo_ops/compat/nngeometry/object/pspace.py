@@ -39,6 +39,7 @@ from ....nn.pfmap import mapTMmap as _mapTMmap
 from ....nn.vector import PVector as _PVector
 from ....ops import Eigen
 from .._errors import NormOrderError, UnsupportedCompatError
+from ..backend.torch_hooks.torch_hooks import TorchHooksJacobianBackend
 from ..layercollection import LayerCollection
 from .map import PFMapDense
 from .vector import PVector
@@ -78,6 +79,14 @@ def kron_order(layer_collection) -> torch.Tensor | None:
         else:
             parts.append(start + torch.arange(n))
     return torch.cat(parts) if moved else None
+
+
+def _zeros_like(data):
+    if torch.is_tensor(data):
+        return torch.zeros_like(data)
+    if isinstance(data, dict):
+        return {k: _zeros_like(v) for k, v in data.items()}
+    return data
 
 
 def _factor_eigenvalues(pmat) -> torch.Tensor:
@@ -136,8 +145,21 @@ class _Compat:
             # function runs): the Jacobian route (torch.func on the whole function) still applies
             if backend is None or data is not None or "never called" not in str(err):
                 raise
-            data = self._jacobian_data(backend, examples, lc)
+            if self._jacobian_kind is not None:
+                data = self._jacobian_data(backend, examples, lc)
+            else:
+                data = self._zero_data(backend, lc, examples, **kw)
             self._ours.__init__(self, gen, data=data, **kw)
+
+    def _zero_data(self, backend, lc, examples, **kw):
+        """The data of the zero matrix, shaped by one build with the model's own forward.
+
+        When the backend's function never calls the covered modules, the function does not depend
+        on their parameters and every curvature matrix over them is exactly zero; Kronecker-factored
+        representations get zero factors of the right sizes."""
+        own = TorchHooksJacobianBackend(backend.model, verbose=backend.verbose)
+        probe = self._ours(own.curvature_generator(lc), examples=examples, **kw)
+        return _zeros_like(probe.data)
 
     def _jacobian_data(self, backend, examples, lc):
         if self._jacobian_kind is None or not hasattr(backend, "stats_from_jacobian"):
