@@ -488,3 +488,16 @@ def test_monte_carlo_regression_covariance_is_nngeometry_s():
     ref = 4.0 * _second_moment(model, x)[0]  # NNGeometry: Jᵀ Σ J for y ~ N(f, Σ)
     err = torch.linalg.norm(F.to_torch() - ref) / torch.linalg.norm(ref)
     assert err < 0.15
+
+
+def test_one_batch_as_examples():
+    model = _mlp()
+    x, y = _data(n=6)
+    lc = LayerCollection.from_model(model)
+    backend = TorchHooksJacobianBackend(model)
+    ref = _second_moment(model, x)[0]
+    for batch in ([x, y], (x, y), x):
+        torch.testing.assert_close(PMatDense(lc, backend, examples=batch).to_torch(), ref)
+    torch.testing.assert_close(
+        PFMapDense(lc, backend, examples=[x, y]).to_torch(), gt.jacobian(model, x).permute(1, 0, 2)
+    )

@@ -16,6 +16,9 @@ class FMatDense(_fm.FMatDense):
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None):
         if data is None:
+            from .pspace import as_loader  # pspace builds on this module
+
+            examples = as_loader(examples)
             if hasattr(generator, "get_gram_matrix") and hasattr(generator, "jacobian_generator"):
                 lc = layer_collection or LayerCollection.from_model(generator.model)
                 data = generator.get_gram_matrix(examples, lc)

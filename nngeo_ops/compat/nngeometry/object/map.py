@@ -23,6 +23,9 @@ class PFMapDense(_pf.PFMapDense):
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None):
         if data is None:
+            from .pspace import as_loader  # pspace builds on this module
+
+            examples = as_loader(examples)
             if generator is None:
                 raise ValueError("PFMapDense needs a generator (and examples) or data")
             gen, layer_collection = _jacobian_generator(generator, layer_collection)

@@ -81,6 +81,16 @@ def kron_order(layer_collection) -> torch.Tensor | None:
     return torch.cat(parts) if moved else None
 
 
+def as_loader(examples):
+    """NNGeometry accepts one batch (a tensor, or a list / tuple of tensors as a DataLoader yields
+    it) where a loader is expected: wrap it as a loader of one batch."""
+    if torch.is_tensor(examples):
+        return [(examples,)]
+    if isinstance(examples, list | tuple) and examples and torch.is_tensor(examples[0]):
+        return [tuple(examples)]
+    return examples
+
+
 def _zeros_like(data):
     if torch.is_tensor(data):
         return torch.zeros_like(data)
@@ -119,6 +129,7 @@ class _Compat:
     _ours = None  # our class, whose constructor this one wraps
 
     def _compat_init(self, layer_collection, generator, data, examples, **kw):
+        examples = as_loader(examples)
         backend = generator if hasattr(generator, "curvature_generator") else None
         self.compat_backend = backend
         if backend is not None:
