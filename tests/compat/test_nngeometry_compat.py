@@ -501,3 +501,12 @@ def test_one_batch_as_examples():
     torch.testing.assert_close(
         PFMapDense(lc, backend, examples=[x, y]).to_torch(), gt.jacobian(model, x).permute(1, 0, 2)
     )
+
+
+def test_module_called_twice_is_supported():
+    # NNGeometry raises NotImplementedError here; the total derivative is well defined and ours
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4)] * 2).to(D)
+    d = torch.rand((5, 4), dtype=D)
+    J = Jacobian(model, (d,), lambda x: model(x)).to_torch()
+    torch.testing.assert_close(J, gt.jacobian(model, d).permute(1, 0, 2))
