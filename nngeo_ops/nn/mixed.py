@@ -42,6 +42,7 @@ def restricted_generator(generator: CurvatureGenerator, lc: LayerCollection) -> 
         device=generator.device,
         progress=generator.progress,
         kfac_mode=generator.kfac_mode,
+        process_group=generator.process_group,
     )
 
 
