@@ -156,6 +156,10 @@ class Dense(LinearOperator):
         return cached_factor(self, "cholesky", compute)
 
     def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LU factorisation ``(LU, pivots)`` of ``torch.linalg.lu_factor`` in ``factor_dtype``, cached
+        on the leaf; raises :class:`~nngeo_ops.errors.SingularError` at a zero pivot.
+        """
+
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             _check_finite(self.M, "LU")
             LU, piv, info = torch.linalg.lu_factor_ex(self.M.to(self.factor_dtype))
