@@ -529,6 +529,10 @@ class Preconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: counters, statistics, damping, the Monte-Carlo generator's state
+        and the CG warm start; the curvature operator is rebuilt from the restored frozen statistics (if
+        any) and the training-step hooks are re-armed when a refresh is due.
+        """
         self.steps = int(state["steps"])
         self.stats = state["stats"]
         self.frozen = state["frozen"]
