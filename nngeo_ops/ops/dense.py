@@ -21,11 +21,11 @@ class Dense(LinearOperator):
             eigendecomposition with an eigenvalue below ``−√eps·max|λ|``, on a node tagged PSD
             raises :class:`~nngeo_ops.errors.NotPSDError`. Symmetry implied by ``symmetric=True``
             or ``psd=True`` is verified at construction, to ``√eps·max|M|`` (O(n²)).
+        orthogonal: tag for orthonormal columns.
+        name: how the node prints (default ``M``).
 
     NaN / inf entries raise :class:`~nngeo_ops.errors.NonFiniteError` when the matrix is first
     factorised (the check of every other leaf runs at construction).
-        orthogonal: tag for orthonormal columns.
-        name: how the node prints (default ``M``).
     """
 
     _tensor_fields = ("M",)
