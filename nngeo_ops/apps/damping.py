@@ -35,7 +35,7 @@ def _check(value, what="damping") -> float:
 
 
 class ConstantDamping:
-    """λ fixed."""
+    """λ fixed (a finite number ≥ 0) at every step."""
 
     adaptive = False
 

@@ -45,7 +45,31 @@ def check_trainable(model, layer_collection=None) -> None:
 
 
 class CurvatureGenerator:
-    """Model + loss + kind. ``kfac_mode`` ('expand' or 'reduce') picks the KFAC weight-sharing form."""
+    """Model + loss + kind: what a representation (``PMatDense``, ``PMatKFAC``, ...) is built from.
+
+    Usually made by the entry points of :mod:`nngeo_ops.nn.metrics` (``FIM``, ``GGN``, ...), which
+    state the conventions: Fisher matrices are means over examples; GGN and Hessian follow the loss's
+    reduction (``mean`` over the whole loader, or ``sum``).
+
+    Args:
+        model: the ``nn.Module``; its covered parameters fix the default device and the dtype of
+            the statistics.
+        output_model: the loss / likelihood on the outputs (see :mod:`nngeo_ops.nn.outputs`).
+        kind: ``"exact"`` (expectation over the model's labels), ``"sample"`` (Monte-Carlo labels),
+            ``"empirical"`` (the data's labels) or ``"hessian"``.
+        layer_collection: the covered parameters (default: every trainable parameter of
+            ``model``); it fixes the flat order of every vector and matrix.
+        function: ``function(*batch)`` computes the outputs (default ``model(batch[0])``).
+        trials: Monte-Carlo labels drawn per example for ``kind="sample"``.
+        generator: the ``torch.Generator`` of those draws.
+        n_output: the expected number of outputs per example, checked when given.
+        device: where the statistics are computed (default: that of the covered parameters).
+        progress: a tqdm bar on the passes over the data: True shows it, False hides it, None
+            shows it only on a terminal.
+        kfac_mode: ``"expand"`` or ``"reduce"``, the KFAC form for weight sharing.
+        process_group: the ``torch.distributed`` group whose shards are summed (see
+            :mod:`nngeo_ops.nn.distributed`).
+    """
 
     def __init__(
         self,

@@ -233,7 +233,11 @@ def _data_from_examples(cls, generator, examples):
 
 
 class PMatDense(PMatAbstract):
-    """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor."""
+    """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor.
+
+    Rows and columns follow the flat order of the layer collection; storage is P² numbers, solves
+    and log-determinants factorise it (O(P³), cached).
+    """
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
@@ -266,7 +270,11 @@ class PMatDense(PMatAbstract):
 
 
 class PMatBlockDiag(PMatAbstract):
-    """One dense block per layer, ``BlockDiag`` of ``Dense``. ``data``: {layer_id: block}."""
+    """One dense block per layer, ``BlockDiag`` of ``Dense``. ``data``: {layer_id: block}.
+
+    Block ``l`` is the ``(d_l, d_l)`` diagonal block of the full matrix over layer ``l``'s
+    parameters (flat order within the layer); couplings between layers are dropped.
+    """
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
@@ -299,7 +307,8 @@ class PMatBlockDiag(PMatAbstract):
 
 
 class PMatDiag(PMatAbstract):
-    """The diagonal, ``Diagonal`` node. ``data``: the (P,) tensor."""
+    """The diagonal, ``Diagonal`` node. ``data``: the (P,) tensor ``(M_ii)``, in the flat order of
+    the layer collection (for the Hessian, the diagonals of its exact per-layer blocks)."""
 
     def __init__(self, generator, data=None, examples=None):
         lc = generator.layer_collection

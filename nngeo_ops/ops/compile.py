@@ -56,7 +56,14 @@ class CompilePolicy:
 
 
 class Compiled:
-    """A simplified expression with memoised routines; see the module docstring."""
+    """A simplified expression with memoised routines; see the module docstring.
+
+    Attributes:
+        expr: the expression as given.
+        policy: the :class:`CompilePolicy` (the default one when None was given).
+        simplified: ``expr`` after the rewrite rules; every quantity is computed on it.
+        estimates: ``{(quantity, node formula): Estimate}`` of every stochastic fallback that ran.
+    """
 
     def __init__(self, expr: LinearOperator, policy: CompilePolicy | None = None) -> None:
         self.expr = expr

@@ -174,7 +174,8 @@ class Scale(LinearOperator):
 
 
 class Transpose(LinearOperator):
-    """``Aᵀ``."""
+    """``Aᵀ`` of an ``(m, n)`` node, shape ``(n, m)``: its products are the child's transposed
+    products."""
 
     _node_fields = ("child",)
 
