@@ -1,92 +1,83 @@
-"""Construction, ``mv`` and ``solve`` time of each representation, as a ratio to one forward+backward.
+"""Curvature representations of nngeo_ops against its peers, as paired ratios (benchmarks/harness.py).
 
-Models (issue 3): an MLP 784-256-128-10 on a batch of 256, and a small CNN (two conv layers on
-3×32×32) on a batch of 128; one batch of random data, float32 (NNGeometry 0.4 fails in float64 for
-``classif_logits``), on the default device. The Fisher of ``classif_logits`` / the GGN of
-``CrossEntropyLoss(reduction="mean")`` is the same matrix, so every library computes the same thing.
+For the Fisher of ``classif_logits`` (= the GGN of ``CrossEntropyLoss(reduction="mean")``, the
+same matrix in every library) of three models (benchmarks/models.py: an MLP, a small CNN, a small
+transformer block), float32, one batch, each representation is timed for
 
-Peers (NNGeometry, curvlinops, BackPACK, ASDL) are timed in the same process, on the same batch, against
-the same forward+backward, only where installed and where they support the case; none is a dependency.
-Install them in a scratch environment, e.g.::
+* ``build``: constructing it from the batch (what the library does at construction; curvlinops
+  builds lazily, so its factors are forced);
+* ``mv``: one matrix-vector product (implicit GGN: one Jᵀ H J v over the batch; ``mv1``: the first
+  product of the cached implicit GGN, which linearises the batch);
+* ``solve``: ``(F + λI)⁻¹ v`` with λ = 1e-3 once the factorisation is cached; ``solve1`` the first
+  damped solve of a freshly built representation (factorisation included; the build is not timed),
 
-    python -m venv /tmp/peers --system-site-packages
-    /tmp/peers/bin/pip install --no-deps nngeometry curvlinops-for-pytorch backpack-for-pytorch \
-        asdfghjkl einops einconv opt-einsum unfoldNd linear_operator jaxtyping wadler-lindig
-    /tmp/peers/bin/python benchmarks/bench_curvature.py
+each as a ratio to one plain forward+backward of the same model on the same batch, timed against
+its own adjacent forward+backward in a fresh worker process per library and case, over alternating
+rounds; the report gives the median of the per-round ratios ours / peer and their IQR (see
+benchmarks/harness.py). Peers (NNGeometry 0.4, curvlinops, BackPACK, ASDL) run in the interpreter
+given by ``--python-peers`` (default /work/venv-peers/bin/python when it exists) where they import,
+and are skipped with a note otherwise; none is a dependency.
 
-Each timed call is paired with one forward+backward run just before it, and each ratio is the best of
-``--repeats`` calls over the best of their paired forward+backwards, so that load from other processes
-weighs on both sides of a ratio; with ``--rounds`` the whole table is measured again and each cell is
-the median of its rounds (the block-diagonal cases, GB-sized, run once, after everything else).
-One-time process costs (torch's lazy imports) are paid before the first case. Columns (ratios to one
-forward+backward):
-
-* ``build``: constructing the representation from the loader (one pass over the data, plus whatever
-  the library does at construction: NNGeometry/ours EKFAC eigendecompose, curvlinops builds lazily, so
-  its factors are forced here);
-* ``mv``: one matrix-vector product (for the implicit GGN: one Jᵀ H J v over the batch);
-* ``solve``: ``(F + λI)⁻¹ v`` with λ = 1e-3 once the factorisation is cached, and ``1st solve``
-  including the factorisation (ours: eigendecompositions of the Kronecker factors, exact damping;
-  NNGeometry's KFAC solve damps each factor (π-damping), a different matrix, and caches nothing).
-
-Run: ``python benchmarks/bench_curvature.py [--repeats 5] [--rounds 3] [--only mlp|cnn]``
-``[--reps kfac ...] [--no-peers] [--device cuda]``; results and their reading: benchmarks/README.md.
+Run: ``python benchmarks/bench_curvature.py [--quick] [--out DIR] [--rounds 7] [--threads 1]``
+``[--only mlp cnn transformer] [--reps kfac ...] [--no-peers] [--python-peers PATH]``
+``[--update-readme] [--allow-load]``. ``--update-readme`` rewrites the table in
+benchmarks/README.md; it refuses when other processes used more than 5 % of the CPU during the run,
+unless ``--allow-load`` is given, and then marks the table exploratory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
-import importlib.util
-import math
-import os
-import statistics
-import time
+import json
+import sys
 import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nngeo_ops.nn import (
-    FIM,
-    FIM_MonteCarlo,
-    PMatBlockDiag,
-    PMatDiag,
-    PMatEKFAC,
-    PMatImplicit,
-    PMatKFAC,
-    PVector,
-)
+from benchmarks import harness as H
+from benchmarks import report as R
+from benchmarks.models import TITLES, batch
 
-PEERS = ["nngeometry", "curvlinops", "backpack", "asdl"]
 DAMPING = 1e-3
-
-
-def mlp():
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 256),
-        nn.ReLU(),
-        nn.Linear(256, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    ), (256, 1, 28, 28)
-
-
-def cnn():
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 8 * 8, 10),
-    ), (128, 3, 32, 32)
+NAME = "bench_curvature"
+REPS = [
+    "diag",
+    "diag (MC)",
+    "kfac",
+    "kfac (MC)",
+    "ekfac (eigh only)",
+    "ekfac (refit)",
+    "implicit GGN",
+    "implicit GGN (cache)",
+    "block-diag",
+]
+# the peers that compute the same matrix (label -> module that must import)
+NNG, CL, BP, ASDL = "NNGeometry", "curvlinops", "BackPACK", "ASDL"
+MODULES = {NNG: "nngeometry", CL: "curvlinops", BP: "backpack", ASDL: "asdl"}
+PEERS = {
+    "diag": [NNG, BP, ASDL],
+    "diag (MC)": [NNG, BP, ASDL],
+    "kfac": [NNG, CL, BP, ASDL],
+    "kfac (MC)": [NNG, CL, BP, ASDL],
+    "ekfac (eigh only)": [NNG],
+    "ekfac (refit)": [CL],
+    "implicit GGN": [NNG, CL, BP],
+    "implicit GGN (cache)": [CL, BP],
+    "block-diag": [NNG, ASDL],
+}
+# the MLP's first layer alone has a 200 960² block (160 GB)
+SKIP = {("mlp", "block-diag")}
+QUANTITIES = ["build", "mv1", "mv", "solve", "solve1"]
 
 
 class OneBatch(DataLoader):
@@ -103,129 +94,89 @@ class OneBatch(DataLoader):
         return 1
 
 
-class Timer:
-    def __init__(self, device, repeats):
-        self.device, self.repeats = device, repeats
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def once(self, fn):
-        self._sync()
-        t = time.perf_counter()
-        out = fn()
-        self._sync()
-        return time.perf_counter() - t, out
-
-    def best(self, fn, repeats=None):
-        best, out = math.inf, None
-        for _ in range(repeats or self.repeats):
-            t, out = self.once(fn)
-            best = min(best, t)
-        return best, out
-
-
-# ---------------------------------------------------------------------- the cases
-# each case: (representation, library, build, mv, solve, note); build() -> obj, mv(obj, v) and
+# ---------------------------------------------------------------------- the libraries
+# each returns {rep: (build, mv, solve, note, comparable_solve)}; build() -> obj, mv(obj, v) and
 # solve(obj, v) take a flat parameter-space tensor (None where the library has no such operation)
 
 
-def ours(model, x, y, loader):
-    pv = lambda F, v: PVector(F.layer_collection, vector_repr=v)  # noqa: E731
+def ours(model, x, y):
+    from nngeo_ops.nn import (
+        FIM,
+        FIM_MonteCarlo,
+        PMatBlockDiag,
+        PMatDiag,
+        PMatEKFAC,
+        PMatImplicit,
+        PMatKFAC,
+        PVector,
+    )
+
+    loader = [(x, y)]
 
     def mv(F, v):
-        return F.mv(pv(F, v))
+        return F.mv(PVector(F.layer_collection, vector_repr=v))
 
     def solve(F, v):
-        return F.solve(pv(F, v), regul=DAMPING)
+        return F.solve(PVector(F.layer_collection, vector_repr=v), regul=DAMPING)
 
-    cases = [
-        ("diag", lambda: FIM(model, loader, PMatDiag, progress=False), mv, solve, ""),
-        (
-            "diag (MC)",
-            lambda: FIM_MonteCarlo(model, loader, PMatDiag, progress=False),
-            mv,
-            solve,
-            "",
-        ),
-        ("block-diag", lambda: FIM(model, loader, PMatBlockDiag, progress=False), mv, solve, ""),
-        ("kfac", lambda: FIM(model, loader, PMatKFAC, progress=False), mv, solve, ""),
-        (
-            "kfac (MC)",
-            lambda: FIM_MonteCarlo(model, loader, PMatKFAC, progress=False),
-            mv,
-            solve,
-            "",
-        ),
-        (
-            "ekfac (eigh only)",
-            lambda: FIM(
-                model, loader, functools.partial(PMatEKFAC, fit_diag=False), progress=False
-            ),
+    def fim(rep, mc=False):
+        f = FIM_MonteCarlo if mc else FIM
+        return lambda: f(model, loader, rep, progress=False)
+
+    return {
+        "diag": (fim(PMatDiag), mv, solve, ""),
+        "diag (MC)": (fim(PMatDiag, True), mv, solve, ""),
+        "block-diag": (fim(PMatBlockDiag), mv, solve, ""),
+        "kfac": (fim(PMatKFAC), mv, solve, ""),
+        "kfac (MC)": (fim(PMatKFAC, True), mv, solve, ""),
+        "ekfac (eigh only)": (
+            fim(functools.partial(PMatEKFAC, fit_diag=False)),
             mv,
             solve,
             "KFAC pass + eigh",
         ),
-        (
-            "ekfac (refit)",
-            lambda: FIM(model, loader, PMatEKFAC, progress=False),
-            mv,
-            solve,
-            "2 passes + eigh",
-        ),
-        (
-            "implicit GGN",
-            lambda: FIM(model, loader, PMatImplicit, progress=False),
+        "ekfac (refit)": (fim(PMatEKFAC), mv, solve, "2 passes + eigh"),
+        "implicit GGN": (fim(PMatImplicit), mv, None, "uncached: each mv runs the model"),
+        "implicit GGN (cache)": (
+            fim(functools.partial(PMatImplicit, cache=True)),
             mv,
             None,
-            "uncached: each mv runs the model",
+            "mv warm; mv1 linearises",
         ),
-        (
-            "implicit GGN (cache)",
-            lambda: FIM(model, loader, functools.partial(PMatImplicit, cache=True), progress=False),
-            mv,
-            None,
-            "mv: warm; 1st mv linearises",
-        ),
-    ]
-    return [(rep, "nngeo_ops", b, m, s, n) for rep, b, m, s, n in cases]
+    }
 
 
-def nngeometry(model, x, y, loader):
+def nngeometry(model, x, y):
     import nngeometry.metrics as M
     from nngeometry.object import PVector as NPV
     from nngeometry.object import pspace as P
 
     model = copy.deepcopy(model)
-    xs = x.clone()  # NNGeometry sets requires_grad on the inputs it is given
-    ld = OneBatch(xs, y)
-
-    def as_pv(F, v):
-        return NPV(F.generator.layer_collection, vector_repr=v)
+    ld = OneBatch(x.clone(), y)  # NNGeometry sets requires_grad on the inputs it is given
 
     def mv(F, v):
-        return F.mv(as_pv(F, v))
+        return F.mv(NPV(F.generator.layer_collection, vector_repr=v))
 
     def solve(F, v):
-        return F.solve(as_pv(F, v), regul=DAMPING)
+        return F.solve(NPV(F.generator.layer_collection, vector_repr=v), regul=DAMPING)
 
     def fim(rep, mc=False):
         f = M.FIM_MonteCarlo if mc else M.FIM
         return lambda: f(model, ld, rep, variant="classif_logits")
 
-    return [
-        ("diag", "NNGeometry", fim(P.PMatDiag), mv, solve, ""),
-        ("diag (MC)", "NNGeometry", fim(P.PMatDiag, True), mv, solve, ""),
-        ("block-diag", "NNGeometry", fim(P.PMatBlockDiag), mv, solve, ""),
-        ("kfac", "NNGeometry", fim(P.PMatKFAC), mv, solve, "solve: π-damped factors"),
-        ("kfac (MC)", "NNGeometry", fim(P.PMatKFAC, True), mv, solve, "solve: π-damped factors"),
-        ("ekfac (eigh only)", "NNGeometry", fim(P.PMatEKFAC), mv, solve, "KFAC pass + eigh"),
-        ("implicit GGN", "NNGeometry", fim(P.PMatImplicit), mv, None, "one backward per class"),
-    ]
+    pi = "solve: π-damped factors (another matrix)"
+    return {
+        "diag": (fim(P.PMatDiag), mv, solve, ""),
+        "diag (MC)": (fim(P.PMatDiag, True), mv, solve, ""),
+        "block-diag": (fim(P.PMatBlockDiag), mv, solve, ""),
+        "kfac": (fim(P.PMatKFAC), mv, solve, pi),
+        "kfac (MC)": (fim(P.PMatKFAC, True), mv, solve, pi),
+        "ekfac (eigh only)": (fim(P.PMatEKFAC), mv, solve, "KFAC pass + eigh"),
+        "implicit GGN": (fim(P.PMatImplicit), mv, None, "one backward per class"),
+    }
 
 
-def curvlinops(model, x, y, loader):
+def curvlinops(model, x, y):
     from curvlinops import (
         EKFACLinearOperator,
         FisherType,
@@ -238,7 +189,9 @@ def curvlinops(model, x, y, loader):
     data = [(x, y)]
     loss = nn.CrossEntropyLoss()
     common = dict(check_deterministic=False, num_data=x.shape[0])
-    kf = dict(common, num_per_example_loss_terms=1, separate_weight_and_bias=False)
+    kf = dict(common, separate_weight_and_bias=False)
+    if x.dim() == 3:  # the transformer: one loss term per sequence, weights shared over tokens
+        kf["kfac_approx"] = "expand"
 
     def split(v):
         return [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
@@ -266,15 +219,16 @@ def curvlinops(model, x, y, loader):
     def ggn():
         return GGNLinearOperator(model, loss, params, data, **common)
 
-    return [
-        ("kfac", "curvlinops", kfac(KFACLinearOperator, FisherType.TYPE2), mv, solve, ""),
-        ("kfac (MC)", "curvlinops", kfac(KFACLinearOperator, FisherType.MC), mv, solve, ""),
-        ("ekfac (refit)", "curvlinops", kfac(EKFACLinearOperator, FisherType.TYPE2), mv, solve, ""),
-        ("implicit GGN", "curvlinops", ggn, mv, None, ""),
-    ]
+    return {
+        "kfac": (kfac(KFACLinearOperator, FisherType.TYPE2), mv, solve, ""),
+        "kfac (MC)": (kfac(KFACLinearOperator, FisherType.MC), mv, solve, ""),
+        "ekfac (refit)": (kfac(EKFACLinearOperator, FisherType.TYPE2), mv, solve, ""),
+        "implicit GGN": (ggn, mv, None, ""),
+        "implicit GGN (cache)": (ggn, mv, None, "no cache: each mv runs the model"),
+    }
 
 
-def backpack(model, x, y, loader):
+def backpack(model, x, y):
     from backpack import backpack as bp_ctx
     from backpack import extend
     from backpack import extensions as E
@@ -298,16 +252,29 @@ def backpack(model, x, y, loader):
         vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
         return ggn_vector_product_from_plist(lossf(out, y), out, params, vs)
 
-    return [
-        ("diag", "BackPACK", ext(E.DiagGGNExact()), None, None, "DiagGGNExact"),
-        ("diag (MC)", "BackPACK", ext(E.DiagGGNMC()), None, None, "DiagGGNMC"),
-        ("kfac", "BackPACK", ext(E.KFLR()), None, None, "KFLR; factors only"),
-        ("kfac (MC)", "BackPACK", ext(E.KFAC()), None, None, "KFAC; factors only"),
-        ("implicit GGN", "BackPACK", lambda: None, ggnvp, None, "hessianfree.ggn_vector_product"),
-    ]
+    return {
+        "diag": (ext(E.DiagGGNExact()), None, None, "DiagGGNExact"),
+        "diag (MC)": (ext(E.DiagGGNMC()), None, None, "DiagGGNMC"),
+        "kfac": (ext(E.KFLR()), None, None, "KFLR; factors only"),
+        "kfac (MC)": (ext(E.KFAC()), None, None, "KFAC; factors only"),
+        "implicit GGN": (lambda: None, ggnvp, None, "hessianfree.ggn_vector_product"),
+        "implicit GGN (cache)": (lambda: None, ggnvp, None, "no cache: each mv runs the model"),
+    }
 
 
-def asdl(model, x, y, loader):
+def asdl(model, x, y):
+    if not torch.cuda.is_available():  # ASDL opens NVTX ranges unconditionally in places
+        from torch.cuda import nvtx
+
+        class NoRange(contextlib.ContextDecorator):  # used both in `with` and as a decorator
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        nvtx.range = lambda *a, **k: NoRange()
+        nvtx.range_push = nvtx.range_pop = lambda *a, **k: None
     import asdl as A
 
     model = copy.deepcopy(model)
@@ -328,166 +295,345 @@ def asdl(model, x, y, loader):
 
         return build
 
-    return [
-        ("diag", "ASDL", fisher(A.FISHER_EXACT, A.SHAPE_DIAG), None, None, ""),
-        ("diag (MC)", "ASDL", fisher(A.FISHER_MC, A.SHAPE_DIAG), None, None, ""),
-        ("block-diag", "ASDL", fisher(A.FISHER_EXACT, A.SHAPE_LAYER_WISE), None, None, ""),
-        ("kfac", "ASDL", fisher(A.FISHER_EXACT, A.SHAPE_KRON), None, None, ""),
-        ("kfac (MC)", "ASDL", fisher(A.FISHER_MC, A.SHAPE_KRON), None, None, ""),
-    ]
+    return {
+        "diag": (fisher(A.FISHER_EXACT, A.SHAPE_DIAG), None, None, ""),
+        "diag (MC)": (fisher(A.FISHER_MC, A.SHAPE_DIAG), None, None, ""),
+        "block-diag": (fisher(A.FISHER_EXACT, A.SHAPE_LAYER_WISE), None, None, ""),
+        "kfac": (fisher(A.FISHER_EXACT, A.SHAPE_KRON), None, None, ""),
+        "kfac (MC)": (fisher(A.FISHER_MC, A.SHAPE_KRON), None, None, ""),
+    }
 
 
-LIBS = {"nngeometry": nngeometry, "curvlinops": curvlinops, "backpack": backpack, "asdl": asdl}
-
-# cases too large for this benchmark: a block of the MLP's first layer is 200 960² floats (160 GB)
-SKIP = {("mlp", "block-diag")}
-# block-diag last: its dense blocks (GBs for the CNN's dense layer) change the allocator's state
-# for whatever runs after it
-ORDER = [
-    "diag",
-    "diag (MC)",
-    "kfac",
-    "kfac (MC)",
-    "ekfac (eigh only)",
-    "ekfac (refit)",
-    "implicit GGN",
-    "implicit GGN (cache)",
-    "block-diag",
-]
+LIBS = {H.OURS: ours, NNG: nngeometry, CL: curvlinops, BP: backpack, ASDL: asdl}
 
 
-def time_case(timer, fwd_bwd, build, mv, solve, v, big=False):
-    """Ratios to one forward+backward: {build, mv1, mv, solve1, solve}.
+def _version(lib):
+    if lib == H.OURS:
+        return ""
+    import importlib.metadata as md
 
-    Every timed call is preceded by one forward+backward, and each ratio divides the best time of
-    the call by the best of *those* forward+backwards: on a shared machine the load then weighs on
-    both sides of a ratio alike. The first mv / solve are kept apart (they may linearise or
-    factorise); the others are the best of the repeats after them.
-    """
-    base = []
-
-    def paired(fn):
-        base.append(timer.once(fwd_bwd)[0])
-        return timer.once(fn)
-
-    t, F = paired(build)
-    times = {"build": [t]}
-    for _ in range(0 if big else timer.repeats - 1):
-        times["build"].append(paired(build)[0])
-    for key, fn in (("mv", mv), ("solve", solve)):
-        if fn is None:
-            continue
-        call = functools.partial(fn, F, v)
-        times[key + "1"] = [paired(call)[0]]
-        times[key] = times[key + "1"] + [
-            paired(call)[0] for _ in range(1 if big and key == "solve" else timer.repeats)
-        ]
-    b = min(base)
-    return {k: min(ts) / b for k, ts in times.items()}, b
+    dist = {
+        NNG: "nngeometry",
+        CL: "curvlinops-for-pytorch",
+        BP: "backpack-for-pytorch",
+        ASDL: "asdfghjkl",
+    }[lib]
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "?"
 
 
-def bench(name, make, timer, installed, only_reps=None, rounds=1):
-    torch.manual_seed(0)
-    model, shape = make()
-    model = model.to(timer.device)
-    x = torch.randn(shape, device=timer.device)
-    y = torch.randint(0, 10, (shape[0],), device=timer.device)
-    loader = [(x, y)]
+# ---------------------------------------------------------------------- the worker side
+def setup(case_id: str, lib: str, device: torch.device) -> H.Case:
+    """The :class:`~benchmarks.harness.Case` ``"<model>/<rep>"`` of library ``lib`` (in a worker)."""
+    warnings.filterwarnings("ignore")
+    model_name, rep = case_id.split("/", 1)
+    model, x, y = batch(model_name, device)
     loss_fn = nn.CrossEntropyLoss()
 
     def fwd_bwd():
         model.zero_grad()
         loss_fn(model(x), y).backward()
 
-    for _ in range(3):
-        fwd_bwd()  # warm-up
-    base_times = [timer.best(fwd_bwd, max(timer.repeats, 10))[0]]
+    # torch imports modules lazily at the first autograd.grad with grad_outputs and at the first
+    # dual number: pay that before the warm-up, for every library alike
+    w = torch.ones(3, requires_grad=True)
+    torch.autograd.grad(w * 2, w, torch.ones(3))
+    with torch.autograd.forward_ad.dual_level():
+        torch.autograd.forward_ad.make_dual(torch.ones(1), torch.ones(1))
 
-    cases = ours(model, x, y, loader)
-    for lib in installed:
-        try:
-            cases += LIBS[lib](model, x, y, loader)
-        except Exception as e:  # a peer that does not import or set up here
-            print(f"  [{lib}] skipped: {type(e).__name__}: {e}")
+    table = LIBS[lib](model, x, y)
+    if rep not in table:
+        raise LookupError(f"{lib} has no {rep!r}")
+    build, mv, solve, note = table[rep]
     torch.manual_seed(1)
-    v = torch.randn(sum(p.numel() for p in model.parameters()), device=timer.device)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), device=device)
+    heavy = rep == "block-diag" and model_name == "cnn"  # GB-sized blocks: seconds per call
+    few = 3 if heavy else None
+    q = {"build": H.Workload(run=lambda _: build(), max_rounds=few)}
+    if mv is not None or solve is not None:
+        try:
+            F0 = build()
+        except Exception:  # the worker's warm-up reports the build's failure; nothing else runs
+            return H.Case(reference=fwd_bwd, quantities=q, note=note, version=_version(lib))
 
-    results = {}
-    for rnd in range(rounds):  # rounds spread each case's repeats over the run: median per cell
-        for rep, lib, build, mv, solve, note in sorted(cases, key=lambda c: ORDER.index(c[0])):
-            if (name, rep) in SKIP or (only_reps and rep not in only_reps):
+    def first(fn):
+        """fn(F0, v) once (caches), or a workload that fails in the warm-up with the same error."""
+        try:
+            fn(F0, v)
+        except Exception as e:
+            err = e
+
+            def fail(_):
+                raise err
+
+            return fail
+        return lambda _: fn(F0, v)
+
+    if mv is not None:
+        if rep == "implicit GGN (cache)":
+            q["mv1"] = H.Workload(prepare=build, run=lambda F: mv(F, v), note="first product")
+        q["mv"] = H.Workload(run=first(mv))
+    if solve is not None:
+        comparable = not note.startswith("solve: π-damped")
+        q["solve"] = H.Workload(run=first(solve), comparable=comparable, max_rounds=few)
+        q["solve1"] = H.Workload(
+            prepare=build,
+            run=lambda F: solve(F, v),
+            comparable=comparable,
+            max_rounds=1 if heavy else None,
+        )
+    return H.Case(reference=fwd_bwd, quantities=q, note=note, version=_version(lib))
+
+
+# ---------------------------------------------------------------------- the coordinator side
+def specs(models, reps, peers: bool) -> list[H.CaseSpec]:
+    out = []
+    for m in models:
+        for rep in reps:
+            if (m, rep) in SKIP:
                 continue
-            if rnd < rounds - 1 and rep == "block-diag":  # seconds per build: the last round only
+            ps = {p: MODULES[p] for p in PEERS[rep]} if peers else {}
+            out.append(H.CaseSpec(f"{m}/{rep}", f"{TITLES[m]}: {rep}", ps))
+    return out
+
+
+def _cell(res: H.CaseResult, lib: str, q: str) -> str:
+    rs = res.ratios(lib, q)
+    return "—" if not rs else f"{H.quartiles(rs)[1]:.2f}"
+
+
+def verdict(stats, ours_fb: float, peer_fb: float) -> str:
+    """target (median ≤ 0.8, upper quartile < 1), lead, tie, peer wins; negligible below 0.1 fb."""
+    q1, m, q3 = stats
+    if max(ours_fb, peer_fb) < 0.1:
+        return "negligible"
+    if q3 < 1.0:
+        return "**target**" if m <= 0.8 else "lead"
+    if q1 > 1.0:
+        return "peer wins"
+    return "tie"
+
+
+def rows(results: list[H.CaseResult], clock: str = "wall"):
+    """(model, rep, q, ours stats, result, best peer, {peer: (paired, peer's, comparable, other)}).
+
+    Stats are quartiles over rounds on ``clock``; ``other`` is the paired median on the other clock.
+    """
+    other_clock = "cpu" if clock == "wall" else "wall"
+    out = []
+    for res in results:
+        model, rep = res.spec.case_id.split("/", 1)
+        for q in QUANTITIES:
+            ours_r = res.ratios(H.OURS, q, clock)
+            if not ours_r:
                 continue
-            row = results.setdefault((rep, lib), {"rep": rep, "lib": lib, "note": note})
-            try:
-                ratios, b = time_case(timer, fwd_bwd, build, mv, solve, v, big=rep == "block-diag")
-            except Exception as e:  # the library does not support this case
-                row["note"] = f"fails: {type(e).__name__}: {str(e)[:60]}"
-                continue
-            base_times.append(b)
-            for k, r in ratios.items():
-                row.setdefault(k, []).append(r)
-    results = list(results.values())
-    for row in results:
-        for k in ("build", "mv1", "mv", "solve1", "solve"):
-            if k in row:
-                row[k] = statistics.median(row[k])
-    base = min(base_times)
-    spread = statistics.median(base_times) / base
-    print(
-        f"\n{name}: one forward+backward = {base * 1e3:.2f} ms at best, median of the paired ones "
-        f"{spread:.2f}× that ({timer.device}; {rounds} round(s))"
+            paired = {}
+            for lib in res.libs[1:]:
+                pr = res.paired(lib, q, clock)
+                if pr:
+                    comparable = res.info.get(lib, {}).get(q, {}).get("comparable", True)
+                    # an implicit operator's "build" is lazy everywhere (a peer's may be no call)
+                    comparable = comparable and not (rep.startswith("implicit") and q == "build")
+                    po = res.paired(lib, q, other_clock)
+                    other = H.quartiles(po)[1] if po else float("nan")
+                    peer_r = H.quartiles(res.ratios(lib, q, clock))
+                    paired[lib] = (H.quartiles(pr), peer_r, comparable, other)
+            best = min(
+                (lib for lib in paired if paired[lib][2]),
+                key=lambda lib: paired[lib][1][1],
+                default=None,
+            )
+            out.append((model, rep, q, H.quartiles(ours_r), res, best, paired))
+    return out
+
+
+def _mib(res, lib, q):
+    m = res.memory.get(lib, {}).get(q)
+    return "—" if m is None else f"{m:.0f}"
+
+
+def render(
+    results: list[H.CaseResult],
+    info: dict,
+    load: float | None,
+    exploratory: str | None,
+    clock: str = "wall",
+) -> str:
+    """The markdown report: header (date, commit, machine, load), the table, notes."""
+    lines = []
+    if exploratory:
+        reason = exploratory.split("; rerun")[0]
+        lines += [f"**EXPLORATORY — not a committed measurement: {reason}.**", ""]
+    share = "?" if load is None else f"{100 * load:.0f}%"
+    per_case = [r.load for r in results if r.load is not None]
+    lines.append(
+        f"Started {info['date']}, commit `{info['commit']}`, {info['machine']}, torch {info['torch']}, "
+        f"Python {info['python']}, {info['threads']} thread(s) per worker, {info['device']}, "
+        f"{info['rounds']} rounds (block-diagonal CNN: 3, its first solve 1). CPU share used by "
+        f"other processes during the run: **{share}** (per case "
+        + (f"{100 * min(per_case):.0f}–{100 * max(per_case):.0f}%" if per_case else "?")
+        + ")."
     )
-    print(table(results))
-    return results, base
-
-
-def _fmt(row, key):
-    t = row.get(key)
-    return "—" if t is None else f"{t:.2f}"
-
-
-def table(results):
-    head = "| representation | library | build | mv | solve | 1st solve | note |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---|"]
-    for r in results:
-        cells = [r["rep"], r["lib"]] + [_fmt(r, k) for k in ("build", "mv", "solve", "solve1")]
-        note = r["note"]
-        if r.get("mv1") is not None and r.get("mv") and r["mv1"] > 1.5 * r["mv"]:
-            note = (note + "; " if note else "") + f"1st mv {r['mv1']:.2f}"
-        lines.append("| " + " | ".join(cells + [note]) + " |")
+    versions = sorted({f"{lib} {v}" for r in results for lib, v in r.versions.items() if v})
+    if versions:
+        lines.append("Peers: " + ", ".join(versions) + ".")
+    lines.append("")
+    name = "CPU time of the worker process" if clock == "cpu" else "wall-clock time"
+    other = "CPU-time" if clock == "wall" else "wall-clock"
+    lines.append(
+        f"Clock: **{name}**. Ratios to one forward+backward (median over rounds [interquartile "
+        "range]); **ours / peer**: median of the per-round paired ratios [IQR]; *best peer*: the "
+        f"fastest peer computing the same matrix; *{other}*: the paired median on the other "
+        "clock; peak MiB: extra resident memory of one call; (≠): not comparable (another "
+        "matrix, or a lazy constructor). Verdict: **target** = median ≤ 0.8 "
+        "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1."
+    )
+    lines.append("")
+    head = (
+        "| model | representation | quantity | ours ×fb | best peer | peer ×fb | ours / peer "
+        f"| {other} | verdict | peak MiB ours / peer | other peers (×fb → ours / peer) |"
+    )
+    lines += [head, "|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
+    for model, rep, q, ours_s, res, best, paired in rows(results, clock):
+        if best is None:
+            bcells = ["—", "—", "—", "—", "no peer", f"{_mib(res, H.OURS, q)} / —"]
+        else:
+            pst, lst, _, oth = paired[best]
+            bcells = [
+                best,
+                f"{lst[1]:.2f}",
+                R.fmt_q(pst),
+                f"{oth:.2f}",
+                verdict(pst, ours_s[1], lst[1]),
+                f"{_mib(res, H.OURS, q)} / {_mib(res, best, q)}",
+            ]
+        others = "; ".join(
+            f"{lib}{'' if c else ' (≠)'} {lst[1]:.2f}× → {pst[1]:.2f}"
+            for lib, (pst, lst, c, _) in paired.items()
+            if lib != best
+        )
+        cells = [model, rep, q, f"{ours_s[1]:.2f} [{ours_s[0]:.2f}–{ours_s[2]:.2f}]"]
+        lines.append("| " + " | ".join(cells + bcells + [others or ""]) + " |")
+    notes = sorted(
+        {
+            f"{r.spec.case_id} · {k}: {v}"
+            for r in results
+            for k, v in r.notes.items()
+            if "not installed" not in v
+        }
+    )
+    if notes:
+        lines += ["", "Notes and failures:", ""] + [f"- {n}" for n in notes]
+    missing = sorted({k for r in results for k, v in r.notes.items() if "not installed" in v})
+    if missing:
+        lines += ["", "Skipped (not installed): " + ", ".join(missing) + "."]
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", choices=["mlp", "cnn"], default=None)
-    p.add_argument("--reps", nargs="*", default=None, help="only these representations")
+def chart(results, path, clock: str = "wall") -> bool:
+    labels, stats = [], []
+    for model, rep, q, ours_s, _, best, paired in rows(results, clock):
+        if best is None:
+            continue
+        if verdict(paired[best][0], ours_s[1], paired[best][1][1]) != "negligible":
+            labels.append(f"{model} {rep} {q} vs {best}")
+            stats.append(paired[best][0])
+    if labels:
+        title = f"curvature: ours / fastest peer (same matrix), {clock} clock"
+        return R.bar_chart(path, labels, stats, title)
+    # no peer ran (none installed, or --no-peers): our ratios to one forward+backward instead
+    for model, rep, q, ours_s, *_ in rows(results, clock):
+        labels.append(f"{model} {rep} {q}")
+        stats.append(ours_s)
+    if not labels:
+        return False
+    title = f"curvature: nngeo_ops alone, × one forward+backward ({clock} clock)"
+    return R.bar_chart(path, labels, stats, title, "× forward+backward (median, IQR)", (1.0,))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="MLP, KFAC and implicit GGN, 3 rounds")
+    p.add_argument("--out", default=None, help="write bench_curvature.md/.json/.png here")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per case (default 7)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--only", nargs="*", choices=list(TITLES), default=None)
+    p.add_argument("--reps", nargs="*", choices=REPS, default=None)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--python-peers", default=H.DEFAULT_PEERS_PYTHON)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-load", type=float, default=0.05, help="refuse above this load share")
+    p.add_argument("--update-readme", action="store_true", help="rewrite the README table")
+    p.add_argument("--allow-load", action="store_true", help="write it anyway, as exploratory")
     p.add_argument(
-        "--rounds", type=int, default=1, help="measure the table again, report medians per cell"
+        "--from-json",
+        nargs="*",
+        default=None,
+        help="render saved runs (bench_curvature.json files) instead of measuring",
     )
-    args = p.parse_args()
-    warnings.filterwarnings("ignore")
-    timer = Timer(torch.device(args.device), args.repeats)
-    installed = [] if args.no_peers else [m for m in PEERS if importlib.util.find_spec(m)]
-    print("peers installed:", installed or "none (only nngeo_ops is timed)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    # torch imports some modules lazily at the first autograd.grad with grad_outputs and at the
-    # first dual number (~0.5 s on CPU): pay that here, not in whichever case runs first
-    w = torch.ones(3, requires_grad=True)
-    torch.autograd.grad(w * 2, w, torch.ones(3))
-    with torch.autograd.forward_ad.dual_level():  # loads the forward-mode decompositions (~0.2 s)
-        torch.autograd.forward_ad.make_dual(torch.ones(1), torch.ones(1))
-    for name, make in (("mlp", mlp), ("cnn", cnn)):
-        if args.only in (None, name):
-            bench(name, make, timer, installed, args.reps, args.rounds)
-    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    p.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="ratios of wall or CPU time (auto: wall unless the load was above --max-load)",
+    )
+    args = p.parse_args(argv)
+    quick = args.quick
+    cfg = H.HarnessConfig(
+        rounds=args.rounds or (3 if quick else 7),
+        threads=args.threads,
+        budget_s=0.05 if quick else 0.1,
+        max_pairs=3,
+        python_peers=args.python_peers,
+        peers=not args.no_peers,
+        device=args.device,
+        max_load=args.max_load,
+    )
+    models = args.only or (["mlp"] if quick else list(TITLES))
+    reps = args.reps or (["kfac", "implicit GGN"] if quick else REPS)
+    if args.from_json:
+        saved = [json.loads(Path(f).read_text()) for f in args.from_json]
+        info = saved[0]["info"]
+        results = [H.CaseResult.from_json(c) for d in saved for c in d["cases"]]
+    else:
+        sp = specs(models, reps, cfg.peers)
+        info = R.machine_info(cfg)
+        print(f"# curvature benchmark ({len(sp)} cases, {cfg.rounds} rounds)", file=sys.stderr)
+
+        def save(done):  # a long run is saved case by case
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                doc = {"info": info, "cases": [r.to_json() for r in done]}
+                (Path(args.out) / f"{NAME}.json").write_text(json.dumps(doc))
+
+        results = H.run_suite("benchmarks.bench_curvature", sp, cfg,
+                              log=lambda s: print(s, file=sys.stderr), on_case=save)  # fmt: skip
+    load = H.overall_load(results)
+    refusal = H.check_load(load, cfg, args.allow_load)
+    clock = args.clock
+    if clock == "auto":
+        clock = "wall" if load is not None and load <= cfg.max_load else "cpu"
+    text = render(results, info, load, refusal, clock)
+    total = sum(r.seconds for r in results)
+    text += f"\n\n(measuring took {total / 60:.0f} min)\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{NAME}.md").write_text(text)
+        (out / f"{NAME}.json").write_text(
+            json.dumps({"info": info, "load": load, "cases": [r.to_json() for r in results]})
+        )
+        chart(results, out / f"{NAME}.png", clock)
+    if args.update_readme:
+        if refusal and not args.allow_load:
+            print(f"README not updated: {refusal}", file=sys.stderr)
+            return 3
+        R.replace_section(Path(__file__).with_name("README.md"), "curvature", text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

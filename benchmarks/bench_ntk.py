@@ -22,7 +22,8 @@ Part 2, one ``J @ v`` (forward mode, ``jvp``) and one ``J.T @ u`` (reverse mode,
 :class:`~nngeo_ops.nn.jacobian.Jacobian` node over the same 256 examples, against one plain
 forward+backward of the model (``out.backward(u)``), as ratios.
 
-Run: ``python benchmarks/bench_ntk.py [--repeats 3] [--device cuda] [--mlp-width 128]``; run it with
+Run: ``python benchmarks/bench_ntk.py [--quick] [--out DIR] [--repeats 3] [--device cuda]``
+``[--mlp-width 128]`` (``--quick``: N = 64, width 64, time only, no chunked run); run it with
 an interpreter where ``nngeometry`` is importable to include NNGeometry.
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,13 +44,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-if importlib.util.find_spec("nngeo_ops") is None:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the checkout this script lives in (its nngeo_ops and the benchmarks package), first on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.contract import Tee, write_report  # noqa: E402
 from nngeo_ops.nn.jacobian import Jacobian  # noqa: E402
 from nngeo_ops.nn.ntk import GramMatrix  # noqa: E402
 
-N, C = 256, 10
+# examples (--quick: 64, passed to the worker processes through the environment) and outputs
+N, C = int(os.environ.get("BENCH_NTK_N", "256")), 10
 
 
 def mlp(width):
@@ -187,24 +191,25 @@ def worker(args):
     repeats = 1 if args.measure == "memory" else args.repeats
     seconds, peak, out = measure(fns[args.method], repeats, device)
     if args.measure == "time":
-        torch.save(out.detach().cpu(), args.out)
+        torch.save(out.detach().cpu(), args.tensor_out)
     print(json.dumps({"seconds": seconds, "peak_mib": peak}))
 
 
 def bench_gram(model_name, label, args, device):
     p = sum(q.numel() for q in _setup(model_name, args, device)[0].parameters())
-    methods = ["ours", "ours_chunked", "recipe"]
+    methods = ["ours", "recipe"] if args.quick else ["ours", "ours_chunked", "recipe"]
     if importlib.util.find_spec("nngeometry") is not None:
         methods.append("nngeometry")
+    measures = ("time",) if args.quick else ("time", "memory")
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in methods:
             path = os.path.join(tmp, f"{m}.pt")
             stats = {}
-            for what in ("time", "memory"):
+            for what in measures:
                 cmd = [
                     sys.executable, __file__, "--worker", "--model", model_name, "--method", m,
-                    "--measure", what, "--out", path, "--repeats", str(args.repeats),
+                    "--measure", what, "--tensor-out", path, "--repeats", str(args.repeats),
                     "--device", args.device, "--mlp-width", str(args.mlp_width),
                 ]  # fmt: skip
                 env = dict(os.environ)
@@ -219,10 +224,11 @@ def bench_gram(model_name, label, args, device):
                     print(f"  {GRAM_METHODS[m]} failed: {tail[0]}")
                     break
                 stats[what] = json.loads(proc.stdout.strip().splitlines()[-1])
-            if len(stats) < 2:
+            if len(stats) < len(measures):
                 continue
             results[m] = torch.load(path)
-            rows.append((m, stats["time"]["seconds"], stats["memory"]["peak_mib"]))
+            peak = stats["memory"]["peak_mib"] if "memory" in stats else math.nan
+            rows.append((m, stats["time"]["seconds"], peak))
     ref = results.get("recipe")
     base = rows[0][1]
     print(f"\n### Gram matrix, {label} (P = {p}, N = {N}, C = {C}, float32, {device})\n")
@@ -230,7 +236,9 @@ def bench_gram(model_name, label, args, device):
     print("|---|---:|---:|---:|---:|")
     for m, t, mem in rows:
         err = "-" if ref is None or m == "recipe" else f"{rel_err(results[m], ref):.1e}"
-        print(f"| {GRAM_METHODS[m]} | {t:.3f} | {mem:.0f} | {t / base:.2f} | {err} |")
+        mem_s = "—" if math.isnan(mem) else f"{mem:.0f}"
+        print(f"| {GRAM_METHODS[m]} | {t:.3f} | {mem_s} | {t / base:.2f} | {err} |")
+    return [(f"{label}: {GRAM_METHODS[m]}", t / base) for m, t, _ in rows[1:]]
 
 
 def bench_products(model_name, name, args, device):
@@ -259,9 +267,10 @@ def bench_products(model_name, name, args, device):
     print(f"| J @ v (jvp) | {tj:.4f} | {tj / t0:.2f} |")
     print(f"| J.T @ u (vjp) | {tv:.4f} | {tv / t0:.2f} |")
     print(f"\n(adjointness |uᵀ(Jv) − vᵀ(Jᵀu)| / |uᵀJv| = {gap:.1e})")
+    return [(f"{name}: J @ v / fwd+bwd", tj / t0), (f"{name}: J.T @ u / fwd+bwd", tv / t0)]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -270,11 +279,41 @@ def main():
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=list(GRAM_METHODS), help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--tensor-out", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="write bench_ntk.md and bench_ntk.png here")
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 64, width 64, time only, no chunked run"
+    )
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    out = args.out
+    if args.quick:
+        global N
+        N = 64
+        os.environ["BENCH_NTK_N"] = str(N)
+        args.repeats = min(args.repeats, 2)
+        args.mlp_width = min(args.mlp_width, 64)
+    with Tee() as tee:
+        bars = run(args)
+    if out:
+        write_report(out, "bench_ntk", tee.text)
+        from benchmarks.report import bar_chart
+
+        bar_chart(
+            Path(out) / "bench_ntk.png",
+            [label for label, _ in bars],
+            [(r, r, r) for _, r in bars],
+            "NTK: peer / ours (Gram matrix), product / forward+backward",
+            "ratio",
+            (1.0,),
+            lower_is_better=False,
+        )
+
+
+def run(args):
+    """Both parts (printing as they go); returns (label, ratio) pairs for the chart."""
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
@@ -284,11 +323,13 @@ def main():
         "mlp": f"MLP 784-{args.mlp_width}-{args.mlp_width}-{C}",
         "cnn": "CNN conv16-conv32-fc",
     }
+    bars = []
     for name, label in labels.items():
         if args.only in (None, "gram"):
-            bench_gram(name, label, args, device)
+            bars += bench_gram(name, label, args, device)
         if args.only in (None, "products"):
-            bench_products(name, label, args, device)
+            bars += bench_products(name, label, args, device)
+    return bars
 
 
 if __name__ == "__main__":

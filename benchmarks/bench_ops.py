@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_ops.py            # full run (about a minute on 2 CPU cores)
     python benchmarks/bench_ops.py --quick    # fewer repetitions (well under 30 s)
+    python benchmarks/bench_ops.py --out DIR  # also DIR/bench_ops.md and DIR/bench_ops.png
 
 What is measured, all in float64 on the CPU (see ``benchmarks/README.md`` for the reading):
 
@@ -556,7 +557,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (< 30 s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--out", default=None, help="write bench_ops.md and bench_ops.png here")
     cfg = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.contract import Tee, write_report
+
+    with Tee() as tee:
+        rows = run(cfg)
+    if cfg.out:
+        write_report(cfg.out, "bench_ops", tee.text)
+        chart(rows, Path(cfg.out) / "bench_ops.png")
+
+
+def chart(rows: list[Row], path: Path) -> bool:
+    """Speed-up over dense torch of the first and repeated calls (log bars); False if no plot."""
+    from benchmarks.report import bar_chart
+
+    labels, stats = [], []
+    for r in rows:
+        for kind, t in (("first", r.first), ("repeated", r.repeated)):
+            if t and r.dense and not r.impl.startswith("dense"):
+                labels.append(f"{r.case} {r.op} {r.impl} ({kind})")
+                s = r.dense / t
+                stats.append((s, s, s))
+    if not labels:
+        return False
+    return bar_chart(
+        path,
+        labels,
+        stats,
+        "operator core: speed-up over dense torch",
+        "dense / ours",
+        (1.0, 1000.0),
+        lower_is_better=False,
+    )
+
+
+def run(cfg: argparse.Namespace) -> list[Row]:
+    """The whole benchmark (prints as it goes); returns the rows of the structured table."""
     if cfg.quick:
         cfg.dense_repeats, cfg.first_repeats, cfg.rep_repeats, cfg.slow_repeats = 1, 3, 10, 1
         cfg.number, cfg.rounds = 1000, 7
@@ -637,6 +675,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{load}; CPU share used by other processes during the run: {others_cpu_share(ticks0, own0)}"
         " (small timings are trustworthy only when this is near 0%)"
     )
+    return rows
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main():
     ggn = GGN(model, shard, loss, PMatImplicit, progress=False)  # products all-reduced
     v = torch.randn(kfac.size(0), dtype=torch.float64)  # same on every rank (same seed)
     sol, info = cg(lambda z: ggn.op @ z + 0.1 * z, v, tol=1e-12)
-    ntk = GramMatrix(model, [b[0] for b in shard], progress=False)  # gathered, replicated
+    ntk = GramMatrix(model, [(b[0],) for b in shard], progress=False)  # gathered, replicated
 
     # the single-process results on all the data, for comparison
     full = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 50, 8)]

@@ -18,7 +18,7 @@ def load_digits_or_mixture(seed: int, n_max: int | None = None) -> dict:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x = torch.tensor(d.data, dtype=torch.float32)
+        x = torch.tensor(d.data, dtype=torch.get_default_dtype())
         y = torch.tensor(d.target, dtype=torch.long)
         source = "scikit-learn digits"
     except ImportError:
@@ -47,7 +47,7 @@ def loader_of(x, y, batch_size: int = 128, shuffle: bool = False, seed: int = 0)
 
 def accuracy(model: nn.Module, x, y) -> float:
     with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+        return (model(x).argmax(1) == y).sum().item() / len(y)
 
 
 def calibration(p: torch.Tensor, y: torch.Tensor, bins: int = 10) -> tuple[float, float]:

@@ -111,20 +111,20 @@ def compare_representations(model, loader, g, damping, progress):
 
 def train_all(make, x, y, steps, damping, seed, progress):
     """The same start, the same batches: KFAC natural gradient, SGD and Adam."""
-    batches = list(loader_of(x, y, batch_size=64, shuffle=True, seed=seed))
+    batches = list(loader_of(x, y, batch_size=128, shuffle=True, seed=seed))
     curves, times = {}, {}
     for name in ["KFAC natural gradient", "SGD (momentum)", "Adam"]:
         model = make()
         if name.startswith("KFAC"):
             opt = NaturalGradient(
-                model, lr=0.3, representation=PMatKFAC, damping=damping * 100, fisher="mc",
-                update_every=5, ema_decay=0.9, momentum=0.9,
+                model, lr=0.1, representation=PMatKFAC, damping=0.1, fisher="mc",
+                update_every=1, ema_decay=0.9, momentum=0.9,
                 generator=torch.Generator().manual_seed(seed),
             )  # fmt: skip
         elif name.startswith("SGD"):
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
         else:
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            opt = torch.optim.Adam(model.parameters(), lr=0.03)
         losses, t0 = [], time.perf_counter()
         for i in progress_bar(range(steps), desc=name, enabled=progress):
             xb, yb = batches[i % len(batches)]

@@ -48,19 +48,19 @@ from ..errors import (
 )
 from ..nn import (
     FIM,
-    Jacobian,
     LayerCollection,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
-    PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
     PVector,
 )
 from ..nn.distributed import all_reduce_sum, reduce_counts, resolve_group
-from ..ops import BlockDiag, Diagonal, Identity, LinearOperator
+from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
+from .glm import LastLayerKron, jacobian_functional, last_layer_kron_applies
+from .laplace_data import data_pass
 from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
 
@@ -258,68 +258,6 @@ class Laplace:
         self._mean = t.reshape(()) if t.numel() == 1 else t.reshape(-1)
 
     # ------------------------------------------------------------------ fitting
-    def _check_batch(self, batch):
-        if not isinstance(batch, list | tuple) or len(batch) < 2:
-            raise DataError(
-                "Laplace needs labelled batches (inputs, targets); the loader yielded "
-                f"{type(batch).__name__}"
-            )
-        x, y = batch[0].to(self.device), batch[1].to(self.device)
-        try:
-            with torch.no_grad():
-                out = self.model(x)
-        except RuntimeError as err:
-            raise ShapeError(
-                f"the model cannot take inputs of shape {tuple(x.shape[1:])} (torch says: "
-                f"{str(err).splitlines()[0]}); give a loader of the inputs the model was built for"
-            ) from None
-        if out.dim() != 2:
-            raise ShapeError(f"Laplace needs outputs of shape [B, C], got {tuple(out.shape)}")
-        return x, y, out
-
-    def _data_pass(self, loader):
-        """N, the summed loss at θ*, the output count and the input shape, checking targets."""
-        n, total, c, in_shape = 0, torch.zeros((), dtype=self.dtype, device=self.device), None, None
-        for batch in loader:
-            x, y, out = self._check_batch(batch)
-            if in_shape is None:
-                in_shape, c = tuple(x.shape[1:]), out.shape[1]
-            elif tuple(x.shape[1:]) != in_shape:
-                raise ShapeError(
-                    f"the loader yields inputs of shapes {in_shape} and {tuple(x.shape[1:])}; all "
-                    "batches must have the same input shape"
-                )
-            if self.likelihood == "classification":
-                if y.is_floating_point() or y.dim() != 1 or y.shape[0] != out.shape[0]:
-                    raise DataError(
-                        f"a classification Laplace needs integer class labels of shape [B], got "
-                        f"{y.dtype} of shape {tuple(y.shape)} (regression targets?); use "
-                        "likelihood='regression' for real-valued targets"
-                    )
-                if bool((y < 0).any()) or bool((y >= c).any()):
-                    raise DataError(
-                        f"class labels must lie in [0, {c}) for a model with {c} outputs, got "
-                        f"[{int(y.min())}, {int(y.max())}]"
-                    )
-                total = total + nn.functional.cross_entropy(out, y, reduction="sum")
-            else:
-                if not y.is_floating_point():
-                    raise DataError(
-                        f"a regression Laplace needs real-valued targets, got {y.dtype} (class "
-                        "labels?); use likelihood='classification' or cast the targets to float"
-                    )
-                y = y.reshape(out.shape) if y.numel() == out.numel() else y
-                if y.shape != out.shape:
-                    raise DataError(
-                        f"regression targets of shape {tuple(y.shape)} for outputs of shape "
-                        f"{tuple(out.shape)}: they must match"
-                    )
-                total = total + (y.to(out.dtype) - out).square().sum()
-            n += out.shape[0]
-        if n == 0:
-            raise DataError("the loader yielded no examples")
-        return n, total, c, in_shape
-
     def fit(self, loader) -> Laplace:
         """Compute the curvature at the model's current parameters θ* (one pass, plus the
         representation's own passes). Returns self.
@@ -327,7 +265,9 @@ class Laplace:
         Inside an initialised ``torch.distributed`` group each rank passes its own shard: N, the
         loss and the Fisher are those of all the ranks' data (:mod:`nngeo_ops.nn.distributed`)."""
         st = self.settings
-        self.N, self._loss, self.n_outputs, self._input_shape = self._data_pass(loader)
+        self.N, self._loss, self.n_outputs, self._input_shape = data_pass(
+            self.model, loader, self.likelihood, self.dtype, self.device
+        )
         group = resolve_group(None)  # as FIM below: the default group when there is one
         if group is not None:  # each rank passed its shard: N and the loss of all the data
             self.N = reduce_counts(group, [self.N], self.device)[0]
@@ -345,6 +285,7 @@ class Laplace:
             progress=st.progress,
         )
         self._routes: dict[str, object] = {}
+        self._kron_ll = None
         self._ll_cache = None
         return self
 
@@ -432,7 +373,10 @@ class Laplace:
                 st.memory_limit,
                 self.device,
             )
-        eig = self.F.op.eigh()
+        if rep is PMatImplicit:  # the function-space spectrum up to this Laplace's dense_limit
+            eig = self.F.op.compile(CompilePolicy(dense_limit=st.dense_limit)).eigh()
+        else:
+            eig = self.F.op.eigh()
         sizes = [e.numel() for e in self.lc.layers.values()]
         blocks = None
         q = eig.Q
@@ -560,66 +504,18 @@ class Laplace:
         self._check_model()
         return x.to(self.device)
 
-    def _last_layer_kron(self):
-        """(module, Q_G, Q_A, λ matrix [C, dA], bias) for a Linear last layer in KFAC/EKFAC."""
-        if getattr(self, "_kron_ll", None) is not None:
-            return self._kron_ll
-        (lid,) = self.lc.layers
-        mod = self.lc.get_layerid_module_map(self.model)[lid]
-        f = self.F.data[lid]
-        if "diag" in f:  # EKFAC: its refitted eigenvalues in the basis Q_G ⊗ Q_A
-            qg, qa = f["QG"], f["QA"]
-            lam = f["diag"].reshape(qg.shape[1], qa.shape[1])
-        else:
-            a, g = self.F.get_factors(lid)
-            ea, qa = torch.linalg.eigh(a)
-            eg, qg = torch.linalg.eigh(g)
-            lam = eg.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :]
-        self._kron_ll = (mod, qg, qa, lam.clamp_min(0), mod.bias is not None)
-        return self._kron_ll
-
     def _kron_fast_path(self, kind: str) -> bool:
-        if self._rep_class() not in (PMatKFAC, PMatEKFAC) or len(self.lc.layers) != 1:
-            return False
-        (lid,) = self.lc.layers
-        mod = self.lc.get_layerid_module_map(self.model)[lid]
-        e = self.lc.layers[lid]
-        return isinstance(mod, nn.Linear) and e.attrs[0] == "weight" and kind != "diag"
+        return kind != "diag" and last_layer_kron_applies(self._rep_class(), self.lc, self.model)
 
     def _glm_chunk_kron(self, x, s, delta):
-        mod, qg, qa, lam, bias = self._last_layer_kron()
-        feats = []
-        handle = mod.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
-        try:
-            with torch.no_grad():
-                f = self.model(x)
-        finally:
-            handle.remove()
-        phi = feats[-1]
-        if bias:
-            phi = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
-        u2 = (phi @ qa).square()  # (B, dA)
-        w = u2 @ (1.0 / (s * lam + delta[0])).mT  # (B, C): Σ_j u_j² / (s λ_ij + δ)
-        var = (qg[None] * w[:, None, :]) @ qg.mT[None]
-        return f, var
+        if self._kron_ll is None:
+            self._kron_ll = LastLayerKron(self.F, self.lc, self.model)
+        return self._kron_ll.functional(self.model, x, s, delta)
 
     def _glm_chunk_jac(self, x, route, s, delta):
-        c, b, p = self.n_outputs, x.shape[0], self.n_params
-        check_memory(
-            3 * c * b * p * self.dtype.itemsize,
-            f"the Jacobian rows of {b} test points ({c}·{b}×{p})",
-            "lower settings.chunk_size or use subset='last_layer'",
-            self.settings.memory_limit,
-            self.device,
+        return jacobian_functional(
+            self.model, self.lc, x, route, s, delta, self.n_outputs, self.settings
         )
-        J = Jacobian(self.model, [x], layer_collection=self.lc, progress=False)
-        jt = J.to_torch().reshape(c * b, p).mT  # (P, C·b), rows c·b + n
-        m = route.inv_quad(jt, s, delta)  # (C·b, C·b)
-        var = torch.diagonal(m.reshape(c, b, c, b), dim1=1, dim2=3).permute(2, 0, 1)
-        err = route.last_error.get("inv_quad") if isinstance(route, IterativePosterior) else None
-        if err is not None:
-            err = torch.diagonal(err.reshape(c, b, c, b), dim1=1, dim2=3).permute(2, 0, 1)
-        return J.outputs.mT, var, err
 
     def _glm(self, x):
         """(f(x; θ*) [B, C], J P⁻¹ Jᵀ [B, C, C])."""

@@ -28,10 +28,14 @@ from .pmat import (
     PMatLowRank,
     build_many,
 )
+from .rules import KronRule, LinearRule, register_layer_rule
 from .training import StepStatistics
 from .vector import FVector, PVector
 
 __all__ = [
+    "KronRule",
+    "LinearRule",
+    "register_layer_rule",
     "FIM",
     "GGN",
     "CurvatureGenerator",

@@ -145,7 +145,7 @@ def run_checks(rank, shards, pg=None):
             out["different probes raise"] = torch.tensor(1.0)
 
     # function space: the Gram matrix gathered, the Jacobian sharded
-    xs = [b[0] for b in local]
+    xs = [(b[0],) for b in local]  # a loader of input-only batches (one rule: nn.batching)
     out["GramMatrix"] = GramMatrix(model, xs, **kw).to_torch()
     out["CrossGramMatrix"] = CrossGramMatrix(model, xs, xs, **kw).to_torch()
     j = Jacobian(generator=JacobianGenerator(model, process_group=pg), loader=xs)

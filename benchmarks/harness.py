@@ -1,0 +1,630 @@
+"""Paired-ratio benchmark harness: timings of nngeo_ops and its peers that survive a rerun.
+
+Every timed quantity (a build, a product, a solve) is reported as a ratio to one plain
+forward+backward of the same model on the same batch, and ours is compared with each peer by a
+*paired* ratio:
+
+* **one fresh worker process per library and case** (``python -m benchmarks.harness --worker``):
+  no allocator state, cache or lazily imported module is carried from one library to another. A
+  worker sets the case up, warms it up (3 forward+backwards, one untimed call of every quantity),
+  then answers the coordinator's commands over a pipe, one JSON line each.
+* **rounds**: in each round the workers of one case run back to back, ours and each peer, the order
+  reversed every other round. In a round a worker times every quantity against *its own adjacent*
+  forward+backward (reference, then the call, repeated a few times; the per-round ratio is the median
+  of these pairs). The per-round ratio ours / peer divides two measurements taken seconds apart, so
+  that a change of load between rounds weighs on both; over at least 7 rounds (``--rounds``) the
+  report gives the **median of the per-round ratios ours / peer and their interquartile range**
+  (IQR). A lead is real when the upper quartile is below 1.
+* **wall and CPU clocks**: each timed call records its wall time and the CPU time of its process
+  (``time.process_time``, all threads); each gives its ratio. On a quiet machine the two agree and
+  the wall ratio is the figure; on a shared machine the CPU-time ratio is the one a preempted
+  process cannot inflate (it still feels the caches and memory bandwidth others take), so a
+  report can be rendered with either (``clock``).
+* **pinned threads**: every worker calls ``torch.set_num_threads(threads)`` (1 by default: a
+  multi-threaded CPU op waits for its slowest thread, so a busy neighbour inflates it unevenly).
+* **load of the machine**: over each case, the CPU time the whole machine spent busy (from
+  ``/proc/stat``, steal time included) minus the CPU time of the coordinator and its workers (their
+  ``getrusage``), as a share of the machine's capacity. :func:`check_load` refuses to write the
+  committed table when it was above ``max_load`` (5 % by default) unless told to write an
+  exploratory one.
+* **peak memory** per case and library: after the timing rounds, each quantity runs once more with
+  the peak resident set reset (``/proc/self/clear_refs``) and glibc's mmap threshold fixed at 128 KiB
+  so that freed blocks go back to the system; the figure is the peak resident set minus the resident
+  set before the call (on a GPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory).
+
+A *suite* is a module (e.g. ``benchmarks.bench_curvature``) with
+
+* ``setup(case_id: str, lib: str, device: torch.device) -> Case`` (called in the worker), and
+* a list of :class:`CaseSpec` it hands to :func:`run_suite` in the coordinator.
+
+Instruction counts of one case (a noise-free second figure) are in ``benchmarks/instructions.py``;
+the header, charts and README tables of a run in ``benchmarks/report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+OURS = "nngeo_ops"
+DEFAULT_PEERS_PYTHON = os.environ.get("BENCH_PYTHON_PEERS", "/work/venv-peers/bin/python")
+
+
+# ---------------------------------------------------------------------- what a suite provides
+@dataclass
+class Workload:
+    """One timed quantity of a case.
+
+    ``run(state)`` is timed; ``prepare()`` (untimed) runs before each timed call and its result is
+    passed to ``run`` (e.g. a freshly built operator for a *first* solve); without ``prepare``
+    ``run(None)`` is called. ``max_rounds`` caps the rounds of a quantity whose call takes seconds.
+    ``comparable=False`` marks a peer's quantity that computes a different matrix (shown, but never
+    the "best peer" a row is judged against); ``note`` says how.
+    """
+
+    run: Callable[[Any], Any]
+    prepare: Callable[[], Any] | None = None
+    max_rounds: int | None = None
+    note: str = ""
+    comparable: bool = True
+
+
+@dataclass
+class Case:
+    """What a worker measures: the reference (one forward+backward) and the named quantities."""
+
+    reference: Callable[[], Any]
+    quantities: dict[str, Workload]
+    note: str = ""
+    version: str = ""
+
+
+@dataclass
+class CaseSpec:
+    """A case as the coordinator sees it: its id, title and the libraries that compute it.
+
+    ``peers`` maps a peer's label to the module that must import for it to run.
+    """
+
+    case_id: str
+    title: str
+    peers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HarnessConfig:
+    """Settings of a run of the harness.
+
+    rounds: rounds per case (≥ 7 for a committed table); threads: torch threads of every worker;
+    budget_s: time a worker spends on one quantity in one round (sets the pairs per round, between
+    1 and ``max_pairs``); python_peers: interpreter of the peer workers (``None``: this one);
+    peers: False times nngeo_ops alone; device: ``"cpu"`` or ``"cuda"``; max_load: the share of
+    the machine other processes may use during a committed run.
+    """
+
+    rounds: int = 7
+    threads: int = 1
+    budget_s: float = 0.3
+    max_pairs: int = 5
+    python_peers: str | None = None
+    peers: bool = True
+    device: str = "cpu"
+    max_load: float = 0.05
+    timeout_s: float = 1800.0
+
+
+# ---------------------------------------------------------------------- statistics
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile) by linear interpolation (one value: all three)."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_ratios(ours: Sequence[float], peer: Sequence[float]) -> list[float]:
+    """Per-round ratios ours / peer of two equally long series of per-round measurements."""
+    if len(ours) != len(peer):
+        raise ValueError(f"paired series differ in length: {len(ours)} vs {len(peer)} rounds")
+    return [a / b for a, b in zip(ours, peer) if b > 0]
+
+
+# ---------------------------------------------------------------------- load of the machine
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat (None where unavailable).
+
+    busy = user + nice + system + irq + softirq + steal (steal: time the hypervisor gave to others).
+    """
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its reaped children (workers)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class LoadMeter:
+    """Share of the machine's CPU capacity that *other* processes used between start and stop."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def start(self) -> None:
+        self.j0, self.c0, self.t0 = cpu_jiffies(), own_cpu_s(), time.perf_counter()
+
+    def stop(self) -> float | None:
+        """Others' share in [0, 1] (None without /proc/stat); call after the workers are reaped."""
+        j1, c1, t1 = cpu_jiffies(), own_cpu_s(), time.perf_counter()
+        if self.j0 is None or j1 is None:
+            return None
+        busy = (j1[0] - self.j0[0]) / self.hz
+        capacity = (j1[1] - self.j0[1]) / self.hz or (t1 - self.t0) * self.ncpu
+        return min(1.0, max(0.0, (busy - (c1 - self.c0)) / capacity))
+
+
+def check_load(load: float | None, cfg: HarnessConfig, allow: bool) -> str | None:
+    """None if a table measured under ``load`` may be committed; else the reason it may not.
+
+    With ``allow`` the table may still be written, marked exploratory (the caller prints the reason).
+    """
+    if load is None:
+        return "the load of the machine could not be read (/proc/stat missing)"
+    if load > cfg.max_load:
+        return (
+            f"other processes used {100 * load:.0f}% of the CPU during the run (limit "
+            f"{100 * cfg.max_load:.0f}%); rerun on a quiet machine, or pass --allow-load to write "
+            "a table marked exploratory"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------- the worker
+def _rss_kib(field_name: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+class _Worker:
+    """Runs inside the worker process: sets one case up and answers the coordinator."""
+
+    def __init__(
+        self, suite: str, case_id: str, lib: str, threads: int, device: str, budget: float
+    ):
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set
+            pass
+        self.torch = torch
+        self.device = torch.device(device)
+        self.budget = budget
+        mod = importlib.import_module(suite)
+        self.case: Case = mod.setup(case_id, lib, self.device)
+        self.pairs: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _time(self, fn: Callable[[Any], Any], arg: Any) -> tuple[float, float]:
+        """(wall, CPU) seconds of one call; CPU time of this process, all its threads."""
+        self._sync()
+        c, t = time.process_time(), time.perf_counter()
+        fn(arg)
+        self._sync()
+        return time.perf_counter() - t, time.process_time() - c
+
+    def warm_up(self, max_pairs: int) -> dict:
+        ref = lambda _: self.case.reference()  # noqa: E731
+        for _ in range(3):
+            self._time(ref, None)
+        t_ref = min(self._time(ref, None)[1] for _ in range(3))
+        for name, w in list(self.case.quantities.items()):
+            try:
+                state = w.prepare() if w.prepare else None
+                t = self._time(w.run, state)[1]  # CPU time: the budget holds under load
+            except Exception as e:  # the library cannot compute this quantity here
+                self.failed[name] = f"fails: {type(e).__name__}: {str(e)[:80]}"
+                del self.case.quantities[name]
+                continue
+            del state
+            self.pairs[name] = max(1, min(max_pairs, int(self.budget / (t + t_ref))))
+        info = {
+            q: {"note": w.note, "comparable": w.comparable, "max_rounds": w.max_rounds}
+            for q, w in self.case.quantities.items()
+        }
+        return {
+            "failed": self.failed,
+            "t_ref": t_ref,
+            "version": self.case.version,
+            "note": self.case.note,
+            "quantities": info,
+        }
+
+    def round(self, r: int) -> dict:
+        ref = lambda _: self.case.reference()  # noqa: E731
+        out = {}
+        for name, w in self.case.quantities.items():
+            if w.max_rounds is not None and r >= w.max_rounds:
+                continue
+            walls, cpus, ts, tbs = [], [], [], []
+            for _ in range(self.pairs[name]):
+                state = w.prepare() if w.prepare else None
+                gc.collect()
+                tb, cb = self._time(ref, None)
+                t, c = self._time(w.run, state)
+                del state
+                walls.append(t / tb)
+                cpus.append(c / cb if cb > 0 else math.nan)
+                ts.append(t)
+                tbs.append(tb)
+            out[name] = {
+                "ratio": statistics.median(walls),
+                "ratio_cpu": statistics.median(cpus),
+                "t": statistics.median(ts),
+                "tb": statistics.median(tbs),
+                "n": len(walls),
+            }
+        return out
+
+    def memory(self) -> dict:
+        """Peak extra MiB of one call of each quantity (see the module docstring)."""
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks mmapped, freed at once
+        out = {}
+        for name, w in self.case.quantities.items():
+            state = w.prepare() if w.prepare else None
+            gc.collect()
+            if self.device.type == "cuda":
+                self.torch.cuda.synchronize()
+                self.torch.cuda.reset_peak_memory_stats()
+                base = self.torch.cuda.memory_allocated()
+                w.run(state)
+                self.torch.cuda.synchronize()
+                peak = self.torch.cuda.max_memory_allocated() - base
+            else:
+                if libc is not None:
+                    libc.malloc_trim(0)
+                try:
+                    with open("/proc/self/clear_refs", "w") as fh:
+                        fh.write("5")  # resets VmHWM to the current resident set
+                except OSError:
+                    pass
+                base = _rss_kib("VmRSS:") * 1024
+                w.run(state)
+                peak = _rss_kib("VmHWM:") * 1024 - base
+            del state
+            out[name] = max(0.0, peak / 2**20)
+        return out
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    """Entry of ``python -m benchmarks.harness --worker``: a JSON line per command on stdin."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+
+    def send(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    try:
+        w = _Worker(args.suite, args.case, args.lib, args.threads, args.device, args.budget)
+        send({"ready": True, **w.warm_up(args.max_pairs)})
+    except Exception as e:
+        send({"error": f"{type(e).__name__}: {str(e)[:200]}"})
+        return
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "round":
+            send(w.round(cmd["round"]))
+        elif cmd["cmd"] == "memory":
+            send(w.memory())
+        elif cmd["cmd"] == "exit":
+            send({"bye": True})
+            return
+
+
+# ---------------------------------------------------------------------- the coordinator
+class WorkerProc:
+    """A worker process seen from the coordinator."""
+
+    def __init__(self, python: str, suite: str, spec: CaseSpec, lib: str, cfg: HarnessConfig):
+        self.lib = lib
+        self.err = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+        cmd = [
+            python, "-m", "benchmarks.harness", "--worker", "--suite", suite,
+            "--case", spec.case_id, "--lib", lib, "--threads", str(cfg.threads),
+            "--device", cfg.device, "--budget", str(cfg.budget_s),
+            "--max-pairs", str(cfg.max_pairs),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            cwd=str(REPO),
+            env=env,
+        )
+
+    def recv(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.err.seek(0)
+            tail = [s for s in self.err.read().strip().splitlines() if s.strip()][-1:] or ["?"]
+            return {"error": f"worker died (exit {self.proc.returncode}): {tail[0][:200]}"}
+        return json.loads(line)
+
+    def ask(self, cmd: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        return self.recv()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.ask({"cmd": "exit"})
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
+
+
+def available_modules(python: str, modules: Sequence[str]) -> dict[str, bool]:
+    """Which of ``modules`` import in the interpreter ``python`` (found by ``find_spec``)."""
+    if not modules:
+        return {}
+    code = (
+        "import importlib.util, json, sys\n"
+        "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))"
+    )
+    try:
+        out = subprocess.run(
+            [python, "-c", code, *modules], capture_output=True, text=True, timeout=60
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return {m: False for m in modules}
+
+
+def peers_python(cfg: HarnessConfig) -> str:
+    """The interpreter of the peer workers: ``cfg.python_peers`` if it exists, else this one."""
+    if cfg.python_peers and os.path.exists(cfg.python_peers):
+        return cfg.python_peers
+    return sys.executable
+
+
+@dataclass
+class CaseResult:
+    """Per-round measurements of one case: ``rounds[lib][quantity]`` is a list of dicts."""
+
+    spec: CaseSpec
+    libs: list[str]
+    rounds: dict[str, dict[str, list[dict]]]
+    memory: dict[str, dict[str, float]]
+    notes: dict[str, str]
+    versions: dict[str, str]
+    load: float | None
+    seconds: float
+    info: dict[str, dict[str, dict]] = field(default_factory=dict)
+    t_ref: dict[str, float] = field(default_factory=dict)
+
+    def ratios(self, lib: str, q: str, clock: str = "wall") -> list[float]:
+        """Per-round ratios to one forward+backward; ``clock``: "wall" or "cpu" (process time)."""
+        key = "ratio" if clock == "wall" else "ratio_cpu"
+        return [r[key] for r in self.rounds.get(lib, {}).get(q, []) if key in r]
+
+    def paired(self, peer: str, q: str, clock: str = "wall") -> list[float]:
+        a, b = self.ratios(OURS, q, clock), self.ratios(peer, q, clock)
+        n = min(len(a), len(b))
+        return paired_ratios(a[:n], b[:n])
+
+    @classmethod
+    def from_json(cls, d: dict) -> CaseResult:
+        """The inverse of :meth:`to_json` (re-render a saved run without measuring again)."""
+        spec = CaseSpec(d["case"], d["title"])
+        return cls(
+            spec, d["libs"], d["rounds"], d["memory"], d["notes"], d["versions"], d["load"],
+            d["seconds"], d.get("info", {}), d.get("t_ref", {}),
+        )  # fmt: skip
+
+    def to_json(self) -> dict:
+        return {
+            "case": self.spec.case_id,
+            "title": self.spec.title,
+            "libs": self.libs,
+            "rounds": self.rounds,
+            "memory": self.memory,
+            "notes": self.notes,
+            "versions": self.versions,
+            "load": self.load,
+            "seconds": self.seconds,
+            "info": self.info,
+            "t_ref": self.t_ref,
+        }
+
+
+def run_case(
+    suite: str, spec: CaseSpec, cfg: HarnessConfig, log: Callable[[str], None] = print
+) -> CaseResult:
+    """Measure one case: a worker per library, ``cfg.rounds`` alternating rounds, then memory."""
+    meter = LoadMeter()
+    meter.start()
+    t0 = time.perf_counter()
+    libs = [OURS]
+    notes: dict[str, str] = {}
+    if cfg.peers and spec.peers:
+        py = peers_python(cfg)
+        avail = available_modules(py, sorted(set(spec.peers.values())))
+        for label, module in spec.peers.items():
+            if avail.get(module):
+                libs.append(label)
+            else:
+                notes[label] = f"not installed ({module} does not import in {py})"
+    workers = {
+        lib: WorkerProc(sys.executable if lib == OURS else peers_python(cfg), suite, spec, lib, cfg)
+        for lib in libs
+    }
+    rounds: dict[str, dict[str, list[dict]]] = {}
+    memory: dict[str, dict[str, float]] = {}
+    versions: dict[str, str] = {}
+    info: dict[str, dict[str, dict]] = {}
+    t_ref: dict[str, float] = {}
+    try:
+        for lib, w in list(workers.items()):
+            msg = w.recv()
+            if "error" in msg:
+                notes[lib] = msg["error"]
+                w.close()
+                del workers[lib]
+                continue
+            versions[lib] = msg.get("version", "")
+            info[lib] = msg.get("quantities", {})
+            t_ref[lib] = msg.get("t_ref", math.nan)
+            if msg.get("note"):
+                notes[lib] = msg["note"]
+            for q, why in msg.get("failed", {}).items():
+                notes[f"{lib}:{q}"] = why
+            rounds[lib] = {}
+        live = [lib for lib in libs if lib in workers]
+        for r in range(cfg.rounds):
+            order = live if r % 2 == 0 else live[::-1]
+            for lib in order:
+                msg = workers[lib].ask({"cmd": "round", "round": r})
+                if "error" in msg:
+                    notes[lib] = msg["error"]
+                    live = [x for x in live if x != lib]
+                    continue
+                for q, m in msg.items():
+                    rounds[lib].setdefault(q, []).append(m)
+        for lib in live:
+            msg = workers[lib].ask({"cmd": "memory"})
+            if "error" not in msg:
+                memory[lib] = msg
+    finally:
+        for w in workers.values():
+            w.close()
+    load = meter.stop()
+    res = CaseResult(
+        spec, libs, rounds, memory, notes, versions, load, time.perf_counter() - t0, info, t_ref
+    )
+    share = "?" if load is None else f"{100 * load:.0f}%"
+    log(f"  {spec.case_id}: {res.seconds:.0f} s, others' CPU share {share}")
+    return res
+
+
+def run_suite(
+    suite: str,
+    specs: Sequence[CaseSpec],
+    cfg: HarnessConfig,
+    log: Callable[[str], None] = print,
+    on_case: Callable[[list[CaseResult]], None] | None = None,
+) -> list[CaseResult]:
+    """Run every case of a suite (each with its own workers) and return the per-round results.
+
+    ``on_case(results so far)`` is called after each case (e.g. to save a long run as it goes).
+    """
+    results: list[CaseResult] = []
+    for spec in specs:
+        results.append(run_case(suite, spec, cfg, log))
+        if on_case is not None:
+            on_case(results)
+    return results
+
+
+def overall_load(results: Sequence[CaseResult]) -> float | None:
+    """Others' CPU share over the whole run (cases weighted by their duration)."""
+    known = [(r.load, r.seconds) for r in results if r.load is not None]
+    total = sum(s for _, s in known)
+    if not known or total == 0:
+        return None
+    return sum(load * s for load, s in known) / total
+
+
+def _cli() -> None:
+    p = argparse.ArgumentParser(description="worker of the benchmark harness (internal)")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--case", required=True)
+    p.add_argument("--lib", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--budget", type=float, default=0.3)
+    p.add_argument("--max-pairs", type=int, default=5)
+    args = p.parse_args()
+    if not args.worker:
+        p.error("this module is the harness; run `python -m benchmarks` for the benchmarks")
+    worker_main(args)
+
+
+if __name__ == "__main__":
+    _cli()
+
+__all__ = [
+    "Case",
+    "CaseResult",
+    "CaseSpec",
+    "HarnessConfig",
+    "LoadMeter",
+    "Workload",
+    "check_load",
+    "overall_load",
+    "paired_ratios",
+    "quartiles",
+    "run_case",
+    "run_suite",
+]
