@@ -46,8 +46,8 @@ import torch.nn.functional as Fn
 from torch import nn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the models of bench_curvature; this checkout
-from bench_curvature import cnn, mlp  # noqa: E402  (the models of the curvature benchmark)
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the benchmark models; this checkout
+from models import cnn, mlp  # noqa: E402  (the models of the curvature benchmark)
 
 from nngeo_ops.apps import NaturalGradient  # noqa: E402
 from nngeo_ops.nn import PMatEKFAC, PMatKFAC  # noqa: E402

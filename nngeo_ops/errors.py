@@ -70,3 +70,12 @@ class ArgumentTypeError(NNGeoError, TypeError):
 class MemoryLimitError(NNGeoError, MemoryError):
     """A dense object would exceed the memory limit (message names its size and a structure that
     fits)."""
+
+
+class ModelStateError(NNGeoError, RuntimeError):
+    """The model is in a state where the quantity is undefined (e.g. BatchNorm in training mode
+    couples the examples of a batch, so per-example Jacobians do not exist)."""
+
+
+class MixedDTypeError(DTypeDeviceError, ValueError):
+    """The covered parameters of a model have different dtypes; convert the model with ``.to(dtype)``."""

@@ -211,7 +211,10 @@ class PMatKFAC(PMatAbstract):
         return f["A"], f["G"]
 
     # ------------------------------------------------------------------ π-damping
-    def _pi_damped(self, regul):
+    def _pi_damped(self, regul, pi=None):
+        """(A + π√λ I) ⊗ (G + √λ/π I) per layer; ``pi=None`` computes π from the factors'
+        traces, a number fixes it (π = 1 is plain factor damping)."""
+        fixed_pi = pi
         lc, gen = self.layer_collection, self.generator
         blocks = []
         for lid in lc.layers:
@@ -226,6 +229,8 @@ class PMatKFAC(PMatAbstract):
             ta = (a.sum() if a.dim() == 1 else a.trace()) / a.shape[0]
             tg = g.trace() / g.shape[0]
             pi = math.sqrt(max(float(ta), 1e-30) / max(float(tg), 1e-30))
+            if fixed_pi is not None:
+                pi = float(fixed_pi)
             sq = math.sqrt(regul)
             eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
             damped = {
@@ -324,7 +329,7 @@ class PMatEKFAC(PMatKFAC):
         q = Kronecker(qg, qa) if rule.order == "ga" else Kronecker(qa, qg)
         return Eigen(q, f["diag"])
 
-    def _pi_damped(self, regul):
+    def _pi_damped(self, regul, pi=None):
         raise UnsupportedError("π-damping is defined for KFAC factors, not for EKFAC")
 
     def update_diag(self, examples) -> PMatEKFAC:

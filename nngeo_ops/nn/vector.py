@@ -175,10 +175,11 @@ class PVector:
 
     # ------------------------------------------------------------------ arithmetic
     def _map(self, fn) -> PVector:
+        # type(self): results of subclasses (e.g. the NNGeometry compat PVector) keep their class
         if self.vector_repr is not None:
-            return PVector(self.layer_collection, vector_repr=fn(self.vector_repr))
+            return type(self)(self.layer_collection, vector_repr=fn(self.vector_repr))
         d = {lid: tuple(fn(t) for t in parts) for lid, parts in self.dict_repr.items()}
-        return PVector(self.layer_collection, dict_repr=d)
+        return type(self)(self.layer_collection, dict_repr=d)
 
     def _check(self, other) -> None:
         if not isinstance(other, PVector):
@@ -195,8 +196,8 @@ class PVector:
                 lid: tuple(fn(a, b) for a, b in zip(parts, other.dict_repr[lid]))
                 for lid, parts in self.dict_repr.items()
             }
-            return PVector(self.layer_collection, dict_repr=d)
-        return PVector(self.layer_collection, vector_repr=fn(self.to_torch(), other.to_torch()))
+            return type(self)(self.layer_collection, dict_repr=d)
+        return type(self)(self.layer_collection, vector_repr=fn(self.to_torch(), other.to_torch()))
 
     def __add__(self, other):
         return self._zip(other, lambda a, b: a + b)
