@@ -35,7 +35,7 @@ def _check(value, what="damping") -> float:
 
 
 class ConstantDamping:
-    """λ fixed."""
+    """λ fixed (a finite number ≥ 0) at every step."""
 
     adaptive = False
 
@@ -46,12 +46,15 @@ class ConstantDamping:
         return self.value
 
     def due(self, step: int) -> bool:
+        """Always False: a constant λ never measures the reduction ratio."""
         return False
 
     def state_dict(self) -> dict:
+        """``{"value": λ}``, for checkpoints."""
         return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore λ from :meth:`state_dict` (checked ≥ 0 and finite)."""
         self.value = _check(state["value"])
 
     def __repr__(self) -> str:
@@ -70,12 +73,15 @@ class ScheduledDamping:
         return _check(self.schedule(step), "the damping schedule's value")
 
     def due(self, step: int) -> bool:
+        """Always False: a schedule never measures the reduction ratio."""
         return False
 
     def state_dict(self) -> dict:
+        """``{}``: the schedule is a function of the step count, which the caller checkpoints."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
         pass
 
     def __repr__(self) -> str:
@@ -135,9 +141,11 @@ class AdaptiveDamping:
         return self.value
 
     def state_dict(self) -> dict:
+        """``{"value": λ, "last_rho": ρ}`` (the current λ and the last reduction ratio), for checkpoints."""
         return {"value": self.value, "last_rho": self.last_rho}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore λ (checked ≥ 0 and finite) and the last reduction ratio from :meth:`state_dict`."""
         self.value = _check(state["value"])
         self.last_rho = state.get("last_rho")
 

@@ -182,9 +182,11 @@ class Preconditioner:
 
     Args:
         model: the ``nn.Module`` trained.
-        representation, fisher, variant, update_every, inverse_every, ema_decay, kl_clip,
-            pi_damping, trials, cg_iters, cg_tol, cg_precond, refresh, loss_reduction: see
-            :class:`PreconditionerSettings` (or pass ``settings=``).
+        settings: a :class:`PreconditionerSettings`. Without it, one is built from the keyword
+            arguments ``representation``, ``fisher``, ``variant``, ``update_every``,
+            ``inverse_every``, ``ema_decay``, ``kl_clip``, ``pi_damping``, ``trials``,
+            ``cg_iters``, ``cg_tol``, ``cg_precond``, ``refresh`` and ``loss_reduction`` (its
+            fields, documented there); with it, those keyword arguments are ignored.
         damping: λ ≥ 0, a callable of the step, ``"adaptive"`` or an
             :class:`~nngeo_ops.apps.AdaptiveDamping` (adaptive needs
             :class:`NaturalGradient` with a closure).
@@ -529,6 +531,10 @@ class Preconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: counters, statistics, damping, the Monte-Carlo generator's state
+        and the CG warm start; the curvature operator is rebuilt from the restored frozen statistics (if
+        any) and the training-step hooks are re-armed when a refresh is due.
+        """
         self.steps = int(state["steps"])
         self.stats = state["stats"]
         self.frozen = state["frozen"]

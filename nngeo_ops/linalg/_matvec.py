@@ -50,10 +50,12 @@ class MatmatOperator:
 
     @property
     def is_square(self) -> bool:
+        """Whether ``m = n``."""
         return self.shape[0] == self.shape[1]
 
     @property
     def has_transpose(self) -> bool:
+        """Whether ``Aᵀ X`` is available (symmetric, or an ``rmatmat`` was given)."""
         return self.symmetric or self._rmatmat is not None
 
     def _no_transpose(self) -> UnsupportedError:

@@ -46,7 +46,7 @@ class LanczosResult(NamedTuple):
         eigenvectors: (n, k) orthonormal columns, ``A y_i ≈ λ_i y_i``.
         residuals: (k,) residual norms ‖A y_i − λ_i y_i‖ (from the Krylov decomposition).
         converged: (k,) bool, ``residuals ≤ tol · scale``.
-        scale: the estimate of ‖A‖ the tolerance is relative to (largest |Ritz value| seen).
+        scale: the estimate of ‖A‖ the tolerance is relative to (largest ``|Ritz value|`` seen).
         restarts: number of thick restarts performed.
         num_matvecs: number of operator-vector products spent (columns of all block products).
     """

@@ -77,6 +77,7 @@ class CGInfo:
 
     @property
     def all_converged(self) -> bool:
+        """Whether every right-hand-side column reached the tolerance."""
         return bool(self.converged.all())
 
 

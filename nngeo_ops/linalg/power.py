@@ -21,7 +21,7 @@ class PowerSettings:
 
     Attributes:
         num_iter: maximum number of products.
-        tol: stop once ‖A v − λ v‖ ≤ tol·|λ| (relative eigen-residual).
+        tol: stop once ``‖A v − λ v‖ ≤ tol·|λ|`` (relative eigen-residual).
     """
 
     num_iter: int = 500
@@ -46,7 +46,7 @@ def power_iteration(
     """Largest-magnitude eigenpair of a symmetric operator by power iteration.
 
     Iterates v ← A v / ‖A v‖ with the Rayleigh quotient λ = vᵀ A v as eigenvalue estimate, until
-    ‖A v − λ v‖ ≤ tol·|λ|. Converges at rate |λ₂/λ₁| per step; when the two largest magnitudes are
+    ``‖A v − λ v‖ ≤ tol·|λ|``. Converges at rate ``|λ₂/λ₁|`` per step; when the two largest magnitudes are
     equal (e.g. λ and −λ) it does not converge and warns.
 
     Args:

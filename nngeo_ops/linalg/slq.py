@@ -83,7 +83,7 @@ class SLQResult:
         φ(t) = (1/p) Σ_i Σ_j τ_ij K_σ(t − θ_ij), an estimate of (1/n) Σ_l K_σ(t − λ_l), with
         ``kernel`` ``"gaussian"`` (K_σ = N(0, σ²)) or ``"lorentzian"``
         (K_σ(x) = σ / (π (x² + σ²)), heavy tails). It integrates to 1 over the real line (each
-        probe's weights sum to 1). Returns the shape of ``grid``, or (p, *grid.shape) with
+        probe's weights sum to 1). Returns the shape of ``grid``, or ``(p, *grid.shape)`` with
         ``per_probe=True`` (the estimate of each probe, whose spread gives the error).
         """
         g = torch.as_tensor(grid, dtype=self.nodes.dtype, device=self.nodes.device)

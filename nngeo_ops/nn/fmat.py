@@ -324,12 +324,17 @@ class FMatDense(FMatAbstract):
     get_diag = diag
 
     def trace(self) -> torch.Tensor:
+        """``tr K = Σ_{o,i} K[o, i, o, i]`` of a square kernel, a 0-dim tensor."""
         return self.diag().sum()
 
     def frobenius_norm(self) -> torch.Tensor:
+        """``‖K‖_F`` over all ``C·N·C·M`` entries, a 0-dim tensor."""
         return torch.linalg.vector_norm(self.data)
 
     def mm(self, other: FMatAbstract) -> FMatDense:
+        """The product ``K·K'`` of two function-space matrices as an ``FMatDense`` of shape
+        ``[C, N, C, M']`` (``K`` flattened to ``(C·N, C·N)``, ``K'`` to ``(C·N, C·M')``), not tagged PSD.
+        """
         c, n, _, m = self.size()
         return FMatDense(
             self.generator,
@@ -405,4 +410,5 @@ class FMatImplicit(FMatAbstract):
     get_diag = diag
 
     def trace(self) -> torch.Tensor:
+        """``tr K = Σ_{o,i} K[o, i, o, i]``, the sum of :meth:`diag`, a 0-dim tensor."""
         return self.diag().sum()

@@ -45,7 +45,31 @@ def check_trainable(model, layer_collection=None) -> None:
 
 
 class CurvatureGenerator:
-    """Model + loss + kind. ``kfac_mode`` ('expand' or 'reduce') picks the KFAC weight-sharing form."""
+    """Model + loss + kind: what a representation (``PMatDense``, ``PMatKFAC``, ...) is built from.
+
+    Usually made by the entry points of :mod:`nngeo_ops.nn.metrics` (``FIM``, ``GGN``, ...), which
+    state the conventions: Fisher matrices are means over examples; GGN and Hessian follow the loss's
+    reduction (``mean`` over the whole loader, or ``sum``).
+
+    Args:
+        model: the ``nn.Module``; its covered parameters fix the default device and the dtype of
+            the statistics.
+        output_model: the loss / likelihood on the outputs (see :mod:`nngeo_ops.nn.outputs`).
+        kind: ``"exact"`` (expectation over the model's labels), ``"sample"`` (Monte-Carlo labels),
+            ``"empirical"`` (the data's labels) or ``"hessian"``.
+        layer_collection: the covered parameters (default: every trainable parameter of
+            ``model``); it fixes the flat order of every vector and matrix.
+        function: ``function(*batch)`` computes the outputs (default ``model(batch[0])``).
+        trials: Monte-Carlo labels drawn per example for ``kind="sample"``.
+        generator: the ``torch.Generator`` of those draws.
+        n_output: the expected number of outputs per example, checked when given.
+        device: where the statistics are computed (default: that of the covered parameters).
+        progress: a tqdm bar on the passes over the data: True shows it, False hides it, None
+            shows it only on a terminal.
+        kfac_mode: ``"expand"`` or ``"reduce"``, the KFAC form for weight sharing.
+        process_group: the ``torch.distributed`` group whose shards are summed (see
+            :mod:`nngeo_ops.nn.distributed`).
+    """
 
     def __init__(
         self,
@@ -99,9 +123,14 @@ class CurvatureGenerator:
 
     @property
     def is_hessian(self) -> bool:
+        """Whether the kind is ``"hessian"`` (the exact loss Hessian rather than a GGN / Fisher)."""
         return self.kind == "hessian"
 
     def capture(self) -> Capture:
+        """The hook-based :class:`~nngeo_ops.nn.capture.Capture` of this generator's model, output model
+        and kind, created once and reused; raises :class:`~nngeo_ops.errors.UnsupportedError` for the
+        Hessian, which has no hook-based representation.
+        """
         if self.is_hessian:
             raise UnsupportedError("this representation is not available for the Hessian")
         if self._capture is None:
@@ -121,6 +150,10 @@ class CurvatureGenerator:
         return self._capture
 
     def run(self, examples, accumulators, desc="curvature"):
+        """One pass over ``examples`` (a loader or a batch) feeding every accumulator; returns the
+        normalisation scale of the pass (``1/N`` for a ``mean`` loss over ``N`` counted targets, 1 for
+        ``sum``).
+        """
         return self.capture().run(as_loader(examples), accumulators, desc=desc)
 
     # ------------------------------------------------------------------ function-space paths
@@ -146,6 +179,9 @@ class CurvatureGenerator:
         return all_reduce_sum(self.process_group, tensors, [True] * len(tensors))
 
     def flat_model(self) -> fx.FlatModel:
+        """The model as a function of one flat parameter vector over the covered layers (layer-collection
+        order).
+        """
         return fx.FlatModel(self.model, self.layer_collection, self.function)
 
     def implicit_op(self, examples, cache: bool = False):
@@ -163,6 +199,11 @@ class CurvatureGenerator:
         return self.output_model.loss(out, y)
 
     def hessian_dense(self, examples) -> torch.Tensor:
+        """The exact loss Hessian ``∇²_θ L`` over the covered parameters, a dense ``(d, d)`` tensor in
+        layer-collection order, summed over batches and normalised like the loss (``1/N`` for ``mean``,
+        1 for ``sum``; summed over the process group when distributed). Raises
+        :class:`~nngeo_ops.errors.NonFiniteError` naming the layers with NaN or inf.
+        """
         fm, acc, total, nb = self.flat_model(), 0, 0, 0
         for batch in self._batches(examples, "hessian"):
             h, count = fx.hessian_dense(fm, batch, self._loss)
@@ -176,6 +217,9 @@ class CurvatureGenerator:
         return out
 
     def hessian_blocks(self, examples) -> dict[str, torch.Tensor]:
+        """The per-layer diagonal blocks of the exact loss Hessian, ``{layer id: (d_l, d_l) tensor}``, with
+        the normalisation of :meth:`hessian_dense`.
+        """
         fm, total, nb = self.flat_model(), 0, 0
         slices = self.layer_collection.layer_slices()
         acc = None

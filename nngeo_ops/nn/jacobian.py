@@ -253,6 +253,7 @@ class Jacobian(MatFree):
         return PVector(self.layer_collection, vector_repr=self.rmatvec(flat))
 
     def size(self, dim=None):
+        """``(C, N, P)`` (outputs, examples, covered parameters), or one entry of it for ``dim``."""
         s = (self.n_output, self.n_examples, self.layer_collection.numel())
         return s if dim is None else s[dim]
 

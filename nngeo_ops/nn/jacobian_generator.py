@@ -173,12 +173,16 @@ class JacobianGenerator:
             yield from split_batch(prepare_batch(batch, self.device), self.chunk_size)
 
     def flat_model(self) -> FlatModel:
+        """The model as a function of one flat parameter vector over the covered layers, with its outputs
+        flattened to ``(batch, C)``.
+        """
         return FlatModel(self.model, self.layer_collection, self._flat_function)
 
     def _flat_function(self, *batch):
         return flatten_outputs(self.function(*batch))
 
     def current_flat(self) -> torch.Tensor:
+        """The covered parameters of the model now, as one detached flat vector (layer-collection order)."""
         return self.layer_collection.flat_parameters(self.model)
 
     def jacobian_op(self, examples, name: str = "J"):
@@ -314,6 +318,9 @@ class JacobianGenerator:
         return torch.cat(parts, dim=1)
 
     def get_gram_matrix(self, examples) -> torch.Tensor:
+        """The NTK ``K = J Jᵀ`` of ``examples`` as a dense ``[C, N, C, N]`` tensor (summed over a process
+        group when distributed).
+        """
         from .gram import gram_tensor
 
         return gram_tensor(self, examples)

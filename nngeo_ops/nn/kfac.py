@@ -97,12 +97,21 @@ class PMatKFAC(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+
+        Raises :class:`~nngeo_ops.errors.UnsupportedError` naming every layer that has no
+        structured (Kronecker) rule.
+        """
         cap = generator.capture()
         cap.require_structured("KFAC")
         return [KFACAcc(cap, generator.layer_collection.layers, generator.kfac_mode)]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): ``{layer id: {"A", "G"[, "bias"]} or {"block"}}``.
+        """
         return accs[0].value
 
     def _kron(self, generator, lid, f):
@@ -284,6 +293,9 @@ class PMatEKFAC(PMatKFAC):
 
     @classmethod
     def data_from(cls, generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): the KFAC factors turned into Kronecker eigenbases and eigenvalues.
+        """
         return cls._eigen_data(generator, accs[0].value)
 
     @staticmethod
@@ -387,12 +399,20 @@ class PMatQuasiDiag(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+
+        Raises :class:`~nngeo_ops.errors.UnsupportedError` for the Hessian.
+        """
         if generator.is_hessian:
             raise UnsupportedError("PMatQuasiDiag is not available for the Hessian")
         return [QuasiDiagAcc(generator.capture(), generator.layer_collection.layers)]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): the per-layer diagonal and bias–weight cross terms.
+        """
         return accs[0].value
 
     def _block(self, lc, lid):

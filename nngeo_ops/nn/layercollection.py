@@ -163,6 +163,7 @@ class LayerCollection:
 
     # ------------------------------------------------------------------ queries
     def numel(self) -> int:
+        """``d``, the total number of covered parameters."""
         return self._numel
 
     def __len__(self) -> int:
@@ -181,12 +182,19 @@ class LayerCollection:
         return f"LayerCollection({body})"
 
     def layer_slices(self) -> dict[str, slice]:
+        """``{layer id: slice}`` of each layer's entries in the flat parameter vector (layer-collection
+        order; within a layer, its ``attrs`` in order, each flattened row-major).
+        """
         return {lid: slice(self.p_pos[lid], self.p_pos[lid] + e.numel()) for lid, e in self.items()}
 
     def items(self):
+        """``(layer id, entry)`` pairs in layer-collection order."""
         return self.layers.items()
 
     def get_layerid_module_map(self, model: nn.Module) -> dict[str, nn.Module]:
+        """``{layer id: module of model}``; raises :class:`~nngeo_ops.errors.NNGeoError` when ``model``
+        has no module of that name.
+        """
         modules = dict(model.named_modules())
         try:
             return {lid: modules[e.module_name] for lid, e in self.items()}
@@ -213,5 +221,6 @@ class LayerCollection:
         return torch.cat([p.detach().reshape(-1) for p in self.parameters(model)])
 
     def named_parameters(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` pairs of the covered parameters of ``model``, in flat order."""
         names = [n for e in self.layers.values() for n in e.param_names]
         return list(zip(names, self.parameters(model)))

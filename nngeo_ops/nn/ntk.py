@@ -161,14 +161,17 @@ class NTKRegression:
 
     Args:
         targets: (N, C) tensor or :class:`FVector` (C, N); default: the loader's second entry
-            (float targets (B, *S), or integer class labels, one-hot encoded).
+            (float targets ``(B, *S)``, or integer class labels, one-hot encoded).
         representation: :class:`FMatDense` (Cholesky of K + λI, cached) or :class:`FMatImplicit`
             (CG with implicit products, for N·C too large to store).
-        Other arguments as :func:`GramMatrix`.
+
+    Other arguments as :func:`GramMatrix`.
 
     Attributes:
-        K: the train kernel; ``alpha``: (C, N) dual coefficients; ``jacobian``: the train
-        :class:`~nngeo_ops.nn.jacobian.Jacobian` node; ``outputs``: f₀(X) (C, N).
+        K: the train kernel.
+        alpha: (C, N) dual coefficients.
+        jacobian: the train :class:`~nngeo_ops.nn.jacobian.Jacobian` node.
+        outputs: f₀(X) (C, N).
     """
 
     def __init__(

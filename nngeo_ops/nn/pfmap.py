@@ -99,6 +99,7 @@ class PFMapDense(PFMap):
         )
 
     def to_torch(self) -> torch.Tensor:
+        """The stored Jacobian, shape ``[C, N, P]``. ``get_dense_tensor`` is an alias."""
         return self.data
 
     get_dense_tensor = to_torch
@@ -130,6 +131,9 @@ class PFMapImplicit(PFMap):
         super().__init__(op.layer_collection, op, op.n_output, op.n_examples, generator)
 
     def to_torch(self) -> torch.Tensor:
+        """The dense Jacobian, shape ``[C, N, P]``, computed from per-example gradients. ``get_dense_tensor``
+        is an alias.
+        """
         return self.op.to_torch()
 
     get_dense_tensor = to_torch

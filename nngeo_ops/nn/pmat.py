@@ -70,6 +70,7 @@ class PMatAbstract:
         return f"{type(self).__name__}({self.op}, {self.layer_collection.numel()} parameters)"
 
     def size(self, dim=None):
+        """``(d, d)`` with ``d`` the number of covered parameters, or ``d`` for ``dim`` 0 or 1."""
         n = self.layer_collection.numel()
         return (n, n) if dim is None else n
 
@@ -134,12 +135,15 @@ class PMatAbstract:
         return PMatExpr(self.layer_collection, self._damped(regul).pow(p), self.generator)
 
     def trace(self) -> torch.Tensor:
+        """``tr M`` of the ops node, a 0-dim tensor (see :meth:`nngeo_ops.ops.LinearOperator.trace`)."""
         return self.op.trace()
 
     def frobenius_norm(self) -> torch.Tensor:
+        """``‖M‖_F`` of the ops node, a 0-dim tensor."""
         return self.op.frobenius_norm()
 
     def get_diag(self) -> torch.Tensor:
+        """The diagonal of ``M``, shape ``(d,)`` in the flat order of the layer collection."""
         return self.op.diag()
 
     def to_torch(self) -> torch.Tensor:
@@ -229,7 +233,11 @@ def _data_from_examples(cls, generator, examples):
 
 
 class PMatDense(PMatAbstract):
-    """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor."""
+    """The full (P, P) matrix, ``Dense`` node. ``data``: the tensor.
+
+    Rows and columns follow the flat order of the layer collection; storage is P² numbers, solves
+    and log-determinants factorise it (O(P³), cached).
+    """
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
@@ -248,15 +256,25 @@ class PMatDense(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+        """
         return [DenseAcc()]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): the dense ``(d, d)`` matrix.
+        """
         return accs[0].value
 
 
 class PMatBlockDiag(PMatAbstract):
-    """One dense block per layer, ``BlockDiag`` of ``Dense``. ``data``: {layer_id: block}."""
+    """One dense block per layer, ``BlockDiag`` of ``Dense``. ``data``: {layer_id: block}.
+
+    Block ``l`` is the ``(d_l, d_l)`` diagonal block of the full matrix over layer ``l``'s
+    parameters (flat order within the layer); couplings between layers are dropped.
+    """
 
     def __init__(self, generator, data=None, examples=None):
         if data is None:
@@ -275,15 +293,22 @@ class PMatBlockDiag(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+        """
         return [BlockAcc(generator.layer_collection.layers)]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): ``{layer id: (d_l, d_l) block}``.
+        """
         return accs[0].value
 
 
 class PMatDiag(PMatAbstract):
-    """The diagonal, ``Diagonal`` node. ``data``: the (P,) tensor."""
+    """The diagonal, ``Diagonal`` node. ``data``: the (P,) tensor ``(M_ii)``, in the flat order of
+    the layer collection (for the Hessian, the diagonals of its exact per-layer blocks)."""
 
     def __init__(self, generator, data=None, examples=None):
         lc = generator.layer_collection
@@ -301,10 +326,16 @@ class PMatDiag(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+        """
         return [DiagAcc(generator.layer_collection.layers)]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): the diagonal, shape ``(d,)`` in flat order.
+        """
         return torch.cat([accs[0].value[lid] for lid in generator.layer_collection.layers])
 
 
@@ -323,10 +354,16 @@ class PMatLowRank(PMatAbstract):
 
     @staticmethod
     def accumulators(generator):
+        """The statistics this representation gathers in a pass over the data (a list of accumulators fed
+        by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
+        """
         return [GradsAcc()]
 
     @staticmethod
     def data_from(generator, accs):
+        """The ``data`` of this representation from its accumulators after the pass (see
+        :meth:`accumulators`): the factor ``U`` of ``M = U Uᵀ``.
+        """
         return accs[0].value
 
 

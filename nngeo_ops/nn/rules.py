@@ -66,14 +66,25 @@ class Rule:
 
 
 class KronRule(Rule):
+    """A layer whose weight gradient is a sum of Kronecker products over weight-sharing positions
+    (the KFAC form): subclasses give :meth:`rows`; ``order`` is the factor order of the weight
+    (``"ga"``: output side first, as ``nn.Linear``'s ``(d_out, d_in)``; ``"ag"``: input side first).
+    """
+
     order = "ga"
     bias_in_kron = True  # the bias is folded into A (only for order "ga")
 
     def rows(self, module, a, g):
+        """The Kronecker rows of the weight gradient, ``(arow, grow)`` with ``arow`` of shape
+        ``(B, R, d_a)`` (inputs per example and weight-sharing position) and ``grow`` ``(K, B, R, d_g)``
+        (output cotangents per draw, example and position), such that the per-example weight gradient is
+        ``Σ_r grow[k, b, r] ⊗ arow[b, r]``, a ``(d_g, d_a)`` matrix for ``order = "ga"`` and
+        ``(d_a, d_g)`` for ``"ag"``, reshaped to the weight's shape. Subclasses implement it.
+        """
         raise NotImplementedError
 
     def per_example(self, module, a, g) -> dict[str, torch.Tensor]:
-        """Per-example gradients {attr: (K, B, *param_shape)}."""
+        """Per-example gradients ``{attr: (K, B, *param_shape)}``."""
         arow, grow = self.rows(module, a, g)
         k, b = grow.shape[:2]
         if self.order == "ga":
@@ -86,6 +97,7 @@ class KronRule(Rule):
         return out
 
     def bias_grad(self, module, g, grow):
+        """Per-example bias gradients ``(K, B, d_g)``: ``grow`` summed over the positions."""
         return grow.sum(2)
 
     def diag(self, module, a, g) -> dict[str, torch.Tensor] | None:

@@ -100,10 +100,14 @@ class StepStatistics:
 
     @property
     def armed(self) -> bool:
+        """Whether the hooks are installed (between :meth:`arm` and the removal of the hooks)."""
         return bool(self._handles)
 
     @property
     def ready(self) -> bool:
+        """True once a forward (and, for the empirical kind, its backward) has been recorded with no error;
+        :attr:`why_not` says why not otherwise.
+        """
         return self._recorded and self._pending == 0 and self.why_not is None
 
     def arm(self) -> None:

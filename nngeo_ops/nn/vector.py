@@ -101,6 +101,10 @@ class PVector:
     get_flat_representation = to_torch
 
     def to_dict(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The vector per layer: ``{layer id: tensors shaped like that layer's parameters}`` (in the order
+        of its ``attrs``, e.g. weight then bias), in layer-collection order.
+        ``get_dict_representation`` is an alias.
+        """
         if self.dict_repr is not None:
             return self.dict_repr
         return {lid: self.to_torch_layer(lid) for lid in self.layer_collection.layers}
@@ -122,16 +126,20 @@ class PVector:
     __getitem__ = to_torch_layer
 
     def size(self):
+        """``(d,)`` with ``d`` the number of covered parameters."""
         return (self.layer_collection.numel(),)
 
     @property
     def dtype(self):
+        """The dtype of the entries."""
         return self.to_torch().dtype
 
     def clone(self) -> PVector:
+        """A copy with cloned tensors (same layer collection)."""
         return self._map(lambda t: t.clone())
 
     def detach(self) -> PVector:
+        """The same vector with every tensor detached from the autograd graph."""
         return self._map(lambda t: t.detach())
 
     def __repr__(self) -> str:
@@ -216,12 +224,16 @@ class PVector:
         return self._map(lambda t: t**e)
 
     def dot(self, other: PVector) -> torch.Tensor:
+        """``⟨v, w⟩ = Σᵢ vᵢ wᵢ`` over all covered parameters (both vectors on the same layer collection),
+        a 0-dim tensor; also ``v @ w``.
+        """
         self._check(other)
         return torch.dot(self.to_torch(), other.to_torch())
 
     __matmul__ = dot
 
     def norm(self, p=2) -> torch.Tensor:
+        """``‖v‖_p`` of the flat vector (``p = 2`` by default), a 0-dim tensor."""
         return torch.linalg.vector_norm(self.to_torch(), ord=p)
 
 
@@ -239,11 +251,13 @@ class FVector:
         self.vector_repr = vector_repr
 
     def to_torch(self) -> torch.Tensor:
+        """The stored tensor of shape ``(n_output, n_examples)``. ``get_flat_representation`` is an alias."""
         return self.vector_repr
 
     get_flat_representation = to_torch
 
     def size(self):
+        """The shape ``(n_output, n_examples)``."""
         return tuple(self.vector_repr.shape)
 
     def _other(self, other):
@@ -271,9 +285,11 @@ class FVector:
         return FVector(-self.vector_repr)
 
     def dot(self, other: FVector) -> torch.Tensor:
+        """``⟨f, g⟩ = Σ_{o,i} f_{o,i} g_{o,i}`` over all outputs and examples, a 0-dim tensor."""
         return (self.vector_repr * self._other(other)).sum()
 
     def norm(self, p=2) -> torch.Tensor:
+        """``‖f‖_p`` over all entries (``p = 2`` by default), a 0-dim tensor."""
         return torch.linalg.vector_norm(self.vector_repr, ord=p)
 
 

@@ -109,6 +109,9 @@ class LinearOperator:
 
     # ------------------------------------------------------------------ tree walking
     def children(self) -> tuple[LinearOperator, ...]:
+        """The child nodes of this node, in the order of its node fields (a tuple field contributes all of
+        its items); a leaf has none.
+        """
         out: list[LinearOperator] = []
         for name in self._node_fields:
             value = getattr(self, name)
@@ -131,6 +134,10 @@ class LinearOperator:
         return self._rebuild(**fields)
 
     def leaf_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the node depends on: its own tensor fields, then those of its children, depth first.
+
+        A subtree shared in the tree yields its tensors once per occurrence.
+        """
         for name in self._tensor_fields:
             t = getattr(self, name)
             if isinstance(t, torch.Tensor):
@@ -161,6 +168,7 @@ class LinearOperator:
             child.invalidate()
 
     def needs_grad(self) -> bool:
+        """Whether grad mode is on and some leaf tensor requires grad (compiled forms are then not cached)."""
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
@@ -298,6 +306,7 @@ class LinearOperator:
 
     @property
     def T(self) -> LinearOperator:
+        """``Aᵀ`` as a lazy :class:`~nngeo_ops.ops.Transpose` node of shape ``(n, m)``."""
         from .composites import Transpose
 
         return Transpose(self)
@@ -315,9 +324,13 @@ class LinearOperator:
         return Power(self, p)
 
     def sqrt(self) -> LinearOperator:
+        """``A^{1/2}`` of a symmetric PSD node, as a lazy node; same as ``pow(0.5)``."""
         return self.pow(0.5)
 
     def require_symmetric(self, what: str) -> None:
+        """Raise :class:`~nngeo_ops.errors.NotSymmetricError` naming ``what`` unless the node is tagged
+        symmetric.
+        """
         if not self.symmetric:
             raise NotSymmetricError(
                 f"{what} needs a symmetric operator, got {self._str()} of shape {self.shape} that is "
@@ -349,9 +362,11 @@ class LinearOperator:
         return cached[1]
 
     def simplify(self) -> LinearOperator:
+        """The tree after the ``"rewrite"`` rules (structural simplifications), cached against the leaves."""
         return self._auto().simplified
 
     def to_dense(self) -> torch.Tensor:
+        """The operator as a dense ``(m, n)`` tensor (here ``A @ I``; structured nodes override this)."""
         eye = torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
         return self._matmat(eye)
 
@@ -360,21 +375,33 @@ class LinearOperator:
         return self._auto().solve(b)
 
     def logdet(self) -> torch.Tensor:
+        """``log det A`` of a square node via the compiled routines; raises
+        :class:`~nngeo_ops.errors.NotPSDError` when the determinant is negative.
+        """
         return self._auto().logdet()
 
     def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sign, log|det A|)`` of a square node via the compiled routines."""
         return self._auto().slogdet()
 
     def diag(self) -> torch.Tensor:
+        """The diagonal ``(A_ii)`` via the compiled routines (estimated, with a
+        warning, where no exact routine exists and the policy allows it).
+        """
         return self._auto().diag()
 
     def trace(self) -> torch.Tensor:
+        """``tr A = Σᵢ A_ii`` of a square node, a 0-dim tensor, via the compiled routines."""
         return self._auto().trace()
 
     def eigh(self) -> Any:
+        """The eigendecomposition of a symmetric node as an :class:`~nngeo_ops.ops.Eigen` node
+        ``Q·diag(λ)·Qᵀ`` (eigenvalues in the order of ``Q``'s columns, not sorted).
+        """
         return self._auto().eigh()
 
     def frobenius_norm(self) -> torch.Tensor:
+        """``‖A‖_F = (Σᵢⱼ A_ij²)^{1/2}``, a 0-dim tensor, via the compiled routines."""
         return self._auto().frobenius_norm()
 
     def to_scipy(self) -> Any:
@@ -396,6 +423,7 @@ class LinearOperator:
         return self._str()
 
     def tags(self) -> list[str]:
+        """The structural tags that hold, among ``"symmetric"``, ``"psd"`` and ``"orthogonal"``."""
         return [t for t in ("symmetric", "psd", "orthogonal") if getattr(self, t)]
 
     def __repr__(self) -> str:

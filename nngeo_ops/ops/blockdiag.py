@@ -44,6 +44,7 @@ class BlockDiag(LinearOperator):
         return BlockDiag(fields.get("blocks", self.blocks), self.names)
 
     def aligned_with(self, other: BlockDiag) -> bool:
+        """Whether ``other`` has the same row and column block sizes, so that the two combine block by block."""
         return self.row_sizes == other.row_sizes and self.col_sizes == other.col_sizes
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,21 @@ class CompilePolicy:
     exact: bool = False
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``, for the stochastic fallbacks."""
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
 
 
 class Compiled:
-    """A simplified expression with memoised routines; see the module docstring."""
+    """A simplified expression with memoised routines; see the module docstring.
+
+    Attributes:
+        expr: the expression as given.
+        policy: the :class:`CompilePolicy` (the default one when None was given).
+        simplified: ``expr`` after the rewrite rules; every quantity is computed on it.
+        estimates: ``{(quantity, node formula): Estimate}`` of every stochastic fallback that ran.
+    """
 
     def __init__(self, expr: LinearOperator, policy: CompilePolicy | None = None) -> None:
         self.expr = expr
@@ -70,6 +78,9 @@ class Compiled:
 
     # ------------------------------------------------------------------ rewriting
     def simplify(self, node: LinearOperator) -> LinearOperator:
+        """``node`` after the ``"rewrite"`` rules, applied bottom-up until none fires (memoised per node;
+        each rewrite is logged for :meth:`explain`).
+        """
         key = ("rewrite", id(node))
         if key in self._memo:
             return self._memo[key]
@@ -93,6 +104,13 @@ class Compiled:
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, op: str, node: LinearOperator, structured_only: bool = False) -> Any:
+        """The result of the first ``op`` rule (``"solve"``, ``"slogdet"``, ``"diag"``, ...) that handles
+        ``node``, memoised and logged.
+
+        Rules are tried along ``type(node).__mro__``. With ``structured_only`` the fallback rules are
+        skipped and ``None`` is returned when no structured rule applies; otherwise no applicable rule
+        raises :class:`~nngeo_ops.errors.UnsupportedError`.
+        """
         key = (op, id(node))
         if key in self._memo:
             return self._memo[key]
@@ -115,28 +133,38 @@ class Compiled:
         return [(op, str(node), name) for op, node, name in self._routines]
 
     def solver(self, node: LinearOperator, structured_only: bool = False) -> Callable | None:
+        """A function ``B ↦ node⁻¹ B`` for ``B`` of shape ``(n, k)``; raises
+        :class:`~nngeo_ops.errors.ShapeError` for a non-square node. See :meth:`dispatch`.
+        """
         if node.shape[0] != node.shape[1]:
             raise ShapeError(f"cannot solve with {node._str()} of non-square shape {node.shape}")
         return self.dispatch("solve", node, structured_only)
 
     def slogdet_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        """``(sign, log|det node|)`` of a square node. See :meth:`dispatch`."""
         if node.shape[0] != node.shape[1]:
             raise ShapeError(f"logdet of {node._str()} needs a square shape, got {node.shape}")
         return self.dispatch("slogdet", node, structured_only)
 
     def diag_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        """The diagonal of ``node``. See :meth:`dispatch`."""
         return self.dispatch("diag", node, structured_only)
 
     def trace_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        """``tr node`` of a square node. See :meth:`dispatch`."""
         if node.shape[0] != node.shape[1]:
             raise ShapeError(f"trace of {node._str()} needs a square shape, got {node.shape}")
         return self.dispatch("trace", node, structured_only)
 
     def eigh_of(self, node: LinearOperator, structured_only: bool = False) -> Any:
+        """The eigendecomposition of a symmetric ``node`` as an :class:`~nngeo_ops.ops.Eigen` node. See
+        :meth:`dispatch`.
+        """
         node.require_symmetric("eigh")
         return self.dispatch("eigh", node, structured_only)
 
     def frobenius_of(self, node: LinearOperator) -> torch.Tensor:
+        """``‖node‖_F``. See :meth:`dispatch`."""
         return self.dispatch("frobenius", node)
 
     # ------------------------------------------------------------------ public quantities
@@ -152,6 +180,7 @@ class Compiled:
         return f(b.unsqueeze(1)).squeeze(1) if b.dim() == 1 else f(b)
 
     def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sign, log|det A|)`` of the simplified expression."""
         return self.slogdet_of(self.simplified)
 
     def logdet(self) -> torch.Tensor:
@@ -165,19 +194,27 @@ class Compiled:
         return logabs if float(sign) > 0 else torch.full_like(logabs, -torch.inf)
 
     def diag(self) -> torch.Tensor:
+        """The diagonal of the simplified expression, shape ``(n,)``."""
         return self.diag_of(self.simplified)
 
     def trace(self) -> torch.Tensor:
+        """``tr A`` of the simplified expression, a 0-dim tensor."""
         return self.trace_of(self.simplified)
 
     def eigh(self) -> Any:
+        """The eigendecomposition of the simplified expression as an :class:`~nngeo_ops.ops.Eigen` node."""
         return self.eigh_of(self.simplified)
 
     def frobenius_norm(self) -> torch.Tensor:
+        """``‖A‖_F`` of the simplified expression, a 0-dim tensor."""
         return self.frobenius_of(self.simplified)
 
     # ------------------------------------------------------------------ explain
     def explain(self) -> str:
+        """A readable report: the expression and its simplified form, the rewrite log, the routine that
+        computed each quantity so far, every stochastic estimate (marked as not exact) and the
+        factorisations cached on the leaves.
+        """
         lines = [f"expression: {self.expr}", f"simplified: {self.simplified}", "rewrites:"]
         lines += [f"  [{n}] {a}  →  {b}" for n, a, b in self.rewrites] or ["  (none)"]
         lines.append("routines:")

@@ -151,6 +151,7 @@ class Scale(LinearOperator):
         return Scale(self.c, fields.get("child", self.child))
 
     def leaf_tensors(self):
+        """The scale ``c`` when it is a tensor, then the child's leaf tensors."""
         if isinstance(self.c, torch.Tensor):
             yield self.c
         yield from self.child.leaf_tensors()
@@ -173,7 +174,8 @@ class Scale(LinearOperator):
 
 
 class Transpose(LinearOperator):
-    """``Aᵀ``."""
+    """``Aᵀ`` of an ``(m, n)`` node, shape ``(n, m)``: its products are the child's transposed
+    products."""
 
     _node_fields = ("child",)
 

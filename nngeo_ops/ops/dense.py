@@ -21,11 +21,11 @@ class Dense(LinearOperator):
             eigendecomposition with an eigenvalue below ``−√eps·max|λ|``, on a node tagged PSD
             raises :class:`~nngeo_ops.errors.NotPSDError`. Symmetry implied by ``symmetric=True``
             or ``psd=True`` is verified at construction, to ``√eps·max|M|`` (O(n²)).
+        orthogonal: tag for orthonormal columns.
+        name: how the node prints (default ``M``).
 
     NaN / inf entries raise :class:`~nngeo_ops.errors.NonFiniteError` when the matrix is first
     factorised (the check of every other leaf runs at construction).
-        orthogonal: tag for orthonormal columns.
-        name: how the node prints (default ``M``).
     """
 
     _tensor_fields = ("M",)
@@ -156,6 +156,10 @@ class Dense(LinearOperator):
         return cached_factor(self, "cholesky", compute)
 
     def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LU factorisation ``(LU, pivots)`` of ``torch.linalg.lu_factor`` in ``factor_dtype``, cached
+        on the leaf; raises :class:`~nngeo_ops.errors.SingularError` at a zero pivot.
+        """
+
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             _check_finite(self.M, "LU")
             LU, piv, info = torch.linalg.lu_factor_ex(self.M.to(self.factor_dtype))

@@ -110,12 +110,14 @@ class ScaledIdentity(LinearOperator):
 
     @property
     def is_identity(self) -> bool:
+        """Whether ``c`` is the Python number 1 (a tensor ``c`` never counts as the identity)."""
         return not isinstance(self.c, torch.Tensor) and self.c == 1
 
     def to_dense(self) -> torch.Tensor:
         return self.c * torch.eye(self.n, dtype=self.dtype, device=self.device)
 
     def diag_vector(self) -> torch.Tensor:
+        """The diagonal ``c·1`` of shape ``(n,)``."""
         return self.c * torch.ones(self.n, dtype=self.dtype, device=self.device)
 
     def _str(self) -> str:

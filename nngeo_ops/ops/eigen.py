@@ -43,6 +43,7 @@ class Eigen(LinearOperator):
 
     @property
     def full(self) -> bool:
+        """Whether ``Q`` is square (``k = n``), so that the form holds the whole spectrum."""
         return self.Q.shape[0] == self.Q.shape[1]
 
     def _rebuild(self, **fields: Any) -> Eigen:

@@ -67,6 +67,7 @@ class Kronecker(LinearOperator):
 
     @property
     def square_factors(self) -> bool:
+        """Whether every factor is square."""
         return all(f.shape[0] == f.shape[1] for f in self.factors)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,12 @@ class LowRank(LinearOperator):
 
     @property
     def rank(self) -> int:
+        """``k``, the number of columns of ``U`` (an upper bound on the rank)."""
         return self.U.shape[1]
 
     @property
     def Vm(self) -> torch.Tensor:
+        """The right factor ``V`` of shape ``(n, k)`` (``U`` when ``V`` was omitted)."""
         return self.U if self.V is None else self.V
 
     def core(self) -> torch.Tensor:

@@ -70,6 +70,7 @@ class Permutation(LinearOperator):
         return X[self.inverse_perm]
 
     def transpose(self) -> Permutation:
+        """``Pᵀ = P⁻¹`` as a permutation node (the inverse permutation)."""
         name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
         return Permutation(
             self.inverse_perm, self.dtype, self.device, name=name, _inverse=self.perm
@@ -136,6 +137,7 @@ class AppendColumn(Permutation):
         return self._interleave(X) if self.inverse else self._split(X)
 
     def transpose(self) -> AppendColumn:
+        """The transpose (the inverse reordering) as an ``AppendColumn`` node."""
         name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
         return AppendColumn(
             self.rows, self.cols, self.dtype, self.device, inverse=not self.inverse, name=name

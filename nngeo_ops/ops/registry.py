@@ -50,4 +50,5 @@ def rules_for(op: str, cls: type) -> Iterator[Rule]:
 
 
 def all_rules() -> list[Rule]:
+    """Every registered rule, grouped by (quantity, node class) in registration order."""
     return [r for rules in _RULES.values() for r in rules]
