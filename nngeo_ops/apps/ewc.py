@@ -88,6 +88,7 @@ class EWC:
 
     @property
     def n_tasks(self) -> int:
+        """The number of Fisher terms kept: the tasks added (1 with online EWC after a task)."""
         return len(self.terms)
 
     def _w(self) -> torch.Tensor:

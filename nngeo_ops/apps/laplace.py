@@ -232,6 +232,7 @@ class Laplace:
 
     @property
     def sigma_noise(self) -> torch.Tensor:
+        """σ of the Gaussian likelihood (regression; 1 for classification): P = N·F/(σ²T) + P₀."""
         return self._sigma
 
     @sigma_noise.setter
@@ -246,6 +247,7 @@ class Laplace:
 
     @property
     def prior_mean(self) -> torch.Tensor:
+        """θ₀ of the Gaussian prior N(θ₀, P₀⁻¹), a scalar or a [P] vector."""
         return self._mean
 
     @prior_mean.setter
