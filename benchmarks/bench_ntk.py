@@ -19,7 +19,7 @@ that point, with glibc told to return large blocks to the system; on a GPU
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before.
 
 Part 2, one ``J @ v`` (forward mode, ``jvp``) and one ``J.T @ u`` (reverse mode, ``vjp``) of the
-:class:`~nngeo_ops.nn.jacobian.Jacobian` node over the same 256 examples, against one plain
+:class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node over the same 256 examples, against one plain
 forward+backward of the model (``out.backward(u)``), as ratios.
 
 Run: ``python benchmarks/bench_ntk.py [--quick] [--out DIR] [--repeats 3] [--device cuda]``
@@ -48,8 +48,8 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.contract import Tee, write_report  # noqa: E402
-from nngeo_ops.nn.jacobian import Jacobian  # noqa: E402
-from nngeo_ops.nn.ntk import GramMatrix  # noqa: E402
+from nngeo_ops.nn.fspace.jacobian import Jacobian  # noqa: E402
+from nngeo_ops.nn.fspace.ntk import GramMatrix  # noqa: E402
 
 # examples (--quick: 64, passed to the worker processes through the environment) and outputs
 N, C = int(os.environ.get("BENCH_NTK_N", "256")), 10

@@ -32,7 +32,7 @@ import torch
 from ..errors import ConvergenceWarning, DataError, NonFiniteError
 from ..linalg import cg
 from ..nn import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatImplicit, PMatKFAC
-from ..nn.stats import EKFACDiagAcc
+from ..nn.engine.accumulators import EKFACDiagAcc
 from ..ops import Identity
 
 

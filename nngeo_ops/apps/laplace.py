@@ -57,7 +57,7 @@ from ..nn import (
     PMatLowRank,
     PVector,
 )
-from ..nn.distributed import all_reduce_sum, reduce_counts, resolve_group
+from ..nn.engine.distributed import all_reduce_sum, reduce_counts, resolve_group
 from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
 from .glm import LastLayerKron, jacobian_functional, last_layer_kron_applies
 from .laplace_data import data_pass
@@ -265,7 +265,7 @@ class Laplace:
         representation's own passes). Returns self.
 
         Inside an initialised ``torch.distributed`` group each rank passes its own shard: N, the
-        loss and the Fisher are those of all the ranks' data (:mod:`nngeo_ops.nn.distributed`)."""
+        loss and the Fisher are those of all the ranks' data (:mod:`nngeo_ops.nn.engine.distributed`)."""
         st = self.settings
         self.N, self._loss, self.n_outputs, self._input_shape = data_pass(
             self.model, loader, self.likelihood, self.dtype, self.device

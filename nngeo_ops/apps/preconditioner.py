@@ -30,7 +30,7 @@ from ..nn import (
     PVector,
     StepStatistics,
 )
-from ..nn.outputs import output_model_for_variant
+from ..nn.losses import output_model_for_variant
 from .curvature_state import (
     BlockDiagRoute,
     DenseRoute,

@@ -21,7 +21,7 @@ spread across probes (:func:`~nngeo_ops.linalg.estimate_density`).
 Conventions: eigenvalues in **descending** order whatever ``which``; eigenvectors as
 :class:`~nngeo_ops.nn.PVector` (flat order of the representation's layer collection) when the
 input carries one, else as the columns of an (n, k) tensor. The matrix is whatever the input
-is (Fisher/GGN means over examples by default, see :mod:`nngeo_ops.nn.metrics`).
+is (Fisher/GGN means over examples by default, see :mod:`nngeo_ops.nn.api`).
 """
 
 from __future__ import annotations

@@ -7,17 +7,18 @@ return a representation (``PMatDense``, ``PMatDiag``, ``PMatBlockDiag``, ``PMatK
 covered parameters.
 """
 
-from .fmat import FMatDense, FMatExpr, FMatImplicit
-from .generator import CurvatureGenerator
-from .jacobian import Jacobian
-from .jacobian_generator import JacobianGenerator
-from .kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
-from .layercollection import LayerCollection
-from .metrics import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
-from .ntk import CrossGramMatrix, GramMatrix, NTKRegression, kernel_regression
-from .outputs import DataError
-from .pfmap import PFMapDense, PFMapImplicit, mapTMmap
-from .pmat import (
+from .api import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
+from .engine.curvature_generator import CurvatureGenerator
+from .engine.jacobian_generator import JacobianGenerator
+from .engine.training import StepStatistics
+from .fspace.fmat import FMatDense, FMatExpr, FMatImplicit
+from .fspace.jacobian import Jacobian
+from .fspace.ntk import CrossGramMatrix, GramMatrix, NTKRegression, kernel_regression
+from .fspace.pfmap import PFMapDense, PFMapImplicit, mapTMmap
+from .layers.base import KronRule, LinearRule, register_layer_rule
+from .losses import DataError
+from .params import FVector, LayerCollection, PVector
+from .pspace.base import (
     PMatAbstract,
     PMatBlockDiag,
     PMatDense,
@@ -28,9 +29,7 @@ from .pmat import (
     PMatLowRank,
     build_many,
 )
-from .rules import KronRule, LinearRule, register_layer_rule
-from .training import StepStatistics
-from .vector import FVector, PVector
+from .pspace.kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
 
 __all__ = [
     "KronRule",

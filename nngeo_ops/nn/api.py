@@ -8,24 +8,24 @@ divides by — non-ignored targets for CE/NLL, elements for MSE/BCE — over the
 of batch means; ``sum``: not divided). Batches are ``(inputs, labels, ...)`` tuples or plain input
 tensors; ``function(*batch)`` overrides ``model(batch[0])``.
 
-``loader`` is a loader of batches or one batch, by the rule of :mod:`nngeo_ops.nn.batching`: a tensor
+``loader`` is a loader of batches or one batch, by the rule of :mod:`nngeo_ops.nn.data`: a tensor
 or a tuple / list of tensors whose first dimensions agree is one minibatch (``FIM(model, (x, y),
 ...)``), anything else iterable a loader; what is neither raises. ``max_batches=k`` reads only the
 first k batches of each pass (a streaming loader without ``__len__``).
 
 ``process_group``: inside an initialised ``torch.distributed`` group each rank passes its own shard
 of the data and receives the matrix of the union of the shards (see
-:mod:`nngeo_ops.nn.distributed`); ``None`` uses the default group when there is one, ``False``
+:mod:`nngeo_ops.nn.engine.distributed`); ``None`` uses the default group when there is one, ``False``
 computes on the local shard only.
 """
 
 from __future__ import annotations
 
 from ..errors import UnsupportedError
-from .batching import as_loader
-from .generator import CurvatureGenerator
-from .outputs import output_model_for_loss, output_model_for_variant
-from .pmat import PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
+from .data import as_loader
+from .engine.curvature_generator import CurvatureGenerator
+from .losses import output_model_for_loss, output_model_for_variant
+from .pspace.base import PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
 
 
 def _make(model, loader, representation, om, kind, max_batches=None, **kw):
@@ -162,7 +162,7 @@ def GGN(
     process_group=None,
 ):
     """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
-    BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.outputs` for NLLLoss)."""
+    BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.losses` for NLLLoss)."""
     om = output_model_for_loss(loss_fn)
     return _make(
         model,

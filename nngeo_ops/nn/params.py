@@ -1,4 +1,5 @@
-"""Which parameters of a model a curvature matrix covers, and in which order.
+"""The parameter space: which parameters a curvature matrix covers (:class:`LayerCollection`), and
+vectors in parameter and function space (:class:`PVector`, :class:`FVector`).
 
 A *layer* is one module together with those of its own (direct) parameters that are covered. The flat
 order of every parameter-space object is the order of ``model.named_parameters()`` restricted to the
@@ -10,13 +11,14 @@ listed once, under its first name (as ``named_parameters`` does).
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import NNGeoError, ShapeError
+from ..errors import ArgumentTypeError, NNGeoError, ShapeError
 
 ROOT_ID = "<root>"  # layer id of parameters registered directly on the model itself
 
@@ -93,7 +95,7 @@ class LayerCollection:
         """
         keep = None
         if ignore_unsupported_layers:
-            from .rules import rule_for
+            from .layers.base import rule_for
 
             keep = lambda mod: rule_for(mod) is not None  # noqa: E731
         return LayerCollection._build(model, lambda name: True, keep)
@@ -224,3 +226,308 @@ class LayerCollection:
         """``(name, parameter)`` pairs of the covered parameters of ``model``, in flat order."""
         names = [n for e in self.layers.values() for n in e.param_names]
         return list(zip(names, self.parameters(model)))
+
+
+# ------------------------------------------------------------------ vectors
+# Vectors in parameter space (:class:`PVector`) and in function space (:class:`FVector`).
+#
+# A ``PVector`` is a point of the parameter space described by a :class:`LayerCollection`. It is held
+# either as one flat tensor (flat order = the collection's order, i.e. ``model.named_parameters()``
+# restricted to the covered parameters) or as a dict ``layer_id -> tuple of tensors`` shaped like the
+# parameters; both views are available whatever the storage.
+
+
+def _check_layer_collection(lc, vector_repr) -> None:
+    if isinstance(lc, nn.Module):
+        raise ArgumentTypeError(
+            f"a model ({type(lc).__name__}) was given where a LayerCollection is expected: pass "
+            "LayerCollection.from_model(model) (or the F.layer_collection of a representation)"
+        )
+    if not isinstance(lc, LayerCollection):
+        raise ArgumentTypeError(
+            f"layer_collection must be a LayerCollection, got {type(lc).__name__}: build one with "
+            "LayerCollection.from_model(model)"
+        )
+    if vector_repr is not None and not torch.is_tensor(vector_repr):
+        raise ArgumentTypeError(
+            f"the flat vector must be a tensor of shape ({lc.numel()},), got "
+            f"{type(vector_repr).__name__}: convert it with torch.as_tensor"
+        )
+
+
+class PVector:
+    """A vector in parameter space (NNGeometry-compatible).
+
+    Construct with ``PVector(layer_collection, vector_repr=flat)`` or ``dict_repr={...}``, or from a
+    model with :meth:`from_model` / :meth:`from_model_grad`, or :meth:`from_flat`.
+    """
+
+    def __init__(self, layer_collection: LayerCollection, vector_repr=None, dict_repr=None):
+        if (vector_repr is None) == (dict_repr is None):
+            raise NNGeoError("give exactly one of vector_repr and dict_repr")
+        _check_layer_collection(layer_collection, vector_repr)
+        self.layer_collection = layer_collection
+        if vector_repr is not None and vector_repr.shape != (layer_collection.numel(),):
+            raise ShapeError(
+                f"flat vector of shape {tuple(vector_repr.shape)} for a collection of "
+                f"{layer_collection.numel()} parameters"
+            )
+        if dict_repr is not None:
+            for lid, entry in layer_collection.items():
+                parts = dict_repr.get(lid)
+                if parts is None or len(parts) != len(entry.shapes):
+                    raise ShapeError(f"dict_repr lacks the parameters of layer {lid!r}")
+                for t, s in zip(parts, entry.shapes):
+                    if t.shape != s:
+                        raise ShapeError(f"layer {lid!r}: got {tuple(t.shape)}, want {tuple(s)}")
+        self.vector_repr = vector_repr
+        self.dict_repr = dict_repr
+
+    # ------------------------------------------------------------------ constructors
+    @staticmethod
+    def from_flat(layer_collection: LayerCollection, flat: torch.Tensor) -> PVector:
+        """The PVector of a flat (P,) tensor, in the collection's order (``from_flat(lc, flat)``)."""
+        if torch.is_tensor(layer_collection) and isinstance(flat, LayerCollection | nn.Module):
+            raise ArgumentTypeError(
+                "PVector.from_flat(layer_collection, flat): the arguments are swapped; call "
+                "PVector.from_flat(lc, flat_tensor)"
+            )
+        return PVector(layer_collection, vector_repr=flat)
+
+    @staticmethod
+    def from_model(model: nn.Module, layer_collection: LayerCollection | None = None) -> PVector:
+        """The current parameter values (the tensors themselves, not copies)."""
+        lc = layer_collection or LayerCollection.from_model(model)
+        return PVector(lc, dict_repr=_per_layer(lc, lc.parameters(model)))
+
+    @staticmethod
+    def from_model_grad(model: nn.Module, layer_collection: LayerCollection | None = None):
+        """The ``.grad`` fields of the parameters (zeros where a gradient is missing)."""
+        lc = layer_collection or LayerCollection.from_model(model)
+        grads = [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in lc.parameters(model)
+        ]
+        return PVector(lc, dict_repr=_per_layer(lc, grads))
+
+    # ------------------------------------------------------------------ views
+    def to_torch(self) -> torch.Tensor:
+        """The flat tensor (in the collection's order)."""
+        if self.vector_repr is not None:
+            return self.vector_repr
+        return torch.cat(
+            [t.reshape(-1) for lid in self.layer_collection.layers for t in self.dict_repr[lid]]
+        )
+
+    get_flat_representation = to_torch
+
+    def to_dict(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The vector per layer: ``{layer id: tensors shaped like that layer's parameters}`` (in the order
+        of its ``attrs``, e.g. weight then bias), in layer-collection order.
+        ``get_dict_representation`` is an alias.
+        """
+        if self.dict_repr is not None:
+            return self.dict_repr
+        return {lid: self.to_torch_layer(lid) for lid in self.layer_collection.layers}
+
+    get_dict_representation = to_dict
+
+    def to_torch_layer(self, layer_id: str) -> tuple[torch.Tensor, ...]:
+        """The tensors of one layer, shaped like its parameters."""
+        if self.dict_repr is not None:
+            return self.dict_repr[layer_id]
+        entry = self.layer_collection.layers[layer_id]
+        start = self.layer_collection.p_pos[layer_id]
+        out = []
+        for n, s in zip(entry.numels, entry.shapes):
+            out.append(self.vector_repr[start : start + n].view(s))
+            start += n
+        return tuple(out)
+
+    __getitem__ = to_torch_layer
+
+    def size(self):
+        """``(d,)`` with ``d`` the number of covered parameters."""
+        return (self.layer_collection.numel(),)
+
+    @property
+    def dtype(self):
+        """The dtype of the entries."""
+        return self.to_torch().dtype
+
+    def clone(self) -> PVector:
+        """A copy with cloned tensors (same layer collection)."""
+        return self._map(lambda t: t.clone())
+
+    def detach(self) -> PVector:
+        """The same vector with every tensor detached from the autograd graph."""
+        return self._map(lambda t: t.detach())
+
+    def __repr__(self) -> str:
+        return f"PVector({self.layer_collection.numel()} parameters, {len(self.layer_collection)} layers)"
+
+    # ------------------------------------------------------------------ models
+    def copy_to_model(self, model: nn.Module) -> None:
+        """Write the values into the model's parameters (in place)."""
+        with torch.no_grad():
+            for p, v in zip(self.layer_collection.parameters(model), self._flat_parts()):
+                p.copy_(v)
+
+    def add_to_model(self, model: nn.Module) -> None:
+        """Add the values to the model's parameters (in place)."""
+        with torch.no_grad():
+            for p, v in zip(self.layer_collection.parameters(model), self._flat_parts()):
+                p.add_(v)
+
+    def copy_to_model_grad(self, model: nn.Module) -> None:
+        """Write the values into the ``.grad`` fields of the model's covered parameters, the
+        inverse of :meth:`from_model_grad`: an existing ``.grad`` is overwritten in place (so that
+        an optimiser holding it sees the new values), a missing one is created. This is how a
+        preconditioned gradient (F + λI)⁻¹ g is handed to any ``torch.optim`` optimiser."""
+        with torch.no_grad():
+            for p, v in zip(self.layer_collection.parameters(model), self._flat_parts()):
+                if p.grad is None:
+                    p.grad = v.detach().clone().to(p.dtype)
+                else:
+                    p.grad.copy_(v)
+
+    def _flat_parts(self):
+        return [t for lid in self.layer_collection.layers for t in self.to_torch_layer(lid)]
+
+    # ------------------------------------------------------------------ arithmetic
+    def _map(self, fn) -> PVector:
+        # type(self): results of subclasses (e.g. the NNGeometry compat PVector) keep their class
+        if self.vector_repr is not None:
+            return type(self)(self.layer_collection, vector_repr=fn(self.vector_repr))
+        d = {lid: tuple(fn(t) for t in parts) for lid, parts in self.dict_repr.items()}
+        return type(self)(self.layer_collection, dict_repr=d)
+
+    def _check(self, other) -> None:
+        if not isinstance(other, PVector):
+            raise TypeError(f"expected a PVector, got {type(other).__name__}")
+        if other.layer_collection is not self.layer_collection and (
+            other.layer_collection != self.layer_collection
+        ):
+            raise ShapeError("the two PVectors are over different layer collections")
+
+    def _zip(self, other, fn) -> PVector:
+        self._check(other)
+        if self.dict_repr is not None and other.dict_repr is not None:
+            d = {
+                lid: tuple(fn(a, b) for a, b in zip(parts, other.dict_repr[lid]))
+                for lid, parts in self.dict_repr.items()
+            }
+            return type(self)(self.layer_collection, dict_repr=d)
+        return type(self)(self.layer_collection, vector_repr=fn(self.to_torch(), other.to_torch()))
+
+    def __add__(self, other):
+        return self._zip(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._zip(other, lambda a, b: a - b)
+
+    def __neg__(self):
+        return self._map(lambda t: -t)
+
+    def __mul__(self, x):
+        if isinstance(x, PVector):
+            return self._zip(x, lambda a, b: a * b)
+        if not isinstance(x, numbers.Number) and not (torch.is_tensor(x) and x.dim() == 0):
+            return NotImplemented
+        return self._map(lambda t: x * t)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, x):
+        return self._map(lambda t: t / x)
+
+    def __pow__(self, e):
+        return self._map(lambda t: t**e)
+
+    def dot(self, other: PVector) -> torch.Tensor:
+        """``⟨v, w⟩ = Σᵢ vᵢ wᵢ`` over all covered parameters (both vectors on the same layer collection),
+        a 0-dim tensor; also ``v @ w``.
+        """
+        self._check(other)
+        return torch.dot(self.to_torch(), other.to_torch())
+
+    __matmul__ = dot
+
+    def norm(self, p=2) -> torch.Tensor:
+        """``‖v‖_p`` of the flat vector (``p = 2`` by default), a 0-dim tensor."""
+        return torch.linalg.vector_norm(self.to_torch(), ord=p)
+
+
+def _per_layer(lc: LayerCollection, tensors) -> dict:
+    out, it = {}, iter(tensors)
+    for lid, entry in lc.items():
+        out[lid] = tuple(next(it) for _ in entry.attrs)
+    return out
+
+
+class FVector:
+    """A vector in function space: one value per (output, example), stored ``(n_output, n_examples)``."""
+
+    def __init__(self, vector_repr: torch.Tensor):
+        self.vector_repr = vector_repr
+
+    def to_torch(self) -> torch.Tensor:
+        """The stored tensor of shape ``(n_output, n_examples)``. ``get_flat_representation`` is an alias."""
+        return self.vector_repr
+
+    get_flat_representation = to_torch
+
+    def size(self):
+        """The shape ``(n_output, n_examples)``."""
+        return tuple(self.vector_repr.shape)
+
+    def _other(self, other):
+        if isinstance(other, FVector):
+            if other.vector_repr.shape != self.vector_repr.shape:
+                raise ShapeError(
+                    f"FVectors of shapes {tuple(self.vector_repr.shape)} and "
+                    f"{tuple(other.vector_repr.shape)}"
+                )
+            return other.vector_repr
+        return other
+
+    def __add__(self, other):
+        return FVector(self.vector_repr + self._other(other))
+
+    def __sub__(self, other):
+        return FVector(self.vector_repr - self._other(other))
+
+    def __mul__(self, x):
+        return FVector(self.vector_repr * self._other(x))
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return FVector(-self.vector_repr)
+
+    def dot(self, other: FVector) -> torch.Tensor:
+        """``⟨f, g⟩ = Σ_{o,i} f_{o,i} g_{o,i}`` over all outputs and examples, a 0-dim tensor."""
+        return (self.vector_repr * self._other(other)).sum()
+
+    def norm(self, p=2) -> torch.Tensor:
+        """``‖f‖_p`` over all entries (``p = 2`` by default), a 0-dim tensor."""
+        return torch.linalg.vector_norm(self.vector_repr, ord=p)
+
+
+# ---------------------------------------------------------------------- flat views
+def flat_pvector(v, lc) -> torch.Tensor:
+    if isinstance(v, PVector):
+        if v.layer_collection != lc:
+            raise ShapeError("the PVector is over a different layer collection than the Jacobian")
+        return v.to_torch()
+    if torch.is_tensor(v):
+        return v
+    raise ArgumentTypeError(f"expected a PVector or a tensor, got {type(v).__name__}")
+
+
+def flat_fvector(u, c, n) -> torch.Tensor:
+    t = u.to_torch() if isinstance(u, FVector) else u
+    if not torch.is_tensor(t):
+        raise ArgumentTypeError(f"expected an FVector or a tensor, got {type(u).__name__}")
+    if tuple(t.shape) not in ((c, n), (c * n,)):
+        raise ShapeError(f"function-space vector of shape {tuple(t.shape)}, expected ({c}, {n})")
+    return t.reshape(-1)

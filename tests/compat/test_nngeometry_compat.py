@@ -452,7 +452,7 @@ def test_core_mixed_representation_through_our_fim():
     from nngeo_ops.nn import FIM as OurFIM
     from nngeo_ops.nn import LayerCollection as OurLC
     from nngeo_ops.nn import PMatEKFAC as OurEKFAC
-    from nngeo_ops.nn.mixed import PMatEKFACBlockDiag as OurMixed
+    from nngeo_ops.nn.pspace.mixed import PMatEKFACBlockDiag as OurMixed
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).to(D)

@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nngeo_ops.nn.distributed import Communicator, DistributedConfig, gather_rows, resolve_group
+from nngeo_ops.nn.engine.distributed import (
+    Communicator,
+    DistributedConfig,
+    gather_rows,
+    resolve_group,
+)
 
 
 @pytest.fixture(scope="module")

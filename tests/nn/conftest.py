@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nngeo_ops.nn import generator as _generator  # noqa: E402
-from nngeo_ops.nn import jacobian_generator as _jacobian_generator  # noqa: E402
+from nngeo_ops.nn.engine import curvature_generator as _generator  # noqa: E402
+from nngeo_ops.nn.engine import jacobian_generator as _jacobian_generator  # noqa: E402
 
 
 def pytest_configure(config):

@@ -1,4 +1,4 @@
-"""One minibatch or a loader: the one rule of every entry point (nngeo_ops.nn.batching)."""
+"""One minibatch or a loader: the one rule of every entry point (nngeo_ops.nn.data)."""
 
 import itertools
 
@@ -18,27 +18,27 @@ from nngeo_ops.nn import (
     PMatDense,
     PMatDiag,
     PMatImplicit,
-    batching,
 )
+from nngeo_ops.nn import data as nn_data
 
 
 def test_rule():
     x, y = torch.randn(4, 3), torch.arange(4)
-    one = batching.is_single_batch
+    one = nn_data.is_single_batch
     assert one(x) and one((x, y)) and one([x, y]) and one({"input_ids": x, "labels": y})
     assert one(({"input_ids": x}, y))  # a dict part with the same batch size
     assert not one([(x, y), (x, y)]) and not one([{"a": x}]) and not one([])
     assert not one(DataLoader(TensorDataset(x, y)))
-    assert batching.as_loader((x, y)) == [(x, y)]
+    assert nn_data.as_loader((x, y)) == [(x, y)]
     loader = [(x,), (x,)]
-    assert batching.as_loader(loader) is loader
-    assert batching.as_loader(batching.as_loader((x, y))) == [(x, y)]  # idempotent
+    assert nn_data.as_loader(loader) is loader
+    assert nn_data.as_loader(nn_data.as_loader((x, y))) == [(x, y)]  # idempotent
     # ambiguous: tensors that are not one batch; the message names both fixes
     for bad in [(x, y[:3]), [x, torch.randn(2, 3)], (x, "meta"), (x, torch.tensor(1.0))]:
         with pytest.raises(ArgumentTypeError, match=r"\[batch\].*\[\(x1,\), \(x2,\)"):
-            batching.as_loader(bad)
+            nn_data.as_loader(bad)
     with pytest.raises(ArgumentTypeError, match="neither one batch"):
-        batching.as_loader(3)
+        nn_data.as_loader(3)
 
 
 def test_every_entry_point_reads_a_tuple_as_one_batch():
@@ -126,6 +126,6 @@ def test_max_batches_for_a_loader_without_len(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="max_batches"):
         FIM(model, loader, PMatDiag, max_batches=0, progress=False)
     # a pass over a loader without __len__ that runs long says how to bound it
-    monkeypatch.setattr(batching, "LONG_PASS_SECONDS", 0.0)
+    monkeypatch.setattr(nn_data, "LONG_PASS_SECONDS", 0.0)
     with pytest.warns(UserWarning, match="no __len__.*max_batches="):
         FIM(model, NoLen(loader), PMatDiag, progress=False)

@@ -16,11 +16,11 @@ from nngeo_ops.nn import (
     PMatKFAC,
     build_many,
 )
-from nngeo_ops.nn.capture import Capture
-from nngeo_ops.nn.layercollection import LayerCollection
-from nngeo_ops.nn.outputs import output_model_for_variant
-from nngeo_ops.nn.rules import ConvRule
-from nngeo_ops.nn.stats import conv_patches, conv_squared_grads, gram
+from nngeo_ops.nn.engine.accumulators import conv_patches, conv_squared_grads, gram
+from nngeo_ops.nn.engine.capture import Capture
+from nngeo_ops.nn.layers.base import ConvRule
+from nngeo_ops.nn.losses import output_model_for_variant
+from nngeo_ops.nn.params import LayerCollection
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ class _Grads(PMatDense):
 
     @staticmethod
     def accumulators(generator):
-        from nngeo_ops.nn.stats import GradsAcc
+        from nngeo_ops.nn.engine.accumulators import GradsAcc
 
         return [GradsAcc()]
 

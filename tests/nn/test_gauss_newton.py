@@ -24,7 +24,7 @@ from nngeo_ops.nn import (
     PMatDense,
     PMatImplicit,
 )
-from nngeo_ops.nn.implicit import GaussNewton, OutputCurvature
+from nngeo_ops.nn.pspace.implicit import GaussNewton, OutputCurvature
 from nngeo_ops.ops import Identity, MatFree, Product, Transpose
 
 F64 = torch.float64

@@ -11,7 +11,7 @@ from models import loader_of
 from torch import nn
 
 from nngeo_ops.nn import FIM, PMatEKFAC, PMatKFAC
-from nngeo_ops.nn.stats import KroneckerFactors
+from nngeo_ops.nn.engine.accumulators import KroneckerFactors
 from nngeo_ops.ops import LowRank
 
 F64 = torch.float64

@@ -24,7 +24,7 @@ from nngeo_ops.nn import (
     PMatLowRank,
     PMatQuasiDiag,
 )
-from nngeo_ops.nn.precision import accumulation_dtype
+from nngeo_ops.nn.engine.precision import accumulation_dtype
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nngeo_ops"
 

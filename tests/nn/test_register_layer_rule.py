@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from nngeo_ops.nn import FIM, PMatDense, PMatDiag, PMatKFAC, rules
-from nngeo_ops.nn.rules import LinearRule, register_layer_rule, rule_for
+from nngeo_ops.nn import FIM, PMatDense, PMatDiag, PMatKFAC
+from nngeo_ops.nn.layers import base as layer_rules
+from nngeo_ops.nn.layers.base import LinearRule, register_layer_rule, rule_for
 
 
 class MyLinear(nn.Module):
@@ -28,9 +29,9 @@ class MyLinearRule(LinearRule):
 
 @pytest.fixture
 def registered():
-    before = list(rules.RULES)
+    before = list(layer_rules.RULES)
     yield register_layer_rule(MyLinearRule())
-    rules.RULES[:] = before
+    layer_rules.RULES[:] = before
 
 
 def twin_models():

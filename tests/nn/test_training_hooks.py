@@ -17,7 +17,7 @@ from nngeo_ops.nn import (
     PVector,
     StepStatistics,
 )
-from nngeo_ops.nn.outputs import output_model_for_variant
+from nngeo_ops.nn.losses import output_model_for_variant
 
 from . import groundtruth as gt
 

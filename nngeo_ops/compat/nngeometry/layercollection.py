@@ -13,8 +13,8 @@ from collections import OrderedDict
 
 import torch
 
-from ...nn import layercollection as _lc
-from ...nn.layercollection import LayerEntry
+from ...nn import params as _lc
+from ...nn.params import LayerEntry
 
 
 class Parameter:

@@ -1,5 +1,5 @@
-"""NNGeometry's ``nngeometry.layers``: our :mod:`nngeo_ops.nn.custom_layers`."""
+"""NNGeometry's ``nngeometry.layers``: our :mod:`nngeo_ops.nn.layers.custom`."""
 
-from ...nn.custom_layers import Affine1d, Cosine1d, WeightNorm1d, WeightNorm2d
+from ...nn.layers.custom import Affine1d, Cosine1d, WeightNorm1d, WeightNorm2d
 
 __all__ = ["Affine1d", "Cosine1d", "WeightNorm1d", "WeightNorm2d"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...nn import metrics as _m
+from ...nn import api as _m
 from .backend.torch_hooks.torch_hooks import check_same_dtype
 from .layercollection import LayerCollection
 

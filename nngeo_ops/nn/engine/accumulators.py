@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from .rules import ConvRule, EmbeddingRule, conv_geometry
+from ..layers.base import ConvRule, EmbeddingRule, conv_geometry
 
 _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
 _PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
@@ -201,7 +201,7 @@ class DenseAcc:
         self.value = self.value * scale
 
     def reduce(self, comm):
-        """Sum over a process group (:mod:`~nngeo_ops.nn.distributed`), before ``finalize``."""
+        """Sum over a process group (:mod:`~nngeo_ops.nn.engine.distributed`), before ``finalize``."""
         comm.sum(self.value, symmetric=True)
 
 

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import NonFiniteError, UnsupportedError
-from .batching import ModelOnFirst, progress_bar
+from ...errors import NonFiniteError, UnsupportedError
+from ..data import ModelOnFirst, progress_bar
+from ..layers.base import ConvRule, KronRule, rule_for
+from ..layers.generic import generic_per_example
+from ..losses import DataError, OutputModel
+from ..params import LayerCollection
+from .accumulators import conv_squared_grads
 from .finite import check_statistics
-from .generic import generic_per_example
-from .layercollection import LayerCollection
-from .outputs import DataError, OutputModel
 from .precision import accumulation_dtype
-from .rules import ConvRule, KronRule, rule_for
-from .stats import conv_squared_grads
 
 # modules whose backward the (legacy) vmap of ``is_grads_batched`` batches natively
 _BATCHED_BACKWARD = (
@@ -212,7 +212,7 @@ class Capture:
     ):
         self.model = model
         self.lc = layer_collection
-        # an already resolved group (see nngeo_ops.nn.distributed.resolve_group), or None: local
+        # an already resolved group (see nngeo_ops.nn.engine.distributed.resolve_group), or None: local
         self.process_group = process_group
         self.output_model = output_model
         self.function = function if function is not None else ModelOnFirst(model)
@@ -396,7 +396,7 @@ class Capture:
 
     def _widen(self) -> None:
         """Cast the cotangents and inputs that layer rules read to the accumulation dtype (see
-        :mod:`~nngeo_ops.nn.precision`); users on the generic path keep the model's precision,
+        :mod:`~nngeo_ops.nn.engine.precision`); users on the generic path keep the model's precision,
         which their re-run needs, and their per-example gradients are cast afterwards."""
         for u in self.users:
             if u.rule is None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
+from ...errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
+from ..data import ModelOnFirst, as_loader, progress_bar
+from ..losses import DataError, OutputModel
+from ..params import LayerCollection
 from . import functional as fx
-from .batching import ModelOnFirst, as_loader, progress_bar
 from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
 from .distributed import all_reduce_sum, reduce_counts, resolve_group
 from .finite import nonfinite_layers, raise_nonfinite
-from .layercollection import LayerCollection
-from .outputs import DataError, OutputModel
 from .precision import accumulation_dtype
 
 KINDS = ("exact", "sample", "empirical", "hessian")
@@ -47,14 +47,14 @@ def check_trainable(model, layer_collection=None) -> None:
 class CurvatureGenerator:
     """Model + loss + kind: what a representation (``PMatDense``, ``PMatKFAC``, ...) is built from.
 
-    Usually made by the entry points of :mod:`nngeo_ops.nn.metrics` (``FIM``, ``GGN``, ...), which
+    Usually made by the entry points of :mod:`nngeo_ops.nn.api` (``FIM``, ``GGN``, ...), which
     state the conventions: Fisher matrices are means over examples; GGN and Hessian follow the loss's
     reduction (``mean`` over the whole loader, or ``sum``).
 
     Args:
         model: the ``nn.Module``; its covered parameters fix the default device and the dtype of
             the statistics.
-        output_model: the loss / likelihood on the outputs (see :mod:`nngeo_ops.nn.outputs`).
+        output_model: the loss / likelihood on the outputs (see :mod:`nngeo_ops.nn.losses`).
         kind: ``"exact"`` (expectation over the model's labels), ``"sample"`` (Monte-Carlo labels),
             ``"empirical"`` (the data's labels) or ``"hessian"``.
         layer_collection: the covered parameters (default: every trainable parameter of
@@ -68,7 +68,7 @@ class CurvatureGenerator:
             shows it only on a terminal.
         kfac_mode: ``"expand"`` or ``"reduce"``, the KFAC form for weight sharing.
         process_group: the ``torch.distributed`` group whose shards are summed (see
-            :mod:`nngeo_ops.nn.distributed`).
+            :mod:`nngeo_ops.nn.engine.distributed`).
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class CurvatureGenerator:
         return self.kind == "hessian"
 
     def capture(self) -> Capture:
-        """The hook-based :class:`~nngeo_ops.nn.capture.Capture` of this generator's model, output model
+        """The hook-based :class:`~nngeo_ops.nn.engine.capture.Capture` of this generator's model, output model
         and kind, created once and reused; raises :class:`~nngeo_ops.errors.UnsupportedError` for the
         Hessian, which has no hook-based representation.
         """
@@ -185,8 +185,8 @@ class CurvatureGenerator:
         return fx.FlatModel(self.model, self.layer_collection, self.function)
 
     def implicit_op(self, examples, cache: bool = False):
-        """M as ``Jᵀ·H·J`` (GGN / Fisher) or ``∇²L`` (Hessian): see :mod:`nngeo_ops.nn.implicit`."""
-        from .implicit import implicit_curvature
+        """M as ``Jᵀ·H·J`` (GGN / Fisher) or ``∇²L`` (Hessian): see :mod:`nngeo_ops.nn.pspace.implicit`."""
+        from ..pspace.implicit import implicit_curvature
 
         return implicit_curvature(self, examples, cache)
 

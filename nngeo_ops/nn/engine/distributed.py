@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import ArgumentTypeError, DataError, UnsupportedError
+from ...errors import ArgumentTypeError, DataError, UnsupportedError
 
 __all__ = [
     "Communicator",
@@ -240,7 +240,7 @@ def reduce_pass(group, accumulators, total: int, n_ex: int) -> tuple[int, int]:
             raise UnsupportedError(
                 f"the accumulator {type(acc).__name__} has no reduce(comm) method, so its "
                 "statistics cannot be summed over the process group: add one (see "
-                "nngeo_ops.nn.distributed), or pass process_group=False for per-rank statistics"
+                "nngeo_ops.nn.engine.distributed), or pass process_group=False for per-rank statistics"
             )
         reduce(comm)
     comm.flush()

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import NonFiniteError
-from .layercollection import LayerCollection
+from ...errors import NonFiniteError
+from ..params import LayerCollection
 
 _FIX = (
     "the model's outputs are finite but its derivatives are not (e.g. x.abs().sqrt() or log at 0, an "

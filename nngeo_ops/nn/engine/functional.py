@@ -23,8 +23,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-from ..errors import UnsupportedError
-from .layercollection import LayerCollection
+from ...errors import UnsupportedError
+from ..params import LayerCollection
 
 
 def model_device(model):

@@ -1,8 +1,8 @@
 """The Jacobian generator: model + function + parameters, and the per-example Jacobians of chunks.
 
-It serves the :class:`~nngeo_ops.nn.jacobian.Jacobian` node (``to_torch``), the Gram matrices of
-:mod:`nngeo_ops.nn.gram` and the PFMaps. Per-example Jacobians come from the hook engine of
-:mod:`nngeo_ops.nn.capture` (one forward and one backward with C batched cotangents per chunk, no
+It serves the :class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node (``to_torch``), the Gram matrices of
+:mod:`nngeo_ops.nn.engine.ntk` and the PFMaps. Per-example Jacobians come from the hook engine of
+:mod:`nngeo_ops.nn.engine.capture` (one forward and one backward with C batched cotangents per chunk, no
 Python loop over examples), or from ``torch.func`` (a ``vmap`` of the single-example VJP over the
 (example, output) pairs) for models the hooks cannot follow.
 """
@@ -15,15 +15,14 @@ import torch
 from torch import nn
 from torch.func import vjp, vmap
 
-from ..errors import (
+from ...errors import (
     ArgumentTypeError,
     DataError,
     InvalidArgumentError,
     NNGeoError,
     UnsupportedError,
 )
-from . import functional as fx
-from .batching import (
+from ..data import (
     ModelOnFirst,
     as_loader,
     batch_size_of,
@@ -32,12 +31,13 @@ from .batching import (
     progress_bar,
     split_batch,
 )
+from ..losses import Regression
+from ..params import LayerCollection
+from . import functional as fx
 from .capture import Capture, prepare_batch, warn_train_mode
+from .curvature_generator import check_trainable
 from .distributed import resolve_group
 from .functional import FlatModel
-from .generator import check_trainable
-from .layercollection import LayerCollection
-from .outputs import Regression
 
 BACKENDS = ("hooks", "func")
 
@@ -95,7 +95,7 @@ class Features:
     ``grads``: per-example gradients (C, B, P_d) of the layers taken densely, concatenated (their
     order inside the row does not matter for inner products). ``krons``: for each layer taken in
     Kronecker form, ``(A, G)`` with A (B, R, dA) and G (C, B, R, dG) such that the per-example
-    gradient is Σ_r G[c, n, r] ⊗ A[n, r] (see :mod:`nngeo_ops.nn.rules`).
+    gradient is Σ_r G[c, n, r] ⊗ A[n, r] (see :mod:`nngeo_ops.nn.layers.base`).
     """
 
     b: int
@@ -144,7 +144,7 @@ class JacobianGenerator:
         process_group=None,
     ):
         self.model = model
-        # sharded data (see nngeo_ops.nn.distributed): Gram matrices are gathered, J stays sharded
+        # sharded data (see nngeo_ops.nn.engine.distributed): Gram matrices are gathered, J stays sharded
         self.process_group = resolve_group(process_group)
         self.layer_collection = resolve_layer_collection(model, layer_collection)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -168,7 +168,7 @@ class JacobianGenerator:
     # ------------------------------------------------------------------ data
     def chunks(self, examples, desc="examples"):
         """Yield the chunks of ``examples`` (one batch or a loader, see
-        :func:`~nngeo_ops.nn.batching.as_loader`; tuples, on ``self.device``)."""
+        :func:`~nngeo_ops.nn.data.as_loader`; tuples, on ``self.device``)."""
         for batch in progress_bar(as_loader(examples), self.progress, desc):
             yield from split_batch(prepare_batch(batch, self.device), self.chunk_size)
 
@@ -186,8 +186,8 @@ class JacobianGenerator:
         return self.layer_collection.flat_parameters(self.model)
 
     def jacobian_op(self, examples, name: str = "J"):
-        """The :class:`~nngeo_ops.nn.jacobian.Jacobian` node of ``examples``."""
-        from .jacobian import Jacobian  # the node is built on this generator
+        """The :class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node of ``examples``."""
+        from ..fspace.jacobian import Jacobian  # the node is built on this generator
 
         return Jacobian(generator=self, loader=examples, name=name)
 
@@ -321,6 +321,6 @@ class JacobianGenerator:
         """The NTK ``K = J Jᵀ`` of ``examples`` as a dense ``[C, N, C, N]`` tensor (summed over a process
         group when distributed).
         """
-        from .gram import gram_tensor
+        from .ntk import gram_tensor
 
         return gram_tensor(self, examples)

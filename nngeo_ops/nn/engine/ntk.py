@@ -1,6 +1,6 @@
 """The NTK Gram engine: blocks of J Jᵀ from per-chunk features, without a loop over examples.
 
-See :mod:`nngeo_ops.nn.ntk` for the layout and the cost model: each chunk's features (per-example
+See :mod:`nngeo_ops.nn.fspace.ntk` for the layout and the cost model: each chunk's features (per-example
 gradients, or Kronecker rows for dense layers where cheaper) come from one forward and one backward
 with the C cotangents batched; blocks between two chunks are products of their features.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DataError, ShapeError
-from .batching import batch_size_of, check_same_outputs, progress_bar
+from ...errors import DataError, ShapeError
+from ..data import batch_size_of, check_same_outputs, progress_bar
 from .distributed import gather_rows, reduce_counts
 from .jacobian_generator import BackendSwitched, Features, JacobianGenerator
 

@@ -2,7 +2,7 @@
 
 A separate pass over a batch (:meth:`CurvatureGenerator.run`) costs a forward and a backward on top
 of the training step. :class:`StepStatistics` instead records what the accumulators of
-:mod:`nngeo_ops.nn.stats` need (the inputs of each covered layer and the cotangents of its output)
+:mod:`nngeo_ops.nn.engine.accumulators` need (the inputs of each covered layer and the cotangents of its output)
 while the *training step itself* runs:
 
 * ``kind="sample"`` (Monte-Carlo Fisher): when the model's forward returns, labels ŷ ~ p(y | x) are
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DataError, InvalidArgumentError, NNGeoError, ShapeError, UnsupportedError
+from ...errors import DataError, InvalidArgumentError, NNGeoError, ShapeError, UnsupportedError
 from .capture import BatchContext, output_factor
 
 EMPIRICAL_VARIANTS = ("classif_logits", "classif_logsoftmax", "classif_binary_logits")

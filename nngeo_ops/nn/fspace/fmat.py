@@ -2,7 +2,7 @@
 
 :class:`FMatDense` holds the Gram tensor [C, N, C, M] (``op`` a ``Dense`` node tagged symmetric PSD
 when square); :class:`FMatImplicit` never stores it (``op`` applies J (Jᵀ V)). Layout and
-conventions: :mod:`nngeo_ops.nn.ntk`.
+conventions: :mod:`nngeo_ops.nn.fspace.ntk`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import numbers
 
 import torch
 
-from ..errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
-from ..ops import Dense, Identity, LinearOperator, MatFree
-from ..ops.base import is_scalar
-from .batching import as_loader
-from .gram import cross_gram_tensor, gram_tensor, ntk_diag
+from ...errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
+from ...ops import Dense, Identity, LinearOperator, MatFree
+from ...ops.base import is_scalar
+from ..data import as_loader
+from ..engine.ntk import cross_gram_tensor, gram_tensor, ntk_diag
+from ..params import FVector, flat_fvector
+from ..pspace.base import check_regul
 from .pfmap import PFMap, PFMapExpr
-from .pmat import check_regul
-from .vector import FVector, flat_fvector
 
 
 # ---------------------------------------------------------------------- function-space matrices

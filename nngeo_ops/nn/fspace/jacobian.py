@@ -18,15 +18,15 @@ Three ways to use J, none of which forms the (C·N) × P matrix unless asked:
   loader), ``J.T @ U`` a reverse-mode product (one ``vjp`` per batch, vmapped over the columns of U).
   Composites stay lazy: ``J.T @ H @ J`` is an ops ``Product`` printed ``Jᵀ·H·J`` and tagged PSD when
   H is, ``J @ F.op @ J.T`` pushes a parameter-space matrix forward to function space.
-* ``PFMapDense`` / ``PFMapImplicit`` (:mod:`nngeo_ops.nn.pfmap`) are NNGeometry-style wrappers
+* ``PFMapDense`` / ``PFMapImplicit`` (:mod:`nngeo_ops.nn.fspace.pfmap`) are NNGeometry-style wrappers
   (``jvp`` takes a :class:`PVector` and returns an :class:`FVector`, ``vjp`` the converse) over a
   dense [C, N, P] tensor or over a :class:`Jacobian` node.
 * ``mapTMmap`` (same module) gives J F Jᵀ for a parameter-space matrix F (lazy, or reduced per
   example).
 
-Materialising J (``to_torch()``, the Gram matrices of :mod:`nngeo_ops.nn.gram`) uses batched
-per-example gradients (:mod:`nngeo_ops.nn.jacobian_generator`) from the hook engine of
-:mod:`nngeo_ops.nn.capture` — one forward and one
+Materialising J (``to_torch()``, the Gram matrices of :mod:`nngeo_ops.nn.engine.ntk`) uses batched
+per-example gradients (:mod:`nngeo_ops.nn.engine.jacobian_generator`) from the hook engine of
+:mod:`nngeo_ops.nn.engine.capture` — one forward and one
 backward with C batched cotangents per chunk of examples, no Python loop over examples — with a
 ``torch.func`` fallback (a ``vmap`` of the single-example VJP over the (example, output) pairs) for
 models the hooks cannot follow.
@@ -44,10 +44,9 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
-from ..errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError, UnsupportedError
-from ..ops import MatFree
-from . import functional as fx
-from .batching import (
+from ...errors import ArgumentTypeError, DataError, NonFiniteError, ShapeError, UnsupportedError
+from ...ops import MatFree
+from ..data import (
     FINGERPRINT_RTOL,
     LOADER_CHANGED,
     as_loader,
@@ -55,10 +54,10 @@ from .batching import (
     check_same_outputs,
     fingerprint,
 )
-from .distributed import all_reduce_sum
-from .jacobian_generator import JacobianGenerator
-from .layercollection import LayerCollection
-from .vector import FVector, PVector, flat_fvector, flat_pvector
+from ..engine import functional as fx
+from ..engine.distributed import all_reduce_sum
+from ..engine.jacobian_generator import JacobianGenerator
+from ..params import FVector, LayerCollection, PVector, flat_fvector, flat_pvector
 
 # Columns of a block product pushed through one vmapped jvp / vjp at a time: bounds the memory of
 # J @ V for wide V (e.g. to_dense() of a small implicit operator) to this many copies of the
@@ -87,7 +86,7 @@ class Jacobian(MatFree):
     Args:
         model, loader: the network and the examples (re-read at each product; see the module
             docstring on ordering): a re-iterable loader, or one batch — a tuple / list of tensors
-            whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.batching`).
+            whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.data`).
         function: ``function(*batch) -> outputs`` (default ``model(batch[0])``), any function of
             the model, e.g. a per-example loss ``(B,)``.
         layer_collection: the parameters θ (default all trainable ones).
@@ -268,7 +267,7 @@ class Jacobian(MatFree):
         return torch.cat(parts, dim=1)
 
     def gram(self) -> torch.Tensor | None:
-        """J Jᵀ, (C·N) × (C·N) in the row order of J, from the NTK engine of :mod:`nngeo_ops.nn.gram`
+        """J Jᵀ, (C·N) × (C·N) in the row order of J, from the NTK engine of :mod:`nngeo_ops.nn.engine.ntk`
         (per-chunk features, no loop over examples); None when the model's parameters are no longer
         those of this node (the engine reads the model). The ops rules use it to solve damped
         Gauss-Newton systems in function space."""
@@ -287,7 +286,7 @@ class Jacobian(MatFree):
         return k.reshape(m, m).to(self.dtype)
 
     def pfmap(self):
-        """This node as an NNGeometry-style :class:`~nngeo_ops.nn.pfmap.PFMapImplicit`."""
+        """This node as an NNGeometry-style :class:`~nngeo_ops.nn.fspace.pfmap.PFMapImplicit`."""
         from .pfmap import PFMapImplicit
 
         return PFMapImplicit(self.generator, op=self)

@@ -1,7 +1,7 @@
 """The finite-width neural tangent kernel (NTK) as an operator in function space.
 
 For a model with C outputs per example and a loader of N examples, the (empirical, finite-width) NTK
-is the Gram matrix of the per-example Jacobians (:mod:`nngeo_ops.nn.jacobian`):
+is the Gram matrix of the per-example Jacobians (:mod:`nngeo_ops.nn.fspace.jacobian`):
 
     K[c, n, c', n'] = ⟨∂f_c(x_n)/∂θ, ∂f_c'(x_n')/∂θ⟩ = (J Jᵀ)[(c, n), (c', n')],
 
@@ -20,7 +20,7 @@ Representations (``representation=`` of :func:`GramMatrix`):
 
 **How the Gram matrix is computed.** No Python loop over examples: the loader's batches are cut into
 chunks of at most ``chunk_size`` examples, and for each chunk one forward and one backward pass with
-the C unit cotangents batched (hooks of :mod:`nngeo_ops.nn.capture`) give, per layer, either the
+the C unit cotangents batched (hooks of :mod:`nngeo_ops.nn.engine.capture`) give, per layer, either the
 per-example gradients or — for dense layers, and wherever it is cheaper — the Kronecker rows
 (inputs a_n and output cotangents g_{c,n}) from which the layer's block of K is
 
@@ -49,13 +49,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
-from ..errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
-from ..ops.base import is_scalar
-from .batching import as_loader, batch_size_of
+from ...errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeError
+from ...ops.base import is_scalar
+from ..data import as_loader, batch_size_of
+from ..engine.jacobian_generator import JacobianGenerator
+from ..engine.ntk import cross_gram_tensor
+from ..params import FVector
 from .fmat import FMatDense, FMatImplicit
-from .gram import cross_gram_tensor
-from .jacobian_generator import JacobianGenerator
-from .vector import FVector
 
 
 # ---------------------------------------------------------------------- entry points
@@ -78,7 +78,7 @@ def GramMatrix(
         model: the network; ``function(*batch) -> (B, *S)`` (default ``model(batch[0])``) selects
             the outputs (flattened to C = prod(S) per example).
         loader: an iterable of batches (tuples, inputs first), or one batch: a tuple / list of
-            tensors whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.batching`).
+            tensors whose first dimensions agree (the rule of :mod:`nngeo_ops.nn.data`).
         layer_collection: θ, a :class:`LayerCollection` of ``model`` (default: all trainable
             parameters); a subset of layers gives the NTK of that subset.
         representation: :class:`FMatDense` (the [C, N, C, N] tensor) or :class:`FMatImplicit`.
@@ -90,7 +90,7 @@ def GramMatrix(
         max_batches: read only the first ``max_batches`` batches (a streaming loader).
         process_group: in a ``torch.distributed`` group (the default one when initialised; False:
             local) each rank passes its shard and gets the [C, N, C, N] kernel of the union of the
-            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.gram.sharded_gram`).
+            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.engine.ntk.sharded_gram`).
     """
     loader = as_loader(loader, max_batches=max_batches)
     gen = JacobianGenerator(
@@ -170,7 +170,7 @@ class NTKRegression:
     Attributes:
         K: the train kernel.
         alpha: (C, N) dual coefficients.
-        jacobian: the train :class:`~nngeo_ops.nn.jacobian.Jacobian` node.
+        jacobian: the train :class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node.
         outputs: f₀(X) (C, N).
     """
 

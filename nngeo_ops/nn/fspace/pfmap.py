@@ -1,7 +1,7 @@
 """NNGeometry-style maps from parameter space to function space, and pushforwards J M Jᵀ.
 
 :class:`PFMapDense` holds the dense per-example Jacobian [C, N, P]; :class:`PFMapImplicit` wraps a
-:class:`~nngeo_ops.nn.jacobian.Jacobian` node. Both take a :class:`PVector` to an :class:`FVector`
+:class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node. Both take a :class:`PVector` to an :class:`FVector`
 (``jvp``) and back (``vjp``) and compose lazily with ops nodes. :func:`mapTMmap` pushes a
 parameter-space matrix forward, J F Jᵀ, lazily or reduced per example.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ArgumentTypeError, InvalidArgumentError, ShapeError
-from ..ops import Dense, LinearOperator
+from ...errors import ArgumentTypeError, InvalidArgumentError, ShapeError
+from ...ops import Dense, LinearOperator
+from ..params import FVector, PVector, flat_fvector, flat_pvector
 from .jacobian import Jacobian
-from .vector import FVector, PVector, flat_fvector, flat_pvector
 
 
 # ---------------------------------------------------------------------- NNGeometry-style maps
@@ -147,7 +147,7 @@ def mapTMmap(F, J, reduction: str | None = None):
     ``J`` a :class:`Jacobian`, a :class:`PFMap` or an ops node ((C·N) × P).
 
     * ``reduction=None``: the lazy ops product ``J·F·Jᵀ`` ((C·N) × (C·N), tagged PSD when F is),
-      wrapped as an :class:`~nngeo_ops.nn.fmat.FMatExpr` in function space when J knows C and N;
+      wrapped as an :class:`~nngeo_ops.nn.fspace.fmat.FMatExpr` in function space when J knows C and N;
     * ``"diag"``: the tensor (C, N) of J_{cn} F J_{cn}ᵀ (NNGeometry's ``mapTMmap(.., "diag")``);
     * ``"sum"``: the tensor (N,) of Σ_c J_{cn} F J_{cn}ᵀ (NNGeometry's default ``"sum"``).
 

@@ -7,7 +7,7 @@
 
 Here ``‖v‖_ε = sqrt(Σ v² + ε)``. None of these is a plain ``nn.Linear`` / ``nn.Conv2d`` call (the
 weight is transformed before use), so no Kronecker rule applies: their per-example gradients come from
-the generic ``torch.func`` path of :mod:`nngeo_ops.nn.generic`, which is exact, and dense, diagonal,
+the generic ``torch.func`` path of :mod:`nngeo_ops.nn.layers.generic`, which is exact, and dense, diagonal,
 block-diagonal, low-rank and implicit representations cover them. KFAC asks for a structured rule
 and names them in its error.
 """

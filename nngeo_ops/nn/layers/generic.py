@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch.func import vjp, vmap
 
-from ..errors import UnsupportedError
-from .functional import call_with, tied_locations
+from ...errors import UnsupportedError
+from ..engine.functional import call_with, tied_locations
 
 
 def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str, torch.Tensor]:

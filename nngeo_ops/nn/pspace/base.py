@@ -10,7 +10,7 @@ Damping always means M + λI exactly: ``solve(v, regul=λ)``, ``inverse(regul=λ
 of the factors, by the ops rules). The defaults ``regul=1e-8`` are NNGeometry's.
 
 Construction: ``PMatX(generator, data=None, examples=None)``; most users go through ``FIM``, ``GGN``,
-``Hessian``... (:mod:`nngeo_ops.nn.metrics`). :func:`build_many` gathers several representations of
+``Hessian``... (:mod:`nngeo_ops.nn.api`). :func:`build_many` gathers several representations of
 one generator in a single pass over the data.
 """
 
@@ -21,12 +21,11 @@ import numbers
 
 import torch
 
-from ..errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
-from ..ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
-from .layercollection import LayerCollection
-from .precision import HALF
-from .stats import BlockAcc, DenseAcc, DiagAcc, GradsAcc
-from .vector import PVector
+from ...errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
+from ...ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
+from ..engine.accumulators import BlockAcc, DenseAcc, DiagAcc, GradsAcc
+from ..engine.precision import HALF
+from ..params import LayerCollection, PVector
 
 
 def check_regul(regul) -> None:
@@ -206,9 +205,9 @@ class PMatAbstract:
         return NotImplemented
 
     def mapTMmap(self, J, reduction: str | None = None):
-        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.pfmap.mapTMmap`):
+        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.fspace.pfmap.mapTMmap`):
         lazy ``J·M·Jᵀ`` in function space, or the ``"diag"`` / ``"sum"`` reductions."""
-        from .pfmap import mapTMmap  # pfmap builds on this module
+        from ..fspace.pfmap import mapTMmap  # pfmap builds on this module
 
         return mapTMmap(self, J, reduction)
 
@@ -371,8 +370,8 @@ class PMatImplicit(PMatAbstract):
     """Jᵀ H J (or the Hessian) known only through products; nothing of size P×P is stored.
 
     For the GGN and the Fisher variants ``F.op`` is the ops product ``Jᵀ·H·J``
-    (:class:`~nngeo_ops.nn.implicit.GaussNewton`): ``F.op.J`` is the per-example
-    :class:`~nngeo_ops.nn.jacobian.Jacobian` node, (C·N) × P with rows output-major, and ``F.op.H``
+    (:class:`~nngeo_ops.nn.pspace.implicit.GaussNewton`): ``F.op.J`` is the per-example
+    :class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node, (C·N) × P with rows output-major, and ``F.op.H``
     the output-space curvature s·blockdiag_n(L_n L_nᵀ) in the same row order (s = 1/N for a mean
     reduction). ``simplify`` and ``explain`` see that structure; products take a fused path, one
     pass over ``examples`` (a forward pass carrying the tangent, the output factor, a backward pass).

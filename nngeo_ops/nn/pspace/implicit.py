@@ -6,14 +6,14 @@ factor for the Fisher variants), the matrix is
 
     M = Jᵀ · H · J,      H = s · blockdiag_n(L_n L_nᵀ),
 
-with J the per-example Jacobian (:class:`~nngeo_ops.nn.jacobian.Jacobian`, (C·N) × P, rows
+with J the per-example Jacobian (:class:`~nngeo_ops.nn.fspace.jacobian.Jacobian`, (C·N) × P, rows
 output-major: row = c·N + n) and s = 1/(number of examples, or of counted targets) for a ``mean``
 reduction, 1 for ``sum``. H is an output-space node in the same row order (:class:`OutputCurvature`).
 
 :class:`GaussNewton` is a ``Product`` of exactly these three factors, so ``str``, ``simplify`` and
 ``explain`` see ``Jᵀ·H·J`` and every rule on products applies. Its own products do not evaluate the
 factors one after the other (a forward-mode pass for J, a pass for H, a reverse-mode pass for Jᵀ):
-they run the fused per-batch path of :mod:`nngeo_ops.nn.functional` (one forward pass carrying the
+they run the fused per-batch path of :mod:`nngeo_ops.nn.engine.functional` (one forward pass carrying the
 tangent, the output factor, one backward), or with ``cache=True`` two backward passes over the kept
 linearisation of each batch. Once a rewrite changes the factors (e.g. ``J @ F.op @ J.T`` flattens into
 a longer product) the result is a plain ``Product`` evaluated factor by factor; both agree.
@@ -32,16 +32,16 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedError
-from ..ops import LinearOperator, MatFree, Product
-from ..ops.registry import rule
-from . import functional as fx
-from .batching import ReplayCheck, as_loader
-from .capture import batch_labels, output_factor
-from .distributed import ConsistentProduct
-from .finite import check_product
-from .jacobian import Jacobian
-from .jacobian_generator import JacobianGenerator
+from ...errors import UnsupportedError
+from ...ops import LinearOperator, MatFree, Product
+from ...ops.registry import rule
+from ..data import ReplayCheck, as_loader
+from ..engine import functional as fx
+from ..engine.capture import batch_labels, output_factor
+from ..engine.distributed import ConsistentProduct
+from ..engine.finite import check_product
+from ..engine.jacobian_generator import JacobianGenerator
+from ..fspace.jacobian import Jacobian
 
 
 class ImplicitProducts:
@@ -49,7 +49,7 @@ class ImplicitProducts:
 
     Without a cache each product makes one pass over ``examples`` (a forward pass carrying the
     tangent, then a backward pass, per batch). With ``cache=True`` the first product takes the
-    batches once and linearises each (:class:`~nngeo_ops.nn.functional.Linearised`: its output, its
+    batches once and linearises each (:class:`~nngeo_ops.nn.engine.functional.Linearised`: its output, its
     reverse graph and the graph of Jᵀu, or the graph of the loss gradient for the Hessian); every
     later product is then two backward passes per batch over the kept graphs — the operator is
     applied many times by CG, Lanczos or Hutchinson, and this is where the time goes. The cache
@@ -246,7 +246,7 @@ def gauss_newton_diag(node: GaussNewton, ctx):
     Only where that pass computes the same matrix: the exact and empirical kinds (a Monte-Carlo
     operator's labels are its own) and the parameters of the snapshot (the engine reads the model).
     """
-    from .pmat import PMatDiag, _data_from_examples
+    from .base import PMatDiag, _data_from_examples
 
     gen, products = node.gen, node.products
     current = gen.layer_collection.flat_parameters(gen.model)

@@ -37,8 +37,8 @@ import math
 
 import torch
 
-from ..errors import UnsupportedError
-from ..ops import (
+from ...errors import UnsupportedError
+from ...ops import (
     AppendColumn,
     BlockDiag,
     Dense,
@@ -48,8 +48,8 @@ from ..ops import (
     Kronecker,
     LowRank,
 )
-from .pmat import PMatAbstract, PMatExpr, _data_from_examples, _from_generator, check_regul
-from .stats import EKFACDiagAcc, KFACAcc
+from ..engine.accumulators import EKFACDiagAcc, KFACAcc
+from .base import PMatAbstract, PMatExpr, _data_from_examples, _from_generator, check_regul
 
 
 @functools.lru_cache(maxsize=64)
@@ -160,8 +160,8 @@ class PMatKFAC(PMatAbstract):
         Raises ShapeError when a layer is missing or a factor's size does not fit its layer, and
         NonFiniteError for NaN or inf in a factor.
         """
-        from ..errors import NonFiniteError, ShapeError
-        from .stats import KroneckerFactors
+        from ...errors import NonFiniteError, ShapeError
+        from ..engine.accumulators import KroneckerFactors
 
         lc = generator.layer_collection
         missing = [lid for lid in lc.layers if lid not in factors]

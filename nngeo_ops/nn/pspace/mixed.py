@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..errors import UnsupportedError
-from ..ops import BlockDiag
-from .generator import CurvatureGenerator
+from ...errors import UnsupportedError
+from ...ops import BlockDiag
+from ..engine.curvature_generator import CurvatureGenerator
+from ..params import LayerCollection
+from .base import PMatAbstract, PMatBlockDiag
 from .kfac import PMatEKFAC
-from .layercollection import LayerCollection
-from .pmat import PMatAbstract, PMatBlockDiag
 
 EKFAC_KINDS = ("Linear", "Conv1d", "Conv2d", "Embedding")
 

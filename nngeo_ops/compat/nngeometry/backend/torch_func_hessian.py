@@ -9,8 +9,8 @@ is divided).
 from __future__ import annotations
 
 from ....errors import ArgumentTypeError
-from ....nn.generator import CurvatureGenerator
-from ....nn.outputs import OutputModel
+from ....nn.engine.curvature_generator import CurvatureGenerator
+from ....nn.losses import OutputModel
 from .torch_hooks.torch_hooks import check_same_dtype
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 
-from ....nn import fmat as _fm
+from ....nn.fspace import fmat as _fm
 from .._errors import NormOrderError, UnsupportedCompatError
 from ..layercollection import LayerCollection
 

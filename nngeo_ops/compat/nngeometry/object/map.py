@@ -1,11 +1,11 @@
 """NNGeometry's ``nngeometry.object.map``: dense and implicit Jacobians (maps from parameter space to
-function space), our :mod:`nngeo_ops.nn.pfmap` classes with NNGeometry's signatures."""
+function space), our :mod:`nngeo_ops.nn.fspace.pfmap` classes with NNGeometry's signatures."""
 
 from __future__ import annotations
 
 import torch
 
-from ....nn import pfmap as _pf
+from ....nn.fspace import pfmap as _pf
 from ..layercollection import LayerCollection
 
 

@@ -1,7 +1,7 @@
 """NNGeometry's ``nngeometry.object.pspace``: our representations with NNGeometry's signatures.
 
-Every class here *is* one of ours (:mod:`nngeo_ops.nn.pmat`, :mod:`~nngeo_ops.nn.kfac`,
-:mod:`~nngeo_ops.nn.mixed`) with a mixin adding NNGeometry's methods on top of the ops node ``.op``.
+Every class here *is* one of ours (:mod:`nngeo_ops.nn.pspace.base`, :mod:`~nngeo_ops.nn.pspace.kfac`,
+:mod:`~nngeo_ops.nn.pspace.mixed`) with a mixin adding NNGeometry's methods on top of the ops node ``.op``.
 Constructors take NNGeometry's ``(layer_collection, generator, data=None, examples=None)``, where
 ``generator`` is a compat backend (``TorchHooksJacobianBackend``, ``TorchFuncHessianBackend``), one of
 our generators (as our ``FIM`` passes it) or None with ``data``.
@@ -31,12 +31,12 @@ import torch
 
 from ....errors import UnsupportedError
 from ....linalg import cg as _cg
-from ....nn import kfac as _kf
-from ....nn import mixed as _mx
-from ....nn import pmat as _pm
-from ....nn.pfmap import PFMap
-from ....nn.pfmap import mapTMmap as _mapTMmap
-from ....nn.vector import PVector as _PVector
+from ....nn.fspace.pfmap import PFMap
+from ....nn.fspace.pfmap import mapTMmap as _mapTMmap
+from ....nn.params import PVector as _PVector
+from ....nn.pspace import base as _pm
+from ....nn.pspace import kfac as _kf
+from ....nn.pspace import mixed as _mx
 from ....ops import Eigen
 from .._errors import NormOrderError, UnsupportedCompatError
 from ..backend.torch_hooks.torch_hooks import TorchHooksJacobianBackend

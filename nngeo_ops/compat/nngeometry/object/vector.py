@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ....nn import vector as _v
+from ....nn import params as _v
 from ..layercollection import LayerCollection
 
 

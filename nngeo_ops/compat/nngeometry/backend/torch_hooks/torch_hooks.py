@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from .....errors import MixedDTypeError, ModelStateError, UnsupportedError
-from .....nn.generator import CurvatureGenerator
-from .....nn.jacobian_generator import JacobianGenerator
-from .....nn.outputs import Regression
+from .....nn.engine.curvature_generator import CurvatureGenerator
+from .....nn.engine.jacobian_generator import JacobianGenerator
+from .....nn.losses import Regression
 
 _CONV_IMPL = contextvars.ContextVar("nngeo_compat_conv_impl", default="unfold")
 
