@@ -11,10 +11,10 @@ from .api import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
 from .engine.curvature_generator import CurvatureGenerator
 from .engine.jacobian_generator import JacobianGenerator
 from .engine.training import StepStatistics
-from .fspace.fmat import FMatDense, FMatExpr, FMatImplicit
+from .fspace.fmat import FMatDense, FMatExpr, FMatImplicit, mapTMmap
 from .fspace.jacobian import Jacobian
 from .fspace.ntk import CrossGramMatrix, GramMatrix, NTKRegression, kernel_regression
-from .fspace.pfmap import PFMapDense, PFMapImplicit, mapTMmap
+from .fspace.pfmap import PFMapDense, PFMapImplicit
 from .layers.base import KronRule, LinearRule, register_layer_rule
 from .losses import DataError
 from .params import FVector, LayerCollection, PVector

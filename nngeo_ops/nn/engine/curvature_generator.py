@@ -3,7 +3,7 @@
 A :class:`CurvatureGenerator` binds a model, a layer collection, an output model and the kind of
 curvature (``"exact"`` Fisher/GGN, ``"sample"`` Monte-Carlo Fisher, ``"empirical"`` Fisher or
 ``"hessian"``). Representations ask it for one pass over a loader (:meth:`run`), for the implicit
-Jᵀ H J operator (:meth:`implicit_op`) or for exact Hessians.
+Jᵀ H J operator (:func:`~nngeo_ops.nn.pspace.implicit.implicit_curvature`) or for exact Hessians.
 """
 
 from __future__ import annotations
@@ -183,12 +183,6 @@ class CurvatureGenerator:
         order).
         """
         return fx.FlatModel(self.model, self.layer_collection, self.function)
-
-    def implicit_op(self, examples, cache: bool = False):
-        """M as ``Jᵀ·H·J`` (GGN / Fisher) or ``∇²L`` (Hessian): see :mod:`nngeo_ops.nn.pspace.implicit`."""
-        from ..pspace.implicit import implicit_curvature
-
-        return implicit_curvature(self, examples, cache)
 
     # ------------------------------------------------------------------ exact Hessians
     def _loss(self, out, batch):

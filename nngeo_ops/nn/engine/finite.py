@@ -9,11 +9,13 @@ per batch, not per use), and raise :class:`~nngeo_ops.errors.NonFiniteError` nam
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
 
-from ...errors import NonFiniteError
+from ...errors import ArgumentTypeError, NonFiniteError
 from ..params import LayerCollection
 
 _FIX = (
@@ -83,3 +85,24 @@ def check_product(result: torch.Tensor, v: torch.Tensor, lc: LayerCollection, wh
         return
     bad = ~torch.isfinite(result.reshape(result.shape[0], -1)).all(1)
     raise_nonfinite(layers_of_rows(bad.nonzero().reshape(-1), lc), what)
+
+
+def check_regul(regul) -> None:
+    """A damping λ must be one finite number (a Python number or a one-element tensor, which may
+    require grad); a per-parameter damping is a matrix: add it explicitly."""
+    if regul is None:
+        return
+    if torch.is_tensor(regul):
+        if regul.numel() != 1:
+            raise ArgumentTypeError(
+                f"regul must be a number, got a tensor of shape {tuple(regul.shape)}; for a "
+                "per-parameter damping add a diagonal explicitly: F + PMatDiag-like term, e.g. "
+                "PMatExpr(lc, F.op + nngeo_ops.ops.Diagonal(d)), then solve with regul=0"
+            )
+        ok = bool(torch.isfinite(regul.detach()).all())
+    elif isinstance(regul, numbers.Real) and not isinstance(regul, bool):
+        ok = math.isfinite(regul)
+    else:
+        raise ArgumentTypeError(f"regul must be a number, got {type(regul).__name__}")
+    if not ok:
+        raise NonFiniteError(f"regul is {float(regul)}: give a finite damping (e.g. regul=1e-3)")

@@ -11,7 +11,7 @@ These serve the representations that never form per-example gradients:
   reverse over reverse on a kept gradient graph with the cache).
 
 Parameters are seen as one flat vector in the layer collection's order; the model's other parameters
-and buffers are left as they are. The model itself is never modified: :func:`call_with` swaps the
+and buffers are left as they are. The model itself is never modified: :func:`~nngeo_ops.nn.layers.generic.call_with` swaps the
 given tensors in for the duration of one call and restores the user's ``Parameter`` objects, also
 for a module registered under several names or a parameter shared by several modules.
 """
@@ -21,50 +21,16 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
+from torch.func import grad, hessian, jvp, vjp, vmap
 
 from ...errors import UnsupportedError
+from ..layers.generic import call_with, tied_locations
 from ..params import LayerCollection
 
 
 def model_device(model):
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.get_default_device()
-
-
-def tied_locations(root: nn.Module, names) -> dict[str, list[str]]:
-    """For each parameter name of ``root``, every distinct ``module.attr`` path holding that tensor.
-
-    A parameter is reached once per (module object, attribute) pair: ``Sequential(lin, Tanh(), lin)``
-    registers ``lin`` as ``0`` and ``2``, which are one pair (setting ``0.weight`` sets both), while
-    a weight tied between an embedding and a projection is two pairs that must both see the tensor.
-    """
-    wanted = {id(root.get_parameter(n)): n for n in names}
-    out: dict[str, list[str]] = {n: [] for n in names}
-    seen = set()
-    for mod_name, mod in root.named_modules(remove_duplicate=False):
-        for attr, p in mod._parameters.items():
-            if p is None or id(p) not in wanted or (id(mod), attr) in seen:
-                continue
-            seen.add((id(mod), attr))
-            out[wanted[id(p)]].append(f"{mod_name}.{attr}" if mod_name else attr)
-    return out
-
-
-def call_with(root: nn.Module, tensors: dict, args, kwargs=None, locations=None):
-    """``root(*args, **kwargs)`` with the named parameters replaced by ``tensors``, leaving ``root``
-    as it was (same ``Parameter`` objects, ``requires_grad`` and values) when it returns.
-
-    ``torch.func.functional_call`` ties weights by name: for a module registered under two names it
-    swaps the tensor in twice and restores only one of the originals, so the user's ``Parameter`` is
-    left replaced by a plain tensor without gradient. Here each (module, attribute) pair is swapped
-    once (``locations`` from :func:`tied_locations`, computed when not given) and nothing is tied
-    behind our back.
-    """
-    if locations is None:
-        locations = tied_locations(root, list(tensors))
-    params = {path: t for name, t in tensors.items() for path in locations[name]}
-    return functional_call(root, params, args, kwargs, tie_weights=False, strict=False)
 
 
 class _Call(nn.Module):

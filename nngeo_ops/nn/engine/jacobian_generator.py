@@ -38,12 +38,9 @@ from .capture import Capture, prepare_batch, warn_train_mode
 from .curvature_generator import check_trainable
 from .distributed import resolve_group
 from .functional import FlatModel
+from .ntk import Features, kernel_tensor
 
 BACKENDS = ("hooks", "func")
-
-
-class BackendSwitched(Exception):
-    """Internal: the hooks failed on a chunk after earlier chunks used them; start over with func."""
 
 
 def resolve_layer_collection(model: nn.Module, layer_collection) -> LayerCollection:
@@ -87,21 +84,14 @@ def _param_names(lc: LayerCollection) -> list[str]:
     return [n for e in lc.layers.values() for n in e.param_names]
 
 
-# ---------------------------------------------------------------------- per-chunk features
 @dataclass
-class Features:
-    """What the Gram matrix needs from one chunk of B examples, for C outputs.
+class JacobianPass:
+    """One computation over chunks (a Jacobian, a kernel matrix, its diagonal): the backend, chosen
+    at its first chunk (``None`` before), and the per-layer layout of the kernel features (layer id ->
+    Kronecker rows rather than per-example gradients), decided at the first chunk too."""
 
-    ``grads``: per-example gradients (C, B, P_d) of the layers taken densely, concatenated (their
-    order inside the row does not matter for inner products). ``krons``: for each layer taken in
-    Kronecker form, ``(A, G)`` with A (B, R, dA) and G (C, B, R, dG) such that the per-example
-    gradient is Σ_r G[c, n, r] ⊗ A[n, r] (see :mod:`nngeo_ops.nn.layers.base`).
-    """
-
-    b: int
-    c: int
-    grads: torch.Tensor | None = None
-    krons: list = field(default_factory=list)
+    backend: str | None = None
+    layout: dict[str, bool] = field(default_factory=dict)
 
 
 def _structured_cheaper(r: int, da: int, dg: int, c: int) -> bool:
@@ -162,7 +152,6 @@ class JacobianGenerator:
         self.device = torch.device(device) if device is not None else params[0].device
         self._capture = None
         self._plan: dict[str, bool] | None = None
-        self._hook_chunks = 0
         warn_train_mode(model, stacklevel=4)
 
     # ------------------------------------------------------------------ data
@@ -185,12 +174,6 @@ class JacobianGenerator:
         """The covered parameters of the model now, as one detached flat vector (layer-collection order)."""
         return self.layer_collection.flat_parameters(self.model)
 
-    def jacobian_op(self, examples, name: str = "J"):
-        """The :class:`~nngeo_ops.nn.fspace.jacobian.Jacobian` node of ``examples``."""
-        from ..fspace.jacobian import Jacobian  # the node is built on this generator
-
-        return Jacobian(generator=self, loader=examples, name=name)
-
     # ------------------------------------------------------------------ per-example Jacobians
     def _capture_engine(self) -> Capture:
         if self._capture is None:
@@ -205,19 +188,43 @@ class JacobianGenerator:
             )
         return self._capture
 
-    def _hook_context(self, chunk):
-        """The capture engine's batch context, or None when the hooks cannot follow the model."""
-        if self.backend != "hooks":
+    def start(self) -> JacobianPass:
+        """A new computation over chunks: its backend is chosen at its first chunk, then fixed."""
+        run = JacobianPass()
+        self._plan = run.layout  # the layout of the latest computation, for inspection
+        return run
+
+    def _hook_context(self, chunk, run: JacobianPass):
+        """The capture engine's batch context of ``chunk``, or None on the func backend.
+
+        The backend of ``run`` is chosen here, once, at its first chunk: the hooks unless the
+        generator was built with ``backend="func"`` or they cannot follow the model (e.g. a
+        parameterised module returning a tuple), which is then remembered in ``self.backend`` so that
+        later computations go straight to torch.func. Nothing is computed before the choice, so
+        nothing is redone; a later chunk the hooks cannot follow is an error naming the fix.
+        """
+        if run.backend is None:
+            run.backend = self.backend
+            if run.backend == "hooks":
+                try:
+                    return self._capture_engine().process(chunk)
+                except UnsupportedError:
+                    run.backend = self.backend = "func"
+            return None
+        if run.backend == "func":
             return None
         try:
             return self._capture_engine().process(chunk)
-        except UnsupportedError:
-            self.backend = "func"  # e.g. a parameterised module returning a tuple
-            return None
+        except UnsupportedError as err:
+            raise UnsupportedError(
+                f"{err} (the module hooks followed the first chunk of this computation but not a "
+                "later one; build the generator with backend='func')"
+            ) from err
 
-    def jacobian_chunk(self, chunk) -> torch.Tensor:
-        """The per-example Jacobian of one chunk, (C, B, P) in flat parameter order."""
-        ctx = self._hook_context(chunk)
+    def jacobian_chunk(self, chunk, run: JacobianPass | None = None) -> torch.Tensor:
+        """The per-example Jacobian of one chunk, (C, B, P) in flat parameter order (``run``: the
+        computation the chunk belongs to, see :meth:`start`; a computation of its own by default)."""
+        ctx = self._hook_context(chunk, run if run is not None else JacobianPass())
         if ctx is None:
             return self._func_jacobian(chunk)
         pe = ctx.per_example_all()
@@ -265,16 +272,14 @@ class JacobianGenerator:
             jac = jac * fm.tangent_mask
         return jac.permute(1, 0, 2)
 
-    def features(self, chunk) -> Features:
-        """Per-layer Gram ingredients of one chunk (see :class:`Features`)."""
-        ctx = self._hook_context(chunk)
+    def features(self, chunk, run: JacobianPass) -> Features:
+        """Per-layer Gram ingredients of one chunk of the computation ``run`` (see
+        :class:`~nngeo_ops.nn.engine.ntk.Features`); the layout of each layer is decided at the
+        first chunk, so that every chunk of ``run`` has the same."""
+        ctx = self._hook_context(chunk, run)
         if ctx is None:
-            if self._hook_chunks:  # earlier chunks have another layout: the caller starts over
-                self._hook_chunks = 0
-                raise BackendSwitched
             jac = self._func_jacobian(chunk)
             return Features(b=jac.shape[1], c=jac.shape[0], grads=jac)
-        self._hook_chunks += 1
         cap, c, b = self._capture_engine(), ctx.k, ctx.batch_size
         feats = Features(b=b, c=c)
         dense = []
@@ -283,13 +288,11 @@ class JacobianGenerator:
                 dense.append(ctx.per_example(lid).view(c, b, -1))
                 continue
             arow, grow = ctx.kron_rows(lid)
-            if self._plan is None:
-                self._plan = {}
-            if lid not in self._plan:  # decided once, so that every chunk has the same layout
-                self._plan[lid] = _structured_cheaper(
+            if lid not in run.layout:  # decided once, so that every chunk has the same layout
+                run.layout[lid] = _structured_cheaper(
                     arow.shape[1], arow.shape[2], grow.shape[3], c
                 )
-            if self._plan[lid]:
+            if run.layout[lid]:
                 feats.krons.append((arow, grow))
             else:
                 # Σ_r g_r ⊗ a_r; for order "ag" rules this is the transpose of the weight gradient,
@@ -303,15 +306,11 @@ class JacobianGenerator:
             feats.grads = torch.cat(dense, dim=2) if len(dense) > 1 else dense[0]
         return feats
 
-    def reset_plan(self) -> None:
-        """Forget the per-layer choices (call before a computation that combines chunks)."""
-        self._plan = None
-        self._hook_chunks = 0
-
     # ------------------------------------------------------------------ NNGeometry-style getters
     def get_jacobian(self, examples) -> torch.Tensor:
         """The dense Jacobian of ``examples``, shape [C, N, P]."""
-        parts = [self.jacobian_chunk(ch) for ch in self.chunks(examples, "jacobian")]
+        run = self.start()
+        parts = [self.jacobian_chunk(ch, run) for ch in self.chunks(examples, "jacobian")]
         if not parts:
             raise DataError("the loader yielded no examples")
         check_same_outputs([p.shape[0] for p in parts])
@@ -321,6 +320,4 @@ class JacobianGenerator:
         """The NTK ``K = J Jᵀ`` of ``examples`` as a dense ``[C, N, C, N]`` tensor (summed over a process
         group when distributed).
         """
-        from .ntk import gram_tensor
-
-        return gram_tensor(self, examples)
+        return kernel_tensor(self, examples)

@@ -1,4 +1,5 @@
-"""The NTK Gram engine: blocks of J Jᵀ from per-chunk features, without a loop over examples.
+"""The NTK engine: the kernel matrix K = J Jᵀ in blocks from per-chunk features, without a loop over
+examples.
 
 See :mod:`nngeo_ops.nn.fspace.ntk` for the layout and the cost model: each chunk's features (per-example
 gradients, or Kronecker rows for dense layers where cheaper) come from one forward and one backward
@@ -7,15 +8,36 @@ with the C cotangents batched; blocks between two chunks are products of their f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 
 from ...errors import DataError, ShapeError
 from ..data import batch_size_of, check_same_outputs, progress_bar
 from .distributed import gather_rows, reduce_counts
-from .jacobian_generator import BackendSwitched, Features, JacobianGenerator
+
+if TYPE_CHECKING:  # the generator calls this engine (get_gram_matrix); only its type is needed
+    from .jacobian_generator import JacobianGenerator
 
 
-# ---------------------------------------------------------------------- the Gram engine
+@dataclass
+class Features:
+    """What the kernel matrix needs from one chunk of B examples, for C outputs.
+
+    ``grads``: per-example gradients (C, B, P_d) of the layers taken densely, concatenated (their
+    order inside the row does not matter for inner products). ``krons``: for each layer taken in
+    Kronecker form, ``(A, G)`` with A (B, R, dA) and G (C, B, R, dG) such that the per-example
+    gradient is Σ_r G[c, n, r] ⊗ A[n, r] (see :mod:`nngeo_ops.nn.layers.base`).
+    """
+
+    b: int
+    c: int
+    grads: torch.Tensor | None = None
+    krons: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- the kernel engine
 def _block(fi: Features, fj: Features) -> torch.Tensor:
     """K between two chunks, (C·B_i, C·B_j), rows and columns output-major inside each chunk."""
     c, bi, bj = fi.c, fi.b, fj.b
@@ -60,23 +82,10 @@ def _chunk_list(gen: JacobianGenerator, examples, desc):
     return chunks
 
 
-def _retrying(fn):
-    """Run ``fn`` again (now on the func backend) if the hooks gave up after the first chunk."""
-
-    def wrapped(*args):
-        try:
-            return fn(*args)
-        except BackendSwitched:
-            return fn(*args)
-
-    return wrapped
-
-
-@_retrying
-def _gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
+def _kernel(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
     """K(A, B) as a [C, N_a, C, N_b] tensor (K(A, A) when ``examples_b`` is None)."""
     sym = examples_b is None
-    gen.reset_plan()
+    run = gen.start()
     chunks_a = _chunk_list(gen, examples_a, "gram (data)")
     chunks_b = chunks_a if sym else _chunk_list(gen, examples_b, "gram (data)")
     sizes_a = [batch_size_of(ch) for ch in chunks_a]
@@ -90,7 +99,7 @@ def _gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
         key = ("a" if sym else side, i)
         if key in memo:
             return memo[key]
-        f = gen.features((chunks_a if key[0] == "a" else chunks_b)[i])
+        f = gen.features((chunks_a if key[0] == "a" else chunks_b)[i], run)
         want = (sizes_a if key[0] == "a" else sizes_b)[i]
         if f.b != want:
             raise ShapeError(
@@ -127,31 +136,30 @@ def _gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
     return k4
 
 
-def gram_tensor(gen: JacobianGenerator, examples) -> torch.Tensor:
+def kernel_tensor(gen: JacobianGenerator, examples) -> torch.Tensor:
     """The NTK of ``examples`` as a [C, N, C, N] tensor (gathered over a process group)."""
     if gen.process_group is not None:
-        return sharded_gram(gen, examples)
-    return _gram(gen, examples)
+        return sharded_kernel(gen, examples)
+    return _kernel(gen, examples)
 
 
-def cross_gram_tensor(gen: JacobianGenerator, examples_a, examples_b) -> torch.Tensor:
+def cross_kernel_tensor(gen: JacobianGenerator, examples_a, examples_b) -> torch.Tensor:
     """The cross-kernel K(A, B) as a [C, N_a, C, N_b] tensor (gathered over a process group)."""
     if gen.process_group is not None:
-        return sharded_gram(gen, examples_a, examples_b)
-    return _gram(gen, examples_a, examples_b)
+        return sharded_kernel(gen, examples_a, examples_b)
+    return _kernel(gen, examples_a, examples_b)
 
 
-@_retrying
 def _local_jacobian(gen: JacobianGenerator, examples) -> torch.Tensor:
-    gen.reset_plan()
-    parts = [gen.jacobian_chunk(ch) for ch in gen.chunks(examples, "gram (shard)")]
+    run = gen.start()
+    parts = [gen.jacobian_chunk(ch, run) for ch in gen.chunks(examples, "gram (shard)")]
     if not parts:
         raise DataError("the loader of this rank yielded no examples")
     check_same_outputs([p.shape[0] for p in parts])
     return torch.cat(parts, dim=1)  # (C, N_r, P)
 
 
-def sharded_gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
+def sharded_kernel(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor:
     """K over the union of the ranks' shards, [C, N, C, M], the same on every rank.
 
     Each rank forms the per-example Jacobian of its shard (C, N_r, P), gathers those of every rank
@@ -180,11 +188,10 @@ def sharded_gram(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.T
     return k.contiguous()
 
 
-@_retrying
-def ntk_diag(gen: JacobianGenerator, examples) -> torch.Tensor:
+def kernel_diag(gen: JacobianGenerator, examples) -> torch.Tensor:
     """diag(K) as a (C, N) tensor, from one pass and without forming K."""
-    gen.reset_plan()
-    parts = [_features_diag(gen.features(ch)) for ch in gen.chunks(examples, "ntk diag")]
+    run = gen.start()
+    parts = [_features_diag(gen.features(ch, run)) for ch in gen.chunks(examples, "ntk diag")]
     if not parts:
         raise DataError("the loader yielded no examples")
     if any(p.shape[0] != parts[0].shape[0] for p in parts):

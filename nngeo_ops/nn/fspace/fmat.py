@@ -15,9 +15,10 @@ from ...errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeE
 from ...ops import Dense, Identity, LinearOperator, MatFree
 from ...ops.base import is_scalar
 from ..data import as_loader
-from ..engine.ntk import cross_gram_tensor, gram_tensor, ntk_diag
+from ..engine.finite import check_regul
+from ..engine.ntk import cross_kernel_tensor, kernel_diag, kernel_tensor
 from ..params import FVector, flat_fvector
-from ..pspace.base import check_regul
+from .jacobian import Jacobian, jacobian_op
 from .pfmap import PFMap, PFMapExpr
 
 
@@ -295,9 +296,9 @@ class FMatDense(FMatAbstract):
                     "FMatDense needs data=[C, N, C, N] or a generator and examples"
                 )
             if examples_right is None:
-                data = gram_tensor(generator, examples)
+                data = kernel_tensor(generator, examples)
             else:
-                data = cross_gram_tensor(generator, examples, examples_right)
+                data = cross_kernel_tensor(generator, examples, examples_right)
         if data.dim() != 4 or data.shape[0] != data.shape[2]:
             raise ShapeError(f"FMatDense data must be [C, N, C, M], got {tuple(data.shape)}")
         self.data = data
@@ -376,7 +377,7 @@ class FMatImplicit(FMatAbstract):
         if examples is None:
             raise ArgumentTypeError("FMatImplicit needs examples (a loader)")
         self.examples = as_loader(examples, reiterable=True)  # read again at every product
-        self.jacobian = generator.jacobian_op(self.examples)
+        self.jacobian = jacobian_op(generator, self.examples)
         j = self.jacobian
 
         def matmat(v):
@@ -404,7 +405,7 @@ class FMatImplicit(FMatAbstract):
                 raise DataError(
                     "the model's parameters changed since this kernel was built; build a new one"
                 )
-            self._diag = ntk_diag(self.generator, self.examples)
+            self._diag = kernel_diag(self.generator, self.examples)
         return self._diag
 
     get_diag = diag
@@ -412,3 +413,44 @@ class FMatImplicit(FMatAbstract):
     def trace(self) -> torch.Tensor:
         """``tr K = Σ_{o,i} K[o, i, o, i]``, the sum of :meth:`diag`, a 0-dim tensor."""
         return self.diag().sum()
+
+
+def mapTMmap(F, J, reduction: str | None = None):
+    """The pushforward J F Jᵀ of a parameter-space matrix F through a map J.
+
+    ``F`` is a representation (anything with ``.op``, e.g. a ``PMat*``) or an ops node (P × P);
+    ``J`` a :class:`Jacobian`, a :class:`PFMap` or an ops node ((C·N) × P).
+
+    * ``reduction=None``: the lazy ops product ``J·F·Jᵀ`` ((C·N) × (C·N), tagged PSD when F is),
+      wrapped as an :class:`~nngeo_ops.nn.fspace.fmat.FMatExpr` in function space when J knows C and N;
+    * ``"diag"``: the tensor (C, N) of J_{cn} F J_{cn}ᵀ (NNGeometry's ``mapTMmap(.., "diag")``);
+    * ``"sum"``: the tensor (N,) of Σ_c J_{cn} F J_{cn}ᵀ (NNGeometry's default ``"sum"``).
+
+    The reductions materialise J one row block at a time: (C·N) reverse-mode products for an
+    implicit J.
+    """
+    fop = F.op if hasattr(F, "op") and not isinstance(F, LinearOperator) else F
+    jop = J.op if isinstance(J, PFMap) else J
+    if not isinstance(fop, LinearOperator) or not isinstance(jop, LinearOperator):
+        raise ArgumentTypeError("mapTMmap takes a representation / ops node F and a Jacobian J")
+    if fop.shape != (jop.shape[1], jop.shape[1]):
+        raise ShapeError(f"F of shape {fop.shape} cannot be pushed through J of shape {jop.shape}")
+    c = getattr(J, "n_output", None)
+    n = getattr(J, "n_examples", None)
+    if reduction is None:
+        prod = jop @ fop @ jop.T
+        if c is None:
+            return prod
+        return FMatExpr(prod, c, n, getattr(J, "generator", None))
+    if reduction not in ("diag", "sum"):
+        raise InvalidArgumentError(f"reduction must be None, 'diag' or 'sum', got {reduction!r}")
+    if c is None:
+        raise ArgumentTypeError("reductions need a Jacobian / PFMap that knows C and N")
+    if isinstance(jop, Dense):
+        jd = jop.M
+    elif isinstance(J, Jacobian) or isinstance(jop, Jacobian):
+        jd = (J if isinstance(J, Jacobian) else jop).to_torch().reshape(c * n, -1)
+    else:
+        jd = jop.to_dense()
+    d = ((fop @ jd.T).T * jd).sum(1).view(c, n)
+    return d if reduction == "diag" else d.sum(0)

@@ -263,7 +263,8 @@ class Jacobian(MatFree):
                 "the model's parameters changed since this Jacobian was built; products still use "
                 "the old ones, to_torch() cannot: build a new Jacobian"
             )
-        parts = [self.generator.jacobian_chunk(ch) for ch in self._pass("jacobian")]
+        run = self.generator.start()
+        parts = [self.generator.jacobian_chunk(ch, run) for ch in self._pass("jacobian")]
         return torch.cat(parts, dim=1)
 
     def gram(self) -> torch.Tensor | None:
@@ -279,14 +280,19 @@ class Jacobian(MatFree):
             )
         if not torch.equal(self.generator.current_flat(), self.fm.flat0):
             return None
-        # the chunks of a checked pass (a reshuffled loader raises, as in every product); a list,
-        # since the engine may start over with another backend
+        # the chunks of a checked pass (a reshuffled loader raises, as in every product)
         k = self.generator.get_gram_matrix(list(self._pass("gram")))
         m = self.shape[0]
         return k.reshape(m, m).to(self.dtype)
 
-    def pfmap(self):
-        """This node as an NNGeometry-style :class:`~nngeo_ops.nn.fspace.pfmap.PFMapImplicit`."""
-        from .pfmap import PFMapImplicit
 
-        return PFMapImplicit(self.generator, op=self)
+def jacobian_op(generator: JacobianGenerator, examples, name: str = "J") -> Jacobian:
+    """The :class:`Jacobian` node of ``generator`` over ``examples`` (one batch or a loader).
+
+    Also available as the method ``generator.jacobian_op(examples, name)``: the engine does not
+    build the nodes on top of it, this layer lends it the method.
+    """
+    return Jacobian(generator=generator, loader=examples, name=name)
+
+
+JacobianGenerator.jacobian_op = jacobian_op

@@ -53,9 +53,10 @@ from ...errors import ArgumentTypeError, DataError, InvalidArgumentError, ShapeE
 from ...ops.base import is_scalar
 from ..data import as_loader, batch_size_of
 from ..engine.jacobian_generator import JacobianGenerator
-from ..engine.ntk import cross_gram_tensor
+from ..engine.ntk import cross_kernel_tensor
 from ..params import FVector
 from .fmat import FMatDense, FMatImplicit
+from .jacobian import jacobian_op
 
 
 # ---------------------------------------------------------------------- entry points
@@ -90,7 +91,7 @@ def GramMatrix(
         max_batches: read only the first ``max_batches`` batches (a streaming loader).
         process_group: in a ``torch.distributed`` group (the default one when initialised; False:
             local) each rank passes its shard and gets the [C, N, C, N] kernel of the union of the
-            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.engine.ntk.sharded_gram`).
+            shards, examples in rank order, replicated (:func:`~nngeo_ops.nn.engine.ntk.sharded_kernel`).
     """
     loader = as_loader(loader, max_batches=max_batches)
     gen = JacobianGenerator(
@@ -199,7 +200,7 @@ class NTKRegression:
         self.centered = centered
         self.K = representation(generator=gen, examples=train_loader)
         self.jacobian = (
-            self.K.jacobian if isinstance(self.K, FMatImplicit) else gen.jacobian_op(train_loader)
+            self.K.jacobian if isinstance(self.K, FMatImplicit) else jacobian_op(gen, train_loader)
         )
         c, n = self.jacobian.n_output, self.jacobian.n_examples
         if isinstance(targets, FVector):
@@ -236,7 +237,7 @@ class NTKRegression:
             method = "primal" if isinstance(self.K, FMatImplicit) else "kernel"
         if method not in ("kernel", "primal"):
             raise InvalidArgumentError(f"method must be 'kernel' or 'primal', got {method!r}")
-        jt = self.generator.jacobian_op(test_loader, name="J*")
+        jt = jacobian_op(self.generator, test_loader, name="J*")
         if jt.n_output != self.jacobian.n_output:
             raise ShapeError(
                 f"the test loader gives {jt.n_output} outputs per example, the train loader "
@@ -244,7 +245,7 @@ class NTKRegression:
             )
         f0 = jt.outputs if self.centered else torch.zeros_like(jt.outputs)
         if method == "kernel":
-            kx = cross_gram_tensor(self.generator, test_loader, self.train_loader)
+            kx = cross_kernel_tensor(self.generator, test_loader, self.train_loader)
             c, m = jt.n_output, jt.n_examples
             pred = f0.reshape(-1) + kx.reshape(c * m, -1) @ self.alpha.reshape(-1)
         else:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import ArgumentTypeError, InvalidArgumentError, ShapeError
+from ...errors import ArgumentTypeError, ShapeError
 from ...ops import Dense, LinearOperator
 from ..params import FVector, PVector, flat_fvector, flat_pvector
-from .jacobian import Jacobian
+from .jacobian import Jacobian, jacobian_op
 
 
 # ---------------------------------------------------------------------- NNGeometry-style maps
@@ -126,7 +126,7 @@ class PFMapImplicit(PFMap):
         if op is None:
             if examples is None:
                 raise ArgumentTypeError("PFMapImplicit needs examples (a loader)")
-            op = generator.jacobian_op(examples)
+            op = jacobian_op(generator, examples)
         self.examples = op.loader
         super().__init__(op.layer_collection, op, op.n_output, op.n_examples, generator)
 
@@ -140,44 +140,12 @@ class PFMapImplicit(PFMap):
 
 
 # ---------------------------------------------------------------------- pushforward of a PMat
-def mapTMmap(F, J, reduction: str | None = None):
-    """The pushforward J F Jᵀ of a parameter-space matrix F through a map J.
 
-    ``F`` is a representation (anything with ``.op``, e.g. a ``PMat*``) or an ops node (P × P);
-    ``J`` a :class:`Jacobian`, a :class:`PFMap` or an ops node ((C·N) × P).
 
-    * ``reduction=None``: the lazy ops product ``J·F·Jᵀ`` ((C·N) × (C·N), tagged PSD when F is),
-      wrapped as an :class:`~nngeo_ops.nn.fspace.fmat.FMatExpr` in function space when J knows C and N;
-    * ``"diag"``: the tensor (C, N) of J_{cn} F J_{cn}ᵀ (NNGeometry's ``mapTMmap(.., "diag")``);
-    * ``"sum"``: the tensor (N,) of Σ_c J_{cn} F J_{cn}ᵀ (NNGeometry's default ``"sum"``).
+def _jacobian_pfmap(self: Jacobian) -> PFMapImplicit:
+    """This node as an NNGeometry-style :class:`PFMapImplicit`."""
+    return PFMapImplicit(self.generator, op=self)
 
-    The reductions materialise J one row block at a time: (C·N) reverse-mode products for an
-    implicit J.
-    """
-    fop = F.op if hasattr(F, "op") and not isinstance(F, LinearOperator) else F
-    jop = J.op if isinstance(J, PFMap) else J
-    if not isinstance(fop, LinearOperator) or not isinstance(jop, LinearOperator):
-        raise ArgumentTypeError("mapTMmap takes a representation / ops node F and a Jacobian J")
-    if fop.shape != (jop.shape[1], jop.shape[1]):
-        raise ShapeError(f"F of shape {fop.shape} cannot be pushed through J of shape {jop.shape}")
-    c = getattr(J, "n_output", None)
-    n = getattr(J, "n_examples", None)
-    if reduction is None:
-        prod = jop @ fop @ jop.T
-        if c is None:
-            return prod
-        from .fmat import FMatExpr  # fmat builds on this module
 
-        return FMatExpr(prod, c, n, getattr(J, "generator", None))
-    if reduction not in ("diag", "sum"):
-        raise InvalidArgumentError(f"reduction must be None, 'diag' or 'sum', got {reduction!r}")
-    if c is None:
-        raise ArgumentTypeError("reductions need a Jacobian / PFMap that knows C and N")
-    if isinstance(jop, Dense):
-        jd = jop.M
-    elif isinstance(J, Jacobian) or isinstance(jop, Jacobian):
-        jd = (J if isinstance(J, Jacobian) else jop).to_torch().reshape(c * n, -1)
-    else:
-        jd = jop.to_dense()
-    d = ((fop @ jd.T).T * jd).sum(1).view(c, n)
-    return d if reduction == "diag" else d.sum(0)
+# The Jacobian node does not build the maps on top of it; this module lends it the method.
+Jacobian.pfmap = _jacobian_pfmap

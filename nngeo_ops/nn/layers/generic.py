@@ -10,10 +10,10 @@ BatchNorm in training mode.
 from __future__ import annotations
 
 import torch
-from torch.func import vjp, vmap
+from torch import nn
+from torch.func import functional_call, vjp, vmap
 
 from ...errors import UnsupportedError
-from ..engine.functional import call_with, tied_locations
 
 
 def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str, torch.Tensor]:
@@ -64,3 +64,39 @@ def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str,
     gk = g.reshape(k * b, *g.shape[2:])
     res = vmap(one_example, in_dims=(in_dims, kw_dims, 0))(args, kw_vals, gk)
     return {a: t.reshape(k, b, *t.shape[1:]) for a, t in res.items()}
+
+
+# ---------------------------------------------------------------------- calls with other parameters
+def tied_locations(root: nn.Module, names) -> dict[str, list[str]]:
+    """For each parameter name of ``root``, every distinct ``module.attr`` path holding that tensor.
+
+    A parameter is reached once per (module object, attribute) pair: ``Sequential(lin, Tanh(), lin)``
+    registers ``lin`` as ``0`` and ``2``, which are one pair (setting ``0.weight`` sets both), while
+    a weight tied between an embedding and a projection is two pairs that must both see the tensor.
+    """
+    wanted = {id(root.get_parameter(n)): n for n in names}
+    out: dict[str, list[str]] = {n: [] for n in names}
+    seen = set()
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) not in wanted or (id(mod), attr) in seen:
+                continue
+            seen.add((id(mod), attr))
+            out[wanted[id(p)]].append(f"{mod_name}.{attr}" if mod_name else attr)
+    return out
+
+
+def call_with(root: nn.Module, tensors: dict, args, kwargs=None, locations=None):
+    """``root(*args, **kwargs)`` with the named parameters replaced by ``tensors``, leaving ``root``
+    as it was (same ``Parameter`` objects, ``requires_grad`` and values) when it returns.
+
+    ``torch.func.functional_call`` ties weights by name: for a module registered under two names it
+    swaps the tensor in twice and restores only one of the originals, so the user's ``Parameter`` is
+    left replaced by a plain tensor without gradient. Here each (module, attribute) pair is swapped
+    once (``locations`` from :func:`tied_locations`, computed when not given) and nothing is tied
+    behind our back.
+    """
+    if locations is None:
+        locations = tied_locations(root, list(tensors))
+    params = {path: t for name, t in tensors.items() for path in locations[name]}
+    return functional_call(root, params, args, kwargs, tie_weights=False, strict=False)

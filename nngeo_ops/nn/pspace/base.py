@@ -16,37 +16,18 @@ one generator in a single pass over the data.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from ...errors import ArgumentTypeError, NonFiniteError, ShapeError, UnsupportedError
+from ...errors import ShapeError, UnsupportedError
 from ...ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from ..engine.accumulators import BlockAcc, DenseAcc, DiagAcc, GradsAcc
+from ..engine.finite import check_regul  # noqa: F401  (re-exported: the representations use it)
 from ..engine.precision import HALF
+from ..fspace.fmat import mapTMmap
 from ..params import LayerCollection, PVector
-
-
-def check_regul(regul) -> None:
-    """A damping λ must be one finite number (a Python number or a one-element tensor, which may
-    require grad); a per-parameter damping is a matrix: add it explicitly."""
-    if regul is None:
-        return
-    if torch.is_tensor(regul):
-        if regul.numel() != 1:
-            raise ArgumentTypeError(
-                f"regul must be a number, got a tensor of shape {tuple(regul.shape)}; for a "
-                "per-parameter damping add a diagonal explicitly: F + PMatDiag-like term, e.g. "
-                "PMatExpr(lc, F.op + nngeo_ops.ops.Diagonal(d)), then solve with regul=0"
-            )
-        ok = bool(torch.isfinite(regul.detach()).all())
-    elif isinstance(regul, numbers.Real) and not isinstance(regul, bool):
-        ok = math.isfinite(regul)
-    else:
-        raise ArgumentTypeError(f"regul must be a number, got {type(regul).__name__}")
-    if not ok:
-        raise NonFiniteError(f"regul is {float(regul)}: give a finite damping (e.g. regul=1e-3)")
+from .implicit import implicit_curvature
 
 
 class PMatAbstract:
@@ -205,10 +186,8 @@ class PMatAbstract:
         return NotImplemented
 
     def mapTMmap(self, J, reduction: str | None = None):
-        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.fspace.pfmap.mapTMmap`):
+        """The pushforward J M Jᵀ through a Jacobian ``J`` (see :func:`~nngeo_ops.nn.fspace.fmat.mapTMmap`):
         lazy ``J·M·Jᵀ`` in function space, or the ``"diag"`` / ``"sum"`` reductions."""
-        from ..fspace.pfmap import mapTMmap  # pfmap builds on this module
-
         return mapTMmap(self, J, reduction)
 
     def add_identity(self, regul: float) -> PMatAbstract:
@@ -399,7 +378,7 @@ class PMatImplicit(PMatAbstract):
             raise ValueError("PMatImplicit needs examples (a loader) to apply the matrix")
         self.examples = examples
         self.cache = cache
-        op = generator.implicit_op(examples, cache=cache)
+        op = implicit_curvature(generator, examples, cache=cache)
         self._products = op.products
         super().__init__(generator.layer_collection, op, generator)
 

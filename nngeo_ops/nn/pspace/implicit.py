@@ -37,7 +37,9 @@ from ...ops import LinearOperator, MatFree, Product
 from ...ops.registry import rule
 from ..data import ReplayCheck, as_loader
 from ..engine import functional as fx
+from ..engine.accumulators import DiagAcc
 from ..engine.capture import batch_labels, output_factor
+from ..engine.curvature_generator import CurvatureGenerator
 from ..engine.distributed import ConsistentProduct
 from ..engine.finite import check_product
 from ..engine.jacobian_generator import JacobianGenerator
@@ -246,14 +248,14 @@ def gauss_newton_diag(node: GaussNewton, ctx):
     Only where that pass computes the same matrix: the exact and empirical kinds (a Monte-Carlo
     operator's labels are its own) and the parameters of the snapshot (the engine reads the model).
     """
-    from .base import PMatDiag, _data_from_examples
-
     gen, products = node.gen, node.products
     current = gen.layer_collection.flat_parameters(gen.model)
     if gen.kind not in ("exact", "empirical") or not torch.equal(current, products.fm.flat0):
         return None
     try:
-        return _data_from_examples(PMatDiag, gen, node.examples)
+        accs = [DiagAcc(gen.layer_collection.layers)]  # PMatDiag's pass
+        gen.run(node.examples, accs, desc="PMatDiag")
+        return torch.cat([accs[0].value[lid] for lid in gen.layer_collection.layers])
     except UnsupportedError:  # a model the hooks cannot follow: the generic fallbacks apply
         return None
 
@@ -283,3 +285,7 @@ def implicit_curvature(gen, examples, cache: bool = False) -> GaussNewton | MatF
         op.products = products
         return op
     return GaussNewton(gen, products.examples, products)
+
+
+# The engine does not build the operators on top of it; this layer lends the generator the method.
+CurvatureGenerator.implicit_op = implicit_curvature

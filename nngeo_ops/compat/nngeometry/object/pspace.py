@@ -31,8 +31,8 @@ import torch
 
 from ....errors import UnsupportedError
 from ....linalg import cg as _cg
+from ....nn.fspace.fmat import mapTMmap as _mapTMmap
 from ....nn.fspace.pfmap import PFMap
-from ....nn.fspace.pfmap import mapTMmap as _mapTMmap
 from ....nn.params import PVector as _PVector
 from ....nn.pspace import base as _pm
 from ....nn.pspace import kfac as _kf
