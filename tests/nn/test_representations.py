@@ -181,3 +181,41 @@ def test_nngeometry_readme_ewc(setup):
         w_a.copy_to_model(model)
     F = FIM(model=model, loader=loader, representation=PMatDiag, n_output=10, progress=False)
     torch.testing.assert_close(F.get_diag(), truth.diagonal())
+
+
+def test_a_new_representation_follows_the_protocol(setup):
+    """A class written against the documented Representation protocol (only ``accumulators`` and
+    ``data_from``, everything else by default) is gathered by build_many in the shared pass and
+    built alone; classes not gathered from a pass are refused with a clear error."""
+    from nngeo_ops.errors import UnsupportedError
+    from nngeo_ops.nn.engine.accumulators import DiagAcc
+    from nngeo_ops.nn.pspace.base import PMatAbstract, Representation
+    from nngeo_ops.ops import Diagonal
+
+    class PMatTraceOnly(PMatAbstract):  # tr(F)/P · I, from the diagonal statistics
+        def __init__(self, generator, data=None, examples=None):
+            if data is None:
+                data = self.data_from_examples(generator, examples)
+            self.data = data
+            n = generator.layer_collection.numel()
+            super().__init__(generator.layer_collection, Diagonal(data.expand(n)), generator)
+
+        @classmethod
+        def accumulators(cls, generator):
+            return [DiagAcc(generator.layer_collection.layers)]
+
+        @classmethod
+        def data_from(cls, generator, accs):
+            return torch.cat(list(accs[0].value.values())).mean().reshape(1)
+
+    model, x, loader, truth = setup
+    assert issubclass(PMatTraceOnly, Representation)
+    gen = FIM(model, loader, PMatEye).generator
+    mean, dense = build_many(gen, loader, [PMatTraceOnly, PMatDense])
+    torch.testing.assert_close(mean.data, truth.diagonal().mean().reshape(1))
+    torch.testing.assert_close(dense.to_torch(), truth)
+    alone = FIM(model, loader, PMatTraceOnly, progress=False)
+    torch.testing.assert_close(alone.trace(), truth.trace())
+    for refused in (PMatImplicit, PMatEye, int):
+        with pytest.raises(UnsupportedError, match="shared pass"):
+            build_many(gen, loader, [PMatDiag, refused])

@@ -30,7 +30,45 @@ from ..params import LayerCollection, PVector
 from .implicit import implicit_curvature
 
 
-class PMatAbstract:
+class Representation:
+    """The protocol of a representation gathered from one pass of the curvature engine.
+
+    A representation class says which statistics it needs and how its ``data`` follows from them;
+    :meth:`CurvatureGenerator.run <nngeo_ops.nn.CurvatureGenerator.run>` runs the pass, and
+    :func:`build_many` shares one pass among several classes. To add a representation, subclass
+    :class:`PMatAbstract` (which follows this protocol) and override:
+
+    * :meth:`accumulators` — fresh accumulators for one pass (objects of
+      :mod:`nngeo_ops.nn.engine.accumulators` with ``update(ctx)``, ``finalize(...)`` and ``value``),
+      or ``None`` (the default) when the representation is not gathered from a pass (implicit
+      products, the identity, expressions); :func:`build_many` refuses those;
+    * :meth:`data_from` — the constructor's ``data`` from the finished accumulators (default: the
+      ``value`` of the only accumulator).
+
+    :meth:`data_from_examples` (one pass of its own) follows from the two.
+    """
+
+    @classmethod
+    def accumulators(cls, generator) -> list | None:
+        """Fresh accumulators for one pass over the data, or None if not gathered from a pass."""
+        return None
+
+    @classmethod
+    def data_from(cls, generator, accs):
+        """The ``data`` of the representation from its accumulators after the pass."""
+        return accs[0].value
+
+    @classmethod
+    def data_from_examples(cls, generator, examples):
+        """The ``data`` of the representation from one pass over ``examples`` of its own."""
+        accs = cls.accumulators(generator)
+        if accs is None:
+            raise UnsupportedError(f"{cls.__name__} is not gathered from a pass over the data")
+        generator.run(examples, accs, desc=cls.__name__)
+        return cls.data_from(generator, accs)
+
+
+class PMatAbstract(Representation):
     """Shared behaviour of all representations (and of the results of their arithmetic)."""
 
     def __init__(self, layer_collection: LayerCollection, op: LinearOperator, generator=None):
@@ -206,8 +244,7 @@ def _from_generator(cls, generator, examples, accumulators):
 
 def _data_from_examples(cls, generator, examples):
     """A representation's data from one pass over ``examples`` with its own accumulators."""
-    accs = _from_generator(cls, generator, examples, cls.accumulators(generator))
-    return cls.data_from(generator, accs)
+    return cls.data_from_examples(generator, examples)
 
 
 class PMatDense(PMatAbstract):
@@ -405,12 +442,19 @@ def build_many(generator, examples, representations) -> list[PMatAbstract]:
     """Several representations of one generator from ONE pass over ``examples``.
 
     ``representations`` is a list of classes (PMatDense, PMatDiag, PMatBlockDiag, PMatKFAC,
-    PMatLowRank, PMatQuasiDiag); the statistics of all are gathered together.
+    PMatLowRank, PMatQuasiDiag, or any class following the :class:`Representation` protocol); the
+    statistics of all are gathered together. A class that is not gathered from a pass (its
+    ``accumulators`` is None: PMatImplicit, PMatEye) raises
+    :class:`~nngeo_ops.errors.UnsupportedError`.
     """
     plans = []
     for cls in representations:
-        if not hasattr(cls, "accumulators"):
-            raise UnsupportedError(f"{cls.__name__} cannot be gathered in a shared pass")
-        plans.append((cls, cls.accumulators(generator)))
+        accs = None
+        if isinstance(cls, type) and issubclass(cls, Representation):
+            accs = cls.accumulators(generator)
+        if accs is None:
+            name = getattr(cls, "__name__", type(cls).__name__)
+            raise UnsupportedError(f"{name} cannot be gathered in a shared pass")
+        plans.append((cls, accs))
     generator.run(examples, [a for _, accs in plans for a in accs], desc="curvature")
     return [cls(generator, data=cls.data_from(generator, accs)) for cls, accs in plans]
