@@ -15,7 +15,9 @@ from .fspace.fmat import FMatDense, FMatExpr, FMatImplicit, mapTMmap
 from .fspace.jacobian import Jacobian
 from .fspace.ntk import CrossGramMatrix, GramMatrix, NTKRegression, kernel_regression
 from .fspace.pfmap import PFMapDense, PFMapImplicit
-from .layers.base import KronRule, LinearRule, register_layer_rule
+from .layers.base import KronRule
+from .layers.linear import LinearRule
+from .layers.registry import register_layer_rule
 from .losses import DataError
 from .params import FVector, LayerCollection, PVector
 from .pspace.base import (

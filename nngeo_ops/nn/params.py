@@ -95,7 +95,7 @@ class LayerCollection:
         """
         keep = None
         if ignore_unsupported_layers:
-            from .layers.base import rule_for
+            from .layers.registry import rule_for
 
             keep = lambda mod: rule_for(mod) is not None  # noqa: E731
         return LayerCollection._build(model, lambda name: True, keep)

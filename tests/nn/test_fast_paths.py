@@ -16,9 +16,9 @@ from nngeo_ops.nn import (
     PMatKFAC,
     build_many,
 )
-from nngeo_ops.nn.engine.accumulators import conv_patches, conv_squared_grads, gram
 from nngeo_ops.nn.engine.capture import Capture
-from nngeo_ops.nn.layers.base import ConvRule
+from nngeo_ops.nn.layers.conv import ConvRule, conv_patches, conv_squared_grads
+from nngeo_ops.nn.layers.moments import gram
 from nngeo_ops.nn.losses import output_model_for_variant
 from nngeo_ops.nn.params import LayerCollection
 

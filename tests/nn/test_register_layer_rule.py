@@ -7,8 +7,9 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from nngeo_ops.nn import FIM, PMatDense, PMatDiag, PMatKFAC
-from nngeo_ops.nn.layers import base as layer_rules
-from nngeo_ops.nn.layers.base import LinearRule, register_layer_rule, rule_for
+from nngeo_ops.nn.layers import registry as layer_rules
+from nngeo_ops.nn.layers.linear import LinearRule
+from nngeo_ops.nn.layers.registry import register_layer_rule, rule_for
 
 
 class MyLinear(nn.Module):
@@ -66,3 +67,43 @@ def test_unregistered_kind_has_no_kfac():
 def test_bad_rule_is_refused():
     with pytest.raises(TypeError, match="kinds"):
         register_layer_rule(LinearRule.__new__(type("NoKinds", (LinearRule,), {"kinds": ()})))
+
+
+def test_no_module_outside_layers_branches_on_a_rule_class():
+    """The engine asks a layer kind through the methods of its rule (``kfac_rows``,
+    ``input_moment``, ``diag``, ``diagonal_input``...), never by testing which rule class it is: a
+    kind registered by a user is then handled like a built-in one."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import nngeo_ops.nn as nn_pkg
+    from nngeo_ops.nn.layers.base import Rule
+
+    def subclasses(cls):
+        out = {cls}
+        for sub in cls.__subclasses__():
+            out |= subclasses(sub)
+        return out
+
+    names = {c.__name__ for c in subclasses(Rule)}
+    assert {"Rule", "KronRule", "ConvRule", "EmbeddingRule", "NormRule"} <= names
+    root = Path(inspect.getfile(nn_pkg)).parent
+    found = []
+    for path in root.rglob("*.py"):
+        if "layers" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2
+            ):
+                continue
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            for kind in kinds:
+                name = kind.attr if isinstance(kind, ast.Attribute) else getattr(kind, "id", None)
+                if name in names:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.func.id} {name}")
+    assert found == [], "\n".join(found)

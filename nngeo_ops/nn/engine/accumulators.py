@@ -21,161 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as Fn
-from torch import nn
 
-from ..layers.base import ConvRule, EmbeddingRule, conv_geometry
-
-_CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
-_PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
-
-
-def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """Σ over every leading index of the outer products along the last axis: (…, d) -> (d, d).
-
-    One matrix product when the feature axis is innermost in memory (the reshape is free), or the
-    transposed view of a feature-major matrix (BLAS reads it as it is); for large compute-bound
-    products only the block rows of the upper triangle are computed and mirrored (5/8 of the flops).
-    When ``t`` is a transposed view of a (…, d, R) block with many positions R (output cotangents
-    per pixel), the per-block products ``u uᵀ`` are batched and summed, in chunks bounded in memory,
-    instead of copying the transpose. With ``pad`` the result is copied into the top-left block of
-    a (d + pad)² tensor whose last rows and columns are left for the caller to fill (products into
-    a buffer of odd leading dimension run much slower than into a contiguous one).
-    """
-    d = t.shape[-1]
-    out = None
-    if t.dim() >= 3 and t.shape[-2] >= 16 and not t.is_contiguous():
-        u = t.transpose(-1, -2)
-        if u.is_contiguous():
-            u = u.reshape(-1, d, u.shape[-1])
-            step = max(1, _CHUNK // (d * d))
-            for i in range(0, u.shape[0], step):
-                c = u[i : i + step]
-                part = torch.bmm(c, c.transpose(1, 2)).sum(0)
-                out = part if out is None else out.add_(part)
-    if out is None:
-        m = t.reshape(-1, d)
-        n = m.shape[0]
-        if n < 256 or d < 128 or n * d < 1 << 17:
-            out = m.T @ m
-        else:
-            out = _upper_gram(m, _GRAM_BLOCKS)
-    if not pad:
-        return out
-    full = out.new_empty(d + pad, d + pad)
-    full[:d, :d] = out
-    return full
-
-
-_GRAM_BLOCKS = 4  # 4 block rows: (4 + 1) / 8 of the flops; more blocks lose to smaller products
-
-
-def _upper_gram(m: torch.Tensor, k: int) -> torch.Tensor:
-    """mᵀm from the k block rows of its upper triangle, mirrored: (k + 1) / (2k) of the flops."""
-    d = m.shape[1]
-    out = m.new_empty(d, d)
-    cuts = [round(i * d / k) for i in range(k + 1)]
-    for a, b in zip(cuts, cuts[1:]):
-        torch.mm(m[:, a:b].T, m[:, a:], out=out[a:b, a:])
-    for a, b in zip(cuts, cuts[1:]):
-        out[b:, a:b] = out[a:b, b:].T
-    return out
-
-
-def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The patches of a Conv1d/Conv2d input as a (C·kh·kw, B·R) matrix, feature-major.
-
-    The same numbers as ``unfold`` (rows in its order, columns example-major then position), built
-    from kh·kw strided slices of the padded input with the batch moved behind the channels: several
-    times faster than ``unfold`` on CPU, and the layout a Gram matrix P Pᵀ wants.
-    """
-    a, ks, st, dl, pd = conv_geometry(module, a)
-    b, c, h, w = a.shape
-    ho = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
-    wo = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
-    at = a.transpose(0, 1)
-    if pd[0] or pd[1]:
-        at = Fn.pad(at, (pd[1], pd[1], pd[0], pd[0]))
-    out = a.new_empty(c, ks[0], ks[1], b, ho, wo)
-    for i in range(ks[0]):
-        for j in range(ks[1]):
-            hs, ws = i * dl[0], j * dl[1]
-            out[:, i, j] = at[
-                :,
-                :,
-                hs : hs + st[0] * (ho - 1) + 1 : st[0],
-                ws : ws + st[1] * (wo - 1) + 1 : st[1],
-            ]
-    return out.reshape(c * ks[0] * ks[1], b * ho * wo)
-
-
-def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
-    """{attr: Σ_{k,n} (∇θ_{k,n})²} of a Conv1d/Conv2d call, output cotangents g (K, B, C_out, ...).
-
-    The per-example weight gradients g_{k,n} P_nᵀ (patches from :func:`conv_patches`, read in place)
-    are formed for one column k and a chunk of examples at a time, squared and summed: the memory of
-    one chunk, never the K·B·P tensor nor the whole patch matrix.
-    """
-    b, k, c_out = a.shape[0], g.shape[0], g.shape[2]
-    gg = g.reshape(k, b, c_out, -1)
-    r = gg.shape[-1]
-    d_a = module.weight[0].numel()
-    step = max(1, min(_CHUNK // (c_out * d_a), _PATCH_CHUNK // (d_a * r)))
-    w2 = None
-    for i in range(0, b, step):
-        p = conv_patches(module, a[i : i + step])
-        pt = p.view(d_a, -1, r).permute(1, 2, 0)  # (chunk, R, dA), a view
-        for kk in range(k):
-            part = torch.bmm(gg[kk, i : i + step], pt).square_().sum(0)
-            w2 = part if w2 is None else w2.add_(part)
-    out = {"weight": w2.reshape(module.weight.shape)}
-    if getattr(module, "bias", None) is not None:
-        out["bias"] = gg.sum(-1).square().sum((0, 1))
-    return out
-
-
-def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:
-    """(Σ p pᵀ over every patch p of the call, with the bias's 1 when ``ones``; the patch count).
-
-    The patches are built a chunk of examples at a time (16 MB), so the whole (C·kh·kw, B·R) patch
-    matrix — tens of MB of fresh memory even for a small CNN, whose first touch costs as much as
-    the copies into it — never exists.
-    """
-    b = a.shape[0]
-    first = conv_patches(module, a[:1])
-    d, r = first.shape
-    step = max(1, _PATCH_CHUNK // (d * r))
-    acc, s = None, None
-    for i in range(0, b, step):
-        p = first if i == 0 and step == 1 else conv_patches(module, a[i : i + step])
-        part = gram(p.T)
-        acc = part if acc is None else acc.add_(part)
-        if ones:
-            ps = p.sum(1)
-            s = ps if s is None else s.add_(ps)
-    if ones:
-        full = acc.new_empty(d + 1, d + 1)
-        full[:d, :d] = acc
-        full[:d, d] = s
-        full[d, :d] = s
-        full[d, d] = b * r
-        acc = full
-    return acc, b * r
-
-
-def _kfac_rows(rule, module, a, g):
-    """(A-side rows as a (B·R, dA) matrix, B, R, G-side rows (K, B, R, dG)) of one call.
-
-    Convolution patches come from :func:`conv_patches` (a transposed view of a feature-major
-    matrix, which the matrix products read as it is); other rules give their own rows.
-    """
-    if isinstance(rule, ConvRule):
-        p = conv_patches(module, a)
-        b = a.shape[0]
-        gr = g.reshape(*g.shape[:3], -1).transpose(2, 3)
-        return p.T, b, p.shape[1] // b, gr
-    ar, gr = rule.rows(module, a, g)
-    return ar.reshape(-1, ar.shape[-1]), ar.shape[0], ar.shape[1], gr
+from ..layers.moments import _CHUNK, gram
 
 
 def _acc(store, key, t):
@@ -218,7 +65,7 @@ def kron_block(ctx, lid) -> torch.Tensor | None:
     if user is None or len(user.calls) != 1 or not ctx.is_kron(lid):
         return None
     rule, module, call = user.rule, user.module, user.calls[0]
-    if rule.order != "ga" or not rule.bias_in_kron or isinstance(rule, EmbeddingRule):
+    if rule.order != "ga" or not rule.bias_in_kron or rule.diagonal_input:
         return None
     if user.attrs not in (("weight",), ("weight", "bias")):
         return None
@@ -346,7 +193,7 @@ class KFACAcc:
                 continue
             user = self.cap.structured[lid]
             rule, module = user.rule, user.module
-            if isinstance(rule, EmbeddingRule):  # A is diagonal: token frequencies
+            if rule.diagonal_input:  # A is diagonal (embeddings: token frequencies)
                 _acc(self._a, lid, ctx.token_counts(lid).to(ctx.cap.dtype))
                 for c in user.calls:
                     g = c.grad.reshape(*c.grad.shape[:2], -1, c.grad.shape[-1])
@@ -355,16 +202,18 @@ class KFACAcc:
             else:
                 # a bias is folded in as a constant input 1: A = [[Σ a aᵀ, Σ a], [Σ aᵀ, n]]
                 ones = rule.order == "ga" and getattr(module, "bias", None) is not None
-                if self.mode == "expand" and isinstance(rule, ConvRule):
-                    for c in user.calls:
-                        a, n_rows = conv_patch_gram(module, c.args[0], ones)
-                        _acc(self._a, lid, a)
-                        self._n[lid] = self._n.get(lid, 0) + n_rows
-                        g = c.grad
-                        _acc(self._g, lid, gram(g.reshape(*g.shape[:3], -1).transpose(2, 3)))
-                    rows = []
-                else:
-                    rows = [_kfac_rows(rule, module, c.args[0], c.grad) for c in user.calls]
+                rows = []
+                for c in user.calls:
+                    moment = None
+                    if self.mode == "expand":
+                        moment = rule.input_moment(module, c.args[0], c.grad, ones)
+                    if moment is None:
+                        rows.append(rule.kfac_rows(module, c.args[0], c.grad))
+                        continue
+                    a, n_rows, gr = moment
+                    _acc(self._a, lid, a)
+                    self._n[lid] = self._n.get(lid, 0) + n_rows
+                    _acc(self._g, lid, gram(gr))
                 if self.mode == "expand":
                     for am, b, r, gr in rows:
                         self._acc_a(lid, am, ones)

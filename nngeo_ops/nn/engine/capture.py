@@ -29,11 +29,10 @@ from torch import nn
 
 from ...errors import NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, progress_bar
-from ..layers.base import ConvRule, KronRule, rule_for
 from ..layers.generic import generic_per_example
+from ..layers.registry import rule_for
 from ..losses import DataError, OutputModel
 from ..params import LayerCollection
-from .accumulators import conv_squared_grads
 from .finite import check_statistics
 from .precision import accumulation_dtype
 
@@ -523,10 +522,7 @@ class BatchContext:
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
-            if isinstance(user.rule, ConvRule):  # several positions: per-example, chunked
-                d = conv_squared_grads(user.module, call.args[0], call.grad)
-            else:
-                d = user.rule.diag(user.module, call.args[0], call.grad)
+            d = user.rule.diag(user.module, call.args[0], call.grad)
             if d is not None:
                 return torch.cat([d[a].reshape(-1) for a in user.attrs])
         return self.per_example(lid).square().sum(0)
@@ -559,7 +555,7 @@ class BatchContext:
 
     def token_counts(self, lid: str) -> torch.Tensor:
         user = self.cap.structured[lid]
-        return sum(user.rule.token_counts(user.module, c.args[0]) for c in user.calls)
+        return sum(user.rule.diagonal_input_factor(user.module, c.args[0]) for c in user.calls)
 
     def separate_bias(self, lid: str) -> torch.Tensor:
         """(K·B, C) per-example bias gradient of a layer whose bias is outside its Kronecker form."""
@@ -569,4 +565,4 @@ class BatchContext:
 
     def is_kron(self, lid: str) -> bool:
         user = self.cap.structured.get(lid)
-        return user is not None and isinstance(user.rule, KronRule)
+        return user is not None and user.rule.kronecker

@@ -21,35 +21,7 @@ output cotangents). For ``"ga"`` rules a bias is folded into A by appending a co
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as Fn
 from torch import nn
-
-
-def _pairs(v, n):
-    return tuple(v) if isinstance(v, tuple | list) else (v,) * n
-
-
-def _conv_padding(module, n):
-    pad = module.padding
-    if isinstance(pad, str):
-        if pad == "valid":
-            return (0,) * n
-        total = [
-            d * (k - 1) for d, k in zip(_pairs(module.dilation, n), _pairs(module.kernel_size, n))
-        ]
-        return tuple(t // 2 for t in total)
-    return _pairs(pad, n)
-
-
-def conv_geometry(module, a):
-    """``(a, kernel, stride, dilation, padding)`` of a Conv1d/Conv2d call as a 2-d convolution:
-    a 1-d convolution is a 2-d one over a height-1 image (``a`` gains that axis)."""
-    n = 1 if isinstance(module, nn.Conv1d) else 2
-    ks, st = _pairs(module.kernel_size, n), _pairs(module.stride, n)
-    dl, pd = _pairs(module.dilation, n), _conv_padding(module, n)
-    if n == 1:
-        return a.unsqueeze(2), (1, *ks), (1, *st), (1, *dl), (0, *pd)
-    return a, ks, st, dl, pd
 
 
 class Rule:
@@ -57,6 +29,7 @@ class Rule:
 
     kinds: tuple = ()
     structured = True  # has a KFAC form
+    kronecker = False  # the weight gradient has the Kronecker form of KronRule
 
     def supports(self, module: nn.Module) -> bool:
         return True
@@ -73,6 +46,8 @@ class KronRule(Rule):
 
     order = "ga"
     bias_in_kron = True  # the bias is folded into A (only for order "ga")
+    kronecker = True
+    diagonal_input = False  # A is diagonal, stored as a vector (see diagonal_input_factor)
 
     def rows(self, module, a, g):
         """The Kronecker rows of the weight gradient, ``(arow, grow)`` with ``arow`` of shape
@@ -111,152 +86,21 @@ class KronRule(Rule):
             out["bias"] = g2.sum((0, 1))
         return out
 
+    # ------------------------------------------------------------------ what the accumulators ask
+    def kfac_rows(self, module, a, g):
+        """The rows of one call for the KFAC factors: ``(A rows (B·R, dA), B, R, G rows (K, B, R,
+        dG))``. The default reshapes :meth:`rows`; a kind may give another layout of the same rows
+        (convolutions: a transposed view of feature-major patches)."""
+        ar, gr = self.rows(module, a, g)
+        return ar.reshape(-1, ar.shape[-1]), ar.shape[0], ar.shape[1], gr
 
-class LinearRule(KronRule):
-    """y = x Wᵀ + b on inputs (B, ..., d_in); extra middle dims are weight-sharing positions."""
-
-    kinds = (nn.Linear,)
-
-    def rows(self, module, a, g):
-        b, k = a.shape[0], g.shape[0]
-        return a.reshape(b, -1, a.shape[-1]), g.reshape(k, b, -1, g.shape[-1])
-
-
-class ConvRule(KronRule):
-    """KFC (Grosse & Martens, 2016): A = unfolded input patches, G = output cotangents per pixel."""
-
-    kinds = (nn.Conv1d, nn.Conv2d)
-
-    def supports(self, module):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            return False
-        if isinstance(module.padding, str) and module.padding == "same":
-            n = 1 if isinstance(module, nn.Conv1d) else 2
-            ks, ds = _pairs(module.kernel_size, n), _pairs(module.dilation, n)
-            return all(d * (k - 1) % 2 == 0 for d, k in zip(ds, ks))
-        return True
-
-    def rows(self, module, a, g):
-        a, ks, st, dl, pd = conv_geometry(module, a)
-        patches = Fn.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (B, dA, R)
-        k, b, c = g.shape[:3]
-        return patches.transpose(1, 2), g.reshape(k, b, c, -1).transpose(2, 3)
-
-
-class ConvTranspose2dRule(KronRule):
-    """W has shape (C_in, C_out, kh, kw); ∇W = Σ_l x_l ⊗ unfold(g)_l over the input pixels l.
-
-    The bias does not share this structure; its KFAC block is kept separate (exact, dense).
-    """
-
-    kinds = (nn.ConvTranspose2d,)
-    order = "ag"
-    bias_in_kron = False
-
-    def supports(self, module):
-        return module.groups == 1 and module.padding_mode == "zeros"
-
-    def rows(self, module, a, g):
-        k, b = g.shape[:2]
-        gu = Fn.unfold(
-            g.reshape(k * b, *g.shape[2:]),
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )  # (K·B, C_out·kh·kw, L_in)
-        arow = a.reshape(b, a.shape[1], -1).transpose(1, 2)
-        return arow, gu.reshape(k, b, gu.shape[1], -1).transpose(2, 3)
-
-    def bias_grad(self, module, g, grow):
-        return g.reshape(*g.shape[:3], -1).sum(-1)
-
-
-class EmbeddingRule(KronRule):
-    """W (V, d): ∇W = Σ_r onehot(token_r) ⊗ g_r. A is diagonal (token counts) in the expand form."""
-
-    kinds = (nn.Embedding,)
-    order = "ag"
-
-    def supports(self, module):
-        return not module.scale_grad_by_freq and not module.sparse
-
-    def onehot(self, module, a):
-        oh = Fn.one_hot(a.reshape(a.shape[0], -1), module.num_embeddings)
-        if module.padding_idx is not None:  # torch never updates the padding row
-            oh[..., module.padding_idx] = 0
-        return oh
-
-    def rows(self, module, a, g):
-        k, b = g.shape[:2]
-        oh = self.onehot(module, a).to(g.dtype)
-        return oh, g.reshape(k, b, -1, g.shape[-1])
-
-    def token_counts(self, module, a):
-        return self.onehot(module, a).sum((0, 1))
-
-
-class NormRule(Rule):
-    """Elementwise affine after a normalisation: s = γ ⊙ x̂ + β."""
-
-    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-    structured = True
-
-    def xhat(self, m, a):
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            batch_stats = m.training or m.running_mean is None
-            rm, rv = (None, None) if batch_stats else (m.running_mean, m.running_var)
-            return Fn.batch_norm(a, rm, rv, None, None, batch_stats, 0.0, m.eps)
-        if isinstance(m, nn.LayerNorm):
-            return Fn.layer_norm(a, m.normalized_shape, None, None, m.eps)
-        if isinstance(m, nn.GroupNorm):
-            return Fn.group_norm(a, m.num_groups, None, None, m.eps)
-        return Fn.rms_norm(a, m.normalized_shape, None, m.eps)
-
-    def reduce(self, m, t):
-        """(K, B, *out_shape) -> (K, B, *param_shape), summing positions that share a parameter."""
-        if isinstance(m, nn.LayerNorm | nn.RMSNorm):
-            nd = len(m.normalized_shape)
-            return t.reshape(*t.shape[:2], -1, *t.shape[t.dim() - nd :]).sum(2)
-        return t.reshape(*t.shape[:3], -1).sum(-1)  # channel is dim 1 of the output
-
-    def per_example(self, module, a, g):
-        xh = self.xhat(module, a.detach())
-        out = {"weight": self.reduce(module, g * xh)}
-        if getattr(module, "bias", None) is not None:
-            out["bias"] = self.reduce(module, g)
-        return out
-
-    def diag(self, module, a, g):
+    def input_moment(self, module, a, g, ones: bool):
+        """``(Σ [a; 1][a; 1]ᵀ over the rows of the call (without the 1 unless ``ones``), the number of
+        rows, the G rows (K, B, R, dG))`` when the kind forms A's sum more cheaply than from its
+        rows (convolutions: patches a chunk at a time), else None (the default): the accumulators
+        then use :meth:`kfac_rows`. Only asked in the ``expand`` mode."""
         return None
 
-
-RULES: list[Rule] = [LinearRule(), ConvRule(), ConvTranspose2dRule(), EmbeddingRule(), NormRule()]
-
-
-def register_layer_rule(rule: Rule, first: bool = True) -> Rule:
-    """Add a layer kind: ``rule`` (an instance of a :class:`KronRule` or :class:`Rule` subclass
-    whose ``kinds`` names the module classes it handles) is used for those modules by every
-    representation from then on. ``first=True`` puts it before the built-in rules, so that it
-    overrides them for a subclass of a built-in module. Returns ``rule``.
-
-    A :class:`KronRule` gives ``rows(module, a, g) -> (arow (B, R, dA), grow (K, B, R, dG))`` with
-    the per-example weight gradient ``∇W = Σ_r grow_r ⊗ arow_r`` (order ``"ga"``: W of shape
-    (dG, dA), flattened row-major; a bias is folded into A by a trailing 1); the per-example
-    gradients, diagonal and KFAC factors of the layer all follow from it.
-    """
-    if not isinstance(rule, Rule) or not rule.kinds:
-        raise TypeError(
-            "register_layer_rule expects an instance of a Rule subclass with `kinds` set to the "
-            f"module classes it handles, got {rule!r}"
-        )
-    RULES.insert(0, rule) if first else RULES.append(rule)
-    return rule
-
-
-def rule_for(module: nn.Module) -> Rule | None:
-    """The rule of a module, or None when the module needs the generic (torch.func) path."""
-    for rule in RULES:
-        if type(module) in rule.kinds and rule.supports(module):
-            return rule
-    return None
+    def diagonal_input_factor(self, module, a):
+        """The diagonal of A of one call, for kinds with ``diagonal_input`` (Embedding)."""
+        raise NotImplementedError(f"{type(self).__name__} has a dense input factor")

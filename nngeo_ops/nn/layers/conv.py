@@ -1,0 +1,186 @@
+"""Convolutions (Conv1d, Conv2d: KFC of Grosse & Martens, 2016; ConvTranspose2d): their geometry,
+patches, Kronecker rows and factors, and the diagonal without per-example tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from .base import KronRule
+from .moments import _CHUNK, _PATCH_CHUNK, gram
+
+
+def _pairs(v, n):
+    return tuple(v) if isinstance(v, tuple | list) else (v,) * n
+
+
+def _conv_padding(module, n):
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0,) * n
+        total = [
+            d * (k - 1) for d, k in zip(_pairs(module.dilation, n), _pairs(module.kernel_size, n))
+        ]
+        return tuple(t // 2 for t in total)
+    return _pairs(pad, n)
+
+
+def conv_geometry(module, a):
+    """``(a, kernel, stride, dilation, padding)`` of a Conv1d/Conv2d call as a 2-d convolution:
+    a 1-d convolution is a 2-d one over a height-1 image (``a`` gains that axis)."""
+    n = 1 if isinstance(module, nn.Conv1d) else 2
+    ks, st = _pairs(module.kernel_size, n), _pairs(module.stride, n)
+    dl, pd = _pairs(module.dilation, n), _conv_padding(module, n)
+    if n == 1:
+        return a.unsqueeze(2), (1, *ks), (1, *st), (1, *dl), (0, *pd)
+    return a, ks, st, dl, pd
+
+
+class ConvRule(KronRule):
+    """KFC (Grosse & Martens, 2016): A = unfolded input patches, G = output cotangents per pixel."""
+
+    kinds = (nn.Conv1d, nn.Conv2d)
+
+    def supports(self, module):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            return False
+        if isinstance(module.padding, str) and module.padding == "same":
+            n = 1 if isinstance(module, nn.Conv1d) else 2
+            ks, ds = _pairs(module.kernel_size, n), _pairs(module.dilation, n)
+            return all(d * (k - 1) % 2 == 0 for d, k in zip(ds, ks))
+        return True
+
+    def diag(self, module, a, g) -> dict[str, torch.Tensor]:
+        """Σ_{k,n} (∇θ)² over the pixels, per-example gradients chunked (:func:`conv_squared_grads`)."""
+        return conv_squared_grads(module, a, g)
+
+    def kfac_rows(self, module, a, g):
+        """The rows of :meth:`KronRule.kfac_rows`, the patches from :func:`conv_patches` (a
+        transposed view of a feature-major matrix, which the matrix products read as it is)."""
+        p = conv_patches(module, a)
+        b = a.shape[0]
+        gr = g.reshape(*g.shape[:3], -1).transpose(2, 3)
+        return p.T, b, p.shape[1] // b, gr
+
+    def input_moment(self, module, a, g, ones):
+        """A's sum over the patches without the patch matrix (:func:`conv_patch_gram`)."""
+        m, n_rows = conv_patch_gram(module, a, ones)
+        return m, n_rows, g.reshape(*g.shape[:3], -1).transpose(2, 3)
+
+    def rows(self, module, a, g):
+        a, ks, st, dl, pd = conv_geometry(module, a)
+        patches = Fn.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (B, dA, R)
+        k, b, c = g.shape[:3]
+        return patches.transpose(1, 2), g.reshape(k, b, c, -1).transpose(2, 3)
+
+
+class ConvTranspose2dRule(KronRule):
+    """W has shape (C_in, C_out, kh, kw); ∇W = Σ_l x_l ⊗ unfold(g)_l over the input pixels l.
+
+    The bias does not share this structure; its KFAC block is kept separate (exact, dense).
+    """
+
+    kinds = (nn.ConvTranspose2d,)
+    order = "ag"
+    bias_in_kron = False
+
+    def supports(self, module):
+        return module.groups == 1 and module.padding_mode == "zeros"
+
+    def rows(self, module, a, g):
+        k, b = g.shape[:2]
+        gu = Fn.unfold(
+            g.reshape(k * b, *g.shape[2:]),
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )  # (K·B, C_out·kh·kw, L_in)
+        arow = a.reshape(b, a.shape[1], -1).transpose(1, 2)
+        return arow, gu.reshape(k, b, gu.shape[1], -1).transpose(2, 3)
+
+    def bias_grad(self, module, g, grow):
+        return g.reshape(*g.shape[:3], -1).sum(-1)
+
+
+def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The patches of a Conv1d/Conv2d input as a (C·kh·kw, B·R) matrix, feature-major.
+
+    The same numbers as ``unfold`` (rows in its order, columns example-major then position), built
+    from kh·kw strided slices of the padded input with the batch moved behind the channels: several
+    times faster than ``unfold`` on CPU, and the layout a Gram matrix P Pᵀ wants.
+    """
+    a, ks, st, dl, pd = conv_geometry(module, a)
+    b, c, h, w = a.shape
+    ho = (h + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    wo = (w + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    at = a.transpose(0, 1)
+    if pd[0] or pd[1]:
+        at = Fn.pad(at, (pd[1], pd[1], pd[0], pd[0]))
+    out = a.new_empty(c, ks[0], ks[1], b, ho, wo)
+    for i in range(ks[0]):
+        for j in range(ks[1]):
+            hs, ws = i * dl[0], j * dl[1]
+            out[:, i, j] = at[
+                :,
+                :,
+                hs : hs + st[0] * (ho - 1) + 1 : st[0],
+                ws : ws + st[1] * (wo - 1) + 1 : st[1],
+            ]
+    return out.reshape(c * ks[0] * ks[1], b * ho * wo)
+
+
+def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    """{attr: Σ_{k,n} (∇θ_{k,n})²} of a Conv1d/Conv2d call, output cotangents g (K, B, C_out, ...).
+
+    The per-example weight gradients g_{k,n} P_nᵀ (patches from :func:`conv_patches`, read in place)
+    are formed for one column k and a chunk of examples at a time, squared and summed: the memory of
+    one chunk, never the K·B·P tensor nor the whole patch matrix.
+    """
+    b, k, c_out = a.shape[0], g.shape[0], g.shape[2]
+    gg = g.reshape(k, b, c_out, -1)
+    r = gg.shape[-1]
+    d_a = module.weight[0].numel()
+    step = max(1, min(_CHUNK // (c_out * d_a), _PATCH_CHUNK // (d_a * r)))
+    w2 = None
+    for i in range(0, b, step):
+        p = conv_patches(module, a[i : i + step])
+        pt = p.view(d_a, -1, r).permute(1, 2, 0)  # (chunk, R, dA), a view
+        for kk in range(k):
+            part = torch.bmm(gg[kk, i : i + step], pt).square_().sum(0)
+            w2 = part if w2 is None else w2.add_(part)
+    out = {"weight": w2.reshape(module.weight.shape)}
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = gg.sum(-1).square().sum((0, 1))
+    return out
+
+
+def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:
+    """(Σ p pᵀ over every patch p of the call, with the bias's 1 when ``ones``; the patch count).
+
+    The patches are built a chunk of examples at a time (16 MB), so the whole (C·kh·kw, B·R) patch
+    matrix — tens of MB of fresh memory even for a small CNN, whose first touch costs as much as
+    the copies into it — never exists.
+    """
+    b = a.shape[0]
+    first = conv_patches(module, a[:1])
+    d, r = first.shape
+    step = max(1, _PATCH_CHUNK // (d * r))
+    acc, s = None, None
+    for i in range(0, b, step):
+        p = first if i == 0 and step == 1 else conv_patches(module, a[i : i + step])
+        part = gram(p.T)
+        acc = part if acc is None else acc.add_(part)
+        if ones:
+            ps = p.sum(1)
+            s = ps if s is None else s.add_(ps)
+    if ones:
+        full = acc.new_empty(d + 1, d + 1)
+        full[:d, :d] = acc
+        full[:d, d] = s
+        full[d, :d] = s
+        full[d, d] = b * r
+        acc = full
+    return acc, b * r
