@@ -21,60 +21,88 @@ computes on the local shard only.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from ..errors import UnsupportedError
 from .data import as_loader
 from .engine.curvature_generator import CurvatureGenerator
 from .losses import output_model_for_loss, output_model_for_variant
 from .pspace.base import PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit
 
+_P = inspect.Parameter
+# The options every entry point shares, in their order in each signature (declared once here).
+SHARED_OPTIONS = (
+    _P("n_output", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("function", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("layer_collection", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("device", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("progress", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("covariance", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("kfac_mode", _P.POSITIONAL_OR_KEYWORD, default="expand"),
+    _P("max_batches", _P.POSITIONAL_OR_KEYWORD, default=None),
+    _P("process_group", _P.POSITIONAL_OR_KEYWORD, default=None),
+)
+SHARED_DOC = """
 
-def _make(model, loader, representation, om, kind, max_batches=None, **kw):
-    loader = as_loader(loader, max_batches=max_batches)
-    gen = CurvatureGenerator(model, om, kind, **kw)
-    return representation(generator=gen, examples=loader)
+    Shared options (the same in every entry point): ``n_output`` is checked against
+    ``outputs.shape[1]``; ``function(*batch)`` replaces ``model(batch[0])``; ``layer_collection``
+    selects the parameters (default: every trainable one); ``device`` is where batches go (default:
+    the parameters' device); ``progress=False`` silences the progress bar (None: shown on a terminal
+    only); ``covariance`` is the noise covariance of the ``regression`` variant (identity by default);
+    ``kfac_mode`` (``"expand"`` or ``"reduce"``) the KFAC variant for weight sharing;
+    ``max_batches`` bounds each pass; ``process_group`` as in the module docstring.
+    """
+_HEAD = ("model", "loader", "loss_fn", "representation")
 
 
-def FIM(
-    model,
-    loader,
-    representation,
-    variant="classif_logits",
-    n_output=None,
-    function=None,
-    layer_collection=None,
-    device=None,
-    progress=None,
-    covariance=None,
-    kfac_mode="expand",
-    max_batches=None,
-    process_group=None,
-):
+def _entry_point(kind: str, omit: tuple[str, ...] = ()):
+    """An entry point from its *head*: a function of the arguments that tell the entry points apart
+    (``variant``, ``loss_fn``, the Monte-Carlo draws...) returning ``(output model, generator
+    options)``. The public function takes ``model, loader[, loss_fn], representation``, the head's
+    own arguments, then :data:`SHARED_OPTIONS` (less ``omit``, options that mean nothing to it)."""
+
+    def decorate(head):
+        own = list(inspect.signature(head).parameters.values())
+        shared_names = {p.name for p in SHARED_OPTIONS}
+        public = [p for p in own if p.name not in shared_names]
+        public += [p for p in SHARED_OPTIONS if p.name not in omit]
+        signature = inspect.Signature(public)
+        head_args = [p.name for p in own]
+
+        @functools.wraps(head)
+        def entry(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            om, options = head(**{name: given[name] for name in head_args})
+            for p in SHARED_OPTIONS:
+                if p.name not in omit and p.name not in ("covariance", "max_batches"):
+                    options[p.name] = given[p.name]
+            loader = as_loader(given["loader"], max_batches=given["max_batches"])
+            gen = CurvatureGenerator(given["model"], om, kind, **options)
+            return given["representation"](generator=gen, examples=loader)
+
+        entry.__signature__ = signature
+        entry.__doc__ = (head.__doc__ or "").rstrip() + SHARED_DOC
+        return entry
+
+    return decorate
+
+
+@_entry_point("exact")
+def FIM(model, loader, representation, variant="classif_logits", covariance=None):
     """The Fisher information with the expectation over y | x in closed form.
 
     ``variant``: ``classif_logits`` (softmax of logits), ``classif_logsoftmax`` (outputs are
     log-probabilities), ``classif_binary_logits`` (sigmoid of each output), ``regression`` (Gaussian
     N(f, covariance), identity by default), ``segmentation_logits`` (per-pixel softmax over dim 1,
-    summed over pixels). ``n_output`` is checked against ``outputs.shape[1]``. ``progress=False``
-    silences the progress bar (None: shown on a terminal only).
+    summed over pixels).
     """
-    om = output_model_for_variant(variant, covariance)
-    return _make(
-        model,
-        loader,
-        representation,
-        om,
-        "exact",
-        layer_collection=layer_collection,
-        function=function,
-        n_output=n_output,
-        device=device,
-        progress=progress,
-        max_batches=max_batches,
-        kfac_mode=kfac_mode,
-        process_group=process_group,
-    )
+    return output_model_for_variant(variant, covariance), {}
 
 
+@_entry_point("sample")
 def FIM_MonteCarlo(
     model,
     loader,
@@ -82,121 +110,31 @@ def FIM_MonteCarlo(
     variant="classif_logits",
     trials=1,
     generator=None,
-    n_output=None,
-    function=None,
-    layer_collection=None,
-    device=None,
-    progress=None,
     covariance=None,
-    kfac_mode="expand",
-    max_batches=None,
-    process_group=None,
 ):
-    """The Fisher with ``trials`` labels per example drawn from the model (``torch.Generator``)."""
-    om = output_model_for_variant(variant, covariance)
-    return _make(
-        model,
-        loader,
-        representation,
-        om,
-        "sample",
-        layer_collection=layer_collection,
-        function=function,
-        n_output=n_output,
-        device=device,
-        progress=progress,
-        max_batches=max_batches,
-        trials=trials,
-        generator=generator,
-        kfac_mode=kfac_mode,
-        process_group=process_group,
-    )
+    """The Fisher with ``trials`` labels per example drawn from the model (``generator``: the
+    ``torch.Generator`` of the draws)."""
+    return output_model_for_variant(variant, covariance), {"trials": trials, "generator": generator}
 
 
-def EmpiricalFisher(
-    model,
-    loader,
-    representation,
-    variant="classif_logits",
-    n_output=None,
-    function=None,
-    layer_collection=None,
-    device=None,
-    progress=None,
-    covariance=None,
-    kfac_mode="expand",
-    max_batches=None,
-    process_group=None,
-):
+@_entry_point("empirical")
+def EmpiricalFisher(model, loader, representation, variant="classif_logits", covariance=None):
     """(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ with ℓ_n = −log p(y_n | x_n) at the loader's labels."""
-    om = output_model_for_variant(variant, covariance)
-    return _make(
-        model,
-        loader,
-        representation,
-        om,
-        "empirical",
-        layer_collection=layer_collection,
-        function=function,
-        n_output=n_output,
-        device=device,
-        progress=progress,
-        max_batches=max_batches,
-        kfac_mode=kfac_mode,
-        process_group=process_group,
-    )
+    return output_model_for_variant(variant, covariance), {}
 
 
-def GGN(
-    model,
-    loader,
-    loss_fn,
-    representation,
-    n_output=None,
-    function=None,
-    layer_collection=None,
-    device=None,
-    progress=None,
-    kfac_mode="expand",
-    max_batches=None,
-    process_group=None,
-):
+@_entry_point("exact", omit=("covariance",))
+def GGN(model, loader, loss_fn, representation):
     """The generalised Gauss-Newton Jᵀ (∇²_f loss) J of CrossEntropyLoss, NLLLoss, MSELoss or
     BCEWithLogitsLoss (see :mod:`nngeo_ops.nn.losses` for NLLLoss)."""
-    om = output_model_for_loss(loss_fn)
-    return _make(
-        model,
-        loader,
-        representation,
-        om,
-        "exact",
-        layer_collection=layer_collection,
-        function=function,
-        n_output=n_output,
-        device=device,
-        progress=progress,
-        max_batches=max_batches,
-        kfac_mode=kfac_mode,
-        process_group=process_group,
-    )
+    return output_model_for_loss(loss_fn), {}
 
 
 HESSIAN_REPRESENTATIONS = (PMatDense, PMatDiag, PMatBlockDiag, PMatImplicit)
 
 
-def Hessian(
-    model,
-    loader,
-    loss_fn,
-    representation,
-    n_output=None,
-    function=None,
-    layer_collection=None,
-    device=None,
-    progress=None,
-    max_batches=None,
-    process_group=None,
-):
+@_entry_point("hessian", omit=("covariance", "kfac_mode"))
+def Hessian(model, loader, loss_fn, representation):
     """The exact Hessian of the dataset loss: dense, diagonal, block-diagonal (torch.func.hessian per
     layer) or implicit (Hessian-vector products, forward over reverse)."""
     if getattr(representation, "func", representation) not in HESSIAN_REPRESENTATIONS:
@@ -204,18 +142,4 @@ def Hessian(
             f"Hessian supports {[r.__name__ for r in HESSIAN_REPRESENTATIONS]}, not "
             f"{getattr(representation, '__name__', representation)}"
         )
-    om = output_model_for_loss(loss_fn)
-    return _make(
-        model,
-        loader,
-        representation,
-        om,
-        "hessian",
-        layer_collection=layer_collection,
-        function=function,
-        n_output=n_output,
-        device=device,
-        progress=progress,
-        max_batches=max_batches,
-        process_group=process_group,
-    )
+    return output_model_for_loss(loss_fn), {}

@@ -256,3 +256,37 @@ def test_flattened_conv_classifier_with_function_argument():
     loader = [(None, x[:2]), (None, x[2:])]  # inputs in the second slot, read by `function`
     F = FIM(model, loader, PMatDense, function=lambda _, xx: model(xx), progress=False)
     torch.testing.assert_close(F.to_torch(), truth)
+
+
+def test_entry_points_share_one_signature():
+    """FIM, FIM_MonteCarlo, EmpiricalFisher, GGN and Hessian take the same options, in the same
+    order, after the arguments that tell them apart (NNGeometry's names and positions)."""
+    import inspect
+
+    from nngeo_ops.nn import FIM, GGN, EmpiricalFisher, FIM_MonteCarlo, Hessian
+
+    shared = [
+        "n_output",
+        "function",
+        "layer_collection",
+        "device",
+        "progress",
+        "covariance",
+        "kfac_mode",
+        "max_batches",
+        "process_group",
+    ]
+    heads = {
+        FIM: ["model", "loader", "representation", "variant"],
+        EmpiricalFisher: ["model", "loader", "representation", "variant"],
+        FIM_MonteCarlo: ["model", "loader", "representation", "variant", "trials", "generator"],
+        GGN: ["model", "loader", "loss_fn", "representation"],
+        Hessian: ["model", "loader", "loss_fn", "representation"],
+    }
+    omitted = {GGN: {"covariance"}, Hessian: {"covariance", "kfac_mode"}}
+    for fn, head in heads.items():
+        names = list(inspect.signature(fn).parameters)
+        assert names == head + [s for s in shared if s not in omitted.get(fn, ())], fn.__name__
+        assert "max_batches" in fn.__doc__ and fn.__doc__.strip()
+    with pytest.raises(TypeError, match="kfac_mode"):
+        Hessian(None, None, None, None, kfac_mode="reduce")
