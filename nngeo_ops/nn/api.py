@@ -114,7 +114,7 @@ def FIM_MonteCarlo(
 ):
     """The Fisher with ``trials`` labels per example drawn from the model (``generator``: the
     ``torch.Generator`` of the draws)."""
-    return output_model_for_variant(variant, covariance), {"trials": trials, "generator": generator}
+    return output_model_for_variant(variant, covariance), {"trials": trials, "rng": generator}
 
 
 @_entry_point("empirical")

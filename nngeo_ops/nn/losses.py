@@ -83,12 +83,12 @@ def _onehot(y, c, dtype):
     return Fn.one_hot(y, c).movedim(-1, 1).to(dtype)
 
 
-def _sample_classes(p: torch.Tensor, trials: int, generator) -> torch.Tensor:
+def _sample_classes(p: torch.Tensor, trials: int, rng) -> torch.Tensor:
     """p (B, C, D) -> labels (T, B, D), by inverting the cumulative distribution (several times
     faster than ``torch.multinomial`` for few draws; zero-probability classes are never drawn)."""
     b, c, d = p.shape
     cdf = p.permute(0, 2, 1).reshape(-1, c).cumsum(1)
-    u = torch.rand((cdf.shape[0], trials), generator=generator, dtype=p.dtype, device=p.device)
+    u = torch.rand((cdf.shape[0], trials), generator=rng, dtype=p.dtype, device=p.device)
     y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(c - 1)
     return y.T.reshape(trials, b, d)
 
@@ -177,7 +177,7 @@ class OutputModel:
             )
         return 1.0 / total
 
-    def sample(self, out, y, trials: int, generator=None):
+    def sample(self, out, y, trials: int, rng=None):
         raise UnsupportedError(f"Monte-Carlo sampling is not defined for {self.name}")
 
     def empirical(self, out, y):
@@ -204,9 +204,9 @@ class ClassifLogits(OutputModel):
     def exact(self, out, y):
         return softmax_factor(out), out.shape[0]
 
-    def sample(self, out, y, trials, generator=None):
+    def sample(self, out, y, trials, rng=None):
         p = torch.softmax(out.detach(), dim=1)
-        lab = _sample_classes(p[:, :, None], trials, generator)[..., 0]  # (T, B)
+        lab = _sample_classes(p[:, :, None], trials, rng)[..., 0]  # (T, B)
         cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype) - p
         return cols / math.sqrt(trials), out.shape[0]
 
@@ -228,9 +228,9 @@ class ClassifLogSoftmax(ClassifLogits):
     def exact(self, out, y):
         return diag_factor(out.detach().exp()), out.shape[0]
 
-    def sample(self, out, y, trials, generator=None):
+    def sample(self, out, y, trials, rng=None):
         p = out.detach().exp()
-        lab = _sample_classes(p[:, :, None], trials, generator)[..., 0]
+        lab = _sample_classes(p[:, :, None], trials, rng)[..., 0]
         cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype)
         return cols / math.sqrt(trials), out.shape[0]
 
@@ -248,9 +248,9 @@ class ClassifBinaryLogits(OutputModel):
         p = torch.sigmoid(out.detach())
         return diag_factor(p * (1 - p)), out.shape[0]
 
-    def sample(self, out, y, trials, generator=None):
+    def sample(self, out, y, trials, rng=None):
         p = torch.sigmoid(out.detach())
-        u = torch.rand((trials, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+        u = torch.rand((trials, *p.shape), generator=rng, dtype=p.dtype, device=p.device)
         return ((u < p).to(p.dtype) - p) / math.sqrt(trials), out.shape[0]
 
     def empirical(self, out, y):
@@ -332,10 +332,10 @@ class Regression(OutputModel):
         r = self.precision_root(e, out.dtype, out.device)
         return r.T[:, None, :].expand(e, b, e).reshape(e, *out.shape), b
 
-    def sample(self, out, y, trials, generator=None):
+    def sample(self, out, y, trials, rng=None):
         b, e = out.shape[0], out[0].numel()
         r = self.precision_root(e, out.dtype, out.device)
-        eps = torch.randn((trials, b, e), generator=generator, dtype=out.dtype, device=out.device)
+        eps = torch.randn((trials, b, e), generator=rng, dtype=out.dtype, device=out.device)
         return (eps @ r.T).reshape(trials, *out.shape) / math.sqrt(trials), b
 
     def empirical(self, out, y):
@@ -359,10 +359,10 @@ class SegmentationLogits(OutputModel):
     def exact(self, out, y):
         return softmax_factor(out), out.shape[0]
 
-    def sample(self, out, y, trials, generator=None):
+    def sample(self, out, y, trials, rng=None):
         b, c = out.shape[:2]
         p = torch.softmax(out.detach().reshape(b, c, -1), dim=1)
-        lab = _sample_classes(p, trials, generator)  # (T, B, D)
+        lab = _sample_classes(p, trials, rng)  # (T, B, D)
         cols = _onehot(lab.reshape(-1, lab.shape[-1]), c, p.dtype).reshape(trials, b, c, -1) - p
         return cols.reshape(trials, *out.shape) / math.sqrt(trials), b
 
@@ -399,8 +399,8 @@ class SequenceLogits(SegmentationLogits):
         L, n = super().exact(out.movedim(-1, 1), y)
         return L.movedim(2, -1), n
 
-    def sample(self, out, y, trials, generator=None):
-        L, n = super().sample(out.movedim(-1, 1), y, trials, generator)
+    def sample(self, out, y, trials, rng=None):
+        L, n = super().sample(out.movedim(-1, 1), y, trials, rng)
         return L.movedim(2, -1), n
 
     def empirical(self, out, y):

@@ -18,7 +18,7 @@ from nngeo_ops.nn import (
 )
 from nngeo_ops.nn.engine.capture import Capture
 from nngeo_ops.nn.layers.conv import ConvRule, conv_patches, conv_squared_grads
-from nngeo_ops.nn.layers.moments import gram
+from nngeo_ops.nn.layers.moments import second_moment
 from nngeo_ops.nn.losses import output_model_for_variant
 from nngeo_ops.nn.params import LayerCollection
 
@@ -59,8 +59,8 @@ def test_gram_paths(shape, transposed, pad):
         t = t.transpose(-1, -2)
     m = t.reshape(-1, t.shape[-1])
     d = m.shape[1]
-    torch.testing.assert_close(gram(t, pad=pad)[:d, :d], m.T @ m)
-    assert gram(t, pad=pad).shape == (d + pad, d + pad)
+    torch.testing.assert_close(second_moment(t, pad=pad)[:d, :d], m.T @ m)
+    assert second_moment(t, pad=pad).shape == (d + pad, d + pad)
 
 
 def test_block_of_one_position_layers_from_the_output_factor():

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..layers.moments import _CHUNK, gram
+from ..layers.moments import _CHUNK, second_moment
 
 
 def _acc(store, key, t):
@@ -162,7 +162,7 @@ class KroneckerFactors(dict):
     def __missing__(self, key):
         if key == "A" and "A_rows" in self:
             r = self["A_rows"]
-            self["A"] = a = gram(r)
+            self["A"] = a = second_moment(r)
             return a
         raise KeyError(key)
 
@@ -198,7 +198,7 @@ class KFACAcc:
                 for c in user.calls:
                     g = c.grad.reshape(*c.grad.shape[:2], -1, c.grad.shape[-1])
                     self._n[lid] = self._n.get(lid, 0) + g.shape[1] * g.shape[2]
-                    _acc(self._g, lid, gram(g))
+                    _acc(self._g, lid, second_moment(g))
             else:
                 # a bias is folded in as a constant input 1: A = [[Σ a aᵀ, Σ a], [Σ aᵀ, n]]
                 ones = rule.order == "ga" and getattr(module, "bias", None) is not None
@@ -213,19 +213,19 @@ class KFACAcc:
                     a, n_rows, gr = moment
                     _acc(self._a, lid, a)
                     self._n[lid] = self._n.get(lid, 0) + n_rows
-                    _acc(self._g, lid, gram(gr))
+                    _acc(self._g, lid, second_moment(gr))
                 if self.mode == "expand":
                     for am, b, r, gr in rows:
                         self._acc_a(lid, am, ones)
                         self._n[lid] = self._n.get(lid, 0) + b * r
-                        _acc(self._g, lid, gram(gr))
+                        _acc(self._g, lid, second_moment(gr))
                 else:
                     r_all = sum(r for _, _, r, _ in rows)
                     abar = sum(am.reshape(b, r, -1).sum(1) for am, b, r, _ in rows) / r_all
                     gbar = sum(gr.sum(2) for *_, gr in rows)  # (K, B, dG)
                     self._acc_a(lid, abar, ones)
                     self._n[lid] = self._n.get(lid, 0) + abar.shape[0]
-                    _acc(self._g, lid, gram(gbar))
+                    _acc(self._g, lid, second_moment(gbar))
             if not rule.bias_in_kron and getattr(module, "bias", None) is not None:
                 bg = ctx.separate_bias(lid)
                 _acc(self._b, lid, bg.T @ bg)
@@ -246,13 +246,13 @@ class KFACAcc:
                 return
             del self._rows[lid]
             if kept:  # from now on A is dense
-                _acc(self._a, lid, gram(torch.cat(kept)))
+                _acc(self._a, lid, second_moment(torch.cat(kept)))
         if not ones:
-            a = gram(m)
+            a = second_moment(m)
         elif n < 4 * d:  # few rows: appending the 1 to them costs less than copying the result
-            a = gram(torch.cat([m, m.new_ones(n, 1)], dim=1))
+            a = second_moment(torch.cat([m, m.new_ones(n, 1)], dim=1))
         else:
-            a = gram(m, pad=1)
+            a = second_moment(m, pad=1)
             s = m.sum(0)
             a[:d, d] = s
             a[d, :d] = s
@@ -284,7 +284,7 @@ class KFACAcc:
                 self._rows[lid] = [gather_rows(comm.group, rows)]
             else:
                 del self._rows[lid]
-                _acc(self._a, lid, gram(rows))
+                _acc(self._a, lid, second_moment(rows))
         for lid in self.layer_ids:
             for store in (self._a, self._g, self._b):
                 if lid in store:

@@ -144,7 +144,7 @@ def batch_labels(batch: tuple):
     return None
 
 
-def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, generator=None):
+def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, rng=None):
     """Check the model output and return the output model's factor ``(L, count)`` for ``kind``."""
     if not torch.is_tensor(out):
         raise UnsupportedError(f"the model returned {type(out).__name__}; use function=...")
@@ -154,7 +154,7 @@ def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, genera
     if kind == "exact":
         return om.exact(out, y)
     if kind == "sample":
-        return om.sample(out, y, trials, generator)
+        return om.sample(out, y, trials, rng)
     if kind == "empirical":
         return om.empirical(out, y)
     raise ValueError(f"unknown kind {kind!r}")
@@ -191,7 +191,7 @@ def _followed_output(user, module, output) -> tuple[int | None, torch.Tensor]:
 class Capture:
     """Hook-based statistics of ``model`` over a loader for one output model.
 
-    ``kind`` is ``"exact"``, ``"sample"`` (Monte-Carlo, ``trials`` draws from ``generator``) or
+    ``kind`` is ``"exact"``, ``"sample"`` (Monte-Carlo, ``trials`` draws from the ``torch.Generator`` ``rng``) or
     ``"empirical"``. ``function(*batch)`` computes the outputs (default ``model(batch[0])``).
     """
 
@@ -203,7 +203,7 @@ class Capture:
         function=None,
         kind: str = "exact",
         trials: int = 1,
-        generator=None,
+        rng=None,
         n_output=None,
         device=None,
         progress=None,
@@ -217,7 +217,7 @@ class Capture:
         self.function = function if function is not None else ModelOnFirst(model)
         self.kind = kind
         self.trials = trials
-        self.generator = generator
+        self.rng = rng
         self.n_output = n_output
         self.progress = progress
         params = self.lc.parameters(model)
@@ -374,7 +374,7 @@ class Capture:
             out = self._forward(batch)
         y = batch_labels(batch)
         lmat, count = output_factor(
-            self.output_model, self.kind, out, y, self.n_output, self.trials, self.generator
+            self.output_model, self.kind, out, y, self.n_output, self.trials, self.rng
         )
         calls = [c for u in self.users for c in u.calls]
         if not out.requires_grad:

@@ -61,7 +61,8 @@ class CurvatureGenerator:
             ``model``); it fixes the flat order of every vector and matrix.
         function: ``function(*batch)`` computes the outputs (default ``model(batch[0])``).
         trials: Monte-Carlo labels drawn per example for ``kind="sample"``.
-        generator: the ``torch.Generator`` of those draws.
+        generator: the ``torch.Generator`` of those draws (NNGeometry's name; ``rng`` is the same,
+            the name used inside the library, where ``generator`` means a curvature generator).
         n_output: the expected number of outputs per example, checked when given.
         device: where the statistics are computed (default: that of the covered parameters).
         progress: a tqdm bar on the passes over the data: True shows it, False hides it, None
@@ -85,6 +86,7 @@ class CurvatureGenerator:
         progress=None,
         kfac_mode: str = "expand",
         process_group=None,
+        rng: torch.Generator | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -94,6 +96,9 @@ class CurvatureGenerator:
             raise InvalidArgumentError(
                 f"trials must be a positive integer (the labels drawn per example), got {trials!r}"
             )
+        if generator is not None and rng is not None:
+            raise ArgumentTypeError("give the torch.Generator once: generator= or rng=, not both")
+        generator = rng if rng is not None else generator
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ArgumentTypeError(
                 f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
@@ -141,7 +146,7 @@ class CurvatureGenerator:
                 function=self.function,
                 kind=self.kind,
                 trials=self.trials,
-                generator=self.rng,
+                rng=self.rng,
                 n_output=self.n_output,
                 device=self.device,
                 progress=self.progress,

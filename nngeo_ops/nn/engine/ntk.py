@@ -86,8 +86,8 @@ def _kernel(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor
     """K(A, B) as a [C, N_a, C, N_b] tensor (K(A, A) when ``examples_b`` is None)."""
     sym = examples_b is None
     run = gen.start()
-    chunks_a = _chunk_list(gen, examples_a, "gram (data)")
-    chunks_b = chunks_a if sym else _chunk_list(gen, examples_b, "gram (data)")
+    chunks_a = _chunk_list(gen, examples_a, "kernel (data)")
+    chunks_b = chunks_a if sym else _chunk_list(gen, examples_b, "kernel (data)")
     sizes_a = [batch_size_of(ch) for ch in chunks_a]
     sizes_b = [batch_size_of(ch) for ch in chunks_b]
     offs_a = [sum(sizes_a[:i]) for i in range(len(sizes_a))]
@@ -112,7 +112,7 @@ def _kernel(gen: JacobianGenerator, examples_a, examples_b=None) -> torch.Tensor
 
     k4 = None
     pairs = [(i, j) for i in range(len(chunks_a)) for j in range(i if sym else 0, len(chunks_b))]
-    for i, j in progress_bar(pairs, gen.progress, "gram"):
+    for i, j in progress_bar(pairs, gen.progress, "kernel"):
         fi = feat("a", i)
         fj = fi if (sym and i == j) else feat("b", j)
         if fi.c != fj.c:
@@ -152,7 +152,7 @@ def cross_kernel_tensor(gen: JacobianGenerator, examples_a, examples_b) -> torch
 
 def _local_jacobian(gen: JacobianGenerator, examples) -> torch.Tensor:
     run = gen.start()
-    parts = [gen.jacobian_chunk(ch, run) for ch in gen.chunks(examples, "gram (shard)")]
+    parts = [gen.jacobian_chunk(ch, run) for ch in gen.chunks(examples, "kernel (shard)")]
     if not parts:
         raise DataError("the loader of this rank yielded no examples")
     check_same_outputs([p.shape[0] for p in parts])

@@ -8,7 +8,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from .base import KronRule
-from .moments import _CHUNK, _PATCH_CHUNK, gram
+from .moments import _CHUNK, _PATCH_CHUNK, second_moment
 
 
 def _pairs(v, n):
@@ -171,7 +171,7 @@ def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[tor
     acc, s = None, None
     for i in range(0, b, step):
         p = first if i == 0 and step == 1 else conv_patches(module, a[i : i + step])
-        part = gram(p.T)
+        part = second_moment(p.T)
         acc = part if acc is None else acc.add_(part)
         if ones:
             ps = p.sum(1)

@@ -1,6 +1,6 @@
 """Sums of outer products of rows (second moments): the kernel of every Kronecker factor.
 
-``gram(t)`` is Σ over every leading index of t tᵀ along the last axis, with the memory layouts the
+``second_moment(t)`` is Σ over every leading index of t tᵀ along the last axis, with the memory layouts the
 layer kinds produce (feature-major patches, cotangents per pixel) read in place.
 """
 
@@ -12,7 +12,7 @@ _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chun
 _PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
 
 
-def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
+def second_moment(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """Σ over every leading index of the outer products along the last axis: (…, d) -> (d, d).
 
     One matrix product when the feature axis is innermost in memory (the reshape is free), or the
@@ -41,7 +41,7 @@ def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
         if n < 256 or d < 128 or n * d < 1 << 17:
             out = m.T @ m
         else:
-            out = _upper_gram(m, _GRAM_BLOCKS)
+            out = _upper_second_moment(m, _BLOCK_ROWS)
     if not pad:
         return out
     full = out.new_empty(d + pad, d + pad)
@@ -49,10 +49,10 @@ def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
     return full
 
 
-_GRAM_BLOCKS = 4  # 4 block rows: (4 + 1) / 8 of the flops; more blocks lose to smaller products
+_BLOCK_ROWS = 4  # 4 block rows: (4 + 1) / 8 of the flops; more blocks lose to smaller products
 
 
-def _upper_gram(m: torch.Tensor, k: int) -> torch.Tensor:
+def _upper_second_moment(m: torch.Tensor, k: int) -> torch.Tensor:
     """mᵀm from the k block rows of its upper triangle, mirrored: (k + 1) / (2k) of the flops."""
     d = m.shape[1]
     out = m.new_empty(d, d)
