@@ -19,7 +19,7 @@ from nngeo_ops.nn import (
 )
 from nngeo_ops.nn.losses import output_model_for_variant
 
-from . import groundtruth as gt
+from .. import groundtruth as gt
 
 
 def mlp(inplace=False):

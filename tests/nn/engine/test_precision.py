@@ -26,7 +26,7 @@ from nngeo_ops.nn import (
 )
 from nngeo_ops.nn.engine.precision import accumulation_dtype
 
-PACKAGE = Path(__file__).resolve().parents[2] / "nngeo_ops"
+PACKAGE = Path(__file__).resolve().parents[3] / "nngeo_ops"
 
 # a literal device or single precision in library code pins users to it; each exception says why
 PATTERNS = [r"[\"']cpu[\"']", r"\.cpu\(\)", r"dtype=torch\.float32", r"\.float\(\)", r"\.half\(\)"]

@@ -6,7 +6,6 @@ import pytest
 import scipy.sparse.linalg as sla
 import torch
 from models import SeqMean, loader_of, make
-from test_jacobian import gt_jacobian
 from torch import nn
 
 from nngeo_ops.errors import DataError, InvalidArgumentError, ShapeError
@@ -23,6 +22,8 @@ from nngeo_ops.nn import (
     kernel_regression,
 )
 from nngeo_ops.ops import MatFree
+
+from .test_jacobian import gt_jacobian
 
 
 def gt_gram(ja, jb=None):
