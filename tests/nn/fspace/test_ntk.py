@@ -309,3 +309,67 @@ def test_bad_input():
     K = GramMatrix(model, loader_of(x), progress=False)
     with pytest.raises(ShapeError):
         K.mv(torch.zeros(5, dtype=torch.float64))
+
+
+class LateTuple(nn.Module):
+    """Followed by the hooks on batches of 2 and not on a batch of 1 (where its block returns two
+    tensors that depend on the parameters): a computation whose later chunk the hooks cannot
+    follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = TupleOut(one_live=True)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.block.one_live = x.shape[0] != 1
+        return self.out(self.block(x)[0])
+
+
+def test_backend_is_chosen_once_per_computation():
+    """The backend is chosen at the first chunk of a computation and kept: a model the hooks cannot
+    follow from the first chunk runs on torch.func throughout (and later computations start there);
+    a later chunk the hooks cannot follow is an error naming the fix, not a silent start-over."""
+    from nngeo_ops.errors import UnsupportedError
+    from nngeo_ops.nn import JacobianGenerator
+
+    torch.manual_seed(0)
+    model, x = LateTuple().double(), torch.randn(5, 4, dtype=torch.float64)
+    gen = JacobianGenerator(model, chunk_size=2, progress=False)
+    run = gen.start()
+    assert run.backend is None and gen._plan is run.layout
+    with pytest.raises(UnsupportedError, match="first chunk of this computation.*backend='func'"):
+        gen.get_gram_matrix(loader_of(x))
+    assert gen.backend == "hooks"  # the first chunk was followed: nothing silently switched
+    func = JacobianGenerator(model, chunk_size=2, progress=False, backend="func")
+    k = func.get_gram_matrix(loader_of(x))
+    torch.testing.assert_close(k, gt_gram(gt_jacobian(model, x)))
+    # a model the hooks never follow: decided at the first chunk, remembered afterwards
+    tup = TupleModel().double()
+    gen = JacobianGenerator(tup, chunk_size=2, progress=False)
+    torch.testing.assert_close(gen.get_gram_matrix(loader_of(x)), gt_gram(gt_jacobian(tup, x)))
+    assert gen.backend == "func" and gen.start().backend is None
+
+
+def test_methods_lent_by_the_upper_layers():
+    """JacobianGenerator.jacobian_op, CurvatureGenerator.implicit_op and Jacobian.pfmap are built in
+    the layer above the engine and still reachable as methods, with the same results."""
+    from nngeo_ops.nn import (
+        FIM,
+        CurvatureGenerator,
+        Jacobian,
+        JacobianGenerator,
+        PFMapImplicit,
+        PMatDense,
+    )
+
+    model, x = make("mlp")
+    gen = JacobianGenerator(model, progress=False)
+    J = gen.jacobian_op(loader_of(x))
+    assert isinstance(J, Jacobian)
+    torch.testing.assert_close(J.to_torch(), gt_jacobian(model, x))
+    assert isinstance(J.pfmap(), PFMapImplicit)
+    F = FIM(model, loader_of(x), PMatDense, progress=False)
+    assert isinstance(F.generator, CurvatureGenerator)
+    op = F.generator.implicit_op(loader_of(x))
+    torch.testing.assert_close(op.to_dense(), F.to_torch())
