@@ -29,6 +29,7 @@ from .pspace.base import (
     PMatEye,
     PMatImplicit,
     PMatLowRank,
+    Representation,
     build_many,
 )
 from .pspace.kfac import PMatEKFAC, PMatKFAC, PMatQuasiDiag
@@ -58,6 +59,7 @@ __all__ = [
     "PMatLowRank",
     "PMatQuasiDiag",
     "PVector",
+    "Representation",
     "StepStatistics",
     "build_many",
     "CrossGramMatrix",
