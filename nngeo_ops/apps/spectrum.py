@@ -182,7 +182,7 @@ def _as_target(F: object) -> tuple[object, LayerCollection | None]:
     raise ArgumentTypeError(
         f"spectrum takes a representation (FIM/GGN/Hessian(...)), an ops node, a symmetric "
         f"tensor or a linalg.MatmatOperator, got {type(F).__name__}; wrap a matvec with "
-        "nngeo_ops.linalg.as_operator(f, shape=(n, n), symmetric=True)"
+        "nngeo_ops.linalg.as_matmat(f, shape=(n, n), symmetric=True)"
     )
 
 

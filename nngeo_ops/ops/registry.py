@@ -96,6 +96,19 @@ class RuleRegistry:
         keys = sorted(self._rules, key=lambda k: (k[0], k[1].__module__, k[1].__qualname__))
         return [r for op, cls in keys for r in self.on_class(op, cls)]
 
+    def remove(self, op: str, cls: type, name: str) -> Rule:
+        """Unregister the rule ``name`` of (op, cls) and return it; KeyError if there is none."""
+        r = self._rules[(op, cls)].pop(name)
+        self._resolved.clear()
+        return r
+
+    def copy(self) -> RuleRegistry:
+        """An independent registry holding the same rules."""
+        out = RuleRegistry()
+        for r in self.all_rules():
+            out.add(r)
+        return out
+
     def clear(self) -> None:
         """Forget every rule (tests only)."""
         self._rules.clear()
