@@ -203,7 +203,7 @@ def _structured_eigen(target: object, policy: CompilePolicy):
         return None, None, None
     if not target.symmetric:
         raise NotSymmetricError(
-            f"spectrum needs a symmetric operator, but {target._str()} is not tagged symmetric; "
+            f"spectrum needs a symmetric operator, but {target} is not tagged symmetric; "
             "build its leaves with symmetric=True / psd=True if it is"
         )
     c = Compiled(target, policy)

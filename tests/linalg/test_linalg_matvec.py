@@ -125,3 +125,18 @@ def test_square_needed_error_names_shape():
 
 def test_record_type():
     assert isinstance(as_matmat(rand(2, 2)), MatmatOperator)
+
+
+def test_as_operator_is_a_deprecated_alias_of_as_matmat():
+    import nngeo_ops.linalg as la
+
+    M = rand(3, 3)
+    with pytest.warns(DeprecationWarning, match="as_matmat"):
+        op = la.as_operator(M, symmetric=True)
+    ref = as_matmat(M, symmetric=True)
+    assert isinstance(op, MatmatOperator) and op.shape == ref.shape and op.symmetric
+    X = rand(3, 2)
+    torch.testing.assert_close(op.matmat(X), M @ X)
+    with pytest.warns(DeprecationWarning):
+        with pytest.raises(ShapeError):
+            la.as_operator(lambda X: X)  # same errors as as_matmat
