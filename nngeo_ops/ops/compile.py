@@ -23,6 +23,7 @@ from .cache import cached_on
 from .registry import rules_for
 
 T = TypeVar("T")
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,9 @@ class Compiled:
         ("this pattern does not match"); an exception is not, so the next call retries.
         """
         k = (key, id(node))
-        try:
-            return self._rule_memo[k]
-        except KeyError:
-            pass
+        out = self._rule_memo.get(k, _MISSING)
+        if out is not _MISSING:
+            return out
         out = factory()
         self._rule_memo[k] = out
         self._alive.append(node)
