@@ -513,7 +513,7 @@ class Preconditioner:
             lam = self.current_damping()
             node = self.curvature._damped(lam)  # noqa: SLF001  (the node solve() compiles)
             lines.append("  damped operator:")
-            lines += ["    " + ln for ln in node._auto().explain().splitlines()]  # noqa: SLF001
+            lines += ["    " + ln for ln in node.compiled().explain().splitlines()]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoints
