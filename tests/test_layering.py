@@ -52,18 +52,25 @@ class Contract:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sub-package contracts. EXTEND HERE: the nn restructuring (issue 13) adds its rooms as levels,
-# bottom to top. The nn contract below is written against the layout of issue 13 and is skipped
-# until ``nngeo_ops/nn/engine`` exists; adjust the level lists to the final layout when merging.
+# Sub-package contracts. EXTEND HERE for a new one. nn (issue 13), bottom to top: the parameter
+# space, batches, output models and layer kinds; the engine; function space; parameter space (its
+# implicit form is Jᵀ·H·J of fspace's Jacobian node, so pspace sits above fspace); the entry points.
+# tests/nn/test_nn_layering.py checks the same order and, in addition, that nn has no import cycle.
 # ---------------------------------------------------------------------------------------------
 SUB_PACKAGE_CONTRACTS: list[Contract] = [
     Contract(
-        name="nn: layers → engine → pspace / fspace → api",
+        name="nn: params / data / losses / layers → engine → fspace → pspace → api",
         package="nngeo_ops.nn",
         levels=[
-            ["nngeo_ops.nn.layers"],
+            [
+                "nngeo_ops.nn.params",
+                "nngeo_ops.nn.data",
+                "nngeo_ops.nn.losses",
+                "nngeo_ops.nn.layers",
+            ],
             ["nngeo_ops.nn.engine"],
-            ["nngeo_ops.nn.pspace", "nngeo_ops.nn.fspace"],
+            ["nngeo_ops.nn.fspace"],
+            ["nngeo_ops.nn.pspace"],
             ["nngeo_ops.nn.api"],
         ],
         requires="nngeo_ops.nn.engine",
@@ -75,13 +82,15 @@ SUB_PACKAGE_CONTRACTS: list[Contract] = [
 # seen and shrinks; the test fails when an entry disappears (remove it then) or a new one appears
 # (re-export the name from the layer's package, or add it here with a reason).
 APPS_DEEP_IMPORTS = {
-    # the process-group helpers of data-parallel fitting (nn/distributed.py has its own __all__)
-    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.distributed", "all_reduce_sum"),
-    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.distributed", "reduce_counts"),
-    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.distributed", "resolve_group"),
-    # not re-exported by nngeo_ops.nn yet: the nn restructuring (issue 13) decides their home
-    ("nngeo_ops.apps.preconditioner", "nngeo_ops.nn.outputs", "output_model_for_variant"),
-    ("nngeo_ops.apps.curvature_state", "nngeo_ops.nn.stats", "EKFACDiagAcc"),
+    # the process-group helpers of data-parallel fitting (nn/engine/distributed.py has its own
+    # __all__)
+    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.engine.distributed", "all_reduce_sum"),
+    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.engine.distributed", "reduce_counts"),
+    ("nngeo_ops.apps.laplace", "nngeo_ops.nn.engine.distributed", "resolve_group"),
+    # engine pieces the training-time curvature of apps feeds directly (not in nngeo_ops.nn's
+    # NNGeometry-style surface)
+    ("nngeo_ops.apps.preconditioner", "nngeo_ops.nn.losses", "output_model_for_variant"),
+    ("nngeo_ops.apps.curvature_state", "nngeo_ops.nn.engine.accumulators", "EKFACDiagAcc"),
 }
 
 
