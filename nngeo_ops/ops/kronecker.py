@@ -72,15 +72,30 @@ class Kronecker(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
+        if X.shape[1] == 1 and self._two_dense:  # (A ⊗ B) vec(X) = vec(A X Bᵀ)
+            A, B = fs[0].M, fs[1].M
+            return (A @ X.view(A.shape[1], B.shape[1]) @ B.mT).view(-1, 1)
         return kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
         )
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
+        if X.shape[1] == 1 and self._two_dense:  # (A ⊗ B)ᵀ vec(X) = vec(Aᵀ X B)
+            A, B = fs[0].M, fs[1].M
+            return (A.mT @ X.view(A.shape[0], B.shape[0]) @ B).view(-1, 1)
         return kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X
         )
+
+    @property
+    def _two_dense(self) -> bool:
+        """Two dense factors: one vector is the matrix sandwich ``A X Bᵀ``, two matrix products
+        with no reshuffling copy (what the eigenbases of KFAC/EKFAC solves are applied as)."""
+        from .dense import Dense
+
+        fs = self.factors
+        return len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense
 
     def to_dense(self) -> torch.Tensor:
         # torch.kron rejects some non-contiguous layouts (e.g. transposed eigenbases)
