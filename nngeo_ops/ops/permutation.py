@@ -127,7 +127,7 @@ class AppendColumn(Permutation):
         inverse: bool = False,
         name: str = "P",
     ):
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else torch.get_default_device()
         perm, inv, sym = _append_column_perms(int(rows), int(cols), dev)
         if inverse:
             perm, inv = inv, perm
@@ -175,10 +175,9 @@ def _append_column_perms(
     KFAC build and each first damped solve (which rewrites ``Pᵀ``) would otherwise rebuild them
     (~2 ms for a layer of 2·10⁵ parameters). Sharing the tensors also keeps the nodes'
     fingerprints, hence the caches keyed by them, equal across builds."""
-    r = torch.arange(rows)[:, None]
-    j = torch.arange(cols + 1)[None, :]
+    r = torch.arange(rows, device=device)[:, None]
+    j = torch.arange(cols + 1, device=device)[None, :]
     perm = torch.where(j < cols, r * cols + j, rows * cols + r).reshape(-1)
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel())
-    sym = bool(torch.equal(perm, inv))
-    return perm.to(device), inv.to(device), sym
+    inv[perm] = torch.arange(perm.numel(), device=device)
+    return perm, inv, bool(torch.equal(perm, inv))
