@@ -63,3 +63,26 @@ def test_two_dense_kronecker_products(layout, k):
     torch.testing.assert_close(
         (K @ Diagonal(torch.ones(18, dtype=torch.float64))).to_dense(), dense
     )
+
+
+def test_two_factor_kronecker_vectors_with_structured_factors():
+    from nngeo_ops.ops import LowRank
+
+    torch.manual_seed(1)
+    U = torch.randn(7, 2, dtype=torch.float64)
+    d = torch.rand(4, dtype=torch.float64) + 0.5
+    M = torch.randn(3, 5, dtype=torch.float64)
+    cases = [
+        (Dense(M), LowRank(U)),
+        (LowRank(U), Diagonal(d)),
+        (Diagonal(d), Dense(M.mT.contiguous().mT)),
+        (Kronecker(Diagonal(d), Dense(M)), Dense(M)),
+    ]
+    for a, b in cases:
+        K = Kronecker(a, b)
+        dense = torch.kron(a.to_dense().contiguous(), b.to_dense().contiguous())
+        x = torch.randn(K.shape[1], dtype=torch.float64)
+        y = torch.randn(K.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(K.matvec(x), dense @ x)
+        torch.testing.assert_close(K.rmatvec(y), dense.T @ y)
+        torch.testing.assert_close(K.matvec(x[:, None]), dense @ x[:, None])
