@@ -10,6 +10,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .base import LinearOperator, as_operator, harmonise
+from .dense import Dense
 
 
 def kron_apply(
@@ -82,6 +83,9 @@ class Kronecker(LinearOperator):
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
         if X.shape[1] == 1 and len(fs) == 2:
+            if type(fs[0]) is Dense and type(fs[1]) is Dense:  # two products, no copy at all
+                A, B = fs[0].M, fs[1].M
+                return (A @ X.view(A.shape[1], B.shape[1]) @ B.mT).view(-1, 1)
             return _sandwich(fs[0]._matmat, fs[1]._matmat, fs[0].shape[1], fs[1].shape[1], X)
         return kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
@@ -90,6 +94,9 @@ class Kronecker(LinearOperator):
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
         if X.shape[1] == 1 and len(fs) == 2:
+            if type(fs[0]) is Dense and type(fs[1]) is Dense:
+                A, B = fs[0].M, fs[1].M
+                return (A.mT @ X.view(A.shape[0], B.shape[0]) @ B).view(-1, 1)
             return _sandwich(fs[0]._rmatmat, fs[1]._rmatmat, fs[0].shape[0], fs[1].shape[0], X)
         return kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X
