@@ -27,7 +27,7 @@ from torch import nn
 from .rules import ConvRule, EmbeddingRule, conv_geometry
 
 _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
-_PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
+_PATCH_CHUNK = 1 << 20  # elements of a chunk of convolution patches (4 MB in float32)
 
 
 def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
@@ -137,7 +137,7 @@ def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> d
 def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:
     """(Σ p pᵀ over every patch p of the call, with the bias's 1 when ``ones``; the patch count).
 
-    The patches are built a chunk of examples at a time (16 MB), so the whole (C·kh·kw, B·R) patch
+    The patches are built a chunk of examples at a time (4 MB), so the whole (C·kh·kw, B·R) patch
     matrix — tens of MB of fresh memory even for a small CNN, whose first touch costs as much as
     the copies into it — never exists.
     """
