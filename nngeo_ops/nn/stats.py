@@ -27,7 +27,7 @@ from torch import nn
 from .rules import ConvRule, EmbeddingRule, conv_geometry
 
 _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
-_PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
+_PATCH_CHUNK = 1 << 20  # elements of a chunk of convolution patches (4 MB in float32)
 
 
 def gram(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
@@ -137,7 +137,7 @@ def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> d
 def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:
     """(Σ p pᵀ over every patch p of the call, with the bias's 1 when ``ones``; the patch count).
 
-    The patches are built a chunk of examples at a time (16 MB), so the whole (C·kh·kw, B·R) patch
+    The patches are built a chunk of examples at a time (4 MB), so the whole (C·kh·kw, B·R) patch
     matrix — tens of MB of fresh memory even for a small CNN, whose first touch costs as much as
     the copies into it — never exists.
     """
@@ -172,10 +172,14 @@ def _kfac_rows(rule, module, a, g):
     if isinstance(rule, ConvRule):
         p = conv_patches(module, a)
         b = a.shape[0]
-        gr = g.reshape(*g.shape[:3], -1).transpose(2, 3)
-        return p.T, b, p.shape[1] // b, gr
+        return p.T, b, p.shape[1] // b, _conv_grows(g)
     ar, gr = rule.rows(module, a, g)
     return ar.reshape(-1, ar.shape[-1]), ar.shape[0], ar.shape[1], gr
+
+
+def _conv_grows(g: torch.Tensor) -> torch.Tensor:
+    """(K, B, R, C) rows of a convolution's output cotangents (K, B, C, *spatial): a view."""
+    return g.reshape(*g.shape[:3], -1).transpose(2, 3)
 
 
 def _acc(store, key, t):
@@ -268,6 +272,8 @@ class BlockAcc:
 class DiagAcc:
     """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
 
+    column_wise = True  # a sum over the columns: Capture.run may hand them one at a time
+
     def __init__(self, layer_ids):
         self.layer_ids = list(layer_ids)
         self.value = {}
@@ -339,7 +345,12 @@ class KFACAcc:
         self._a, self._g, self._n, self._b, self._blk = {}, {}, {}, {}, {}
         self._rows: dict[str, list[torch.Tensor]] = {}  # A's rows, while they are the cheaper form
 
+    # G, the bias blocks and the elementwise blocks are sums over the K columns and A is read from
+    # the inputs: Capture.run may hand the columns one at a time (A taken at the first only)
+    column_wise = True
+
     def update(self, ctx):
+        inputs = ctx.first_column  # A and the row counts: once per batch
         for lid in self.layer_ids:
             if not ctx.is_kron(lid):
                 self._update_elementwise(ctx, lid)
@@ -347,35 +358,42 @@ class KFACAcc:
             user = self.cap.structured[lid]
             rule, module = user.rule, user.module
             if isinstance(rule, EmbeddingRule):  # A is diagonal: token frequencies
-                _acc(self._a, lid, ctx.token_counts(lid).to(ctx.cap.dtype))
+                if inputs:
+                    _acc(self._a, lid, ctx.token_counts(lid).to(ctx.cap.dtype))
                 for c in user.calls:
                     g = c.grad.reshape(*c.grad.shape[:2], -1, c.grad.shape[-1])
-                    self._n[lid] = self._n.get(lid, 0) + g.shape[1] * g.shape[2]
+                    if inputs:
+                        self._n[lid] = self._n.get(lid, 0) + g.shape[1] * g.shape[2]
                     _acc(self._g, lid, gram(g))
             else:
                 # a bias is folded in as a constant input 1: A = [[Σ a aᵀ, Σ a], [Σ aᵀ, n]]
                 ones = rule.order == "ga" and getattr(module, "bias", None) is not None
                 if self.mode == "expand" and isinstance(rule, ConvRule):
                     for c in user.calls:
-                        a, n_rows = conv_patch_gram(module, c.args[0], ones)
-                        _acc(self._a, lid, a)
-                        self._n[lid] = self._n.get(lid, 0) + n_rows
+                        if inputs:
+                            a, n_rows = conv_patch_gram(module, c.args[0], ones)
+                            _acc(self._a, lid, a)
+                            self._n[lid] = self._n.get(lid, 0) + n_rows
                         g = c.grad
                         _acc(self._g, lid, gram(g.reshape(*g.shape[:3], -1).transpose(2, 3)))
                     rows = []
-                else:
+                elif inputs or not isinstance(rule, ConvRule):
                     rows = [_kfac_rows(rule, module, c.args[0], c.grad) for c in user.calls]
+                else:  # a later column: the cotangent rows only, no patches
+                    rows = [(None, 0, 0, _conv_grows(c.grad)) for c in user.calls]
                 if self.mode == "expand":
                     for am, b, r, gr in rows:
-                        self._acc_a(lid, am, ones)
-                        self._n[lid] = self._n.get(lid, 0) + b * r
+                        if inputs:
+                            self._acc_a(lid, am, ones)
+                            self._n[lid] = self._n.get(lid, 0) + b * r
                         _acc(self._g, lid, gram(gr))
                 else:
-                    r_all = sum(r for _, _, r, _ in rows)
-                    abar = sum(am.reshape(b, r, -1).sum(1) for am, b, r, _ in rows) / r_all
+                    if inputs:
+                        r_all = sum(r for _, _, r, _ in rows)
+                        abar = sum(am.reshape(b, r, -1).sum(1) for am, b, r, _ in rows) / r_all
+                        self._acc_a(lid, abar, ones)
+                        self._n[lid] = self._n.get(lid, 0) + abar.shape[0]
                     gbar = sum(gr.sum(2) for *_, gr in rows)  # (K, B, dG)
-                    self._acc_a(lid, abar, ones)
-                    self._n[lid] = self._n.get(lid, 0) + abar.shape[0]
                     _acc(self._g, lid, gram(gbar))
             if not rule.bias_in_kron and getattr(module, "bias", None) is not None:
                 bg = ctx.separate_bias(lid)
