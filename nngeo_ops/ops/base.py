@@ -13,6 +13,7 @@ factorisations and an in-place update of a leaf invalidates them.
 from __future__ import annotations
 
 import contextvars
+import math
 import numbers
 from collections.abc import Iterator
 from typing import Any
@@ -467,13 +468,56 @@ def _checksum(t: torch.Tensor) -> float | None:
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     """The one finiteness check of leaf tensors: raise NonFiniteError naming the leaf and the fix."""
+    finite_range(t, what)
+
+
+def finite_range(t: torch.Tensor, what: str) -> tuple[float, float]:
+    """``(min t, max t)`` as Python floats, raising :class:`~nngeo_ops.errors.NonFiniteError` (as
+    :func:`check_finite`) when ``t`` has a NaN or an infinite entry; ``(inf, -inf)`` when empty.
+
+    For a real floating tensor this is one reduction (``torch.aminmax``, which propagates NaN, so a
+    finite minimum and maximum prove every entry finite) and one synchronisation, where
+    ``isfinite(t).all()`` followed by sign checks such as ``(t >= 0).all()`` would be several passes
+    with a boolean temporary each: ~10× the time on a 2·10⁵-entry diagonal, which dominated the
+    first damped solve of a diagonal Fisher. Complex tensors use ``isfinite`` (their range is
+    undefined and returned as ``(nan, nan)``).
+    """
+    if t.numel() == 0:
+        return math.inf, -math.inf
     with torch.no_grad():
-        ok = bool(torch.isfinite(t).all())
+        d = t.detach()
+        if d.is_complex():
+            ok = bool(torch.isfinite(d).all())
+            lo = hi = math.nan
+        else:
+            if d.dtype is torch.bool:
+                d = d.to(torch.uint8)
+            lo, hi = torch.stack(torch.aminmax(d)).tolist()
+            ok = math.isfinite(lo) and math.isfinite(hi)
     if not ok:
         raise NonFiniteError(
             f"{what} contains NaN or inf entries; clean the input (torch.nan_to_num, or find where "
             "the statistics overflowed) before building the operator"
         )
+    return float(lo), float(hi)
+
+
+class ZeroFree:
+    """Whether a vector of entries (a diagonal, a spectrum) is known to have no zero, from the range
+    :func:`finite_range` computed when its node was built: ``known(t)`` is True while ``t`` is the
+    same tensor with the same entries (version counter and checksum, as in
+    :meth:`LinearOperator.fingerprint`), so an in-place change is seen and the caller checks again.
+    """
+
+    __slots__ = ("key", "free")
+
+    def __init__(self, t: torch.Tensor, lo: float, hi: float) -> None:
+        self.free = lo > 0 or hi < 0
+        self.key = (id(t), t._version, _checksum(t)) if self.free else None
+
+    def known(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is known to have no zero entry (False: unknown, check it)."""
+        return self.free and self.key == (id(t), t._version, _checksum(t))
 
 
 def check_symmetric_tag(M: torch.Tensor, what: str) -> None:

@@ -24,7 +24,9 @@ def is_transpose_of(a: LinearOperator, b: LinearOperator) -> bool:
     if isinstance(b, Transpose) and b.child is a:
         return True
     if isinstance(a, Permutation) and isinstance(b, Permutation):
-        return a.shape == b.shape and bool(torch.equal(a.perm, b.inverse_perm))
+        return a.shape == b.shape and (
+            a.perm is b.inverse_perm or bool(torch.equal(a.perm, b.inverse_perm))
+        )
     return a is b and a.symmetric
 
 

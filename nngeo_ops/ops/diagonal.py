@@ -9,7 +9,15 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from .base import LinearOperator, Scalar, check_finite, fmt_scalar, is_scalar, scalar_float
+from .base import (
+    LinearOperator,
+    Scalar,
+    ZeroFree,
+    finite_range,
+    fmt_scalar,
+    is_scalar,
+    scalar_float,
+)
 
 
 class Diagonal(LinearOperator):
@@ -22,11 +30,19 @@ class Diagonal(LinearOperator):
             raise ArgumentTypeError(
                 f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}"
             )
-        check_finite(d, f"Diagonal {name}")
-        psd = bool((d.detach() >= 0).all())
-        super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=psd)
+        # one reduction gives finiteness, the PSD tag and whether 0 can be an entry
+        lo, hi = finite_range(d, f"Diagonal {name}")
+        super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=lo >= 0)
         self.d = d
         self.name = name
+        self._zero_free = ZeroFree(d, lo, hi)
+
+    @property
+    def excludes_zero(self) -> bool:
+        """No entry of ``d`` is 0, known from the range computed when the node was built (and
+        ``d`` unchanged since); False means unknown, not singular."""
+        zf = self.__dict__.get("_zero_free")
+        return zf is not None and zf.known(self.d)
 
     def _rebuild(self, **fields: Any) -> Diagonal:
         return Diagonal(fields.get("d", self.d), name=self.name)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator, as_operator, check_finite, harmonise
+from .base import LinearOperator, ZeroFree, as_operator, finite_range, harmonise
 
 
 class Eigen(LinearOperator):
@@ -35,16 +35,23 @@ class Eigen(LinearOperator):
         (Q,) = harmonise((Q,))
         if evals.dtype != Q.dtype:
             raise ArgumentTypeError(f"Eigen: evals are {evals.dtype} but Q is {Q.dtype}")
-        check_finite(evals, "Eigen: the eigenvalues")
-        psd = bool((evals.detach() >= 0).all())
+        lo, hi = finite_range(evals, "Eigen: the eigenvalues")  # one pass: finite, PSD, zero-free
         n = Q.shape[0]
-        super().__init__((n, n), Q.dtype, Q.device, symmetric=True, psd=psd)
+        super().__init__((n, n), Q.dtype, Q.device, symmetric=True, psd=lo >= 0)
         self.Q, self.evals = Q, evals
+        self._zero_free = ZeroFree(evals, lo, hi)
 
     @property
     def full(self) -> bool:
         """Whether ``Q`` is square (``k = n``), so that the form holds the whole spectrum."""
         return self.Q.shape[0] == self.Q.shape[1]
+
+    @property
+    def excludes_zero(self) -> bool:
+        """No entry of ``evals`` is 0, known from the range computed when the node was built (and
+        ``evals`` unchanged since); False means unknown, not singular."""
+        zf = self.__dict__.get("_zero_free")
+        return zf is not None and zf.known(self.evals)
 
     def _rebuild(self, **fields: Any) -> Eigen:
         return Eigen(fields.get("Q", self.Q), fields.get("evals", self.evals))

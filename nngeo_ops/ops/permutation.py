@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -27,11 +28,13 @@ class Permutation(LinearOperator):
         *,
         name: str = "P",
         _inverse: torch.Tensor | None = None,
+        _symmetric: bool | None = None,
     ):
         perm = torch.as_tensor(perm, dtype=torch.long)
         n = perm.numel()
-        # O(n) checks and inverse (no sort): permutations of whole layers have ~10⁵ entries
-        if (
+        # O(n) checks and inverse (no sort): permutations of whole layers have ~10⁵ entries. A
+        # caller passing `_symmetric` built perm and its inverse itself (AppendColumn): no checks
+        if _symmetric is None and (
             perm.dim() != 1
             or (n and (int(perm.min()) < 0 or int(perm.max()) >= n))
             or not bool((torch.bincount(perm, minlength=n) == 1).all())
@@ -44,7 +47,7 @@ class Permutation(LinearOperator):
             (n, n),
             dtype or torch.get_default_dtype(),
             device if device is not None else perm.device,
-            symmetric=bool(torch.equal(perm, _inverse)),
+            symmetric=bool(torch.equal(perm, _inverse)) if _symmetric is None else _symmetric,
             orthogonal=True,
         )
         self.perm = perm.to(self.device)
@@ -70,10 +73,24 @@ class Permutation(LinearOperator):
         return X[self.inverse_perm]
 
     def transpose(self) -> Permutation:
-        """``Pᵀ = P⁻¹`` as a permutation node (the inverse permutation)."""
-        name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
+        """``Pᵀ = P⁻¹`` as a permutation node (the inverse permutation); one node per node, so that
+        rewriting ``Pᵀ`` again (each first solve of a damped KFAC block does) costs nothing."""
+        t = self.__dict__.get("_transposed")
+        if t is None:
+            name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
+            t = self._make_transpose(name)
+            t.__dict__["_transposed"] = self
+            self.__dict__["_transposed"] = t
+        return t
+
+    def _make_transpose(self, name: str) -> Permutation:
         return Permutation(
-            self.inverse_perm, self.dtype, self.device, name=name, _inverse=self.perm
+            self.inverse_perm,
+            self.dtype,
+            self.device,
+            name=name,
+            _inverse=self.perm,
+            _symmetric=self.symmetric,
         )
 
     def sign(self) -> int:
@@ -110,14 +127,11 @@ class AppendColumn(Permutation):
         inverse: bool = False,
         name: str = "P",
     ):
-        r = torch.arange(rows)[:, None]
-        j = torch.arange(cols + 1)[None, :]
-        perm = torch.where(j < cols, r * cols + j, rows * cols + r).reshape(-1)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        perm, inv, sym = _append_column_perms(int(rows), int(cols), dev)
         if inverse:
             perm, inv = inv, perm
-        super().__init__(perm, dtype, device, name=name, _inverse=inv)
+        super().__init__(perm, dtype, dev, name=name, _inverse=inv, _symmetric=sym)
         self.rows, self.cols, self.inverse = rows, cols, inverse
 
     def _interleave(self, X: torch.Tensor) -> torch.Tensor:
@@ -136,9 +150,7 @@ class AppendColumn(Permutation):
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return self._interleave(X) if self.inverse else self._split(X)
 
-    def transpose(self) -> AppendColumn:
-        """The transpose (the inverse reordering) as an ``AppendColumn`` node."""
-        name = self.name[:-1] if self.name.endswith("ᵀ") else self.name + "ᵀ"
+    def _make_transpose(self, name: str) -> AppendColumn:
         return AppendColumn(
             self.rows, self.cols, self.dtype, self.device, inverse=not self.inverse, name=name
         )
@@ -152,3 +164,20 @@ class AppendColumn(Permutation):
             inverse=self.inverse,
             name=self.name,
         )
+
+
+@functools.lru_cache(maxsize=128)
+def _append_column_perms(
+    rows: int, cols: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The index vectors of :class:`AppendColumn` (forward, inverse) and whether they are equal,
+    built once per layer shape and device and shared, read-only, by every node of that shape: a
+    KFAC build and each first damped solve (which rewrites ``Pᵀ``) would otherwise rebuild them
+    (~2 ms for a layer of 2·10⁵ parameters). Sharing the tensors also keeps the nodes'
+    fingerprints, hence the caches keyed by them, equal across builds."""
+    r = torch.arange(rows, device=device)[:, None]
+    j = torch.arange(cols + 1, device=device)[None, :]
+    perm = torch.where(j < cols, r * cols + j, rows * cols + r).reshape(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=device)
+    return perm, inv, bool(torch.equal(perm, inv))

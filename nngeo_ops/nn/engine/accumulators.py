@@ -115,6 +115,8 @@ class BlockAcc:
 class DiagAcc:
     """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
 
+    column_wise = True  # a sum over the columns: Capture.run may hand them one at a time
+
     def __init__(self, layer_ids):
         self.layer_ids = list(layer_ids)
         self.value = {}
@@ -186,7 +188,12 @@ class KFACAcc:
         self._a, self._g, self._n, self._b, self._blk = {}, {}, {}, {}, {}
         self._rows: dict[str, list[torch.Tensor]] = {}  # A's rows, while they are the cheaper form
 
+    # G, the bias blocks and the elementwise blocks are sums over the K columns and A is read from
+    # the inputs: Capture.run may hand the columns one at a time (A taken at the first only)
+    column_wise = True
+
     def update(self, ctx):
+        inputs = ctx.first_column  # A and the row counts: once per batch
         for lid in self.layer_ids:
             if not ctx.is_kron(lid):
                 self._update_elementwise(ctx, lid)
@@ -194,16 +201,21 @@ class KFACAcc:
             user = self.cap.structured[lid]
             rule, module = user.rule, user.module
             if rule.diagonal_input:  # A is diagonal (embeddings: token frequencies)
-                _acc(self._a, lid, ctx.token_counts(lid).to(ctx.cap.dtype))
+                if inputs:
+                    _acc(self._a, lid, ctx.token_counts(lid).to(ctx.cap.dtype))
                 for c in user.calls:
                     g = c.grad.reshape(*c.grad.shape[:2], -1, c.grad.shape[-1])
-                    self._n[lid] = self._n.get(lid, 0) + g.shape[1] * g.shape[2]
+                    if inputs:
+                        self._n[lid] = self._n.get(lid, 0) + g.shape[1] * g.shape[2]
                     _acc(self._g, lid, second_moment(g))
             else:
                 # a bias is folded in as a constant input 1: A = [[Σ a aᵀ, Σ a], [Σ aᵀ, n]]
                 ones = rule.order == "ga" and getattr(module, "bias", None) is not None
                 rows = []
                 for c in user.calls:
+                    if not inputs:  # a later column: the cotangent rows only
+                        rows.append((None, 0, 0, rule.kfac_grad_rows(module, c.args[0], c.grad)))
+                        continue
                     moment = None
                     if self.mode == "expand":
                         moment = rule.input_moment(module, c.args[0], c.grad, ones)
@@ -216,15 +228,17 @@ class KFACAcc:
                     _acc(self._g, lid, second_moment(gr))
                 if self.mode == "expand":
                     for am, b, r, gr in rows:
-                        self._acc_a(lid, am, ones)
-                        self._n[lid] = self._n.get(lid, 0) + b * r
+                        if inputs:
+                            self._acc_a(lid, am, ones)
+                            self._n[lid] = self._n.get(lid, 0) + b * r
                         _acc(self._g, lid, second_moment(gr))
                 else:
-                    r_all = sum(r for _, _, r, _ in rows)
-                    abar = sum(am.reshape(b, r, -1).sum(1) for am, b, r, _ in rows) / r_all
+                    if inputs:
+                        r_all = sum(r for _, _, r, _ in rows)
+                        abar = sum(am.reshape(b, r, -1).sum(1) for am, b, r, _ in rows) / r_all
+                        self._acc_a(lid, abar, ones)
+                        self._n[lid] = self._n.get(lid, 0) + abar.shape[0]
                     gbar = sum(gr.sum(2) for *_, gr in rows)  # (K, B, dG)
-                    self._acc_a(lid, abar, ones)
-                    self._n[lid] = self._n.get(lid, 0) + abar.shape[0]
                     _acc(self._g, lid, second_moment(gbar))
             if not rule.bias_in_kron and getattr(module, "bias", None) is not None:
                 bg = ctx.separate_bias(lid)

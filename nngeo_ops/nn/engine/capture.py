@@ -365,7 +365,16 @@ class Capture:
                 self.structured.pop(lid, None)
             self.users.remove(u)
 
-    def process(self, batch) -> BatchContext:
+    def process(self, batch, consume=None) -> BatchContext:
+        """Forward and backward of one batch; the :class:`BatchContext` of its statistics.
+
+        With ``consume`` (a function of a context), where the K columns are back-propagated one
+        at a time (modules without a batched backward), each column's context (``k = 1``,
+        ``column = j``) is handed to ``consume`` as soon as it exists and dropped after: the
+        ``(K, B, …)`` stack of every layer's output cotangents (126 MB for the benchmark CNN) is
+        never formed. Elsewhere ``consume`` gets the whole context once. The returned context
+        then carries the batch's size and count only.
+        """
         batch = self._prepare(batch)
         out = self._forward(batch)
         self._adopt_unused_calls()
@@ -379,6 +388,8 @@ class Capture:
         calls = [c for u in self.users for c in u.calls]
         if not out.requires_grad:
             raise DataError("the output does not depend on any covered parameter")
+        if consume is not None and lmat.shape[0] > 1 and not self._batched_backward:
+            return self._stream_columns(out, calls, lmat.to(out.dtype), count, consume)
         grads = self._backprop(out, [c.output for c in calls], lmat.to(out.dtype))
         for c, g in zip(calls, grads):
             c.grad = (
@@ -391,7 +402,32 @@ class Capture:
             c.output = None  # the graph is no longer needed
         if self.dtype != out.dtype:
             self._widen()
-        return BatchContext(self, out.shape[0], lmat.shape[0], count)
+        ctx = BatchContext(self, out.shape[0], lmat.shape[0], count)
+        if consume is not None:
+            consume(ctx)
+        return ctx
+
+    def _stream_columns(self, out, calls, lmat, count, consume) -> BatchContext:
+        """One backward per column over the retained graph, each column's statistics consumed
+        before the next backward (see :meth:`process`)."""
+        targets = [c.output for c in calls]
+        n_cols = lmat.shape[0]
+        for k, lk in enumerate(lmat):
+            col = torch.autograd.grad(
+                out, targets, lk, retain_graph=k < n_cols - 1, allow_unused=True
+            )
+            for c, g in zip(calls, col):
+                c.grad = (
+                    g.unsqueeze(0)
+                    if g is not None
+                    else torch.zeros((1, *c.output.shape), dtype=out.dtype, device=out.device)
+                )
+            if self.dtype != out.dtype:
+                self._widen()
+            consume(BatchContext(self, out.shape[0], 1, count, column=k))
+        for c in calls:
+            c.output = c.grad = None  # the graph and the last column are no longer needed
+        return BatchContext(self, out.shape[0], n_cols, count)
 
     def _widen(self) -> None:
         """Cast the cotangents and inputs that layer rules read to the accumulation dtype (see
@@ -434,10 +470,20 @@ class Capture:
     def run(self, loader, accumulators, desc="curvature"):
         """One pass over ``loader`` feeding every accumulator; returns the normalisation scale."""
         total, n_ex = 0, 0
-        for batch in progress_bar(loader, self.progress, desc):
-            ctx = self.process(batch)
+        # accumulators that sum their cotangent statistics over the columns and read the inputs'
+        # once per batch (``column_wise``) take the columns one at a time (see ``process``)
+        stream = bool(accumulators) and all(getattr(a, "column_wise", False) for a in accumulators)
+
+        def consume(ctx):
             for acc in accumulators:
                 acc.update(ctx)
+
+        for batch in progress_bar(loader, self.progress, desc):
+            if stream:
+                ctx = self.process(batch, consume)
+            else:
+                ctx = self.process(batch)
+                consume(ctx)
             total += ctx.count
             n_ex += ctx.batch_size
         if self.process_group is not None:  # every rank now holds the sums over all shards
@@ -454,16 +500,25 @@ class Capture:
 class BatchContext:
     """Lazy per-layer statistics of one batch; each quantity is computed once."""
 
-    def __init__(self, cap: Capture, batch_size: int, k: int, count: int):
+    def __init__(self, cap: Capture, batch_size: int, k: int, count: int, column=None):
         self.cap = cap
         self.batch_size = batch_size
         self.k = k
         self.count = count
+        # None: the K columns at once; j: column j alone (k = 1), streamed by Capture.process,
+        # so that statistics of the inputs alone are taken at column 0 only
+        self.column = column
         self._pe, self._upe = {}, {}
 
     @property
     def m(self) -> int:
         return self.k * self.batch_size
+
+    @property
+    def first_column(self) -> bool:
+        """Whether statistics of the inputs alone (KFAC's input factor, row counts) are taken from
+        this context: the whole batch, or the first of its streamed columns (once per batch)."""
+        return self.column is None or self.column == 0
 
     def _user_contributions(self, u: _User) -> dict:
         """{attr: (K, B, *shape)} of one owning module, summed over its calls (computed once)."""

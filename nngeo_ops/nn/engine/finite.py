@@ -26,7 +26,11 @@ _FIX = (
 
 
 def _finite(t) -> bool:
-    return not torch.is_tensor(t) or not t.is_floating_point() or bool(torch.isfinite(t).all())
+    if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+        return True
+    # min and max propagate NaN: one reduction, where isfinite(t).all() makes a boolean copy first
+    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def _all_finite(value) -> bool:

@@ -94,6 +94,12 @@ class KronRule(Rule):
         ar, gr = self.rows(module, a, g)
         return ar.reshape(-1, ar.shape[-1]), ar.shape[0], ar.shape[1], gr
 
+    def kfac_grad_rows(self, module, a, g):
+        """The G rows (K, B, R, dG) of :meth:`kfac_rows` alone, for the later columns of a batch
+        streamed one column at a time (A was taken at the first). The default takes them from
+        :meth:`kfac_rows`; a kind may skip its A side (convolutions: no patches)."""
+        return self.kfac_rows(module, a, g)[3]
+
     def input_moment(self, module, a, g, ones: bool):
         """``(Σ [a; 1][a; 1]ᵀ over the rows of the call (without the 1 unless ``ones``), the number of
         rows, the G rows (K, B, R, dG))`` when the kind forms A's sum more cheaply than from its

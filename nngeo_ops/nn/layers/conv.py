@@ -61,13 +61,16 @@ class ConvRule(KronRule):
         transposed view of a feature-major matrix, which the matrix products read as it is)."""
         p = conv_patches(module, a)
         b = a.shape[0]
-        gr = g.reshape(*g.shape[:3], -1).transpose(2, 3)
-        return p.T, b, p.shape[1] // b, gr
+        return p.T, b, p.shape[1] // b, self.kfac_grad_rows(module, a, g)
+
+    def kfac_grad_rows(self, module, a, g):
+        """(K, B, R, C) rows of the output cotangents (K, B, C, *spatial): a view, no patches."""
+        return g.reshape(*g.shape[:3], -1).transpose(2, 3)
 
     def input_moment(self, module, a, g, ones):
         """A's sum over the patches without the patch matrix (:func:`conv_patch_gram`)."""
         m, n_rows = conv_patch_gram(module, a, ones)
-        return m, n_rows, g.reshape(*g.shape[:3], -1).transpose(2, 3)
+        return m, n_rows, self.kfac_grad_rows(module, a, g)
 
     def rows(self, module, a, g):
         a, ks, st, dl, pd = conv_geometry(module, a)
@@ -160,7 +163,7 @@ def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> d
 def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:
     """(Σ p pᵀ over every patch p of the call, with the bias's 1 when ``ones``; the patch count).
 
-    The patches are built a chunk of examples at a time (16 MB), so the whole (C·kh·kw, B·R) patch
+    The patches are built a chunk of examples at a time (4 MB), so the whole (C·kh·kw, B·R) patch
     matrix — tens of MB of fresh memory even for a small CNN, whose first touch costs as much as
     the copies into it — never exists.
     """

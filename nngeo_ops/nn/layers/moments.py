@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 _CHUNK = 1 << 24  # elements of an intermediate per-example tensor, for the chunked paths
-_PATCH_CHUNK = 1 << 22  # elements of a chunk of convolution patches (16 MB in float32)
+_PATCH_CHUNK = 1 << 20  # elements of a chunk of convolution patches (4 MB in float32)
 
 
 def second_moment(t: torch.Tensor, pad: int = 0) -> torch.Tensor:

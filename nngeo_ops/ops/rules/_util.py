@@ -55,7 +55,11 @@ def _congruence_gram(node: LinearOperator, ctx, from_products: bool) -> tuple | 
     return out
 
 
-def check_nonzero(values: torch.Tensor | Scalar, what: str) -> None:
+def check_nonzero(values: torch.Tensor | Scalar, what: str, known: bool = False) -> None:
+    """Raise SingularError when an entry of ``values`` is 0; ``known``: the caller already knows
+    that none is (a node's ``excludes_zero``, from the range it computed when built), so no pass."""
+    if known:
+        return
     zero = (
         bool((values == 0).any())
         if isinstance(values, torch.Tensor) and values.dim() > 0

@@ -24,10 +24,10 @@ def structured_inverse(node: Inverse, ctx):
         out.flexible = X.flexible
         return out
     if isinstance(X, Diagonal):
-        check_nonzero(X.d, X._str())
+        check_nonzero(X.d, X._str(), getattr(X, "excludes_zero", False))
         return Diagonal(1.0 / X.d, name=f"{X.name}⁻¹")
     if isinstance(X, Eigen) and X.full:
-        check_nonzero(X.evals, X._str())
+        check_nonzero(X.evals, X._str(), getattr(X, "excludes_zero", False))
         return Eigen(X.Q, 1.0 / X.evals)
     if isinstance(X, Permutation):
         return X.transpose()

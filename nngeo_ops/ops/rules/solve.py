@@ -39,7 +39,7 @@ def dense_solve(node: Dense, ctx):
 
 @rule("solve", Diagonal, name="elementwise division")
 def diagonal_solve(node: Diagonal, ctx):
-    check_nonzero(node.d, node._str())
+    check_nonzero(node.d, node._str(), getattr(node, "excludes_zero", False))
     d = node.d.unsqueeze(1)
     return lambda X: X / d
 
@@ -57,7 +57,7 @@ def eigen_solve(node: Eigen, ctx):
             f"{node._str()} is a truncated spectrum (rank {node.Q.shape[1]} < {node.shape[0]}), "
             "hence singular; add damping (A + c·I) before solving"
         )
-    check_nonzero(node.evals, node._str())
+    check_nonzero(node.evals, node._str(), getattr(node, "excludes_zero", False))
     inv = 1.0 / node.evals
     return lambda X: node.apply_function(inv, X)
 

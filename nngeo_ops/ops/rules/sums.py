@@ -53,7 +53,14 @@ def _fold_diagonals(ts: list) -> LinearOperator:
         out = ScaledIdentity(c, ts[0].n, ts[0].dtype, ts[0].device)
         out.flexible = all(t.flexible for t in ts)
         return out
-    return Diagonal(sum(t.d if isinstance(t, Diagonal) else t.diag_vector() for t in ts))
+    # the scalar shifts are added as one scalar: no vector of ones, one pass per diagonal term
+    acc, shift = None, 0.0
+    for t in ts:
+        if isinstance(t, Diagonal):
+            acc = t.d if acc is None else acc + t.d
+        else:
+            shift = shift + t.c
+    return Diagonal(acc + shift)
 
 
 def _fold_lowranks(ts: list[LowRank]) -> LowRank:

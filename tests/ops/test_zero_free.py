@@ -1,0 +1,84 @@
+"""The one-pass range check of diagonals and spectra (finiteness, PSD tag, invertibility) and its
+reuse by solves and inverses: a zero entry is still refused after an in-place or ``.data`` change."""
+
+import pytest
+import torch
+
+from nngeo_ops.errors import NonFiniteError, SingularError
+from nngeo_ops.ops import Dense, Diagonal, Eigen, Identity
+from nngeo_ops.ops.base import finite_range
+
+
+def test_finite_range_of_every_kind_of_tensor():
+    assert finite_range(torch.tensor([3.0, -1.0, 2.0]), "x") == (-1.0, 3.0)
+    assert finite_range(torch.tensor([4, 7]), "x") == (4.0, 7.0)
+    assert finite_range(torch.tensor([True, False]), "x") == (0.0, 1.0)
+    assert finite_range(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "x") == (1.0, 2.0)
+    lo, hi = finite_range(torch.tensor([]), "x")
+    assert lo > hi  # empty: (inf, -inf)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(NonFiniteError, match="leaf x"):
+            finite_range(torch.tensor([1.0, bad, 2.0]), "leaf x")
+    with pytest.raises(NonFiniteError):
+        finite_range(torch.tensor([1 + 1j, complex(float("nan"), 0)]), "x")
+
+
+def test_tags_and_zero_freedom_from_the_range():
+    assert Diagonal(torch.tensor([1.0, 2.0])).psd
+    assert Diagonal(torch.tensor([1.0, 2.0])).excludes_zero
+    assert Diagonal(torch.tensor([-1.0, -2.0])).excludes_zero
+    assert not Diagonal(torch.tensor([-1.0, 2.0])).psd
+    assert not Diagonal(torch.tensor([-1.0, 2.0])).excludes_zero  # unknown: the range holds 0
+    assert not Diagonal(torch.tensor([0.0, 2.0])).excludes_zero
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    assert Eigen(q, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).excludes_zero
+    assert not Eigen(q, torch.tensor([0.0, 2.0, 3.0], dtype=torch.float64)).excludes_zero
+
+
+def test_mixed_signs_without_zero_solve_exactly():
+    d = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(Diagonal(d).solve(b), b / d)
+    with pytest.raises(SingularError):
+        Diagonal(torch.tensor([-2.0, 0.0, 3.0])).solve(torch.ones(3))
+
+
+@pytest.mark.parametrize("how", ["in place", "data"])
+def test_a_zero_written_after_the_build_is_still_refused(how):
+    d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    D = Diagonal(d)
+    b = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(D.solve(b), b / d)
+    if how == "in place":
+        d[1] = 0.0
+    else:
+        d.data[1] = 0.0  # moves no version counter: seen by the checksum
+    assert not D.excludes_zero
+    with pytest.raises(SingularError):
+        D.solve(b)
+    with pytest.raises(SingularError):
+        D.inv().simplify()
+
+
+def test_eigen_zero_written_after_the_build_is_refused():
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    ev = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    E = Eigen(q, ev)
+    b = torch.randn(3, dtype=torch.float64)
+    dense = q @ torch.diag(ev) @ q.T
+    torch.testing.assert_close(E.solve(b), torch.linalg.solve(dense, b))
+    ev[0] = 0.0
+    with pytest.raises(SingularError):
+        E.solve(b)
+
+
+def test_damped_diagonal_folds_to_the_shifted_diagonal():
+    d = torch.rand(500, dtype=torch.float64)
+    b = torch.randn(500, dtype=torch.float64)
+    A = Diagonal(d) + 1e-3 * Identity(500) + Diagonal(d) + 0.5 * Identity(500)
+    S = A.simplify()
+    assert isinstance(S, Diagonal) and S.excludes_zero
+    torch.testing.assert_close(S.d, 2 * d + 0.501)
+    torch.testing.assert_close(A.solve(b), b / (2 * d + 0.501))
+    dense = Dense(torch.diag(2 * d) + 0.501 * torch.eye(500, dtype=torch.float64), psd=True)
+    torch.testing.assert_close(A.solve(b), dense.solve(b))
