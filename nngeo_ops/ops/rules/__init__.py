@@ -5,6 +5,8 @@
 - :mod:`.solve`, :mod:`.logdet`, :mod:`.diag` (diag, trace, Frobenius norm), :mod:`.eigh`:
   closed-form routines per node class.
 - :mod:`.sylvester`: ``c·(A⊗B⊗…) + λI`` for non-symmetric factors (Schur forms).
+- :mod:`.thin_shift`: ``Q·diag(λ)·Qᵀ + c·I`` with a thin ``Q`` (damped Kronecker with a low-rank
+  factor), solved and log-determined without completing the basis.
 - :mod:`.fallback`: dense and iterative routines used where no closed form applies.
 """
 
@@ -21,5 +23,6 @@ from . import (  # noqa: F401
     structure,
     sums,
     sylvester,
+    thin_shift,
     transpose,
 )
