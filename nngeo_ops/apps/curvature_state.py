@@ -80,6 +80,7 @@ class Route:
     def __init__(self, generator):
         self.gen = generator
         self._pi_cache: dict = {}
+        self._compiled = None  # (operator, λ, its compiled damped form), see KFACRoute
 
     def refresh(self, source, old, beta, rebasis):
         """The averaged statistics after one batch (a new dict; ``old`` is not modified)."""
@@ -193,9 +194,28 @@ class KFACRoute(Route):
         self._pi_cache = {}
         return PMatKFAC.from_factors(self.gen, stats)
 
+    def compiled(self, pmat, lam):
+        """The compiled F + λI of ``pmat`` (``ops`` ``Compiled``), held for the operator's life.
+
+        The statistics behind ``pmat`` are never modified in place (a refresh makes new tensors and
+        a new operator), so the compiled form is reused without the per-call fingerprint of its
+        leaves that ``pmat.solve`` checks (a checksum, hence a host synchronisation, per leaf);
+        a new operator or a new λ compiles anew, reusing the factorisations cached on the leaves.
+        """
+        hit = self._compiled
+        if hit is None or hit[0] is not pmat or hit[1] != lam:
+            op = pmat.op
+            node = op + lam * Identity(op.shape[0], dtype=op.dtype, device=op.device)
+            hit = self._compiled = (pmat, lam, node.compile())
+        return hit[2]
+
     def solve(self, pmat, g, lam, pi=False):
         if not pi:
-            return pmat.solve(g, regul=lam)
+            if lam == 0:
+                return pmat.solve(g, regul=lam)
+            c = self.compiled(pmat, float(lam))
+            dt = c.expr.dtype
+            return c.solve(g.to(dt)).to(g.dtype) if g.dtype != dt else c.solve(g)
         # π-damping: one lazy inverse per (operator, λ), compiled once and reused between refreshes
         key = (id(pmat), float(lam))
         inv = self._pi_cache.get(key)
