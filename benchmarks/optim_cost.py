@@ -89,7 +89,7 @@ def run(name, labels, args):
     base, _ = MODELS[name]()
     data = make_data(name, 8, torch.device("cpu"))
     steps = {lab: make(lab, copy.deepcopy(base)) for lab in labels}
-    for lab, st in steps.items():
+    for st in steps.values():
         for i in range(args.warmup):
             st(*data[i % 8])
     if args.profile:

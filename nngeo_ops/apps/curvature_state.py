@@ -36,7 +36,6 @@ from ..nn import PMatBlockDiag, PMatDense, PMatDiag, PMatEKFAC, PMatImplicit, PM
 from ..nn.stats import EKFACDiagAcc
 from ..ops import Identity
 
-
 # An averaged input factor stays as its stacked rows (A = RᵀR, rank ≤ rows) while the rows are at
 # most this fraction of its width: the damped solve then factorises it through a thin QR of the rows
 # (ops: the shifted thin eigen form), O(width·rows²), and products cost O(width·rows). Measured on a

@@ -135,7 +135,9 @@ def shifted_thin_eigh(node: Sum, ctx):
     if isinstance(Q, Dense):
         full = torch.cat([Q.M, _complement(Q.M)], dim=1)
         evals = torch.cat([E.evals, E.evals.new_zeros(Q.shape[0] - Q.shape[1])])
-        return Eigen(Dense(full.contiguous(), symmetric=False, orthogonal=True, name="Q"), evals + c)
+        return Eigen(
+            Dense(full.contiguous(), symmetric=False, orthogonal=True, name="Q"), evals + c
+        )
     if isinstance(Q, Kronecker) and all(isinstance(f, Dense) for f in Q.factors):
         bases, pad = [], []
         for f in Q.factors:
