@@ -164,7 +164,7 @@ def test_averaged_low_rank_factors_above_the_dense_limit_equal_the_dense_formula
     (x1, y1), (x2, y2) = batch(n=16, shape=(50,)), batch(n=16, seed=1, shape=(50,))
     opt = NaturalGradient(model, lr=LR, fisher="exact", ema_decay=beta, damping=LAM)
     refs = []
-    for k, (x, y) in enumerate(((x1, y1), (x2, y2))):
+    for x, y in ((x1, y1), (x2, y2)):
         refs.append(FIM(model, [(x, y)], PMatKFAC))
         w, g = flat_params(model), flat_grad(model, x, y)
         opt.zero_grad()
