@@ -44,6 +44,11 @@ class DataError(NNGeoError, ValueError):
     """The data do not fit: an empty loader, labels outside the classes, unnormalised log-probs."""
 
 
+class MissingDependencyError(NNGeoError, ImportError):
+    """An optional dependency is not installed (matplotlib for the plots); the message names the
+    ``pip install`` that fixes it."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative routine stopped before reaching its tolerance."""
 

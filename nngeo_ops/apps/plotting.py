@@ -14,13 +14,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError, NNGeoError
+from ..errors import InvalidArgumentError, MissingDependencyError
 
 __all__ = ["MissingDependencyError", "plot_spectrum", "plot_spectra", "plot_tracker"]
-
-
-class MissingDependencyError(NNGeoError, ImportError):
-    """An optional dependency (matplotlib for the plots) is not installed."""
 
 
 def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)):

@@ -515,7 +515,7 @@ class Preconditioner:
                 compiled = self.route.compiled(self.curvature, float(lam))  # what the steps use
             else:
                 node = self.curvature._damped(lam)  # noqa: SLF001  (the node solve() compiles)
-                compiled = node._auto()  # noqa: SLF001
+                compiled = node.compiled()
             lines.append("  damped operator:")
             lines += ["    " + ln for ln in compiled.explain().splitlines()]
         return "\n".join(lines)

@@ -182,7 +182,7 @@ def _as_target(F: object) -> tuple[object, LayerCollection | None]:
     raise ArgumentTypeError(
         f"spectrum takes a representation (FIM/GGN/Hessian(...)), an ops node, a symmetric "
         f"tensor or a linalg.MatmatOperator, got {type(F).__name__}; wrap a matvec with "
-        "nngeo_ops.linalg.as_operator(f, shape=(n, n), symmetric=True)"
+        "nngeo_ops.linalg.as_matmat(f, shape=(n, n), symmetric=True)"
     )
 
 
@@ -203,7 +203,7 @@ def _structured_eigen(target: object, policy: CompilePolicy):
         return None, None, None
     if not target.symmetric:
         raise NotSymmetricError(
-            f"spectrum needs a symmetric operator, but {target._str()} is not tagged symmetric; "
+            f"spectrum needs a symmetric operator, but {target} is not tagged symmetric; "
             "build its leaves with symmetric=True / psd=True if it is"
         )
     c = Compiled(target, policy)

@@ -85,12 +85,13 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return value
 
 
-def check_generator(generator: Any) -> None:
-    """``generator`` must be a ``torch.Generator`` or None (a seed is not accepted silently)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
+def check_generator(rng: Any) -> None:
+    """The public ``generator=`` argument (``rng`` inside the package) must be a
+    ``torch.Generator`` or None (a seed is not accepted silently)."""
+    if rng is not None and not isinstance(rng, torch.Generator):
         raise ArgumentTypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
-            f"({generator!r}); pass torch.Generator().manual_seed(seed) to fix the random numbers"
+            f"generator must be a torch.Generator or None, got {type(rng).__name__} "
+            f"({rng!r}); pass torch.Generator().manual_seed(seed) to fix the random numbers"
         )
 
 
@@ -119,25 +120,25 @@ def sample_probes(
     distribution: str,
     dtype: torch.dtype,
     device: torch.device,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
 ) -> torch.Tensor:
     """Draw an (n, k) matrix of i.i.d. probe vectors with E[z zᵀ] = I.
 
     ``distribution`` is ``"rademacher"`` (entries ±1 with probability 1/2) or ``"gaussian"``
-    (standard normal entries). The numbers are drawn on the generator's device, so a CPU
+    (standard normal entries). The numbers are drawn on ``rng``'s device, so a CPU
     generator gives the same probes whatever device the operator lives on, then moved.
     """
-    check_generator(generator)
+    check_generator(rng)
     if distribution not in DISTRIBUTIONS:
         raise InvalidArgumentError(
             f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"
         )
-    gen_device = generator.device if generator is not None else device
+    gen_device = rng.device if rng is not None else device
     if distribution == "rademacher":
-        bits = torch.randint(0, 2, (n, k), generator=generator, device=gen_device)
+        bits = torch.randint(0, 2, (n, k), generator=rng, device=gen_device)
         z = bits.to(dtype) * 2 - 1
     else:
-        z = torch.randn((n, k), generator=generator, device=gen_device, dtype=dtype)
+        z = torch.randn((n, k), generator=rng, device=gen_device, dtype=dtype)
     return z.to(device)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from nngeo_ops.errors import DTypeDeviceError, NotSymmetricError, ShapeError, UnsupportedError
 
-__all__ = ["MatmatOperator", "as_operator", "as_square_operator", "check_symmetric_if_dense"]
+__all__ = ["MatmatOperator", "as_matmat", "as_square_matmat", "check_symmetric_if_dense"]
 
 Matmat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,7 +94,7 @@ class MatmatOperator:
             raise DTypeDeviceError(
                 f"{what} of the {self.description} returned ({Y.dtype}, {Y.device}) but the "
                 f"operator was declared ({self.dtype}, {self.device}); pass dtype=/device= to "
-                "as_operator to match what it returns"
+                "as_matmat to match what it returns"
             )
         return Y
 
@@ -161,7 +161,7 @@ def _check_float(dtype: torch.dtype, what: str) -> None:
         )
 
 
-def as_operator(
+def as_matmat(
     A: object,
     shape: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
@@ -270,7 +270,7 @@ def as_operator(
     if callable(A):
         if shape is None:
             raise ShapeError(
-                "a plain callable operator needs its shape: as_operator(f, shape=(m, n)) "
+                "a plain callable operator needs its shape: as_matmat(f, shape=(m, n)) "
                 "(the algorithms infer a square shape only from a given vector such as B or v0)"
             )
         dt = dtype or torch.get_default_dtype()
@@ -291,14 +291,14 @@ def as_operator(
     )
 
 
-def as_square_operator(
+def as_square_matmat(
     A: object,
     *,
     like: torch.Tensor | None = None,
     what: str = "this algorithm",
     symmetric: bool = False,
 ) -> MatmatOperator:
-    """:func:`as_operator` for algorithms that need a square ``A``.
+    """:func:`as_matmat` for algorithms that need a square ``A``.
 
     For a plain callable, the shape, dtype and device are taken from ``like`` (a right-hand side or
     start vector of shape (n,) or (n, k)) when it is given.
@@ -311,12 +311,12 @@ def as_square_operator(
         if like is None:
             raise ShapeError(
                 f"{what} got a plain callable without a shape; wrap it as "
-                "as_operator(f, shape=(n, n), dtype=..., device=...)"
+                "as_matmat(f, shape=(n, n), dtype=..., device=...)"
             )
         n = like.shape[0]
-        op = as_operator(A, (n, n), like.dtype, like.device, symmetric=symmetric)
+        op = as_matmat(A, (n, n), like.dtype, like.device, symmetric=symmetric)
     else:
-        op = as_operator(A, symmetric=symmetric)
+        op = as_matmat(A, symmetric=symmetric)
     if not op.is_square:
         raise ShapeError(
             f"{what} needs a square operator, got the {op.description} of shape {op.shape}"

@@ -91,7 +91,7 @@ def _orthonormal_block(
     width: int,
     thresh: float,
     passes: int,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
 ) -> torch.Tensor:
     """An orthonormal (n, width) block spanning F's part outside V, filled with random directions
     where F has (numerically) none: after a breakdown (an invariant subspace, e.g. a repeated
@@ -112,7 +112,7 @@ def _orthonormal_block(
                     distribution="gaussian",
                     dtype=F.dtype,
                     device=F.device,
-                    generator=generator,
+                    rng=rng,
                 )[:, 0]
                 c = _project_out((c / c.norm())[:, None], basis, max(passes, 2))[:, 0]
                 if float(c.norm()) > 1e-3:
@@ -131,7 +131,7 @@ def thick_restart_lanczos(
     tol: float,
     max_restarts: int,
     reorth_passes: int,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
     progress: object = None,
 ) -> LanczosResult:
     """The restarted block iteration of the module docstring, on a normalised operator.
@@ -162,7 +162,7 @@ def thick_restart_lanczos(
     if bool((torch.linalg.vector_norm(X0, dim=0) == 0).any()):
         raise InvalidArgumentError("lanczos: the start vector v0 (or one of its columns) is zero")
     V = torch.zeros(n, 0, dtype=dtype, device=device)
-    V = _orthonormal_block(X0, V, min(b, n), 0.0, reorth_passes, generator)
+    V = _orthonormal_block(X0, V, min(b, n), 0.0, reorth_passes, rng)
     AV = product(V)
     H = V.mT @ AV
     H = (H + H.mT) / 2
@@ -183,7 +183,7 @@ def thick_restart_lanczos(
                 min(b, n - V.shape[1]),
                 max(n, 10) * eps * max(anorm, 1e-300),
                 reorth_passes,
-                generator,
+                rng,
             )
             if W.shape[1] == 0:
                 break
@@ -308,7 +308,7 @@ def block_lanczos(
         )
     if v0 is None:
         X0 = sample_probes(
-            n, b, distribution="gaussian", dtype=op.dtype, device=op.device, generator=generator
+            n, b, distribution="gaussian", dtype=op.dtype, device=op.device, rng=generator
         )
     else:
         if v0.ndim not in (1, 2) or v0.shape[0] != n or (v0.ndim == 2 and v0.shape[1] != b):
@@ -339,7 +339,7 @@ def block_lanczos(
             tol=tol,
             max_restarts=restarts,
             reorth_passes=s.reorth_passes,
-            generator=generator,
+            rng=generator,
             progress=bar,
         )
     finally:

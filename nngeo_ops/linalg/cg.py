@@ -20,8 +20,8 @@ from nngeo_ops.errors import (
 from ._common import check_finite, refuse_low_precision, resolve_settings
 from ._matvec import (
     MatmatOperator,
-    as_operator,
-    as_square_operator,
+    as_matmat,
+    as_square_matmat,
     check_symmetric_if_dense,
 )
 
@@ -89,9 +89,9 @@ def _as_preconditioner(
     n = op.shape[0]
     is_plain_callable = callable(M) and not hasattr(M, "shape")
     if is_plain_callable:
-        pre = as_operator(M, shape=(n, n), dtype=op.dtype, device=op.device)
+        pre = as_matmat(M, shape=(n, n), dtype=op.dtype, device=op.device)
     else:
-        pre = as_operator(M)
+        pre = as_matmat(M)
     if pre.shape != (n, n):
         raise ShapeError(f"cg: preconditioner M has shape {pre.shape}, expected ({n}, {n})")
     return pre.matmat
@@ -140,7 +140,7 @@ def cg(
         raise ShapeError(
             f"B must be a torch.Tensor of shape (n,) or (n, k), got {type(B).__name__}"
         )
-    op = as_square_operator(A, like=B, what="cg")
+    op = as_square_matmat(A, like=B, what="cg")
     refuse_low_precision(op.dtype, "cg")
     # CG is defined for symmetric A only: on anything else it returns a wrong answer or stalls,
     # which would then read as "raise maxiter". Dense tensors are checked (O(n²)); operators

@@ -11,7 +11,7 @@ from ._common import (
     sample_probes,
     sample_stderr,
 )
-from ._matvec import as_square_operator
+from ._matvec import as_square_matmat
 
 __all__ = ["diag_estimate", "exact_diag"]
 
@@ -33,7 +33,7 @@ def diag_estimate(
     biased). Costs m products.
 
     Args:
-        A: square operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
+        A: square operator (n, n) (a plain callable needs :func:`as_matmat` with shape=).
         num_probes: m ≥ 1.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         generator: source of the probes.
@@ -47,7 +47,7 @@ def diag_estimate(
     check_positive_int(num_probes, "num_probes")
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
-    op = as_square_operator(A, what="diag_estimate")
+    op = as_square_matmat(A, what="diag_estimate")
     refuse_low_precision(op.dtype, "diag_estimate")
     n = op.shape[0]
     Z = sample_probes(
@@ -56,7 +56,7 @@ def diag_estimate(
         distribution=distribution,
         dtype=op.dtype,
         device=op.device,
-        generator=generator,
+        rng=generator,
     )
     step = num_probes if batch_size is None else batch_size
     Y = torch.cat(
@@ -81,7 +81,7 @@ def exact_diag(A: object, *, chunk_size: int = 64) -> torch.Tensor:
         (n,) tensor, the dtype and device of A.
     """
     check_positive_int(chunk_size, "chunk_size")
-    op = as_square_operator(A, what="exact_diag")
+    op = as_square_matmat(A, what="exact_diag")
     if isinstance(A, torch.Tensor):
         return torch.diagonal(A).clone()
     n = op.shape[0]

@@ -16,7 +16,7 @@ import torch
 from nngeo_ops.errors import DTypeDeviceError, InvalidArgumentError, NotSymmetricError, ShapeError
 
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
-from ._matvec import MatmatOperator, as_square_operator, check_symmetric_if_dense
+from ._matvec import MatmatOperator, as_square_matmat, check_symmetric_if_dense
 from .block_lanczos import block_lanczos
 
 __all__ = [
@@ -82,7 +82,7 @@ def prepare_symmetric(
             "tagged symmetric (its Ritz values would be wrong); build its leaves with "
             "symmetric=True / psd=True if A = Aᵀ, or pass the symmetric part (A + A.T) / 2"
         )
-    op = as_square_operator(A, like=like, what=what, symmetric=True)
+    op = as_square_matmat(A, like=like, what=what, symmetric=True)
     check_symmetric_if_dense(A, what)
     if op.dtype in LOW_PRECISION:
         low = op.dtype
@@ -94,7 +94,7 @@ def prepare_symmetric(
             op.shape, torch.float32, op.device, upcast, None, True, f"{op.description} ({low})"
         )
         return op, low
-    if not op.dtype.is_floating_point:  # pragma: no cover - as_operator refuses these already
+    if not op.dtype.is_floating_point:  # pragma: no cover - as_matmat refuses these already
         raise DTypeDeviceError(f"{what} needs a floating dtype, got {op.dtype}")
     return op, None
 
@@ -122,7 +122,7 @@ def _run_lanczos(
     V0: torch.Tensor,
     m: int,
     passes: int,
-    generator: torch.Generator | None,
+    rng: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """p independent Lanczos runs driven by one (n, p) product per step.
 
@@ -164,7 +164,7 @@ def _run_lanczos(
         broken = b.detach() <= max(n, 10) * eps * anorm
         if bool(broken.any()):
             Rnd = sample_probes(
-                n, p, distribution="gaussian", dtype=dtype, device=device, generator=generator
+                n, p, distribution="gaussian", dtype=dtype, device=device, rng=rng
             ).T
             Rnd = _orthogonalise(Rnd, Q, max(passes, 2))
             Rnd = Rnd / torch.linalg.vector_norm(Rnd, dim=-1, keepdim=True)

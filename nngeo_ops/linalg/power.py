@@ -10,7 +10,7 @@ import torch
 from nngeo_ops.errors import ConvergenceWarning, InvalidArgumentError, ShapeError
 
 from ._common import check_finite, check_positive_int, resolve_settings, sample_probes
-from ._matvec import as_square_operator, check_symmetric_if_dense
+from ._matvec import as_square_matmat, check_symmetric_if_dense
 
 __all__ = ["PowerSettings", "power_iteration"]
 
@@ -63,12 +63,12 @@ def power_iteration(
         ConvergenceWarning: the tolerance was not met within ``num_iter`` products.
     """
     s = resolve_settings(PowerSettings, settings, {"num_iter": num_iter, "tol": tol, **overrides})
-    op = as_square_operator(A, like=v0, what="power_iteration", symmetric=True)
+    op = as_square_matmat(A, like=v0, what="power_iteration", symmetric=True)
     check_symmetric_if_dense(A, "power_iteration")
     n = op.shape[0]
     if v0 is None:
         v = sample_probes(
-            n, 1, distribution="gaussian", dtype=op.dtype, device=op.device, generator=generator
+            n, 1, distribution="gaussian", dtype=op.dtype, device=op.device, rng=generator
         )
     else:
         if v0.ndim != 1 or v0.shape[0] != n:

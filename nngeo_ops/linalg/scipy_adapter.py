@@ -1,7 +1,7 @@
 """Adapters to :class:`scipy.sparse.linalg.LinearOperator`.
 
 They let scipy's iterative solvers (``eigsh`` including shift-invert, ``cg``, ``minres``,
-``lobpcg``, ...) run on any operator :func:`as_operator` understands. Arrays cross the boundary as
+``lobpcg``, ...) run on any operator :func:`as_matmat` understands. Arrays cross the boundary as
 numpy on the CPU and are moved to the operator's device (and dtype) for every product, so the
 adapter is meant for checks and moderate sizes, not for tight GPU loops.
 """
@@ -16,7 +16,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from nngeo_ops.errors import DTypeDeviceError, ShapeError, SingularError, UnsupportedError
 
-from ._matvec import MatmatOperator, as_operator
+from ._matvec import MatmatOperator, as_matmat
 
 __all__ = ["TorchLinearOperator", "to_scipy", "inverse_to_scipy"]
 
@@ -88,14 +88,14 @@ def to_scipy(
     the operator's torch dtype.
 
     Args:
-        A: anything :func:`as_operator` accepts; ``shape``/``dtype``/``device`` are passed on
+        A: anything :func:`as_matmat` accepts; ``shape``/``dtype``/``device`` are passed on
             (required ``shape`` for a plain callable).
         symmetric: declare A = Aᵀ (gives ``rmatvec`` to callables and to objects without ``.T``).
 
     Returns:
         A :class:`TorchLinearOperator` usable with ``eigsh``, ``cg``, ``minres``, ``lobpcg``, ...
     """
-    return TorchLinearOperator(as_operator(A, shape, dtype, device, symmetric=symmetric))
+    return TorchLinearOperator(as_matmat(A, shape, dtype, device, symmetric=symmetric))
 
 
 def _lu_inverse(M: torch.Tensor, sigma: float) -> MatmatOperator:
@@ -165,16 +165,16 @@ def inverse_to_scipy(
     sigma = float(sigma)
     if solve is not None:
         if isinstance(A, torch.Tensor) or hasattr(A, "shape"):
-            op = as_operator(A)
+            op = as_matmat(A)
             shape, dt, dev = op.shape, op.dtype, op.device
         else:
             raise ShapeError(
                 "inverse_to_scipy: with solve= pass A as a tensor or operator object so that the "
                 "shape, dtype and device are known"
             )
-        inv = as_operator(solve, shape=shape, dtype=dt, device=dev, symmetric=symmetric)
+        inv = as_matmat(solve, shape=shape, dtype=dt, device=dev, symmetric=symmetric)
     elif isinstance(A, torch.Tensor):
-        op = as_operator(A)
+        op = as_matmat(A)
         if not op.is_square:
             raise ShapeError(f"inverse_to_scipy needs a square matrix, got shape {op.shape}")
         inv = _lu_inverse(A, sigma)
@@ -187,13 +187,13 @@ def inverse_to_scipy(
             "σ cannot be applied; pass solve=callable applying (A − σI)⁻¹, or sigma=0"
         )
     elif hasattr(A, "solve") and hasattr(A, "shape"):
-        op = as_operator(A)
+        op = as_matmat(A)
         node = A
 
         def apply(B: torch.Tensor) -> torch.Tensor:
             return node.solve(B) if sigma == 0.0 else node.solve(B, regul=-sigma)  # type: ignore[attr-defined]
 
-        inv = as_operator(
+        inv = as_matmat(
             apply, shape=op.shape, dtype=op.dtype, device=op.device, symmetric=symmetric
         )
     else:

@@ -132,7 +132,7 @@ def slq(
     and the rules are cast back.
 
     Args:
-        A: symmetric operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
+        A: symmetric operator (n, n) (a plain callable needs :func:`as_matmat` with shape=).
         num_probes, num_iter, distribution: override the fields of ``settings`` (a
             :class:`SLQSettings`), as do any other keyword ``overrides`` (``reorth_passes=``).
         generator: source of the probes (and of restart vectors after a Lanczos breakdown).
@@ -160,7 +160,7 @@ def slq(
         distribution=s.distribution,
         dtype=op.dtype,
         device=op.device,
-        generator=generator,
+        rng=generator,
     )
     norms_sq = (Z * Z).sum(0)
     alpha, beta, _, _ = _run_lanczos(op, Z, min(s.num_iter, n), s.reorth_passes, generator)

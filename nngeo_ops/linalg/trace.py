@@ -17,13 +17,13 @@ from ._common import (
     sample_probes,
     sample_stderr,
 )
-from ._matvec import MatmatOperator, as_square_operator
+from ._matvec import MatmatOperator, as_square_matmat
 
 __all__ = ["hutchinson", "hutchpp", "xtrace"]
 
 
 def _probes(
-    op: MatmatOperator, k: int, distribution: str, generator: torch.Generator | None
+    op: MatmatOperator, k: int, distribution: str, rng: torch.Generator | None
 ) -> torch.Tensor:
     return sample_probes(
         op.shape[0],
@@ -31,7 +31,7 @@ def _probes(
         distribution=distribution,
         dtype=op.dtype,
         device=op.device,
-        generator=generator,
+        rng=rng,
     )
 
 
@@ -67,7 +67,7 @@ def hutchinson(
     2‖A‖_F²/m with Gaussian probes. Costs m products.
 
     Args:
-        A: square operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
+        A: square operator (n, n) (a plain callable needs :func:`as_matmat` with shape=).
         num_probes: m ≥ 1.
         distribution: ``"rademacher"`` or ``"gaussian"``.
         generator: source of the probes.
@@ -79,7 +79,7 @@ def hutchinson(
     check_positive_int(num_probes, "num_probes")
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
-    op = as_square_operator(A, what="hutchinson")
+    op = as_square_matmat(A, what="hutchinson")
     refuse_low_precision(op.dtype, "hutchinson")
     Z = _probes(op, num_probes, distribution, generator)
     samples = _quad_samples(op, Z, batch_size)
@@ -106,7 +106,7 @@ def hutchpp(
     When m ≥ n the exact trace from n unit-vector products is returned instead (stderr 0).
 
     Args:
-        A: square operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
+        A: square operator (n, n) (a plain callable needs :func:`as_matmat` with shape=).
         num_matvecs: m ≥ 3.
         distribution: of the sketch and Hutchinson probes.
         generator: source of the probes.
@@ -116,7 +116,7 @@ def hutchpp(
         part given Q (std of its samples / √g); 0 when A is captured exactly.
     """
     check_positive_int(num_matvecs, "num_matvecs", minimum=3)
-    op = as_square_operator(A, what="hutchpp")
+    op = as_square_matmat(A, what="hutchpp")
     refuse_low_precision(op.dtype, "hutchpp")
     exact = _exact_if_affordable(op, num_matvecs)
     if exact is not None:
@@ -154,7 +154,7 @@ def xtrace(
     instead (stderr 0).
 
     Args:
-        A: square operator (n, n) (a plain callable needs :func:`as_operator` with shape=).
+        A: square operator (n, n) (a plain callable needs :func:`as_matmat` with shape=).
         num_matvecs: m ≥ 4 (an odd m uses m − 1 products).
         distribution: of the probes.
         generator: source of the probes.
@@ -164,7 +164,7 @@ def xtrace(
         the XTrace paper.
     """
     check_positive_int(num_matvecs, "num_matvecs", minimum=4)
-    op = as_square_operator(A, what="xtrace")
+    op = as_square_matmat(A, what="xtrace")
     refuse_low_precision(op.dtype, "xtrace")
     exact = _exact_if_affordable(op, num_matvecs)
     if exact is not None:

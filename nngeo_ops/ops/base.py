@@ -344,11 +344,15 @@ class LinearOperator:
 
         return Compiled(self, policy)
 
-    def _auto(self) -> Any:
-        """The compiled form used by convenience calls, cached against the leaf versions.
+    def compiled(self) -> Any:
+        """The :class:`~nngeo_ops.ops.Compiled` form that the convenience calls (``solve``,
+        ``logdet``, ``diag``, ``trace``, ...) of this node use, cached on the node against the
+        versions of its leaves (an in-place update of a leaf gives a fresh one).
 
-        When a leaf requires grad (and grad mode is on) nothing is cached, so every call builds a
-        fresh autograd graph and ``backward`` can be called after each one.
+        ``node.compiled().explain()`` shows the routes those calls took. When a leaf requires grad
+        (and grad mode is on) nothing is cached, so every call builds a fresh autograd graph and
+        ``backward`` can be called after each one. :meth:`compile` always builds a new one (and
+        takes a policy).
         """
         from .compile import Compiled
 
@@ -361,9 +365,11 @@ class LinearOperator:
             self._auto_cache = cached
         return cached[1]
 
+    _auto = compiled  # the former private name
+
     def simplify(self) -> LinearOperator:
         """The tree after the ``"rewrite"`` rules (structural simplifications), cached against the leaves."""
-        return self._auto().simplified
+        return self.compiled().simplified
 
     def to_dense(self) -> torch.Tensor:
         """The operator as a dense ``(m, n)`` tensor (here ``A @ I``; structured nodes override this)."""
@@ -372,37 +378,37 @@ class LinearOperator:
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """``A⁻¹ b`` for a vector ``(n,)`` or matrix ``(n, k)`` right-hand side."""
-        return self._auto().solve(b)
+        return self.compiled().solve(b)
 
     def logdet(self) -> torch.Tensor:
         """``log det A`` of a square node via the compiled routines; raises
         :class:`~nngeo_ops.errors.NotPSDError` when the determinant is negative.
         """
-        return self._auto().logdet()
+        return self.compiled().logdet()
 
     def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign, log|det A|)`` of a square node via the compiled routines."""
-        return self._auto().slogdet()
+        return self.compiled().slogdet()
 
     def diag(self) -> torch.Tensor:
         """The diagonal ``(A_ii)`` via the compiled routines (estimated, with a
         warning, where no exact routine exists and the policy allows it).
         """
-        return self._auto().diag()
+        return self.compiled().diag()
 
     def trace(self) -> torch.Tensor:
         """``tr A = Σᵢ A_ii`` of a square node, a 0-dim tensor, via the compiled routines."""
-        return self._auto().trace()
+        return self.compiled().trace()
 
     def eigh(self) -> Any:
         """The eigendecomposition of a symmetric node as an :class:`~nngeo_ops.ops.Eigen` node
         ``Q·diag(λ)·Qᵀ`` (eigenvalues in the order of ``Q``'s columns, not sorted).
         """
-        return self._auto().eigh()
+        return self.compiled().eigh()
 
     def frobenius_norm(self) -> torch.Tensor:
         """``‖A‖_F = (Σᵢⱼ A_ij²)^{1/2}``, a 0-dim tensor, via the compiled routines."""
-        return self._auto().frobenius_norm()
+        return self.compiled().frobenius_norm()
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` over this node (matvec, rmatvec, matmat)."""

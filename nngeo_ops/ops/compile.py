@@ -10,9 +10,10 @@ reuses them. ``explain()`` shows the rewrite log, the routine chosen per node an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,6 +21,9 @@ from ..errors import NotPSDError, ShapeError, UnsupportedError
 from .base import LinearOperator
 from .cache import cached_on
 from .registry import rules_for
+
+T = TypeVar("T")
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,22 @@ class CompilePolicy:
     seed: int = 0
     exact: bool = False
 
-    def generator(self, device: torch.device) -> torch.Generator:
+    def rng(self, device: torch.device) -> torch.Generator:
         """A fresh ``torch.Generator`` on ``device`` seeded with ``seed``, for the stochastic fallbacks."""
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """Deprecated alias of :meth:`rng` (to be removed in the next release): "generator" names the
+        curvature generators of :mod:`nngeo_ops.nn`; a random-number generator is an ``rng``.
+        """
+        warnings.warn(
+            "CompilePolicy.generator(device) is deprecated; use CompilePolicy.rng(device)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.rng(device)
 
 
 class Compiled:
@@ -71,6 +86,7 @@ class Compiled:
         self._rewrites: list[tuple[str, LinearOperator, LinearOperator]] = []
         self._routines: list[tuple[str, LinearOperator, str]] = []
         self._memo: dict[tuple[str, int], Any] = {}
+        self._rule_memo: dict[tuple[Hashable, int], Any] = {}
         self._alive: list[LinearOperator] = []  # keeps memo keys (ids) from being reused
         # (quantity, node formula) -> Estimate of every stochastic fallback that ran
         self.estimates: dict[tuple[str, str], Any] = {}
@@ -101,6 +117,27 @@ class Compiled:
     def rewrites(self) -> list[tuple[str, str, str]]:
         """The rewrite log: (rule, before, after) as formulas."""
         return [(name, str(a), str(b)) for name, a, b in self._rewrites]
+
+    # ------------------------------------------------------------------ memo for rules
+    def memo(self, key: Hashable, node: LinearOperator, factory: Callable[[], T]) -> T:
+        """``factory()`` computed once per ``(key, node)`` in this compilation, for rules.
+
+        Rules that share an intermediate result (Woodbury's capacitance matrix serves the solve and
+        the log-determinant; the Gram matrix of a congruence serves trace, norm, spectrum, solve and
+        log-determinant) compute it through ``ctx.memo("what", node, lambda: ...)``. ``key`` names
+        the result (any hashable; include whatever else it depends on, e.g. ``("gram", flag)``);
+        ``node`` is identified by object identity and kept alive with the compiled object, so the
+        entry cannot be confused with a later node. ``None`` is memoised like any other result
+        ("this pattern does not match"); an exception is not, so the next call retries.
+        """
+        k = (key, id(node))
+        out = self._rule_memo.get(k, _MISSING)
+        if out is not _MISSING:
+            return out
+        out = factory()
+        self._rule_memo[k] = out
+        self._alive.append(node)
+        return out
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, op: str, node: LinearOperator, structured_only: bool = False) -> Any:

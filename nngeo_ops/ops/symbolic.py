@@ -38,12 +38,12 @@ class Inverse(LinearOperator):
         return Inverse(fields.get("child", self.child))
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self.child._auto().solve(X)
+        return self.child.compiled().solve(X)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         if self.symmetric:
             return self._matmat(X)
-        return self.child.T._auto().solve(X)
+        return self.child.T.compiled().solve(X)
 
     def _str(self) -> str:
         return f"{paren(self.child)}⁻¹"
@@ -72,7 +72,7 @@ class Power(LinearOperator):
         return Power(fields.get("child", self.child), self.p)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._auto().simplified._matmat(X)
+        return self.compiled().simplified._matmat(X)
 
     def _str(self) -> str:
         p = int(self.p) if self.p.is_integer() else self.p

@@ -311,7 +311,7 @@ def test_bad_inputs(setup):
         spectrum(M + M.T, 2, which="LM")
     with pytest.raises(TypeError, match="torch.Generator"):
         spectrum(M + M.T, 2, generator=0)
-    with pytest.raises(TypeError, match="as_operator"):
+    with pytest.raises(TypeError, match="as_matmat"):
         spectrum([[1.0]], 1)
     H = Hessian(model, ld, nn.CrossEntropyLoss(), PMatImplicit, progress=False)
     with pytest.raises(UnsupportedError, match="method='auto'"):

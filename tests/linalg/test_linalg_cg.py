@@ -12,7 +12,7 @@ from nngeo_ops.errors import (
     NotPSDError,
     ShapeError,
 )
-from nngeo_ops.linalg import CGSettings, as_operator, cg
+from nngeo_ops.linalg import CGSettings, as_matmat, cg
 
 DT = torch.float64
 
@@ -143,6 +143,6 @@ def test_bad_inputs():
         cg(A, torch.ones(5, dtype=DT), x0=torch.ones(5, 1, dtype=DT))
     with pytest.raises(ShapeError, match="preconditioner M has shape"):
         cg(A, torch.ones(5, dtype=DT), M=torch.eye(4, dtype=DT))
-    op = as_operator(lambda X: X[:3], shape=(5, 5), dtype=DT)
+    op = as_matmat(lambda X: X[:3], shape=(5, 5), dtype=DT)
     with pytest.raises(ShapeError, match="returned shape"):
         cg(op, torch.ones(5, dtype=DT))

@@ -8,7 +8,7 @@ import torch
 from nngeo_ops.errors import ConvergenceWarning, NotSymmetricError, ShapeError
 from nngeo_ops.linalg import (
     LanczosSettings,
-    as_operator,
+    as_matmat,
     block_lanczos,
     lanczos,
     lanczos_tridiag,
@@ -157,7 +157,7 @@ def test_power_iteration_callable_and_float32():
     lam32, v32 = power_iteration(A.float(), tol=1e-5, generator=gen(0))
     assert lam32.dtype == v32.dtype == torch.float32
     assert abs(float(lam32) - 4.0) < 1e-4
-    op = as_operator(lambda X: A @ X, shape=(20, 20), dtype=DT)
+    op = as_matmat(lambda X: A @ X, shape=(20, 20), dtype=DT)
     torch.testing.assert_close(power_iteration(op, tol=1e-10, v0=v0)[0], lam)
 
 
@@ -243,7 +243,7 @@ def test_block_products_are_batched():
         calls.append(X.shape[1])
         return A @ X
 
-    op = as_operator(f, shape=A.shape, dtype=DT, symmetric=True)
+    op = as_matmat(f, shape=A.shape, dtype=DT, symmetric=True)
     res = block_lanczos(op, 20, block_size=10, generator=gen(0))
     assert set(calls) <= {10, 20} and len(calls) * 10 <= res.num_matvecs + 20
     torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(A)[-20:], rtol=1e-10, atol=0)
@@ -263,7 +263,7 @@ def test_gradient_is_hellmann_feynman():
     A = with_spectrum(torch.cat([torch.tensor([9.0, 7.0]), torch.linspace(0, 1, 58)]), seed=10)
     B = sym(60, seed=11)
     t = torch.tensor(0.1, dtype=DT, requires_grad=True)
-    op = as_operator(lambda X: A @ X + t * (B @ X), shape=A.shape, dtype=DT, symmetric=True)
+    op = as_matmat(lambda X: A @ X + t * (B @ X), shape=A.shape, dtype=DT, symmetric=True)
     evals, evecs = lanczos(op, 2, generator=gen(0))
     evals.sum().backward()
     dense = A + 0.1 * B

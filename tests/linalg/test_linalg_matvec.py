@@ -1,10 +1,10 @@
-"""as_operator: the normalisation every linalg algorithm goes through."""
+"""as_matmat: the normalisation every linalg algorithm goes through."""
 
 import pytest
 import torch
 
 from nngeo_ops.errors import DTypeDeviceError, NNGeoError, ShapeError, UnsupportedError
-from nngeo_ops.linalg import MatmatOperator, as_operator, hutchinson
+from nngeo_ops.linalg import MatmatOperator, as_matmat, hutchinson
 
 DT = torch.float64
 
@@ -34,7 +34,7 @@ def rand(*shape, seed=0, dtype=DT):
 
 def test_tensor_operator_products_and_transpose():
     M = rand(5, 3)
-    op = as_operator(M)
+    op = as_matmat(M)
     X, Y = rand(3, 2, seed=1), rand(5, 4, seed=2)
     assert op.shape == (5, 3) and op.dtype == DT
     torch.testing.assert_close(op.matmat(X), M @ X)
@@ -44,24 +44,24 @@ def test_tensor_operator_products_and_transpose():
 
 
 def test_tensor_dtype_conversion_on_request():
-    op = as_operator(rand(3, 3), dtype=torch.float32)
+    op = as_matmat(rand(3, 3), dtype=torch.float32)
     assert op.dtype == torch.float32
     assert op.matmat(torch.ones(3, 1)).dtype == torch.float32
 
 
 def test_object_operator_uses_matmul_and_T():
     M = rand(4, 6)
-    op = as_operator(NodeT(M))
+    op = as_matmat(NodeT(M))
     assert op.shape == (4, 6) and op.description == "NodeT"
     torch.testing.assert_close(op.matmat(rand(6, 2, seed=3)), M @ rand(6, 2, seed=3))
     torch.testing.assert_close(op.rmatmat(rand(4, 2, seed=4)), M.T @ rand(4, 2, seed=4))
 
 
 def test_object_without_T_has_no_transpose():
-    op = as_operator(Node(rand(4, 4)))
+    op = as_matmat(Node(rand(4, 4)))
     with pytest.raises(UnsupportedError, match="no transpose"):
         op.rmatmat(torch.ones(4, 1, dtype=DT))
-    sym = as_operator(Node(rand(4, 4)), symmetric=True)
+    sym = as_matmat(Node(rand(4, 4)), symmetric=True)
     torch.testing.assert_close(
         sym.rmatmat(torch.ones(4, 1, dtype=DT)), sym.matmat(torch.ones(4, 1, dtype=DT))
     )
@@ -69,42 +69,42 @@ def test_object_without_T_has_no_transpose():
 
 def test_callable_operator_defaults_and_shape_required():
     M = rand(3, 3)
-    op = as_operator(lambda X: M @ X, shape=(3, 3), dtype=DT)
+    op = as_matmat(lambda X: M @ X, shape=(3, 3), dtype=DT)
     torch.testing.assert_close(op.matmat(torch.eye(3, dtype=DT)), M)
-    default = as_operator(lambda X: X, shape=(2, 2))
+    default = as_matmat(lambda X: X, shape=(2, 2))
     assert default.dtype == torch.get_default_dtype()
     with pytest.raises(ShapeError, match="needs its shape"):
-        as_operator(lambda X: X)
+        as_matmat(lambda X: X)
 
 
 def test_operator_is_idempotent():
-    op = as_operator(rand(3, 3))
-    assert as_operator(op) is op
-    assert as_operator(op, symmetric=True).symmetric
+    op = as_matmat(rand(3, 3))
+    assert as_matmat(op) is op
+    assert as_matmat(op, symmetric=True).symmetric
 
 
 def test_callable_with_wrong_output_shape_is_reported():
-    op = as_operator(lambda X: X[:2], shape=(3, 3), dtype=DT)
+    op = as_matmat(lambda X: X[:2], shape=(3, 3), dtype=DT)
     with pytest.raises(ShapeError, match=r"returned shape \(2, 1\).*expected \(3, 1\)"):
         op.matmat(torch.ones(3, 1, dtype=DT))
 
 
 def test_callable_returning_other_dtype_is_reported():
-    op = as_operator(lambda X: X.float(), shape=(3, 3), dtype=DT)
+    op = as_matmat(lambda X: X.float(), shape=(3, 3), dtype=DT)
     with pytest.raises(DTypeDeviceError, match="pass dtype="):
         op.matmat(torch.ones(3, 1, dtype=DT))
 
 
 def test_bad_inputs_raise_library_errors():
     with pytest.raises(ShapeError, match=r"2-D matrix, got shape \(2, 2, 2\)"):
-        as_operator(torch.ones(2, 2, 2))
+        as_matmat(torch.ones(2, 2, 2))
     with pytest.raises(DTypeDeviceError, match="floating dtype"):
-        as_operator(torch.ones(2, 2, dtype=torch.int64))
+        as_matmat(torch.ones(2, 2, dtype=torch.int64))
     with pytest.raises(DTypeDeviceError, match="cannot use a list"):
-        as_operator([[1.0]])
+        as_matmat([[1.0]])
     with pytest.raises(ShapeError, match="disagrees"):
-        as_operator(rand(3, 3), shape=(2, 2))
-    op = as_operator(rand(3, 3))
+        as_matmat(rand(3, 3), shape=(2, 2))
+    op = as_matmat(rand(3, 3))
     with pytest.raises(ShapeError, match=r"needs an \(3, k\) matrix, got shape \(4, 1\)"):
         op.matmat(torch.ones(4, 1, dtype=DT))
     with pytest.raises(DTypeDeviceError, match=r"convert it with \.to"):
@@ -113,9 +113,9 @@ def test_bad_inputs_raise_library_errors():
 
 def test_errors_are_catchable_as_builtins():
     with pytest.raises(ValueError):
-        as_operator(torch.ones(2))
+        as_matmat(torch.ones(2))
     with pytest.raises(NNGeoError):
-        as_operator(torch.ones(2))
+        as_matmat(torch.ones(2))
 
 
 def test_square_needed_error_names_shape():
@@ -124,4 +124,19 @@ def test_square_needed_error_names_shape():
 
 
 def test_record_type():
-    assert isinstance(as_operator(rand(2, 2)), MatmatOperator)
+    assert isinstance(as_matmat(rand(2, 2)), MatmatOperator)
+
+
+def test_as_operator_is_a_deprecated_alias_of_as_matmat():
+    import nngeo_ops.linalg as la
+
+    M = rand(3, 3)
+    with pytest.warns(DeprecationWarning, match="as_matmat"):
+        op = la.as_operator(M, symmetric=True)
+    ref = as_matmat(M, symmetric=True)
+    assert isinstance(op, MatmatOperator) and op.shape == ref.shape and op.symmetric
+    X = rand(3, 2)
+    torch.testing.assert_close(op.matmat(X), M @ X)
+    with pytest.warns(DeprecationWarning):
+        with pytest.raises(ShapeError):
+            la.as_operator(lambda X: X)  # same errors as as_matmat

@@ -9,7 +9,7 @@ from nngeo_ops.errors import NotPSDError, NotSymmetricError
 from nngeo_ops.linalg import (
     DensitySettings,
     SLQSettings,
-    as_operator,
+    as_matmat,
     broadening_kernel,
     estimate_density,
     hutchinson,
@@ -79,7 +79,7 @@ def test_logdet_exact_for_identity_multiple():
 def test_logdet_gaussian_probes_and_operator_input():
     lam = torch.linspace(1.0, 4.0, 60)
     A, _ = with_spectrum(lam, seed=7)
-    op = as_operator(lambda X: A @ X, shape=(60, 60), dtype=DT)
+    op = as_matmat(lambda X: A @ X, shape=(60, 60), dtype=DT)
     est, se = slq_logdet(
         op,
         settings=SLQSettings(num_probes=40, num_iter=15, distribution="gaussian"),
@@ -132,7 +132,7 @@ def test_logdet_gradient_in_the_damping():
     # log(A + δI) and its derivative in δ is Hutchinson on (A + δI)⁻¹ with the same probes.
     A, _ = with_spectrum(torch.linspace(0.5, 3.0, 25), seed=3)
     d = torch.tensor(0.2, dtype=DT, requires_grad=True)
-    op = as_operator(lambda X: A @ X + d * X, shape=(25, 25), dtype=DT, symmetric=True)
+    op = as_matmat(lambda X: A @ X + d * X, shape=(25, 25), dtype=DT, symmetric=True)
     est = slq_logdet(op, num_probes=5, num_iter=25, generator=gen(4))
     est.value.backward()
     inv = torch.linalg.inv(A + 0.2 * torch.eye(25, dtype=DT))

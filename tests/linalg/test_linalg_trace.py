@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nngeo_ops.errors import ShapeError
-from nngeo_ops.linalg import as_operator, diag_estimate, exact_diag, hutchinson, hutchpp, xtrace
+from nngeo_ops.linalg import as_matmat, diag_estimate, exact_diag, hutchinson, hutchpp, xtrace
 
 DT = torch.float64
 
@@ -57,7 +57,7 @@ def test_hutchinson_batches_reproducible_and_callable():
     A = sym(30)
     a = hutchinson(A, 20, generator=gen(0))
     b = hutchinson(
-        as_operator(lambda X: A @ X, shape=(30, 30), dtype=DT), 20, generator=gen(0), batch_size=7
+        as_matmat(lambda X: A @ X, shape=(30, 30), dtype=DT), 20, generator=gen(0), batch_size=7
     )
     torch.testing.assert_close(a.value, b.value)
     torch.testing.assert_close(a.stderr, b.stderr)
@@ -103,7 +103,7 @@ def test_float32_stays_float32():
     for est in (hutchinson(A, 5), hutchpp(A, 9), xtrace(A, 10), diag_estimate(A, 5)):
         assert est.value.dtype == torch.float32 and est.stderr.dtype == torch.float32
     assert (
-        exact_diag(as_operator(lambda X: A @ X, shape=(20, 20), dtype=torch.float32)).dtype
+        exact_diag(as_matmat(lambda X: A @ X, shape=(20, 20), dtype=torch.float32)).dtype
         == torch.float32
     )
 
@@ -117,7 +117,7 @@ def test_budget_of_n_products_gives_exact_trace(estimator):
         calls.append(X.shape[1])
         return A @ X
 
-    op = as_operator(f, shape=(8, 8), dtype=DT)
+    op = as_matmat(f, shape=(8, 8), dtype=DT)
     est, se = estimator(op, 8, generator=gen(0))
     torch.testing.assert_close(est, A.trace())
     assert float(se) == 0.0 and sum(calls) == 8
@@ -162,6 +162,6 @@ def test_diag_estimate_gaussian_and_exact_on_diagonal_matrix():
 @pytest.mark.parametrize("chunk", [1, 7, 64, 500])
 def test_exact_diag_in_chunks(chunk):
     A = torch.randn(33, 33, generator=gen(0), dtype=DT)
-    op = as_operator(lambda X: A @ X, shape=(33, 33), dtype=DT)
+    op = as_matmat(lambda X: A @ X, shape=(33, 33), dtype=DT)
     torch.testing.assert_close(exact_diag(op, chunk_size=chunk), A.diagonal(), rtol=0, atol=0)
     torch.testing.assert_close(exact_diag(A), A.diagonal())

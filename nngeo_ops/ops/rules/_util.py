@@ -31,9 +31,12 @@ def congruence_gram(node: LinearOperator, ctx, from_products: bool = False) -> t
     its NTK engine); otherwise, with ``from_products``, from m products with Xᵀ and X. Memoised per
     compilation, so that trace, norm, spectrum, solve and log-determinant share one K.
     """
-    key = ("congruence gram", id(node), from_products)
-    if key in ctx._memo:
-        return ctx._memo[key]
+    return ctx.memo(
+        ("congruence gram", from_products), node, lambda: _congruence_gram(node, ctx, from_products)
+    )
+
+
+def _congruence_gram(node: LinearOperator, ctx, from_products: bool) -> tuple | None:
     out = None
     if isinstance(node, Product) and len(node.factors) == 3:
         qt, M, X = node.factors
@@ -49,7 +52,6 @@ def congruence_gram(node: LinearOperator, ctx, from_products: bool = False) -> t
                 if not (bool(torch.isfinite(Md).all()) and bool(torch.isfinite(K).all())):
                     raise NonFiniteError(f"{node._str()}: X Xᵀ or M has NaN or inf entries")
                 out = (X, Md, K)
-    ctx._memo[key] = out
     return out
 
 

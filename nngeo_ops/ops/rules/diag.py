@@ -190,7 +190,7 @@ def sum_trace(node: Sum, ctx):
     return sum(ctx.trace_of(t) for t in node.terms)
 
 
-@rule("trace", Product, name="trace of congruence / of structured diagonal")
+@rule("trace", Product, name="trace of congruence / of structured diagonal", priority=10)
 def product_trace(node: Product, ctx):
     cong = orthogonal_congruence(node)
     if cong is not None:  # tr(Qᵀ M Q) = tr(M) for orthogonal Q
@@ -263,7 +263,7 @@ def transpose_fro(node: Transpose, ctx):
     return ctx.frobenius_of(node.child)
 
 
-@rule("frobenius", Product, name="norm of congruence core")
+@rule("frobenius", Product, name="norm of congruence core", priority=10)
 def product_fro(node: Product, ctx):
     cong = orthogonal_congruence(node)
     return None if cong is None else ctx.frobenius_of(cong[1])

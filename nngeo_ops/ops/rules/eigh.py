@@ -70,7 +70,7 @@ def scale_eigh(node: Scale, ctx):
     return None if E is None else Eigen(E.Q, node.c * E.evals)
 
 
-@rule("eigh", Product, name="congruence basis Qᵀ·Q_M")
+@rule("eigh", Product, name="congruence basis Qᵀ·Q_M", priority=10)
 def product_eigh(node: Product, ctx):
     cong = orthogonal_congruence(node)
     if cong is None:

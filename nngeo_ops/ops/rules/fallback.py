@@ -112,7 +112,7 @@ def _cg_solve(node: LinearOperator, ctx):
     return solve
 
 
-@rule("solve", LinearOperator, name="dense factorisation (fallback)", fallback=True)
+@rule("solve", LinearOperator, name="dense factorisation (fallback)", fallback=True, priority=10)
 def dense_solve_fallback(node, ctx):
     return solve_rules.dense_solve(_densified(node), ctx) if _small(node, ctx) else None
 
@@ -124,7 +124,7 @@ def cg_solve_fallback(node, ctx):
     return _cg_solve(node, ctx)
 
 
-@rule("slogdet", LinearOperator, name="dense slogdet (fallback)", fallback=True)
+@rule("slogdet", LinearOperator, name="dense slogdet (fallback)", fallback=True, priority=10)
 def dense_slogdet_fallback(node, ctx):
     return logdet_rules.dense_slogdet(_densified(node), ctx) if _small(node, ctx) else None
 
@@ -143,13 +143,13 @@ def slq_slogdet_fallback(node, ctx):
         node,
         num_probes=max(pol.num_matvecs // steps, 1),
         num_iter=steps,
-        generator=pol.generator(node.device),
+        generator=pol.rng(node.device),
     )
     _report(node, ctx, "logdet", method, est)
     return torch.ones((), dtype=node.dtype, device=node.device), est.value
 
 
-@rule("diag", LinearOperator, name="dense diagonal (fallback)", fallback=True)
+@rule("diag", LinearOperator, name="dense diagonal (fallback)", fallback=True, priority=20)
 def dense_diag_fallback(node, ctx):
     if isinstance(node, Inverse) and _small(node, ctx):
         return torch.linalg.inv(node.child.to_dense()).diagonal()
@@ -161,7 +161,13 @@ def _affordable(node: LinearOperator, ctx) -> bool:
     return node.shape[0] <= ctx.policy.num_matvecs
 
 
-@rule("diag", LinearOperator, name="diagonal from n unit products (fallback)", fallback=True)
+@rule(
+    "diag",
+    LinearOperator,
+    name="diagonal from n unit products (fallback)",
+    fallback=True,
+    priority=10,
+)
 def unit_products_diag_fallback(node, ctx):
     if not _affordable(node, ctx):
         return None
@@ -177,7 +183,7 @@ def stochastic_diag_fallback(node, ctx):
     method = "stochastic diagonal estimation"
     _refuse_or_warn(node, ctx, "diag", method)
     pol = ctx.policy
-    est = diag_estimate(node, pol.num_matvecs, generator=pol.generator(node.device))
+    est = diag_estimate(node, pol.num_matvecs, generator=pol.rng(node.device))
     _report(node, ctx, "diag", method, est)
     return est.value
 
@@ -193,7 +199,7 @@ def trace_fallback(node, ctx):
 
     _refuse_or_warn(node, ctx, "trace", "Hutch++")
     pol = ctx.policy
-    est = hutchpp(node, pol.num_matvecs, generator=pol.generator(node.device))
+    est = hutchpp(node, pol.num_matvecs, generator=pol.rng(node.device))
     _report(node, ctx, "trace", "Hutch++", est)
     return est.value
 
@@ -206,7 +212,7 @@ def frobenius_fallback(node, ctx):
 
     _refuse_or_warn(node, ctx, "frobenius", "Hutch++ on AᵀA")
     pol = ctx.policy
-    est = hutchpp(node.T @ node, pol.num_matvecs, generator=pol.generator(node.device))
+    est = hutchpp(node.T @ node, pol.num_matvecs, generator=pol.rng(node.device))
     _report(node, ctx, "frobenius", "Hutch++ on AᵀA (the estimate of ‖A‖²)", est)
     value = est.value
     return torch.sqrt(torch.as_tensor(value).clamp_min(0))

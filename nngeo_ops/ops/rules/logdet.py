@@ -21,7 +21,7 @@ from ..permutation import Permutation
 from ..registry import rule
 from ..symbolic import Inverse
 from ._util import sign_tensor
-from .solve import wide_congruence_parts, woodbury_parts
+from .woodbury import wide_congruence_parts, woodbury_parts
 
 
 def _from_values(v: torch.Tensor):
@@ -130,26 +130,28 @@ def inverse_slogdet(node: Inverse, ctx):
     return s, -la
 
 
-@rule("slogdet", Sum, name="determinant lemma (structured + low rank)")
+@rule("slogdet", Sum, name="determinant lemma (structured + low rank)", priority=30)
 def woodbury_slogdet(node: Sum, ctx):
     parts = woodbury_parts(node, ctx)
     if parts is None:
         return None
-    B, *_, (LU, piv), S = parts
-    sb, lb = ctx.slogdet_of(B, structured_only=True) or (None, None)
+    LU, piv = parts.lu
+    sb, lb = ctx.slogdet_of(parts.B, structured_only=True) or (None, None)
     if sb is None:
         return None
     ss, ls = _lu_slogdet(LU, piv)
     return sb * ss, lb + ls
 
 
-@rule("slogdet", Sum, name="determinant lemma in function space (Xᵀ·M·X + c·I, X wide)")
+@rule(
+    "slogdet", Sum, name="determinant lemma in function space (Xᵀ·M·X + c·I, X wide)", priority=20
+)
 def wide_congruence_slogdet(node: Sum, ctx):
     """``det(c·I_n + XᵀMX) = cⁿ · det(c·I_m + K M) / cᵐ`` with ``K = X Xᵀ``."""
     parts = wide_congruence_parts(node, ctx)
     if parts is None:
         return None
-    X, _, c, _, (LU, piv) = parts
+    X, c, (LU, piv) = parts.X, parts.c, parts.lu
     m, n = X.shape
     ss, ls = _lu_slogdet(LU, piv)
     c_t = torch.as_tensor(c, dtype=X.dtype, device=X.device)

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import NonFiniteError, SingularError
-from ..base import scalar_float
+from ...errors import SingularError
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum, Transpose
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
 from ..kronecker import Kronecker, kron_apply
-from ..lowrank import LowRank
 from ..permutation import Permutation
 from ..registry import rule
 from ..symbolic import Inverse
-from ._util import check_nonzero, congruence_gram
+from ._util import check_nonzero
+from .woodbury import (  # noqa: F401  (re-exported: other rule modules import them from here)
+    WideCongruenceParts,
+    WoodburyParts,
+    wide_congruence_parts,
+    woodbury_parts,
+)
 
 
 @rule("solve", Dense, name="Cholesky (PSD) or LU")
@@ -119,34 +123,13 @@ def inverse_solve(node: Inverse, ctx):
     return node.child._matmat
 
 
-def woodbury_parts(node: Sum, ctx):
-    """For ``A = B + U C Vᵀ``: the solve of ``B``, ``B⁻¹U``, and ``LU(I + C Vᵀ B⁻¹ U)``, or None."""
-    key = ("woodbury", id(node))
-    if key in ctx._memo:
-        return ctx._memo[key]
-    parts = None
-    lrs = [t for t in node.terms if isinstance(t, LowRank)]
-    if len(lrs) == 1 and lrs[0].shape[0] == lrs[0].shape[1]:
-        L = lrs[0]
-        rest = [t for t in node.terms if t is not L]
-        B = rest[0] if len(rest) == 1 else ctx.simplify(Sum(*rest))
-        b_solve = ctx.solver(B, structured_only=True)
-        if b_solve is not None:
-            C = L.core()
-            BU = b_solve(L.U)
-            S = torch.eye(L.rank, dtype=L.dtype, device=L.device) + C @ (L.Vm.mT @ BU)
-            parts = (B, b_solve, BU, C, L.Vm, torch.linalg.lu_factor(S), S)
-    ctx._memo[key] = parts
-    return parts
-
-
-@rule("solve", Sum, name="Woodbury (structured + low rank)")
+@rule("solve", Sum, name="Woodbury (structured + low rank)", priority=30)
 def woodbury_solve(node: Sum, ctx):
     """``(B + UCVᵀ)⁻¹ = B⁻¹ − B⁻¹U (I + C Vᵀ B⁻¹ U)⁻¹ C Vᵀ B⁻¹`` (no inverse of ``C`` needed)."""
     parts = woodbury_parts(node, ctx)
     if parts is None:
         return None
-    _, b_solve, BU, C, V, (LU, piv), _ = parts
+    b_solve, BU, C, V, (LU, piv) = parts.solve_B, parts.BinvU, parts.C, parts.V, parts.lu
 
     def solve(X: torch.Tensor) -> torch.Tensor:
         Y = b_solve(X)
@@ -155,52 +138,14 @@ def woodbury_solve(node: Sum, ctx):
     return solve
 
 
-def wide_congruence_parts(node: Sum, ctx):
-    """For ``A = Xᵀ M X + c·I`` with ``X`` of shape (m, n), m < n (a Gauss-Newton matrix ``Jᵀ H J``
-    over fewer outputs than parameters): ``(X, M, c, S, LU(S))`` with ``S = c·I + K M``, ``K = X Xᵀ``
-    and M dense (:func:`congruence_gram`: K from ``X.gram()`` or from m products with X and Xᵀ;
-    m ≤ ``policy.dense_limit``, so everything formed is m × m), or None.
-    """
-    key = ("wide congruence", id(node))
-    if key in ctx._memo:
-        return ctx._memo[key]
-    parts = None
-    shifts = [t for t in node.terms if isinstance(t, ScaledIdentity)]
-    rest = [t for t in node.terms if not isinstance(t, ScaledIdentity)]
-    if len(shifts) == 1 and len(rest) == 1 and scalar_float(shifts[0].c) != 0.0:
-        t, c = rest[0], shifts[0].c
-        wide_x = isinstance(t, Product) and t.shape[0] > t.factors[-1].shape[0]
-        cong = congruence_gram(t, ctx, from_products=True) if wide_x else None
-        if cong is not None:
-            X, Md, K = cong
-            m = X.shape[0]
-            # the m × m system in float64 for float32 operands: it carries the damping's
-            # conditioning, and m ≤ dense_limit keeps it cheap next to the passes over data
-            S = c * torch.eye(m, dtype=Md.dtype, device=X.device) + K @ Md
-            if not bool(torch.isfinite(S).all()):
-                raise NonFiniteError(
-                    f"{node._str()}: the function-space system has NaN or inf entries (from "
-                    "X Xᵀ or M); check the data and the model outputs"
-                )
-            LU, piv, info = torch.linalg.lu_factor_ex(S)
-            if int(info) != 0:  # det(c·I + XᵀMX) = c^(n-m)·det(S): the operator is singular
-                raise SingularError(
-                    f"{node._str()} is singular (its {m}×{m} function-space system has a zero "
-                    "pivot); increase the damping"
-                )
-            parts = (X, Md, c, S, (LU, piv))
-    ctx._memo[key] = parts
-    return parts
-
-
-@rule("solve", Sum, name="Woodbury in function space (Xᵀ·M·X + c·I, X wide)")
+@rule("solve", Sum, name="Woodbury in function space (Xᵀ·M·X + c·I, X wide)", priority=20)
 def wide_congruence_solve(node: Sum, ctx):
     """``(c·I + XᵀMX)⁻¹ B = (B − Xᵀ M (c·I + K M)⁻¹ X B) / c`` with ``K = X Xᵀ``: an m × m system
     (m = outputs × examples) instead of n × n, and no inverse of ``M`` (singular for a Fisher)."""
     parts = wide_congruence_parts(node, ctx)
     if parts is None:
         return None
-    X, Md, c, _, (LU, piv) = parts
+    X, Md, c, (LU, piv) = parts.X, parts.M, parts.c, parts.lu
 
     def solve(B: torch.Tensor) -> torch.Tensor:
         Z = torch.linalg.lu_solve(LU, piv, X._matmat(B).to(LU.dtype))

@@ -67,7 +67,7 @@ def _fold_lowranks(ts: list[LowRank]) -> LowRank:
     return LowRank(U, C, V, psd=all(t.psd for t in ts))
 
 
-@rule("rewrite", Sum, name="canonical sum")
+@rule("rewrite", Sum, name="canonical sum", priority=30)
 def canonical_sum(node: Sum, ctx):
     flat: list[LinearOperator] = []
     for t in node.terms:
@@ -118,7 +118,7 @@ def _shift_vector(t: BlockDiag) -> Diagonal:
     return Diagonal(torch.cat([b.diag_vector() for b in t.blocks]))
 
 
-@rule("rewrite", Sum, name="block-wise sum")
+@rule("rewrite", Sum, name="block-wise sum", priority=20)
 def blockwise_sum(node: Sum, ctx):
     """``BlockDiag[A₁, A₂, …] + BlockDiag[B₁, B₂, …] = BlockDiag[A₁ + B₁, A₂ + B₂, …]`` for the
     same partition (square blocks)."""
@@ -179,7 +179,7 @@ def _absorb(t: LinearOperator, s: LinearOperator, ctx) -> LinearOperator | None:
     return None
 
 
-@rule("rewrite", Sum, name="absorb shift")
+@rule("rewrite", Sum, name="absorb shift", priority=10)
 def absorb_shift(node: Sum, ctx):
     shifts = [t for t in node.terms if isinstance(t, (ScaledIdentity, Diagonal))]
     if len(shifts) != 1:

@@ -100,7 +100,7 @@ def _shifted_eigenvalues(c, factors, lam) -> torch.Tensor:
     return scalar_float(c) * vals + scalar_float(lam)
 
 
-@rule("solve", Sum, name="Bartels–Stewart (Schur forms of the Kronecker factors)")
+@rule("solve", Sum, name="Bartels–Stewart (Schur forms of the Kronecker factors)", priority=10)
 def kronecker_shift_solve(node: Sum, ctx):
     pat = _pattern(node)
     if pat is None:
@@ -126,7 +126,7 @@ def kronecker_shift_solve(node: Sum, ctx):
     return solve
 
 
-@rule("slogdet", Sum, name="Σ log|c·αᵢγⱼ + λ| from the factors' Schur eigenvalues")
+@rule("slogdet", Sum, name="Σ log|c·αᵢγⱼ + λ| from the factors' Schur eigenvalues", priority=10)
 def kronecker_shift_slogdet(node: Sum, ctx):
     pat = _pattern(node)
     if pat is None:
