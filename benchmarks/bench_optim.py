@@ -16,7 +16,10 @@ every round) and to one SGD step (``/SGD``): the issue's target is KFAC ≤ 1.3�
 update_every=10 and ≤ 1.1× with update_every=100. ``state MB``: tensors held by the optimiser
 (momentum, Adam moments, curvature statistics and the factors of the current operator; not the
 transient cost of a refresh). Loss curves: ``--steps`` steps of each optimiser from the same
-initialisation and the same batches; a PNG of loss against steps and against wall time.
+initialisation and the same batches; a PNG of loss against steps and against wall time; the notes
+give each trained model's mean loss over all the batches of its run (one batch's loss says more
+about the batch than about the optimiser). CPU time per step at the steady state of the moving
+averages: ``benchmarks/optim_cost.py``.
 
 Ours: ``NaturalGradient`` with KFAC, MC Fisher (one sample), ``ema_decay=0.95``, λ = 1 exact
 damping, momentum 0.9; the statistics come from the training step's own forward/backward (one
@@ -327,7 +330,12 @@ def train_curves(name, base, cases, errors, args, device):
                 clock.append(time.perf_counter() - t0)
         except Exception as err:  # a diverging run ends its curve
             print(f"  {name} {label}: stopped at step {len(losses)} ({type(err).__name__})")
-        curves[label] = (losses, clock)
+        # the loss of one batch moves more from batch to batch than between optimisers after a few
+        # steps (SGD and Adam printed the same last loss to 3 decimals): compare the trained models
+        # on the same data instead, the mean loss over every batch of the run
+        with torch.no_grad():
+            final = sum(float(Fn.cross_entropy(r.model(x), y)) for x, y in data) / len(data)
+        curves[label] = (losses, clock, final)
     return curves
 
 
@@ -340,7 +348,7 @@ def plot(curves_by_model, path):
     n = len(curves_by_model)
     fig, axes = plt.subplots(2, n, figsize=(4.5 * n, 7), squeeze=False)
     for j, (name, curves) in enumerate(curves_by_model.items()):
-        for label, (losses, clock) in curves.items():
+        for label, (losses, clock, _) in curves.items():
             axes[0, j].plot(range(1, len(losses) + 1), losses, label=label)
             axes[1, j].plot(clock, losses, label=label)
         axes[0, j].set_title(name)
@@ -390,11 +398,11 @@ def main():
                 lines.append(f"| {model} | {label} | – | – | – | {mem} |")
             else:
                 lines.append(f"| {model} | {label} | {ms:.1f} | {rf:.2f} | {rs:.2f} | {mem:.2f} |")
-        for label, (losses, _) in c.items():
+        for label, (losses, _, final) in c.items():
             if losses:
                 notes.append(
-                    f"{name} {label}: loss {losses[0]:.3f} → {losses[-1]:.3f} after "
-                    f"{len(losses)} steps"
+                    f"{name} {label}: first batch loss {losses[0]:.4f}; after {len(losses)} steps, "
+                    f"mean loss over the {len(losses)} batches {final:.4f}"
                 )
     header = [
         f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "

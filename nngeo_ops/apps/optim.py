@@ -105,12 +105,14 @@ class NaturalGradient(torch.optim.Optimizer):
         for w in caught:  # re-emitted here, so that the warning points at the user's line
             warnings.warn(w.message, w.category, stacklevel=2)
         self.model = model
-        self._covered = [id(p) for p in self.preconditioner.layer_collection.parameters(model)]
+        # the covered parameters, looked up once (the layer collection's lookup walks the modules)
+        self._covered_params = list(self.preconditioner.layer_collection.parameters(model))
+        self._covered = [id(p) for p in self._covered_params]
 
     def _lr_flat(self, grads):
         """The learning rate of each covered scalar (for kl_clip), as one flat tensor."""
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
-        params = self.preconditioner.layer_collection.parameters(self.model)
+        params = self._covered_params
         lrs = {lr_of.get(id(p), 0.0) for p in params}
         if len(lrs) == 1:
             return lrs.pop()
@@ -133,8 +135,7 @@ class NaturalGradient(torch.optim.Optimizer):
                 "damping='adaptive' needs the loss before and after the step: call "
                 "step(closure) with a closure that recomputes the loss and its gradient"
             )
-        lc, model = pre.layer_collection, self.model
-        covered = lc.parameters(model)
+        covered = self._covered_params
         cov_ids = set(self._covered)
         # the gradient with weight decay, per parameter (the .grad fields are left as they are)
         gdict = {}

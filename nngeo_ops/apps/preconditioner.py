@@ -511,9 +511,13 @@ class Preconditioner:
             )
         elif self.curvature is not None and not s.pi_damping:
             lam = self.current_damping()
-            node = self.curvature._damped(lam)  # noqa: SLF001  (the node solve() compiles)
+            if isinstance(self.route, KFACRoute) and lam != 0:
+                compiled = self.route.compiled(self.curvature, float(lam))  # what the steps use
+            else:
+                node = self.curvature._damped(lam)  # noqa: SLF001  (the node solve() compiles)
+                compiled = node.compiled()
             lines.append("  damped operator:")
-            lines += ["    " + ln for ln in node.compiled().explain().splitlines()]
+            lines += ["    " + ln for ln in compiled.explain().splitlines()]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoints

@@ -26,6 +26,10 @@ def kron_apply(
     ``(Π m_i)(Π n_i)``.
     """
     k = X.shape[1]
+    if len(fns) == 2 and k == 1:
+        # one vector through two factors (a KFAC block's G·V·Aᵀ): two products, no axis shuffles
+        V = fns[0](X.reshape(in_sizes[0], in_sizes[1]))
+        return fns[1](V.mT).mT.reshape(-1, 1)
     T = X.reshape(*in_sizes, k)
     sizes = list(in_sizes)
     for i, f in enumerate(fns):

@@ -133,8 +133,51 @@ def test_one_step_kfac_above_the_dense_limit():
         parts += [sol[:, :n_in].reshape(-1), sol[:, n_in]]
         i += n_w + n_out
     assert i == g.numel() > 3000
-    one_ng_step(model, x, y, representation=PMatKFAC, fisher="exact")
+    opt = one_ng_step(model, x, y, representation=PMatKFAC, fisher="exact")
     torch.testing.assert_close(flat_params(model), w0 - LR * torch.cat(parts))
+    # 16 examples < 51 inputs: A is low rank, solved over its thin basis (no complete basis)
+    assert "A_rows" in opt.preconditioner.stats["0"]
+    assert "shifted thin eigen form" in opt.preconditioner.explain()
+
+
+def _kfac_direction(model, factors, g, lam=LAM):
+    """(G ⊗ A + λI)⁻¹ g per Linear layer of ``model`` (factors {lid: (A, G)}), from torch.linalg.eigh
+    of the dense factors, in Kronecker order (each bias after its row) mapped to parameter order."""
+    parts, i = [], 0
+    for lid, (a, gg) in factors.items():
+        n_out, n_in = model[int(lid)].weight.shape
+        ea, qa = torch.linalg.eigh(a)
+        eg, qg = torch.linalg.eigh(gg)
+        n_w = n_out * n_in
+        v = torch.cat([g[i : i + n_w].reshape(n_out, n_in), g[i + n_w : i + n_w + n_out, None]], 1)
+        sol = qg @ (qg.T @ v @ qa / (torch.outer(eg, ea) + lam)) @ qa.T
+        parts += [sol[:, :n_in].reshape(-1), sol[:, n_in]]
+        i += n_w + n_out
+    return torch.cat(parts)
+
+
+def test_averaged_low_rank_factors_above_the_dense_limit_equal_the_dense_formula():
+    # two refreshes with β: each A of 16 rows, averaged as 32 stacked rows (≤ 2/3 of 51 and of 65
+    # inputs: kept thin); the second step equals the eigh formula on β·A₁ + (1 − β)·A₂ (and G)
+    beta = 0.7
+    model = mlp(d_in=50, hidden=64)
+    (x1, y1), (x2, y2) = batch(n=16, shape=(50,)), batch(n=16, seed=1, shape=(50,))
+    opt = NaturalGradient(model, lr=LR, fisher="exact", ema_decay=beta, damping=LAM)
+    refs = []
+    for x, y in ((x1, y1), (x2, y2)):
+        refs.append(FIM(model, [(x, y)], PMatKFAC))
+        w, g = flat_params(model), flat_grad(model, x, y)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(batch=(x, y))
+    assert g.numel() > 3000
+    factors = {}
+    for lid in ("0", "2"):
+        (a1, g1), (a2, g2) = (r.get_factors(lid) for r in refs)
+        factors[lid] = (beta * a1 + (1 - beta) * a2, beta * g1 + (1 - beta) * g2)
+        assert opt.preconditioner.stats[lid]["A_rows"].shape[0] == 32
+    torch.testing.assert_close(flat_params(model), w - LR * _kfac_direction(model, factors, g))
+    assert "shifted thin eigen form" in opt.preconditioner.explain()
 
 
 def test_one_step_monte_carlo_draws_the_labels_of_its_generator():

@@ -193,7 +193,8 @@ def snapshot():
 
 out = [snapshot()]
 mods = sorted(n for n in vars(rules_pkg) if n in {"diag", "eigh", "fallback", "inverse", "logdet",
-    "power", "products", "scale", "solve", "structure", "sums", "sylvester", "transpose", "woodbury"})
+    "power", "products", "scale", "solve", "structure", "sums", "sylvester", "thin_shift", "transpose",
+    "woodbury"})
 for seed in range(int(sys.argv[1])):
     for r in list(reg.all_rules()):
         if r.fn.__module__.startswith("nngeo_ops.ops.rules"):

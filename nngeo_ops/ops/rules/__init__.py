@@ -10,6 +10,8 @@ class, ``priority`` and name (see :mod:`nngeo_ops.ops.registry`).
   closed-form routines per node class.
 - :mod:`.woodbury`: the pieces shared by the Woodbury solve and the determinant lemma.
 - :mod:`.sylvester`: ``c·(A⊗B⊗…) + λI`` for non-symmetric factors (Schur forms).
+- :mod:`.thin_shift`: ``Q·diag(λ)·Qᵀ + c·I`` with a thin ``Q`` (damped Kronecker with a low-rank
+  factor), solved and log-determined without completing the basis.
 - :mod:`.fallback`: dense and iterative routines used where no closed form applies.
 """
 
@@ -26,6 +28,7 @@ from . import (  # noqa: F401
     structure,
     sums,
     sylvester,
+    thin_shift,
     transpose,
     woodbury,
 )

@@ -6,7 +6,8 @@ kind so that ``D + UUᵀ`` and ``UUᵀ + D`` are the same tree.
 
 Shift absorption (the damping rules): ``Eigen(Q, λ) + c·I = Eigen(Q, λ + c)``;
 ``(A⊗B) + c·I`` (symmetric factors) is the eigen form over ``Q_A⊗Q_B`` with shifted eigenvalues
-``λ_A⊗λ_B + c`` (factor eigendecompositions only, never a P×P matrix);
+``λ_A⊗λ_B + c`` (factor eigendecompositions only, never a P×P matrix), or, when a factor is low
+rank, the thin eigen form plus ``c·I`` of :mod:`.thin_shift` (no complete basis);
 ``BlockDiag + c·I`` shifts each block; ``Qᵀ·M·Q + c·I = Qᵀ·(M + c·I)·Q`` for orthogonal ``Q``
 (a permutation congruence ``Pᵀ·X·P`` included); ``c·X + s·I = c·(X + (s/c)·I)`` for a scalar kept
 at the root of ``X`` (see :mod:`.scale`); ``Dense + diag`` is one dense matrix.
@@ -34,6 +35,7 @@ from ..lowrank import LowRank
 from ..matfree import MatFree
 from ..registry import rule
 from ._util import orthogonal_congruence
+from .thin_shift import thin_kronecker_shift
 
 _ORDER = (Eigen, Kronecker, BlockDiag, Product, Dense, MatFree, LowRank, Diagonal, ScaledIdentity)
 
@@ -158,6 +160,9 @@ def _absorb(t: LinearOperator, s: LinearOperator, ctx) -> LinearOperator | None:
     if isinstance(t, Eigen) and t.full and scalar:
         return Eigen(t.Q, t.evals + s.c)
     if isinstance(t, Kronecker) and scalar and t.symmetric and t.square_factors:
+        thin = thin_kronecker_shift(t, s.c, ctx)  # a low-rank factor: no complete basis
+        if thin is not None:
+            return thin
         E = ctx.eigh_of(t, structured_only=True)
         return None if E is None else Eigen(E.Q, E.evals + s.c)
     if isinstance(t, BlockDiag) and t.row_sizes == t.col_sizes:
