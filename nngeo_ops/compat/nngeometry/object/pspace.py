@@ -38,7 +38,8 @@ from ....nn.pfmap import PFMap
 from ....nn.pfmap import mapTMmap as _mapTMmap
 from ....nn.vector import PVector as _PVector
 from ....ops import Eigen
-from .._errors import NormOrderError, UnsupportedCompatError
+from .._errors import NoGeneratorError, NormOrderError, UnsupportedCompatError
+from ..backend.dummy import DummyGenerator
 from ..backend.torch_hooks.torch_hooks import TorchHooksJacobianBackend
 from ..layercollection import LayerCollection
 from .map import PFMapDense
@@ -89,6 +90,31 @@ def as_loader(examples):
     if isinstance(examples, list | tuple) and examples and torch.is_tensor(examples[0]):
         return [tuple(examples)]
     return examples
+
+
+def _detached(pmat):
+    """A shallow copy of one of our representations whose generator is a ``DummyGenerator``."""
+    state = dict(pmat.__dict__)
+    state.pop("_damped_nodes", None)  # caches, rebuilt on first use
+    state["generator"] = DummyGenerator(pmat.op.device)
+    if "compat_backend" in state:
+        state["compat_backend"] = None
+    if "sub_pmats" in state:
+        state["sub_pmats"] = type(state["sub_pmats"])(
+            (k, _detached(v)) for k, v in state["sub_pmats"].items()
+        )
+    clone = object.__new__(type(pmat))
+    clone.__dict__.update(state)
+    return clone
+
+
+def _check_generator(pmat, what):
+    if isinstance(pmat.generator, DummyGenerator):
+        raise NoGeneratorError(
+            f"{what} needs the model and a function, but this {type(pmat).__name__} was restored "
+            "from a pickle, which keeps the data and not the generator; build a new one with a "
+            "backend to refit it"
+        )
 
 
 def _zeros_like(data):
@@ -181,6 +207,14 @@ class _Compat:
                 "PMatBlockDiag or PMatLowRank"
             )
         return backend.stats_from_jacobian(self._jacobian_kind, examples, lc)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """NNGeometry's pickling: the data without the generator (its function is often a local
+        closure), replaced on loading by a ``DummyGenerator`` that knows the device only; all
+        products, solves and spectra work on the restored object, refits (``update_diag``) raise
+        :class:`NoGeneratorError` (an AttributeError, as in NNGeometry)."""
+        return _detached(self).__dict__
 
     # ------------------------------------------------------------------ results as compat objects
     def _wrap(self, like, flat):
@@ -425,6 +459,12 @@ class PMatImplicit(_Compat, _pm.PMatImplicit):
 
     solvePVec = solve
 
+    def __getstate__(self):
+        raise UnsupportedCompatError(
+            "a PMatImplicit holds its model and data only through its generator and cannot be "
+            "pickled; pickle a PMatDense (or another representation with data) instead"
+        )
+
 
 class PMatKFAC(_Compat, _kf.PMatKFAC):
     """KFAC with NNGeometry's π-damped ``inv`` / ``pow`` / ``solve`` (``use_pi=True`` default)."""
@@ -486,6 +526,7 @@ class PMatEKFAC(_Compat, _kf.PMatEKFAC):
         return _factor_eigenvalues(self)
 
     def update_diag(self, examples):
+        _check_generator(self, "update_diag")
         super().update_diag(examples)
         self.__dict__.pop("_damped_nodes", None)
         return self
@@ -499,6 +540,11 @@ class PMatMixed(_Compat, _mx.PMatMixed):
 
     def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kw):
         self._compat_init(layer_collection, generator, data, examples, **kw)
+
+    def update_diag(self, examples):
+        _check_generator(self, "update_diag")
+        super().update_diag(examples)
+        return self
 
     def _eigenvalues(self):
         parts = []
@@ -524,10 +570,6 @@ class PMatEKFACBlockDiag(PMatMixed):
             default=_pm.PMatBlockDiag,
             by_kind={k: ekfac for k in _mx.EKFAC_KINDS},
         )
-
-    def update_diag(self, examples):
-        super().update_diag(examples)
-        return self
 
 
 _ONE = torch.tensor(1.0)  # NNGeometry's default scaling, created at import (default dtype then)
