@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from .... import ops as _ops
 from ....errors import UnsupportedError
 from ....linalg import cg as _cg
 from ....nn import kfac as _kf
@@ -115,6 +116,14 @@ def _check_generator(pmat, what):
             "from a pickle, which keeps the data and not the generator; build a new one with a "
             "backend to refit it"
         )
+
+
+def _pinv_node(op, atol):
+    """The pseudo-inverse of a symmetric node with the eigenvalues ≤ ``atol`` set to zero."""
+    e = op.eigh()
+    ev = e.evals
+    inv = torch.where(ev <= atol, torch.zeros_like(ev), 1.0 / torch.where(ev <= atol, 1, ev))
+    return Eigen(e.Q, inv)
 
 
 def _zeros_like(data):
@@ -322,10 +331,7 @@ class _Compat:
         return self.pow(p)
 
     def _pinv_op(self, atol):
-        e = self.op.eigh()
-        ev = e.evals
-        inv = torch.where(ev <= atol, torch.zeros_like(ev), 1.0 / torch.where(ev <= atol, 1, ev))
-        return Eigen(e.Q, inv)
+        return _pinv_node(self.op, atol)
 
     def pinv(self, atol: float = 1e-8):
         """The pseudo-inverse with the eigenvalues ≤ ``atol`` set to zero."""
@@ -533,18 +539,124 @@ class PMatEKFAC(_Compat, _kf.PMatEKFAC):
 
 
 class PMatMixed(_Compat, _mx.PMatMixed):
-    """Our mixed representation: ``PMatMixed(layer_collection, generator, examples=...,
-    default=PMatBlockDiag, by_kind={"Linear": PMatEKFAC, ...})`` (module class names as keys)."""
+    """Our mixed representation: per-layer blocks of several representations in one ``BlockDiag``.
+
+    Three ways to build one:
+
+    * NNGeometry's constructor, from representations already built over disjoint parts of the
+      collection: ``PMatMixed(layer_collection, generator, layer_collection_each, layer_map,
+      sub_pmats)`` with ``sub_pmats = {representation class: matrix over its layers}``,
+      ``layer_map = {layer_id: representation class}`` (``layer_collection_each`` is accepted and
+      kept, as NNGeometry keeps it);
+    * NNGeometry's :meth:`from_mapping` (layer classes such as ``LinearLayer`` as keys);
+    * ours: ``PMatMixed(layer_collection, generator, examples=..., default=PMatBlockDiag,
+      by_kind={"Linear": PMatEKFAC, ...})`` (module class names as keys).
+    """
 
     _ours = _mx.PMatMixed
 
-    def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kw):
+    def __init__(self, layer_collection=None, generator=None, *args, **kw):
+        if len(args) == 3 or "sub_pmats" in kw:
+            names = ("layer_collection_each", "layer_map", "sub_pmats")
+            kw.update(zip(names, args))
+            self._join_built(layer_collection, generator, **kw)
+            return
+        data, examples = (list(args) + [None, None])[:2]
+        data, examples = kw.pop("data", data), kw.pop("examples", examples)
         self._compat_init(layer_collection, generator, data, examples, **kw)
+
+    def _join_built(self, layer_collection, generator, layer_collection_each, layer_map, sub_pmats):
+        """NNGeometry's constructor: join representations built beforehand (no pass over data)."""
+        covered = [lid for pmat in sub_pmats.values() for lid in pmat.layer_collection.layers]
+        if sorted(covered) != sorted(layer_collection.layers):
+            raise UnsupportedCompatError(
+                "the sub-representations must cover the layers of layer_collection exactly once; "
+                f"they cover {sorted(covered)}, the collection has {sorted(layer_collection.layers)}"
+            )
+        self.layer_collection_each = layer_collection_each
+        self.layer_map = dict(layer_map)
+        self.sub_pmats = dict(sub_pmats)
+        self.compat_backend = generator if hasattr(generator, "curvature_generator") else None
+        _pm.PMatAbstract.__init__(self, layer_collection, self._join(layer_collection), generator)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        layer_collection,
+        generator,
+        default_representation,
+        map_layers_to,
+        data=None,
+        examples=None,
+        **kwargs,
+    ):
+        """NNGeometry's builder: layers whose class (``LinearLayer``, ``Conv2dLayer``, ...) is a
+        key of ``map_layers_to`` get that representation, the others ``default_representation``;
+        each representation is built over its layers (one pass over ``examples`` each)."""
+        each, layer_map = {}, {}
+        for lid, layer in layer_collection.layers.items():
+            rep = map_layers_to.get(type(layer), default_representation)
+            each.setdefault(rep, LayerCollection()).add_layer(lid, layer)
+            layer_map[lid] = rep
+        sub_pmats = {}
+        for rep, lc in each.items():
+            gen = generator
+            if not hasattr(generator, "curvature_generator"):  # one of our generators
+                gen = _mx.restricted_generator(generator, lc)
+            sub_pmats[rep] = rep(
+                layer_collection=lc, generator=gen, data=data, examples=examples, **kwargs
+            )
+        return cls(layer_collection, generator, each, layer_map, sub_pmats)
 
     def update_diag(self, examples):
         _check_generator(self, "update_diag")
         super().update_diag(examples)
         return self
+
+    # NNGeometry inverts, solves and pseudo-inverts a mixed matrix part by part, each part with its
+    # own convention: a KFAC part is π-damped (every other part is damped exactly, which for a
+    # block-diagonal matrix is the same as damping the whole). Parts that are KFAC, or a ``solve``
+    # chosen per part (a dict), take that route: Pᵀ·BlockDiag(part inverses)·P, with P the
+    # permutation from the collection's flat order to the parts' concatenated orders.
+    def _by_part(self, solve) -> bool:
+        return isinstance(solve, dict) or any(
+            isinstance(p, _kf.PMatKFAC) and not isinstance(p, _kf.PMatEKFAC)
+            for p in self.sub_pmats.values()
+        )
+
+    def _join_parts(self, part_op):
+        lc = self.layer_collection
+        idx = []
+        for pmat in self.sub_pmats.values():
+            for lid, entry in pmat.layer_collection.layers.items():
+                idx.append(lc.p_pos[lid] + torch.arange(entry.numel()))
+        perm = _ops.Permutation(torch.cat(idx), dtype=self.op.dtype, device=self.op.device)
+        blocks = [part_op(key, pmat) for key, pmat in self.sub_pmats.items()]
+        return perm.T @ _ops.BlockDiag(blocks) @ perm
+
+    @staticmethod
+    def _part_inverse(pmat, regul, solve):
+        if solve == "lstsq":
+            return _pinv_node(pmat.op, regul)
+        if isinstance(pmat, _Compat):
+            return pmat._solve_op(regul, solve)
+        if isinstance(pmat, _kf.PMatKFAC) and not isinstance(pmat, _kf.PMatEKFAC):
+            return pmat._pi_damped(regul).inv()
+        return pmat._damped(regul).inv()
+
+    def _solve_op(self, regul, solve, **kw):
+        if not self._by_part(solve):
+            return super()._solve_op(regul, solve, **kw)
+        pick = solve.get if isinstance(solve, dict) else (lambda key, default: solve)
+        return self._join_parts(
+            lambda key, pmat: self._part_inverse(pmat, regul, pick(key, "default"))
+        )
+
+    def inv(self, regul: float = 1e-8):
+        """(M + regul·I)⁻¹ part by part (a KFAC part π-damped, as NNGeometry's)."""
+        if not self._by_part("default"):
+            return super().inv(regul)
+        return self._expr(self._solve_op(regul, "default"))
 
     def _eigenvalues(self):
         parts = []
