@@ -19,7 +19,11 @@ Where NNGeometry's convention differs from ours, the classes here follow NNGeome
   W[o, :] then b[o]); the default ``True`` is the parameter order (all of W, then b);
 * ``solve(..., solve="lstsq")`` and ``pinv(atol)`` zero the eigenvalues ≤ the threshold;
 * ``inverse()`` is NNGeometry's deprecated alias of ``inv()`` (a DeprecationWarning), kept where
-  NNGeometry had it.
+  NNGeometry had it;
+* pickling keeps the data and drops the generator (a ``DummyGenerator`` on loading), as
+  NNGeometry's ``__getstate__`` does: its function is usually a local closure;
+* ``PMatMixed`` takes NNGeometry's constructor and ``from_mapping``, and inverts / solves part by
+  part when a part is KFAC (π-damped there) or the solve is chosen per part.
 """
 
 from __future__ import annotations
