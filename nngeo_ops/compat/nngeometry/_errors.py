@@ -11,3 +11,8 @@ class NormOrderError(InvalidArgumentError, RuntimeError):
 
 class UnsupportedCompatError(UnsupportedError):
     """An option NNGeometry does not offer either (NotImplementedError there too)."""
+
+
+class NoGeneratorError(UnsupportedError, AttributeError):
+    """A computation that needs the model and data on a representation restored from a pickle
+    (NNGeometry replaces the generator by a ``DummyGenerator`` then: an AttributeError there)."""

@@ -114,9 +114,22 @@ class PMatKFAC(PMatAbstract):
         """
         return accs[0].value
 
+    def _layout(self, generator, lid) -> tuple[str, bool]:
+        """(Kronecker order of the layer's rule, whether the module has a bias) of a Kronecker layer.
+
+        Read from the generator once, at construction, and kept: the algebra of a built
+        representation (π-damping, the blocks of a refit) then never needs the generator again, so
+        a representation whose generator was dropped (a pickle without the model) still works.
+        """
+        layouts = self.__dict__.setdefault("_layouts", {})
+        if lid not in layouts:
+            module, rule = _layer_info(generator, lid)
+            layouts[lid] = (rule.order, getattr(module, "bias", None) is not None)
+        return layouts[lid]
+
     def _kron(self, generator, lid, f):
         """The Kronecker block, in Kronecker order."""
-        module, rule = _layer_info(generator, lid)
+        order, _ = self._layout(generator, lid)
         rows = f.get("A_rows")
         if rows is not None:  # A = rowsᵀ rows, of rank ≤ the number of rows (see KroneckerFactors)
             a_node = _a_low_rank(rows)
@@ -125,12 +138,12 @@ class PMatKFAC(PMatAbstract):
         else:
             a_node = Dense(f["A"], symmetric=True, psd=True, name="A")
         g_node = Dense(f["G"], symmetric=True, psd=True, name="G")
-        return Kronecker(g_node, a_node) if rule.order == "ga" else Kronecker(a_node, g_node)
+        return Kronecker(g_node, a_node) if order == "ga" else Kronecker(a_node, g_node)
 
     def _to_param_order(self, generator, lid, kron, f):
         """From Kronecker order to parameter order (and the separate bias block)."""
-        module, rule = _layer_info(generator, lid)
-        if rule.order == "ga" and getattr(module, "bias", None) is not None:
+        order, has_bias = self._layout(generator, lid)
+        if order == "ga" and has_bias:
             n_out, n_in = f["G"].shape[0], _a_size(f) - 1
             p = _permutation_node(n_out, n_in, f["G"].dtype)
             return p.T @ kron @ p
@@ -323,10 +336,10 @@ class PMatEKFAC(PMatKFAC):
     def _kron(self, generator, lid, f):
         if "diag" not in f:  # π-damped factors, see PMatKFAC
             return super()._kron(generator, lid, f)
-        module, rule = _layer_info(generator, lid)
+        order, _ = self._layout(generator, lid)
         qa = Dense(f["QA"], symmetric=False, orthogonal=True, name="Q_A")
         qg = Dense(f["QG"], symmetric=False, orthogonal=True, name="Q_G")
-        q = Kronecker(qg, qa) if rule.order == "ga" else Kronecker(qa, qg)
+        q = Kronecker(qg, qa) if order == "ga" else Kronecker(qa, qg)
         return Eigen(q, f["diag"])
 
     def _pi_damped(self, regul, pi=None):

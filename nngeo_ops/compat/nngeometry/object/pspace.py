@@ -19,7 +19,11 @@ Where NNGeometry's convention differs from ours, the classes here follow NNGeome
   W[o, :] then b[o]); the default ``True`` is the parameter order (all of W, then b);
 * ``solve(..., solve="lstsq")`` and ``pinv(atol)`` zero the eigenvalues ≤ the threshold;
 * ``inverse()`` is NNGeometry's deprecated alias of ``inv()`` (a DeprecationWarning), kept where
-  NNGeometry had it.
+  NNGeometry had it;
+* pickling keeps the data and drops the generator (a ``DummyGenerator`` on loading), as
+  NNGeometry's ``__getstate__`` does: its function is usually a local closure;
+* ``PMatMixed`` takes NNGeometry's constructor and ``from_mapping``, and inverts / solves part by
+  part when a part is KFAC (π-damped there) or the solve is chosen per part.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import warnings
 
 import torch
 
+from .... import ops as _ops
 from ....errors import UnsupportedError
 from ....linalg import cg as _cg
 from ....nn.fspace.fmat import mapTMmap as _mapTMmap
@@ -38,7 +43,8 @@ from ....nn.pspace import base as _pm
 from ....nn.pspace import kfac as _kf
 from ....nn.pspace import mixed as _mx
 from ....ops import Eigen
-from .._errors import NormOrderError, UnsupportedCompatError
+from .._errors import NoGeneratorError, NormOrderError, UnsupportedCompatError
+from ..backend.dummy import DummyGenerator
 from ..backend.torch_hooks.torch_hooks import TorchHooksJacobianBackend
 from ..layercollection import LayerCollection
 from .map import PFMapDense
@@ -89,6 +95,39 @@ def as_loader(examples):
     if isinstance(examples, list | tuple) and examples and torch.is_tensor(examples[0]):
         return [tuple(examples)]
     return examples
+
+
+def _detached(pmat):
+    """A shallow copy of one of our representations whose generator is a ``DummyGenerator``."""
+    state = dict(pmat.__dict__)
+    state.pop("_damped_nodes", None)  # caches, rebuilt on first use
+    state["generator"] = DummyGenerator(pmat.op.device)
+    if "compat_backend" in state:
+        state["compat_backend"] = None
+    if "sub_pmats" in state:
+        state["sub_pmats"] = type(state["sub_pmats"])(
+            (k, _detached(v)) for k, v in state["sub_pmats"].items()
+        )
+    clone = object.__new__(type(pmat))
+    clone.__dict__.update(state)
+    return clone
+
+
+def _check_generator(pmat, what):
+    if isinstance(pmat.generator, DummyGenerator):
+        raise NoGeneratorError(
+            f"{what} needs the model and a function, but this {type(pmat).__name__} was restored "
+            "from a pickle, which keeps the data and not the generator; build a new one with a "
+            "backend to refit it"
+        )
+
+
+def _pinv_node(op, atol):
+    """The pseudo-inverse of a symmetric node with the eigenvalues ≤ ``atol`` set to zero."""
+    e = op.eigh()
+    ev = e.evals
+    inv = torch.where(ev <= atol, torch.zeros_like(ev), 1.0 / torch.where(ev <= atol, 1, ev))
+    return Eigen(e.Q, inv)
 
 
 def _zeros_like(data):
@@ -181,6 +220,14 @@ class _Compat:
                 "PMatBlockDiag or PMatLowRank"
             )
         return backend.stats_from_jacobian(self._jacobian_kind, examples, lc)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """NNGeometry's pickling: the data without the generator (its function is often a local
+        closure), replaced on loading by a ``DummyGenerator`` that knows the device only; all
+        products, solves and spectra work on the restored object, refits (``update_diag``) raise
+        :class:`NoGeneratorError` (an AttributeError, as in NNGeometry)."""
+        return _detached(self).__dict__
 
     # ------------------------------------------------------------------ results as compat objects
     def _wrap(self, like, flat):
@@ -288,10 +335,7 @@ class _Compat:
         return self.pow(p)
 
     def _pinv_op(self, atol):
-        e = self.op.eigh()
-        ev = e.evals
-        inv = torch.where(ev <= atol, torch.zeros_like(ev), 1.0 / torch.where(ev <= atol, 1, ev))
-        return Eigen(e.Q, inv)
+        return _pinv_node(self.op, atol)
 
     def pinv(self, atol: float = 1e-8):
         """The pseudo-inverse with the eigenvalues ≤ ``atol`` set to zero."""
@@ -425,6 +469,12 @@ class PMatImplicit(_Compat, _pm.PMatImplicit):
 
     solvePVec = solve
 
+    def __getstate__(self):
+        raise UnsupportedCompatError(
+            "a PMatImplicit holds its model and data only through its generator and cannot be "
+            "pickled; pickle a PMatDense (or another representation with data) instead"
+        )
+
 
 class PMatKFAC(_Compat, _kf.PMatKFAC):
     """KFAC with NNGeometry's π-damped ``inv`` / ``pow`` / ``solve`` (``use_pi=True`` default)."""
@@ -486,19 +536,131 @@ class PMatEKFAC(_Compat, _kf.PMatEKFAC):
         return _factor_eigenvalues(self)
 
     def update_diag(self, examples):
+        _check_generator(self, "update_diag")
         super().update_diag(examples)
         self.__dict__.pop("_damped_nodes", None)
         return self
 
 
 class PMatMixed(_Compat, _mx.PMatMixed):
-    """Our mixed representation: ``PMatMixed(layer_collection, generator, examples=...,
-    default=PMatBlockDiag, by_kind={"Linear": PMatEKFAC, ...})`` (module class names as keys)."""
+    """Our mixed representation: per-layer blocks of several representations in one ``BlockDiag``.
+
+    Three ways to build one:
+
+    * NNGeometry's constructor, from representations already built over disjoint parts of the
+      collection: ``PMatMixed(layer_collection, generator, layer_collection_each, layer_map,
+      sub_pmats)`` with ``sub_pmats = {representation class: matrix over its layers}``,
+      ``layer_map = {layer_id: representation class}`` (``layer_collection_each`` is accepted and
+      kept, as NNGeometry keeps it);
+    * NNGeometry's :meth:`from_mapping` (layer classes such as ``LinearLayer`` as keys);
+    * ours: ``PMatMixed(layer_collection, generator, examples=..., default=PMatBlockDiag,
+      by_kind={"Linear": PMatEKFAC, ...})`` (module class names as keys).
+    """
 
     _ours = _mx.PMatMixed
 
-    def __init__(self, layer_collection=None, generator=None, data=None, examples=None, **kw):
+    def __init__(self, layer_collection=None, generator=None, *args, **kw):
+        if len(args) == 3 or "sub_pmats" in kw:
+            names = ("layer_collection_each", "layer_map", "sub_pmats")
+            kw.update(zip(names, args))
+            self._join_built(layer_collection, generator, **kw)
+            return
+        data, examples = (list(args) + [None, None])[:2]
+        data, examples = kw.pop("data", data), kw.pop("examples", examples)
         self._compat_init(layer_collection, generator, data, examples, **kw)
+
+    def _join_built(self, layer_collection, generator, layer_collection_each, layer_map, sub_pmats):
+        """NNGeometry's constructor: join representations built beforehand (no pass over data)."""
+        covered = [lid for pmat in sub_pmats.values() for lid in pmat.layer_collection.layers]
+        if sorted(covered) != sorted(layer_collection.layers):
+            raise UnsupportedCompatError(
+                "the sub-representations must cover the layers of layer_collection exactly once; "
+                f"they cover {sorted(covered)}, the collection has {sorted(layer_collection.layers)}"
+            )
+        self.layer_collection_each = layer_collection_each
+        self.layer_map = dict(layer_map)
+        self.sub_pmats = dict(sub_pmats)
+        self.compat_backend = generator if hasattr(generator, "curvature_generator") else None
+        _pm.PMatAbstract.__init__(self, layer_collection, self._join(layer_collection), generator)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        layer_collection,
+        generator,
+        default_representation,
+        map_layers_to,
+        data=None,
+        examples=None,
+        **kwargs,
+    ):
+        """NNGeometry's builder: layers whose class (``LinearLayer``, ``Conv2dLayer``, ...) is a
+        key of ``map_layers_to`` get that representation, the others ``default_representation``;
+        each representation is built over its layers (one pass over ``examples`` each)."""
+        each, layer_map = {}, {}
+        for lid, layer in layer_collection.layers.items():
+            rep = map_layers_to.get(type(layer), default_representation)
+            each.setdefault(rep, LayerCollection()).add_layer(lid, layer)
+            layer_map[lid] = rep
+        sub_pmats = {}
+        for rep, lc in each.items():
+            gen = generator
+            if not hasattr(generator, "curvature_generator"):  # one of our generators
+                gen = _mx.restricted_generator(generator, lc)
+            sub_pmats[rep] = rep(
+                layer_collection=lc, generator=gen, data=data, examples=examples, **kwargs
+            )
+        return cls(layer_collection, generator, each, layer_map, sub_pmats)
+
+    def update_diag(self, examples):
+        _check_generator(self, "update_diag")
+        super().update_diag(examples)
+        return self
+
+    # NNGeometry inverts, solves and pseudo-inverts a mixed matrix part by part, each part with its
+    # own convention: a KFAC part is π-damped (every other part is damped exactly, which for a
+    # block-diagonal matrix is the same as damping the whole). Parts that are KFAC, or a ``solve``
+    # chosen per part (a dict), take that route: Pᵀ·BlockDiag(part inverses)·P, with P the
+    # permutation from the collection's flat order to the parts' concatenated orders.
+    def _by_part(self, solve) -> bool:
+        return isinstance(solve, dict) or any(
+            isinstance(p, _kf.PMatKFAC) and not isinstance(p, _kf.PMatEKFAC)
+            for p in self.sub_pmats.values()
+        )
+
+    def _join_parts(self, part_op):
+        lc = self.layer_collection
+        idx = []
+        for pmat in self.sub_pmats.values():
+            for lid, entry in pmat.layer_collection.layers.items():
+                idx.append(lc.p_pos[lid] + torch.arange(entry.numel()))
+        perm = _ops.Permutation(torch.cat(idx), dtype=self.op.dtype, device=self.op.device)
+        blocks = [part_op(key, pmat) for key, pmat in self.sub_pmats.items()]
+        return perm.T @ _ops.BlockDiag(blocks) @ perm
+
+    @staticmethod
+    def _part_inverse(pmat, regul, solve):
+        if solve == "lstsq":
+            return _pinv_node(pmat.op, regul)
+        if isinstance(pmat, _Compat):
+            return pmat._solve_op(regul, solve)
+        if isinstance(pmat, _kf.PMatKFAC) and not isinstance(pmat, _kf.PMatEKFAC):
+            return pmat._pi_damped(regul).inv()
+        return pmat._damped(regul).inv()
+
+    def _solve_op(self, regul, solve, **kw):
+        if not self._by_part(solve):
+            return super()._solve_op(regul, solve, **kw)
+        pick = solve.get if isinstance(solve, dict) else (lambda key, default: solve)
+        return self._join_parts(
+            lambda key, pmat: self._part_inverse(pmat, regul, pick(key, "default"))
+        )
+
+    def inv(self, regul: float = 1e-8):
+        """(M + regul·I)⁻¹ part by part (a KFAC part π-damped, as NNGeometry's)."""
+        if not self._by_part("default"):
+            return super().inv(regul)
+        return self._expr(self._solve_op(regul, "default"))
 
     def _eigenvalues(self):
         parts = []
@@ -524,10 +686,6 @@ class PMatEKFACBlockDiag(PMatMixed):
             default=_pm.PMatBlockDiag,
             by_kind={k: ekfac for k in _mx.EKFAC_KINDS},
         )
-
-    def update_diag(self, examples):
-        super().update_diag(examples)
-        return self
 
 
 _ONE = torch.tensor(1.0)  # NNGeometry's default scaling, created at import (default dtype then)
