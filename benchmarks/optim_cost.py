@@ -15,7 +15,7 @@ time) of one timed window of that configuration instead.
 
 Natural gradient: ``NaturalGradient(PMatKFAC, fisher="mc", damping=1, momentum=0.9)`` as in
 ``bench_optim.py``, ``ema_decay`` 0.95 unless ``β=0``, ``inverse_every`` = ``update_every`` unless
-``inv=``.
+``inv=``; ``π`` rows use ``pi_damping=True`` (the factored damping, an approximation).
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ CONFIGS = {
     "u=10 β=0": dict(update_every=10, ema_decay=0.0),
     "u=100 β=0": dict(update_every=100, ema_decay=0.0),
     "u=10 inv=100": dict(update_every=10, inverse_every=100, ema_decay=0.95),
+    # Martens & Grosse's factored damping: an explicit approximation of (F + λI)⁻¹, whose factor
+    # inverses need no eigendecomposition of the averaged (full-rank) input factor
+    "u=10 π": dict(update_every=10, ema_decay=0.95, pi_damping=True),
+    "u=100 π": dict(update_every=100, ema_decay=0.95, pi_damping=True),
 }
 
 

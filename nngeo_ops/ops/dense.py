@@ -11,6 +11,34 @@ from .base import LinearOperator, check_finite, check_symmetric_tag
 from .cache import cached_factor
 
 
+def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh in float64 (complex128) when the working precision's solver did not converge.
+
+    LAPACK's divide-and-conquer also fails on float64 matrices whose entries span an extreme range
+    (e.g. a Fisher block of a saturated softmax, ~1e-117): the matrix is then scaled to unit largest
+    entry, which leaves the eigenvectors unchanged, and if that fails too the slower
+    QR-iteration driver (scipy's ``driver="ev"``) is taken.
+    """
+    wide = torch.complex128 if M.is_complex() else torch.float64
+    W = M.to(wide)
+    try:
+        evals, Q = torch.linalg.eigh(W)
+    except RuntimeError:
+        scale = W.abs().max()
+        if not bool(scale > 0):
+            raise
+        try:
+            evals, Q = torch.linalg.eigh(W / scale)
+        except RuntimeError:  # LAPACK's QR iteration (?syev): slower, converges where D&C fails
+            import scipy.linalg
+
+            e, v = scipy.linalg.eigh((W / scale).detach().cpu().numpy(), driver="ev")
+            evals = torch.from_numpy(e).to(W.device)
+            Q = torch.from_numpy(v).to(W.device)
+        evals = evals * scale.real
+    return evals.to(M.real.dtype), Q.to(M.dtype)
+
+
 class Dense(LinearOperator):
     """An explicit ``m × n`` matrix ``M``.
 
@@ -114,9 +142,7 @@ class Dense(LinearOperator):
                 except RuntimeError:  # no convergence (ill-conditioned float32): retry in float64
                     pass
             if Q is None:
-                wide = torch.complex128 if self.M.is_complex() else torch.float64
-                evals, Q = torch.linalg.eigh(self.M.to(wide))
-                evals, Q = evals.to(self.M.real.dtype), Q.to(self.dtype)
+                evals, Q = _robust_eigh(self.M)
             if self.psd and evals.numel():
                 top = float(evals.detach().abs().max())
                 low = float(evals.detach().min())
