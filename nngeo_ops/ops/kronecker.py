@@ -13,6 +13,15 @@ from .base import LinearOperator, as_operator, harmonise
 from .dense import Dense
 
 
+def _sandwich(f0: Callable, f1: Callable, n0: int, n1: int, X: torch.Tensor) -> torch.Tensor:
+    """``(A ⊗ B) x = vec(A X Bᵀ)`` for one column ``x = vec(X)``, ``X`` of shape ``(n0, n1)``, with
+    ``f0``, ``f1`` applying ``A``, ``B`` to columns: ``W = B Xᵀ`` then ``A Wᵀ``, transposed views
+    that the matrix products read in place, where :func:`kron_apply` moves the axis of each factor
+    to the front with a copy (two copies of the vector per product, ~10 % of a KFAC mv)."""
+    W = f1(X.view(n0, n1).mT)  # (m1, n0)
+    return f0(W.mT).reshape(-1, 1)  # (m0, m1), row-major when f0 returns a fresh product
+
+
 def kron_apply(
     fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     in_sizes: Sequence[int],
@@ -26,10 +35,8 @@ def kron_apply(
     ``(Π m_i)(Π n_i)``.
     """
     k = X.shape[1]
-    if len(fns) == 2 and k == 1:
-        # one vector through two factors (a KFAC block's G·V·Aᵀ): two products, no axis shuffles
-        V = fns[0](X.reshape(in_sizes[0], in_sizes[1]))
-        return fns[1](V.mT).mT.reshape(-1, 1)
+    if len(fns) == 2 and k == 1:  # one vector (a KFAC block's G·V·Aᵀ): two products, no shuffles
+        return _sandwich(fns[0], fns[1], in_sizes[0], in_sizes[1], X)
     T = X.reshape(*in_sizes, k)
     sizes = list(in_sizes)
     for i, f in enumerate(fns):
@@ -38,15 +45,6 @@ def kron_apply(
         T = f(T.reshape(sizes[i], -1)).reshape(out_sizes[i], *rest).movedim(0, i)
         sizes[i] = out_sizes[i]
     return T.reshape(math.prod(out_sizes), k)
-
-
-def _sandwich(f0: Callable, f1: Callable, n0: int, n1: int, X: torch.Tensor) -> torch.Tensor:
-    """``(A ⊗ B) x = vec(A X Bᵀ)`` for one column ``x = vec(X)``, ``X`` of shape ``(n0, n1)``, with
-    ``f0``, ``f1`` applying ``A``, ``B`` to columns: ``W = B Xᵀ`` then ``A Wᵀ``, transposed views
-    that the matrix products read in place, where :func:`kron_apply` moves the axis of each factor
-    to the front with a copy (two copies of the vector per product, ~10 % of a KFAC mv)."""
-    W = f1(X.view(n0, n1).mT)  # (m1, n0)
-    return f0(W.mT).reshape(-1, 1)  # (m0, m1), row-major when f0 returns a fresh product
 
 
 class Kronecker(LinearOperator):
@@ -86,22 +84,18 @@ class Kronecker(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
-        if X.shape[1] == 1 and len(fs) == 2:
-            if type(fs[0]) is Dense and type(fs[1]) is Dense:  # two products, no copy at all
-                A, B = fs[0].M, fs[1].M
-                return (A @ X.view(A.shape[1], B.shape[1]) @ B.mT).view(-1, 1)
-            return _sandwich(fs[0]._matmat, fs[1]._matmat, fs[0].shape[1], fs[1].shape[1], X)
+        if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense:
+            A, B = fs[0].M, fs[1].M  # two products, no copy at all
+            return (A @ X.view(A.shape[1], B.shape[1]) @ B.mT).view(-1, 1)
         return kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
         )
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         fs = self.factors
-        if X.shape[1] == 1 and len(fs) == 2:
-            if type(fs[0]) is Dense and type(fs[1]) is Dense:
-                A, B = fs[0].M, fs[1].M
-                return (A.mT @ X.view(A.shape[0], B.shape[0]) @ B).view(-1, 1)
-            return _sandwich(fs[0]._rmatmat, fs[1]._rmatmat, fs[0].shape[0], fs[1].shape[0], X)
+        if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense:
+            A, B = fs[0].M, fs[1].M
+            return (A.mT @ X.view(A.shape[0], B.shape[0]) @ B).view(-1, 1)
         return kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X
         )
