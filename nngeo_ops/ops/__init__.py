@@ -5,7 +5,7 @@ imports ``ops``). See ``docs/ops_api.md`` for the API on one page.
 """
 
 from . import rules  # noqa: F401  (registers every rule)
-from .base import LinearOperator, as_operator
+from .base import LinearOperator, as_operator, value_range
 from .blockdiag import BlockDiag
 from .cache import FACTORIZATIONS
 from .compile import Compiled, CompilePolicy
@@ -32,6 +32,7 @@ __all__ = [
     "Inverse",
     "Kronecker",
     "LinearOperator",
+    "value_range",
     "LowRank",
     "MatFree",
     "Permutation",

@@ -471,9 +471,9 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     finite_range(t, what)
 
 
-def finite_range(t: torch.Tensor, what: str) -> tuple[float, float]:
-    """``(min t, max t)`` as Python floats, raising :class:`~nngeo_ops.errors.NonFiniteError` (as
-    :func:`check_finite`) when ``t`` has a NaN or an infinite entry; ``(inf, -inf)`` when empty.
+def value_range(t: torch.Tensor) -> tuple[float, float, bool]:
+    """``(min t, max t, every entry finite)`` with the extremes as Python floats; ``(inf, -inf, True)``
+    when ``t`` is empty.
 
     For a real floating tensor this is one reduction (``torch.aminmax``, which propagates NaN, so a
     finite minimum and maximum prove every entry finite) and one synchronisation, where
@@ -483,23 +483,28 @@ def finite_range(t: torch.Tensor, what: str) -> tuple[float, float]:
     undefined and returned as ``(nan, nan)``).
     """
     if t.numel() == 0:
-        return math.inf, -math.inf
+        return math.inf, -math.inf, True
     with torch.no_grad():
         d = t.detach()
         if d.is_complex():
-            ok = bool(torch.isfinite(d).all())
-            lo = hi = math.nan
-        else:
-            if d.dtype is torch.bool:
-                d = d.to(torch.uint8)
-            lo, hi = torch.stack(torch.aminmax(d)).tolist()
-            ok = math.isfinite(lo) and math.isfinite(hi)
+            return math.nan, math.nan, bool(torch.isfinite(d).all())
+        if d.dtype is torch.bool:
+            d = d.to(torch.uint8)
+        lo, hi = torch.stack(torch.aminmax(d)).tolist()
+    return float(lo), float(hi), math.isfinite(lo) and math.isfinite(hi)
+
+
+def finite_range(t: torch.Tensor, what: str) -> tuple[float, float]:
+    """``(min t, max t)`` of :func:`value_range`, raising :class:`~nngeo_ops.errors.NonFiniteError`
+    (as :func:`check_finite`) when ``t`` has a NaN or an infinite entry; ``(inf, -inf)`` when empty.
+    """
+    lo, hi, ok = value_range(t)
     if not ok:
         raise NonFiniteError(
             f"{what} contains NaN or inf entries; clean the input (torch.nan_to_num, or find where "
             "the statistics overflowed) before building the operator"
         )
-    return float(lo), float(hi)
+    return lo, hi
 
 
 class ZeroFree:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from ...errors import ArgumentTypeError, NonFiniteError
+from ...ops import value_range
 from ..params import LayerCollection
 
 _FIX = (
@@ -26,11 +27,9 @@ _FIX = (
 
 
 def _finite(t) -> bool:
-    if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+    if not torch.is_tensor(t) or not t.is_floating_point():
         return True
-    # min and max propagate NaN: one reduction, where isfinite(t).all() makes a boolean copy first
-    lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()
-    return math.isfinite(lo) and math.isfinite(hi)
+    return value_range(t)[2]  # one reduction, not a boolean copy of t
 
 
 def _all_finite(value) -> bool:
