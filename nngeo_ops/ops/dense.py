@@ -21,22 +21,24 @@ def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     wide = torch.complex128 if M.is_complex() else torch.float64
     W = M.to(wide)
-    try:
-        evals, Q = torch.linalg.eigh(W)
-    except RuntimeError:
-        scale = W.abs().max()
-        if not bool(scale > 0):
-            raise
+    if M.dtype != wide:  # a wide matrix has just failed in its own precision: not tried again
         try:
-            evals, Q = torch.linalg.eigh(W / scale)
-        except RuntimeError:  # LAPACK's QR iteration (?syev): slower, converges where D&C fails
-            import scipy.linalg
+            evals, Q = torch.linalg.eigh(W)
+            return evals.to(M.real.dtype), Q.to(M.dtype)
+        except RuntimeError:
+            pass
+    scale = (
+        W.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    )  # unit largest entry (0 stays 0)
+    try:
+        evals, Q = torch.linalg.eigh(W / scale)
+    except RuntimeError:  # LAPACK's QR iteration (?syev): slower, converges where D&C fails
+        import scipy.linalg
 
-            e, v = scipy.linalg.eigh((W / scale).detach().cpu().numpy(), driver="ev")
-            evals = torch.from_numpy(e).to(W.device)
-            Q = torch.from_numpy(v).to(W.device)
-        evals = evals * scale.real
-    return evals.to(M.real.dtype), Q.to(M.dtype)
+        e, v = scipy.linalg.eigh((W / scale).detach().cpu().numpy(), driver="ev")
+        evals = torch.from_numpy(e).to(W.device)
+        Q = torch.from_numpy(v).to(W.device)
+    return (evals * scale.real).to(M.real.dtype), Q.to(M.dtype)
 
 
 class Dense(LinearOperator):
