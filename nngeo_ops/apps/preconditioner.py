@@ -514,7 +514,7 @@ class Preconditioner:
             if isinstance(self.route, KFACRoute) and lam != 0:
                 compiled = self.route.compiled(self.curvature, float(lam))  # what the steps use
             else:
-                node = self.curvature._damped(lam)  # noqa: SLF001  (the node solve() compiles)
+                node = self.curvature.damped(lam)  # the node solve() compiles
                 compiled = node.compiled()
             lines.append("  damped operator:")
             lines += ["    " + ln for ln in compiled.explain().splitlines()]

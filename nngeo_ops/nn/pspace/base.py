@@ -131,6 +131,18 @@ class PMatAbstract(Representation):
             cache[key] = (op, node)
         return node
 
+    def damped(self, regul) -> LinearOperator:
+        """The ops node ``M + regul·I`` (exact damping: the shift is added to the whole matrix,
+        never to a factor), a ``(P, P)`` operator in the statistics' precision.
+
+        :meth:`solve`, :meth:`inverse` and :meth:`pow` compile this node; one node is kept per
+        numeric ``regul`` (the last 8), so that repeated calls reuse its compiled factorisation.
+        ``regul`` of ``None`` or 0 returns the representation's own node. A non-finite ``regul``
+        raises :class:`~nngeo_ops.errors.NonFiniteError`, a non-number or a tensor of more than
+        one entry :class:`~nngeo_ops.errors.ArgumentTypeError`.
+        """
+        return self._damped(regul)
+
     def mv(self, v):
         """M v."""
         return self._wrap(v, self.op @ self._flat(v))

@@ -219,3 +219,27 @@ def test_a_new_representation_follows_the_protocol(setup):
     for refused in (PMatImplicit, PMatEye, int):
         with pytest.raises(UnsupportedError, match="shared pass"):
             build_many(gen, loader, [PMatDiag, refused])
+
+
+@pytest.mark.parametrize("rep", [PMatDiag, PMatKFAC, PMatEKFAC, PMatImplicit])
+def test_damped_is_the_public_node_that_solve_compiles(setup, rep):
+    """``F.damped(λ)`` is ``F + λI`` of the ground truth, one node per λ (reused, so its compiled
+    factorisation is too), and bad dampings are refused by name."""
+    from nngeo_ops.errors import ArgumentTypeError, NonFiniteError
+
+    model, x, loader, fisher = setup
+    F = FIM(model, loader, rep, progress=False)
+    D = F.to_torch()
+    lam = 0.25
+    node = F.damped(lam)
+    torch.testing.assert_close(node.to_dense(), D + lam * torch.eye(D.shape[0], dtype=D.dtype))
+    assert F.damped(lam) is node
+    assert F.damped(0) is F.op
+    if rep is PMatDiag:  # the matrix itself, against the torch.func Fisher
+        torch.testing.assert_close(D, torch.diag(torch.diagonal(fisher)))
+    if rep is PMatImplicit:
+        torch.testing.assert_close(D, fisher)
+    with pytest.raises(NonFiniteError, match="finite damping"):
+        F.damped(float("nan"))
+    with pytest.raises(ArgumentTypeError, match="must be a number"):
+        F.damped("1e-3")
