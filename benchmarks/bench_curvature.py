@@ -416,6 +416,23 @@ def verdict(stats, ours_fb: float, peer_fb: float) -> str:
     return "tie"
 
 
+# Peers' results that are another matrix than ours on that model, checked against torch.func by
+# benchmarks/peer_matrices.py: ASDL flattens the tokens of a sequence Linear into the batch, so its
+# "diagonal Fisher" squares each token's gradient (Σ_t g_t² a_t², 32 % off the exact diagonal of the
+# transformer block, whose per-example gradient sums the tokens before squaring), and the traces of
+# its Kronecker blocks of the sequence layers are 9-16x ours (8-15x the exact Fisher's).
+NOT_SAME_MATRIX = {
+    ("transformer", "diag", ASDL): "per-token squares Σ_t g_t² a_t², not the exact diagonal",
+    ("transformer", "diag (MC)", ASDL): "per-token squares Σ_t g_t² a_t², not the exact diagonal",
+    ("transformer", "kfac", ASDL): "tokens as examples with another scaling: traces 9-16x ours",
+    (
+        "transformer",
+        "kfac (MC)",
+        ASDL,
+    ): "tokens as examples with another scaling: traces 9-16x ours",
+}
+
+
 def rows(results: list[H.CaseResult], clock: str = "wall"):
     """(model, rep, q, ours stats, result, best peer, {peer: (paired, peer's, comparable, other)}).
 
@@ -436,6 +453,7 @@ def rows(results: list[H.CaseResult], clock: str = "wall"):
                     comparable = res.info.get(lib, {}).get(q, {}).get("comparable", True)
                     # an implicit operator's "build" is lazy everywhere (a peer's may be no call)
                     comparable = comparable and not (rep.startswith("implicit") and q == "build")
+                    comparable = comparable and (model, rep, lib) not in NOT_SAME_MATRIX
                     po = res.paired(lib, q, other_clock)
                     other = H.quartiles(po)[1] if po else float("nan")
                     peer_r = H.quartiles(res.ratios(lib, q, clock))
@@ -522,6 +540,11 @@ def render(
             for r in results
             for k, v in r.notes.items()
             if "not installed" not in v
+        }
+        | {
+            f"{m}/{rep} · {lib}: another matrix (≠): {why}"
+            for (m, rep, lib), why in NOT_SAME_MATRIX.items()
+            if any(r.spec.case_id == f"{m}/{rep}" and lib in r.libs for r in results)
         }
     )
     if notes:
