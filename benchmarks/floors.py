@@ -10,6 +10,11 @@ divided by the floor's. The cases (benchmarks/models.py, float32):
   loss Hessian's square root propagated back as one batch of 10·N rows (data gradients of layers 3
   and 2 only); per layer one product (Σ_c g²)ᵀ a² (the sum over c can come first because a does not
   depend on c).
+* ``mlp diag (MC) build`` — the Monte-Carlo diagonal: the forward, one sampled label per example
+  (the logits' cotangent p − e_ŷ), its data gradients back through layers 3 and 2, and per layer
+  one product (g²)ᵀ a².
+* ``mlp diag solve1`` — a first damped solve of a diagonal: ``v / (d + λ)``, two elementwise passes
+  (no check of the shifted diagonal, which the library promises).
 * ``mlp kfac mv`` — G V A per layer with the first layer's A kept as its N rows (A = Rᵀ R / N):
   (G V) Rᵀ R / N, and dense A for the other layers.
 * ``mlp kfac solve1`` — the factorisations an exactly damped Kronecker solve needs: ``eigh`` of
@@ -81,6 +86,23 @@ def mlp_floors(calls: int) -> dict[str, float]:
             g2sum = g.square().view(c, n, -1).sum(0)
             g2sum.T @ a.square()
 
+    def diag_mc_build():
+        # one sampled label per example: the logits' cotangent is p − e_ŷ (one column, N rows)
+        (a0, a1, a2), (h1, h2), out = forward()
+        p = out.softmax(1)
+        yhat = torch.multinomial(p, 1).squeeze(1)
+        g3 = p - Fn.one_hot(yhat, c).to(p.dtype)
+        g2 = (g3 @ W[2]) * (h2 > 0)
+        g1 = (g2 @ W[1]) * (h1 > 0)
+        for g, a in ((g3, a2), (g2, a1), (g1, a0)):
+            g.square().T @ a.square()
+
+    d = torch.rand(sum(w.numel() + bb.numel() for w, bb in zip(W, b)))
+    v = torch.randn_like(d)
+
+    def diag_solve1():
+        v / (d + 1e-3)  # the shift, then the division: two elementwise passes
+
     R = torch.randn(n, 785)
     G = [torch.randn(k, k) for k in (256, 128, 10)]
     G = [g @ g.T for g in G]
@@ -106,6 +128,8 @@ def mlp_floors(calls: int) -> dict[str, float]:
     return {
         "mlp forward+backward (ms)": 1e3 * fb,
         "mlp diag build": cpu_time(diag_build, calls) / fb,
+        "mlp diag (MC) build": cpu_time(diag_mc_build, calls) / fb,
+        "mlp diag solve1": cpu_time(diag_solve1, calls) / fb,
         "mlp kfac mv": cpu_time(kfac_mv, calls) / fb,
         "mlp kfac solve1": cpu_time(kfac_solve1, calls) / fb,
     }
