@@ -402,8 +402,7 @@ class EKFACDiagAcc:
             else:  # several calls: the per-example gradient sums over all of them
                 arow, grow = ctx.kron_rows(lid)
                 pa = arow @ qa
-            pg = grow @ qg
-            w2 = self._squares(pa, pg, rule.order)
+            w2 = self._squares(pa, grow, qg, rule.order)
             if thin:
                 off = self._mass_off_range(arow, pa, qa, grow, with_bias and len(calls) == 1)
                 if off > 16 * torch.finfo(w2.dtype).eps * (off + float(w2.sum())):
@@ -414,14 +413,19 @@ class EKFACDiagAcc:
                         if with_bias and len(calls) == 1
                         else arow @ full
                     )
-                    w2 = self._squares(pa, pg, rule.order)
+                    w2 = self._squares(pa, grow, qg, rule.order)
             _acc(self.value, lid, w2.reshape(-1))
 
-    def _squares(self, pa, pg, order):
+    def _squares(self, pa, grow, qg, order):
         if pa.shape[1] == 1:  # one position: Σ_{k,n} (pg ⊗ pa)² = Σ_n (Σ_k pg²) ⊗ pa²
-            g2, a2 = pg[:, :, 0].square().sum(0), pa[:, 0].square()
+            # Σ_k pg² one column k at a time: no (K, B, dG) projection nor its square at once
+            g2 = None
+            for gk in grow[:, :, 0]:
+                p2 = (gk @ qg).square_()
+                g2 = p2 if g2 is None else g2.add_(p2)
+            a2 = pa[:, 0].square()
             return g2.T @ a2 if order == "ga" else a2.T @ g2
-        return self._per_example_squares(pa, pg, order)
+        return self._per_example_squares(pa, grow @ qg, order)
 
     @staticmethod
     def _mass_off_range(arow, pa, qa, grow, implicit_one) -> float:
@@ -431,7 +435,7 @@ class EKFACDiagAcc:
             res2 = (arow - pa @ qa[:-1].mT).square().sum(-1) + (1 - pa @ qa[-1]).square()
         else:
             res2 = (arow - pa @ qa.mT).square().sum(-1)
-        gn = grow.square().sum(-1).sqrt()  # (K, B, R)
+        gn = torch.linalg.vector_norm(grow, dim=-1)  # (K, B, R), no squared copy of grow
         return float((gn * res2.sqrt()).sum(-1).square().sum())
 
     def _complete(self, lid, basis, order, n_g, n_a):
