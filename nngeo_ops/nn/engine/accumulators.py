@@ -431,10 +431,12 @@ class EKFACDiagAcc:
     def _mass_off_range(arow, pa, qa, grow, implicit_one) -> float:
         """Σ_{k,n} (Σ_r ‖g_{k,n,r}‖ ‖a_{n,r} − Q Qᵀ a_{n,r}‖)²: the mass of the per-example gradients
         off range(Q_G ⊗ Q) (exact with one row per example, an upper bound with several)."""
+        # Q Qᵀ a − a in one buffer, squared in place (the sign does not matter)
         if implicit_one:  # the rows' trailing constant 1 (the bias) is not in arow
-            res2 = (arow - pa @ qa[:-1].mT).square().sum(-1) + (1 - pa @ qa[-1]).square()
+            res = torch.matmul(pa, qa[:-1].mT).sub_(arow)
+            res2 = res.square_().sum(-1) + (1 - pa @ qa[-1]).square()
         else:
-            res2 = (arow - pa @ qa.mT).square().sum(-1)
+            res2 = torch.matmul(pa, qa.mT).sub_(arow).square_().sum(-1)
         gn = torch.linalg.vector_norm(grow, dim=-1)  # (K, B, R), no squared copy of grow
         return float((gn * res2.sqrt()).sum(-1).square().sum())
 
