@@ -22,6 +22,18 @@ def _sandwich(f0: Callable, f1: Callable, n0: int, n1: int, X: torch.Tensor) -> 
     return f0(W.mT).reshape(-1, 1)  # (m0, m1), row-major when f0 returns a fresh product
 
 
+def _triple(L: torch.Tensor, X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``L X R`` associated the cheaper way: ``(L X) R`` costs l·x·r' + l·r·r', ``L (X R)``
+    x·r·r' + l·x·r' (L: l × x, X: x × r, R: r × r'). They differ when a factor is rectangular,
+    as a thin eigenbasis (dA × k, k < dA) is: Q_Gᵀ X Q₁ read left to right costs dG·dG·dA + dG·dA·k,
+    right to left dG·dA·k + dG·dG·k."""
+    l, x = L.shape
+    r, r2 = R.shape
+    if x * r * r2 + l * x * r2 < l * x * r + l * r * r2:
+        return L @ (X @ R)
+    return (L @ X) @ R
+
+
 def kron_apply(
     fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     in_sizes: Sequence[int],
@@ -86,7 +98,7 @@ class Kronecker(LinearOperator):
         fs = self.factors
         if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense:
             A, B = fs[0].M, fs[1].M  # two products, no copy at all
-            return (A @ X.view(A.shape[1], B.shape[1]) @ B.mT).view(-1, 1)
+            return _triple(A, X.view(A.shape[1], B.shape[1]), B.mT).view(-1, 1)
         return kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
         )
@@ -95,7 +107,7 @@ class Kronecker(LinearOperator):
         fs = self.factors
         if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense:
             A, B = fs[0].M, fs[1].M
-            return (A.mT @ X.view(A.shape[0], B.shape[0]) @ B).view(-1, 1)
+            return _triple(A.mT, X.view(A.shape[0], B.shape[0]), B).view(-1, 1)
         return kron_apply(
             [f._rmatmat for f in fs], [f.shape[0] for f in fs], [f.shape[1] for f in fs], X
         )

@@ -350,39 +350,101 @@ class KFACAcc:
         self._a, self._g, self._b, self._rows = {}, {}, {}, {}
 
 
+def pad_thin_diag(d: torch.Tensor, n_g: int, n_a: int, order: str) -> torch.Tensor:
+    """An EKFAC diagonal over a thin basis ``Q_G ⊗ Q_A1`` (``Q_A1`` with ``r`` < ``n_a`` columns; order
+    "ga", resp. ``Q_A1 ⊗ Q_G`` for "ag") placed in the complete basis ``Q_G ⊗ [Q_A1 | B]``: 0 on
+    the complement ``B``."""
+    if order == "ga":
+        grid = d.reshape(n_g, -1)
+        return torch.nn.functional.pad(grid, (0, n_a - grid.shape[1])).reshape(-1)
+    grid = d.reshape(-1, n_g)
+    return torch.nn.functional.pad(grid, (0, 0, 0, n_a - grid.shape[0])).reshape(-1)
+
+
 class EKFACDiagAcc:
     """Second moments of the per-example gradients in a Kronecker eigenbasis (George et al., 2018).
 
     ``bases[lid] = (Q_A, Q_G)``; the refit diagonal is s = scale · Σ_{k,n} (Q_Gᵀ ∇W Q_A)² (order "ga",
     transposed for "ag"), flattened in the order of ``Q_G ⊗ Q_A`` (resp. ``Q_A ⊗ Q_G``).
+
+    A *thin* input basis, ``bases[lid] = (Q_A1, Q_G, complete)`` with ``Q_A1`` (dA × r, r < dA) and
+    ``complete()`` returning a complete basis whose first r columns are ``Q_A1``: the diagonal is
+    fitted over ``Q_G ⊗ Q_A1`` only, which is exact when the per-example gradients have no component
+    off that range (their input rows lie in range(Q_A1): the refit on the examples that gave A).
+    Per batch the mass off the range, Σ_{k,n} ‖Σ_r g ⊗ (a − Q_A1 Q_A1ᵀ a)‖² (from the residuals of
+    the input rows; a bound when a layer has several rows per example), is compared with the
+    batch's mass: above ``16·eps`` of it (more than rounding) the layer switches to the complete
+    basis for this batch and the next ones, the earlier batches' diagonal padded with their zeros
+    off the range (:func:`pad_thin_diag`). ``completed[lid]`` is then that complete basis and
+    ``value[lid]`` is over it; the other thin layers' values are over the thin basis. A distributed
+    reduction completes every thin layer (the ranks need the same shapes), as before thin bases.
     """
 
     def __init__(self, cap, bases):
         self.cap = cap
         self.bases = bases
         self.value = {}
+        self.completed: dict[str, torch.Tensor] = {}
 
     def update(self, ctx):
-        for lid, (qa, qg) in self.bases.items():
+        for lid, basis in self.bases.items():
+            qa, qg = basis[0], basis[1]
+            thin = len(basis) > 2 and lid not in self.completed
+            if lid in self.completed:
+                qa = self.completed[lid]
             user = self.cap.structured[lid]
             rule = user.rule
             calls = ctx.kron_calls(lid)
+            with_bias = rule.order == "ga" and getattr(user.module, "bias", None) is not None
             if len(calls) == 1:  # project the bias's constant 1 without materialising it
                 arow, grow = calls[0]
-                if rule.order == "ga" and getattr(user.module, "bias", None) is not None:
-                    pa = arow @ qa[:-1] + qa[-1]
-                else:
-                    pa = arow @ qa
+                pa = arow @ qa[:-1] + qa[-1] if with_bias else arow @ qa
             else:  # several calls: the per-example gradient sums over all of them
                 arow, grow = ctx.kron_rows(lid)
                 pa = arow @ qa
-            pg = grow @ qg
-            if pa.shape[1] == 1:  # one position: Σ_{k,n} (pg ⊗ pa)² = Σ_n (Σ_k pg²) ⊗ pa²
-                g2, a2 = pg[:, :, 0].square().sum(0), pa[:, 0].square()
-                w2 = g2.T @ a2 if rule.order == "ga" else a2.T @ g2
-            else:
-                w2 = self._per_example_squares(pa, pg, rule.order)
+            w2 = self._squares(pa, grow, qg, rule.order)
+            if thin:
+                off = self._mass_off_range(arow, pa, qa, grow, with_bias and len(calls) == 1)
+                if off > 16 * torch.finfo(w2.dtype).eps * (off + float(w2.sum())):
+                    self._complete(lid, basis, rule.order, qg.shape[1], qa.shape[0])
+                    full = self.completed[lid]
+                    pa = (
+                        arow @ full[:-1] + full[-1]
+                        if with_bias and len(calls) == 1
+                        else arow @ full
+                    )
+                    w2 = self._squares(pa, grow, qg, rule.order)
             _acc(self.value, lid, w2.reshape(-1))
+
+    def _squares(self, pa, grow, qg, order):
+        if pa.shape[1] == 1:  # one position: Σ_{k,n} (pg ⊗ pa)² = Σ_n (Σ_k pg²) ⊗ pa²
+            # Σ_k pg² one column k at a time: no (K, B, dG) projection nor its square at once
+            g2 = None
+            for gk in grow[:, :, 0]:
+                p2 = (gk @ qg).square_()
+                g2 = p2 if g2 is None else g2.add_(p2)
+            a2 = pa[:, 0].square()
+            return g2.T @ a2 if order == "ga" else a2.T @ g2
+        return self._per_example_squares(pa, grow @ qg, order)
+
+    @staticmethod
+    def _mass_off_range(arow, pa, qa, grow, implicit_one) -> float:
+        """Σ_{k,n} (Σ_r ‖g_{k,n,r}‖ ‖a_{n,r} − Q Qᵀ a_{n,r}‖)²: the mass of the per-example gradients
+        off range(Q_G ⊗ Q) (exact with one row per example, an upper bound with several)."""
+        # Q Qᵀ a − a in one buffer, squared in place (the sign does not matter)
+        if implicit_one:  # the rows' trailing constant 1 (the bias) is not in arow
+            res = torch.matmul(pa, qa[:-1].mT).sub_(arow)
+            res2 = res.square_().sum(-1) + (1 - pa @ qa[-1]).square()
+        else:
+            res2 = torch.matmul(pa, qa.mT).sub_(arow).square_().sum(-1)
+        gn = torch.linalg.vector_norm(grow, dim=-1)  # (K, B, R), no squared copy of grow
+        return float((gn * res2.sqrt()).sum(-1).square().sum())
+
+    def _complete(self, lid, basis, order, n_g, n_a):
+        full = basis[2]()
+        self.completed[lid] = full
+        if lid in self.value:  # earlier batches: nothing off the range (to rounding)
+            self.value[lid] = pad_thin_diag(self.value[lid], n_g, n_a, order)
 
     @staticmethod
     def _per_example_squares(pa, pg, order):
@@ -405,5 +467,8 @@ class EKFACDiagAcc:
         self.value = {k: v.mul_(scale) for k, v in self.value.items()}
 
     def reduce(self, comm):
-        for lid in self.bases:
+        for lid, basis in self.bases.items():
+            if len(basis) > 2 and lid not in self.completed:  # every rank: the complete shape
+                user = self.cap.structured[lid]
+                self._complete(lid, basis, user.rule.order, basis[1].shape[1], basis[0].shape[0])
             comm.sum(self.value[lid])

@@ -48,8 +48,9 @@ from ...ops import (
     Kronecker,
     LowRank,
 )
-from ..engine.accumulators import EKFACDiagAcc, KFACAcc
+from ..engine.accumulators import EKFACDiagAcc, KFACAcc, KroneckerFactors
 from .base import PMatAbstract, PMatExpr, _data_from_examples, _from_generator, check_regul
+from .ekfac_thin import EKFACFactors, thin_of
 
 
 @functools.lru_cache(maxsize=64)
@@ -320,15 +321,20 @@ class PMatEKFAC(PMatKFAC):
                 continue
             module, rule = _layer_info(generator, lid)
             rows, g = f.get("A_rows"), f["G"]
-            if rows is not None:  # a complete basis from the QR of the rows: O(dA² n), not O(dA³)
-                ea, qa = _a_low_rank(rows).eigh_factors(complete=True)
+            eg, qg = _eigh(g)
+            if rows is not None:
+                # kept as rows (n < dA/2): the thin basis of range(rowsᵀ), O(dA n²); the diagonal is
+                # 0 off it (see ekfac_thin), so the complete basis is formed only when read
+                ea, qa = _a_low_rank(rows).eigh_factors()
                 ea = ea.clamp_min(0)
-            elif f["A"].dim() == 1:
+                d = torch.kron(eg, ea) if rule.order == "ga" else torch.kron(ea, eg)
+                out[lid] = EKFACFactors({**f, "QG": qg}, qa, d, rule.order)
+                continue
+            if f["A"].dim() == 1:
                 a = f["A"]
                 ea, qa = a, torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
             else:
                 ea, qa = _eigh(f["A"])
-            eg, qg = _eigh(g)
             d = torch.kron(eg, ea) if rule.order == "ga" else torch.kron(ea, eg)
             out[lid] = {**f, "QA": qa, "QG": qg, "diag": d}
         return out
@@ -337,21 +343,46 @@ class PMatEKFAC(PMatKFAC):
         if "diag" not in f:  # π-damped factors, see PMatKFAC
             return super()._kron(generator, lid, f)
         order, _ = self._layout(generator, lid)
-        qa = Dense(f["QA"], symmetric=False, orthogonal=True, name="Q_A")
+        thin = thin_of(f)
+        if thin is not None:  # Q_A thin (dA × r): not a square orthogonal matrix
+            qa = Dense(thin[0], symmetric=False, orthogonal=False, name="Q₁_A")
+            d = thin[1]
+        else:
+            qa = Dense(f["QA"], symmetric=False, orthogonal=True, name="Q_A")
+            d = f["diag"]
         qg = Dense(f["QG"], symmetric=False, orthogonal=True, name="Q_G")
         q = Kronecker(qg, qa) if order == "ga" else Kronecker(qa, qg)
-        return Eigen(q, f["diag"])
+        return Eigen(q, d)
 
     def _pi_damped(self, regul, pi=None):
         raise UnsupportedError("π-damping is defined for KFAC factors, not for EKFAC")
 
     def update_diag(self, examples) -> PMatEKFAC:
-        """Refit the diagonal in the fixed eigenbases on ``examples`` (in place; returns self)."""
+        """Refit the diagonal in the fixed eigenbases on ``examples`` (in place; returns self).
+
+        A layer kept over a thin input basis stays thin when the gradients of ``examples`` have no
+        mass off its range (the refit on the examples that gave A, as ``FIM(..., PMatEKFAC)``
+        does), and is refit over its complete basis otherwise (:class:`EKFACDiagAcc`).
+        """
         gen = self.generator
-        bases = {lid: (f["QA"], f["QG"]) for lid, f in self.data.items() if "diag" in f}
+        bases = {}
+        for lid, f in self.data.items():
+            thin = thin_of(f)
+            if thin is not None:
+                bases[lid] = (thin[0], f["QG"], f.complete_basis)
+            elif "diag" in f:
+                bases[lid] = (f["QA"], f["QG"])
         (acc,) = _from_generator(type(self), gen, examples, [EKFACDiagAcc(gen.capture(), bases)])
         for lid, d in acc.value.items():
-            self.data[lid] = {**self.data[lid], "diag": d}
+            f = self.data[lid]
+            thin = thin_of(f)
+            if thin is not None and lid not in acc.completed:
+                self.data[lid] = EKFACFactors(f, thin[0], d, thin[2])
+            elif thin is not None:
+                raw = {k: v for k, v in dict.items(f) if k not in ("QA", "diag")}
+                self.data[lid] = KroneckerFactors({**raw, "QA": acc.completed[lid], "diag": d})
+            else:
+                self.data[lid] = {**f, "diag": d}
         lc = self.layer_collection
         blocks = [self._block(gen, lid, self.data[lid]) for lid in lc.layers]
         self._op = BlockDiag(blocks, names=list(lc.layers))

@@ -94,8 +94,13 @@ def shifted_thin_solve(node: Sum, ctx):
     # (λ + c)⁻¹ − c⁻¹ written without the cancellation of two nearly equal terms (λ ≪ c)
     w = E.evals / (c * (E.evals + c))
 
+    in_place = isinstance(c, (int, float))
+
     def solve(X: torch.Tensor) -> torch.Tensor:
-        return X / c - E.apply_function(w, X)
+        Y = E.apply_function(w, X)  # a new tensor (Q is not square: Q Qᵀ X is never X itself)
+        if in_place and not (torch.is_grad_enabled() and (X.requires_grad or Y.requires_grad)):
+            return Y.neg_().add_(X, alpha=1.0 / c)  # one vector fewer than X/c − Y
+        return X / c - Y
 
     return solve
 
