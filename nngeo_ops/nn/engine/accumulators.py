@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..layers.moments import _CHUNK, second_moment
+from ..layers.moments import _PATCH_CHUNK, second_moment
 
 
 def _acc(store, key, t):
@@ -115,14 +115,14 @@ class BlockAcc:
 class DiagAcc:
     """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
 
-    column_wise = True  # a sum over the columns: Capture.run may hand them one at a time
+    column_wise = True  # a sum over the columns: Capture.run may hand them one (layer) at a time
 
     def __init__(self, layer_ids):
         self.layer_ids = list(layer_ids)
         self.value = {}
 
     def update(self, ctx):
-        for lid in self.layer_ids:
+        for lid in ctx.select(self.layer_ids):
             d = ctx.diag(lid)
             self.value[lid] = d if lid not in self.value else self.value[lid] + d
 
@@ -189,12 +189,13 @@ class KFACAcc:
         self._rows: dict[str, list[torch.Tensor]] = {}  # A's rows, while they are the cheaper form
 
     # G, the bias blocks and the elementwise blocks are sums over the K columns and A is read from
-    # the inputs: Capture.run may hand the columns one at a time (A taken at the first only)
+    # the inputs: Capture.run may hand the columns one at a time, a layer at a time (A taken at the
+    # first column only)
     column_wise = True
 
     def update(self, ctx):
         inputs = ctx.first_column  # A and the row counts: once per batch
-        for lid in self.layer_ids:
+        for lid in ctx.select(self.layer_ids):
             if not ctx.is_kron(lid):
                 self._update_elementwise(ctx, lid)
                 continue
@@ -355,49 +356,87 @@ class EKFACDiagAcc:
 
     ``bases[lid] = (Q_A, Q_G)``; the refit diagonal is s = scale · Σ_{k,n} (Q_Gᵀ ∇W Q_A)² (order "ga",
     transposed for "ag"), flattened in the order of ``Q_G ⊗ Q_A`` (resp. ``Q_A ⊗ Q_G``).
+
+    With ∇W_{k,n} = Σ_r g_{k,n,r} ⊗ a_{n,r}, Q_Gᵀ ∇W Q_A = Σ_r (Q_Gᵀ g) ⊗ (Q_Aᵀ a): the rows of A are
+    projected once per batch (a chunk of examples at a time, so a convolution's patch matrix never
+    exists whole) and kept for the batch's columns, which may come one at a time
+    (``column_wise``, see :mod:`~nngeo_ops.nn.engine.streaming`): each column's cotangent rows are
+    projected and its per-example gradients in the eigenbasis squared and summed as it arrives.
     """
+
+    column_wise = True  # a sum over the columns; the inputs' projection is read at the first
 
     def __init__(self, cap, bases):
         self.cap = cap
         self.bases = bases
         self.value = {}
+        self._pa = {}  # lid: the projected A rows (B, R, dA) of the batch, for its later columns
 
     def update(self, ctx):
-        for lid, (qa, qg) in self.bases.items():
+        for lid in ctx.select(list(self.bases)):
+            qa, qg = self.bases[lid]
             user = self.cap.structured[lid]
             rule = user.rule
-            calls = ctx.kron_calls(lid)
-            if len(calls) == 1:  # project the bias's constant 1 without materialising it
-                arow, grow = calls[0]
-                if rule.order == "ga" and getattr(user.module, "bias", None) is not None:
-                    pa = arow @ qa[:-1] + qa[-1]
-                else:
-                    pa = arow @ qa
-            else:  # several calls: the per-example gradient sums over all of them
-                arow, grow = ctx.kron_rows(lid)
-                pa = arow @ qa
-            pg = grow @ qg
+            pa = None if ctx.first_column else self._pa.get(lid)
+            if pa is None:
+                pa = self._project_inputs(user, qa)
+            # kept for the next columns of this batch only
+            if ctx.last_column:
+                self._pa.pop(lid, None)
+            else:
+                self._pa[lid] = pa
+            grows = [rule.kfac_grad_rows(user.module, c.args[0], c.grad) for c in user.calls]
+            grow = grows[0] if len(grows) == 1 else torch.cat(grows, dim=2)
             if pa.shape[1] == 1:  # one position: Σ_{k,n} (pg ⊗ pa)² = Σ_n (Σ_k pg²) ⊗ pa²
-                g2, a2 = pg[:, :, 0].square().sum(0), pa[:, 0].square()
+                g2, a2 = (grow[:, :, 0] @ qg).square().sum(0), pa[:, 0].square()
                 w2 = g2.T @ a2 if rule.order == "ga" else a2.T @ g2
             else:
-                w2 = self._per_example_squares(pa, pg, rule.order)
+                w2 = self._per_example_squares(pa, grow, qg, rule.order)
             _acc(self.value, lid, w2.reshape(-1))
 
     @staticmethod
-    def _per_example_squares(pa, pg, order):
-        """Σ_{k,n} (Σ_r pg ⊗ pa)², the per-example gradients formed a chunk of examples at a time."""
-        k, b = pg.shape[:2]
-        per = k * pg.shape[-1] * pa.shape[-1]
-        step = max(1, _CHUNK // per)
+    def _project_inputs(user, qa):
+        """(B, R, dA) the A rows of every call of a layer times Q_A, joined over the calls along the
+        positions (as :meth:`BatchContext.kron_rows`); the bias's constant 1 of order "ga" is
+        projected as Q_A's last row, without appending it to the rows. The rows are formed a chunk
+        of examples at a time (:meth:`KronRule.kfac_rows` of a slice of the batch)."""
+        rule, module = user.rule, user.module
+        ones = rule.order == "ga" and getattr(module, "bias", None) is not None
+        q, q1 = (qa[:-1], qa[-1]) if ones else (qa, None)
+        parts = []
+        for c in user.calls:
+            a, g = c.args[0], c.grad
+            b = a.shape[0]
+            out, i, step = None, 0, 1
+            while i < b:
+                rows, n, r, _ = rule.kfac_rows(module, a[i : i + step], g[:, i : i + step])
+                if out is None:  # R and dA are known from the first example
+                    out = rows.new_empty(b, r, qa.shape[1])
+                    step = max(1, _PATCH_CHUNK // max(1, rows.shape[0] * rows.shape[1]))
+                p = torch.mm(rows, q, out=out[i : i + n].view(n * r, -1))
+                if q1 is not None:
+                    p.add_(q1)
+                i += n
+            parts.append(out)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _per_example_squares(pa, grow, qg, order):
+        """Σ_{k,n} (Σ_r (grow Q_G) ⊗ pa)²: the cotangent rows projected and the per-example gradients
+        formed a chunk of examples at a time (neither the projected rows nor the per-example
+        gradients of the whole batch exist at once)."""
+        k, b, r = grow.shape[:3]
+        d_g = qg.shape[1]
+        per = k * max(r * d_g, d_g * pa.shape[-1])
+        step = max(1, _PATCH_CHUNK // per)
         out = None
         for i in range(0, b, step):
-            ga, gg = pa[i : i + step], pg[:, i : i + step]
+            ga, gg = pa[i : i + step], grow[:, i : i + step] @ qg
             if order == "ga":
                 w = torch.einsum("kbrg,bra->kbga", gg, ga)
             else:
                 w = torch.einsum("bra,kbrg->kbag", ga, gg)
-            part = w.square().sum((0, 1))
+            part = w.square_().sum((0, 1))
             out = part if out is None else out.add_(part)
         return out
 
