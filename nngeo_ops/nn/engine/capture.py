@@ -321,16 +321,6 @@ class Capture:
             if not self._by_edge:  # StepStatistics: the tensor (its own hooks, a version check)
                 user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
                 return None
-            ret = None
-            if tensor.requires_grad and tensor.grad_fn is None:
-                # a parameter returned as it is: its edge is its gradient accumulator, which a
-                # backward with ``inputs`` would write ``.grad`` into; differentiate at a view
-                tensor = tensor.view_as(tensor)
-                ret = (
-                    tensor
-                    if index is None
-                    else type(output)(tensor if i == index else o for i, o in enumerate(output))
-                )
             edge = get_gradient_edge(tensor) if tensor.requires_grad else None
             call = _Call(args, kwargs, None, 0, index=index, edge=edge, shape=tuple(tensor.shape))
             user.calls.append(call)
@@ -338,7 +328,7 @@ class Capture:
                 # a tensor hook fires with the cotangent of the value returned here, also when an
                 # in-place operation rewrites the tensor later (torch >= 2.0)
                 self._taps.append(tensor.register_hook(functools.partial(self._tapped, call)))
-            return ret
+            return None
 
         return hook
 
