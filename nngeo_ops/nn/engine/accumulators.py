@@ -377,6 +377,10 @@ class EKFACDiagAcc:
             qa, qg = self.bases[lid]
             user = self.cap.structured[lid]
             rule = user.rule
+            w2 = self._example_squares(user, qa, qg) if rule.order == "ga" else None
+            if w2 is not None:
+                _acc(self.value, lid, w2.reshape(-1))
+                continue
             pa = None if ctx.first_column else self._pa.get(lid)
             if pa is None:
                 pa = self._project_inputs(user, qa)
@@ -393,6 +397,33 @@ class EKFACDiagAcc:
             else:
                 w2 = self._per_example_squares(pa, grow, qg, rule.order)
             _acc(self.value, lid, w2.reshape(-1))
+
+    @staticmethod
+    def _example_squares(user, qa, qg):
+        """Σ_{k,n} (Q_Gᵀ [∇W ∇b] Q_A)² from the per-example gradients of a kind that forms them
+        directly (:meth:`KronRule.per_example_weight`, convolutions), a chunk of examples at a time;
+        None for the other kinds. For a convolution this needs neither the patches nor their
+        projection (B·R·dA numbers, 33 MB for the benchmark CNN, kept for the batch's columns):
+        the grouped kernel and two small products per example."""
+        rule, module, calls = user.rule, user.module, user.calls
+        k, b = calls[0].grad.shape[:2]
+        bias = getattr(module, "bias", None) is not None
+        step = max(1, _PATCH_CHUNK // (k * qg.shape[0] * qa.shape[0]))
+        out = None
+        for i in range(0, b, step):
+            x = None
+            for c in calls:
+                a, g = c.args[0][i : i + step], c.grad[:, i : i + step]
+                xw = rule.per_example_weight(module, a, g)  # (K, s, dG, dA without the 1)
+                if xw is None:
+                    return None
+                if bias:
+                    xb = rule.bias_grad(module, g, rule.kfac_grad_rows(module, a, g))
+                    xw = torch.cat([xw, xb.unsqueeze(-1)], dim=-1)
+                x = xw if x is None else x.add_(xw)
+            part = (qg.T @ x @ qa).square_().sum((0, 1))
+            out = part if out is None else out.add_(part)
+        return out
 
     @staticmethod
     def _project_inputs(user, qa):

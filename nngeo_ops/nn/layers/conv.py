@@ -56,6 +56,10 @@ class ConvRule(KronRule):
         """Σ_{k,n} (∇θ)² over the pixels, per-example gradients chunked (:func:`conv_squared_grads`)."""
         return conv_squared_grads(module, a, g)
 
+    def per_example_weight(self, module, a, g):
+        """(K, B, C_out, C_in·kh·kw) by the grouped kernel of :func:`conv_example_grads`."""
+        return torch.stack([conv_example_grads(module, a, gk) for gk in g])
+
     def kfac_rows(self, module, a, g):
         """The rows of :meth:`KronRule.kfac_rows`, the patches from :func:`conv_patches` (a
         transposed view of a feature-major matrix, which the matrix products read as it is)."""
@@ -135,32 +139,41 @@ def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return out.reshape(c * ks[0] * ks[1], b * ho * wo)
 
 
-def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
-    """{attr: Σ_{k,n} (∇θ_{k,n})²} of a Conv1d/Conv2d call, output cotangents g (K, B, C_out, ...).
-
-    The per-example weight gradients of one column k are the weight gradient of one convolution
-    with the examples as groups: input (1, B·C_in, H, W), cotangent (1, B·C_out, H', W'), groups B,
-    whose weight gradient (B·C_out, C_in, kh, kw) stacks the B per-example gradients
-    (``torch.nn.grad.conv2d_weight``). That is the same arithmetic as the products g_{k,n} P_nᵀ with
-    the patches P_n, without building the patches (on CPU the library's grouped kernel takes about
-    half the time of patches and a batched product for the benchmark CNN). Chunks of examples bound
-    the kernel's buffers; the K·B·P tensor never exists.
+def conv_example_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, C_out, C_in·kh·kw) per-example weight gradients of a Conv1d/Conv2d call for one column of
+    output cotangents g (B, C_out, ...): the weight gradient of one convolution with the examples as
+    groups — input (1, B·C_in, H, W), cotangent (1, B·C_out, H', W'), groups B — whose weight
+    gradient (B·C_out, C_in, kh, kw) stacks the B per-example gradients
+    (``torch.nn.grad.conv2d_weight``). The same arithmetic as g_n P_nᵀ with the patches P_n, without
+    building the patches: on CPU the library's grouped kernel takes about half the time of patches
+    and a batched product for the benchmark CNN.
     """
     a2, ks, st, dl, pd = conv_geometry(module, a)
     b, c_in = a2.shape[:2]
-    k, c_out = g.shape[0], g.shape[2]
-    gg = g.reshape(k, b, c_out, -1)
-    spatial = g.shape[3:] if a2.dim() == a.dim() else (1, *g.shape[3:])
-    per = c_in * a2[0, 0].numel() + c_out * gg.shape[-1]  # input and cotangent of one example
+    c_out = g.shape[1]
+    x = a2.reshape(1, b * c_in, *a2.shape[2:])
+    spatial = g.shape[2:] if a2.dim() == a.dim() else (1, *g.shape[2:])
+    gk = g.reshape(1, b * c_out, *spatial)
+    w = torch.nn.grad.conv2d_weight(x, (b * c_out, c_in, *ks), gk, st, pd, dl, groups=b)
+    return w.view(b, c_out, -1)
+
+
+def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
+    """{attr: Σ_{k,n} (∇θ_{k,n})²} of a Conv1d/Conv2d call, output cotangents g (K, B, C_out, ...).
+
+    The per-example weight gradients of one column and a chunk of examples at a time
+    (:func:`conv_example_grads`), squared and summed: chunks bound the kernel's buffers, and the
+    K·B·P tensor never exists.
+    """
+    b, k = a.shape[0], g.shape[0]
+    gg = g.reshape(k, b, g.shape[2], -1)
+    per = a[0].numel() + gg[0, 0].numel()  # input and cotangent of one example
     step = max(1, _CONV_CHUNK // per)
     w2 = None
     for i in range(0, b, step):
-        s = min(step, b - i)
-        x = a2[i : i + s].reshape(1, s * c_in, *a2.shape[2:])
         for kk in range(k):
-            gk = gg[kk, i : i + s].reshape(1, s * c_out, *spatial)
-            w = torch.nn.grad.conv2d_weight(x, (s * c_out, c_in, *ks), gk, st, pd, dl, groups=s)
-            part = w.view(s, -1).square_().sum(0)
+            w = conv_example_grads(module, a[i : i + step], g[kk, i : i + step])
+            part = w.view(w.shape[0], -1).square_().sum(0)
             w2 = part if w2 is None else w2.add_(part)
     out = {"weight": w2.reshape(module.weight.shape)}
     if getattr(module, "bias", None) is not None:
