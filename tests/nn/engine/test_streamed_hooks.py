@@ -58,6 +58,26 @@ def _twice():
     return _Twice().double(), torch.randn(5, 2, 4, 4, dtype=torch.float64)
 
 
+class _SeqHead(nn.Module):
+    """A Conv1d (streamed columns) and a Linear over its positions: the Linear's EKFAC refit takes
+    the path of projected input rows (several positions, no per-example kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.seq = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # (B, L, 3)
+        return self.out(torch.tanh(self.seq(h)).mean(1))
+
+
+def _seq():
+    torch.manual_seed(2)
+    return _SeqHead().double(), torch.randn(6, 2, 5, dtype=torch.float64)
+
+
 def _index_map(n_out, n_in, bias):
     """Kronecker index (o, i) of each parameter index: weights row-major, then biases."""
     idx = [o * (n_in + bias) + i for o in range(n_out) for i in range(n_in)]
@@ -102,7 +122,7 @@ def test_streamed_kfac_factors_are_the_torch_func_factors():
         torch.testing.assert_close(F.to_torch()[sl, sl], torch.kron(G, A)[idx][:, idx])
 
 
-@pytest.mark.parametrize("make", [_cnn, _twice])
+@pytest.mark.parametrize("make", [_cnn, _twice, _seq])
 def test_streamed_ekfac_refit_is_the_diagonal_in_the_eigenbasis(make):
     # the refit diagonal is diag(Qᵀ F Q) for the layer's Kronecker eigenbasis Q = Q_G ⊗ Q_A
     model, x = make()
@@ -115,9 +135,10 @@ def test_streamed_ekfac_refit_is_the_diagonal_in_the_eigenbasis(make):
         torch.testing.assert_close(f["diag"], torch.diagonal(q.T @ truth[sl, sl] @ q))
 
 
-def test_chunked_paths_equal_one_chunk(monkeypatch):
+@pytest.mark.parametrize("make", [_cnn, _seq])
+def test_chunked_paths_equal_one_chunk(make, monkeypatch):
     # chunks of one or two examples in the grouped diagonal kernel and the EKFAC projections
-    model, x = _cnn()
+    model, x = make()
     loader = loader_of(x, sizes=(5,))
     whole = [FIM(model, loader, rep, progress=False) for rep in (PMatDiag, PMatEKFAC)]
     monkeypatch.setattr(_conv, "_CONV_CHUNK", 300)
