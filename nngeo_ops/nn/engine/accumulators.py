@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..layers.moments import _CHUNK, second_moment
+from ..layers.moments import _PATCH_CHUNK, second_moment
 
 
 def _acc(store, key, t):
@@ -115,14 +115,14 @@ class BlockAcc:
 class DiagAcc:
     """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
 
-    column_wise = True  # a sum over the columns: Capture.run may hand them one at a time
+    column_wise = True  # a sum over the columns: Capture.run may hand them one (layer) at a time
 
     def __init__(self, layer_ids):
         self.layer_ids = list(layer_ids)
         self.value = {}
 
     def update(self, ctx):
-        for lid in self.layer_ids:
+        for lid in ctx.select(self.layer_ids):
             d = ctx.diag(lid)
             self.value[lid] = d if lid not in self.value else self.value[lid] + d
 
@@ -189,12 +189,13 @@ class KFACAcc:
         self._rows: dict[str, list[torch.Tensor]] = {}  # A's rows, while they are the cheaper form
 
     # G, the bias blocks and the elementwise blocks are sums over the K columns and A is read from
-    # the inputs: Capture.run may hand the columns one at a time (A taken at the first only)
+    # the inputs: Capture.run may hand the columns one at a time, a layer at a time (A taken at the
+    # first column only)
     column_wise = True
 
     def update(self, ctx):
         inputs = ctx.first_column  # A and the row counts: once per batch
-        for lid in self.layer_ids:
+        for lid in ctx.select(self.layer_ids):
             if not ctx.is_kron(lid):
                 self._update_elementwise(ctx, lid)
                 continue
@@ -367,53 +368,71 @@ class EKFACDiagAcc:
     ``bases[lid] = (Q_A, Q_G)``; the refit diagonal is s = scale · Σ_{k,n} (Q_Gᵀ ∇W Q_A)² (order "ga",
     transposed for "ag"), flattened in the order of ``Q_G ⊗ Q_A`` (resp. ``Q_A ⊗ Q_G``).
 
+    With ∇W_{k,n} = Σ_r g_{k,n,r} ⊗ a_{n,r}, Q_Gᵀ ∇W Q_A = Σ_r (Q_Gᵀ g) ⊗ (Q_Aᵀ a): the rows of A are
+    projected once per batch (a chunk of examples at a time, so a convolution's patch matrix never
+    exists whole) and kept for the batch's columns, which may come one at a time
+    (``column_wise``, see :mod:`~nngeo_ops.nn.engine.streaming`): each column's cotangent rows are
+    projected and its per-example gradients in the eigenbasis squared and summed as it arrives.
+    Kinds that form their per-example gradients directly (:meth:`KronRule.per_example_weight`,
+    convolutions) need no projected rows at all.
+
     A *thin* input basis, ``bases[lid] = (Q_A1, Q_G, complete)`` with ``Q_A1`` (dA × r, r < dA) and
     ``complete()`` returning a complete basis whose first r columns are ``Q_A1``: the diagonal is
     fitted over ``Q_G ⊗ Q_A1`` only, which is exact when the per-example gradients have no component
     off that range (their input rows lie in range(Q_A1): the refit on the examples that gave A).
-    Per batch the mass off the range, Σ_{k,n} ‖Σ_r g ⊗ (a − Q_A1 Q_A1ᵀ a)‖² (from the residuals of
-    the input rows; a bound when a layer has several rows per example), is compared with the
-    batch's mass: above ``16·eps`` of it (more than rounding) the layer switches to the complete
-    basis for this batch and the next ones, the earlier batches' diagonal padded with their zeros
-    off the range (:func:`pad_thin_diag`). ``completed[lid]`` is then that complete basis and
-    ``value[lid]`` is over it; the other thin layers' values are over the thin basis. A distributed
-    reduction completes every thin layer (the ranks need the same shapes), as before thin bases.
+    For each column the mass off the range, Σ_{k,n} (Σ_r ‖g_{k,n,r}‖ ‖a_{n,r} − Q_A1 Q_A1ᵀ a_{n,r}‖)²
+    (the input rows' residuals are formed with their projection, once per batch; exact with one row
+    per example, a bound with several), is compared with the column's mass: above ``16·eps`` of it
+    (more than rounding) the layer switches to the complete basis for this column and the next
+    ones, the earlier columns' and batches' diagonal padded with their zeros off the range
+    (:func:`pad_thin_diag`; they passed the same test). ``completed[lid]`` is then that complete
+    basis and ``value[lid]`` is over it; the other thin layers' values are over the thin basis. A
+    distributed reduction completes every thin layer (the ranks need the same shapes).
     """
+
+    column_wise = True  # a sum over the columns; the inputs' projection is read at the first
 
     def __init__(self, cap, bases):
         self.cap = cap
         self.bases = bases
         self.value = {}
         self.completed: dict[str, torch.Tensor] = {}
+        # lid: (the projected A rows (B, R, dA), their squared residuals (B, R) or None) of the
+        # batch, kept for its later columns
+        self._pa = {}
 
     def update(self, ctx):
-        for lid, basis in self.bases.items():
+        for lid in ctx.select(list(self.bases)):
+            basis = self.bases[lid]
             qa, qg = basis[0], basis[1]
             thin = len(basis) > 2 and lid not in self.completed
             if lid in self.completed:
                 qa = self.completed[lid]
             user = self.cap.structured[lid]
             rule = user.rule
-            calls = ctx.kron_calls(lid)
-            with_bias = rule.order == "ga" and getattr(user.module, "bias", None) is not None
-            if len(calls) == 1:  # project the bias's constant 1 without materialising it
-                arow, grow = calls[0]
-                pa = arow @ qa[:-1] + qa[-1] if with_bias else arow @ qa
-            else:  # several calls: the per-example gradient sums over all of them
-                arow, grow = ctx.kron_rows(lid)
-                pa = arow @ qa
+            if not thin and rule.order == "ga":
+                w2 = self._example_squares(user, qa, qg)
+                if w2 is not None:
+                    _acc(self.value, lid, w2.reshape(-1))
+                    continue
+            cached = None if ctx.first_column else self._pa.get(lid)
+            if cached is None:
+                cached = self._project_inputs(user, qa, residuals=thin)
+            pa, res2 = cached
+            grows = [rule.kfac_grad_rows(user.module, c.args[0], c.grad) for c in user.calls]
+            grow = grows[0] if len(grows) == 1 else torch.cat(grows, dim=2)
             w2 = self._squares(pa, grow, qg, rule.order)
             if thin:
-                off = self._mass_off_range(arow, pa, qa, grow, with_bias and len(calls) == 1)
+                off = self._mass_off_range(res2, grow)
                 if off > 16 * torch.finfo(w2.dtype).eps * (off + float(w2.sum())):
                     self._complete(lid, basis, rule.order, qg.shape[1], qa.shape[0])
-                    full = self.completed[lid]
-                    pa = (
-                        arow @ full[:-1] + full[-1]
-                        if with_bias and len(calls) == 1
-                        else arow @ full
-                    )
-                    w2 = self._squares(pa, grow, qg, rule.order)
+                    cached = self._project_inputs(user, self.completed[lid], residuals=False)
+                    w2 = self._squares(cached[0], grow, qg, rule.order)
+            # kept for the next columns of this batch only
+            if ctx.last_column:
+                self._pa.pop(lid, None)
+            else:
+                self._pa[lid] = cached
             _acc(self.value, lid, w2.reshape(-1))
 
     def _squares(self, pa, grow, qg, order):
@@ -425,41 +444,103 @@ class EKFACDiagAcc:
                 g2 = p2 if g2 is None else g2.add_(p2)
             a2 = pa[:, 0].square()
             return g2.T @ a2 if order == "ga" else a2.T @ g2
-        return self._per_example_squares(pa, grow @ qg, order)
+        return self._per_example_squares(pa, grow, qg, order)
 
     @staticmethod
-    def _mass_off_range(arow, pa, qa, grow, implicit_one) -> float:
+    def _mass_off_range(res2, grow) -> float:
         """Σ_{k,n} (Σ_r ‖g_{k,n,r}‖ ‖a_{n,r} − Q Qᵀ a_{n,r}‖)²: the mass of the per-example gradients
-        off range(Q_G ⊗ Q) (exact with one row per example, an upper bound with several)."""
-        # Q Qᵀ a − a in one buffer, squared in place (the sign does not matter)
-        if implicit_one:  # the rows' trailing constant 1 (the bias) is not in arow
-            res = torch.matmul(pa, qa[:-1].mT).sub_(arow)
-            res2 = res.square_().sum(-1) + (1 - pa @ qa[-1]).square()
-        else:
-            res2 = torch.matmul(pa, qa.mT).sub_(arow).square_().sum(-1)
+        off range(Q_G ⊗ Q) (exact with one row per example, an upper bound with several), from the
+        rows' squared residuals ``res2`` (B, R)."""
         gn = torch.linalg.vector_norm(grow, dim=-1)  # (K, B, R), no squared copy of grow
         return float((gn * res2.sqrt()).sum(-1).square().sum())
 
     def _complete(self, lid, basis, order, n_g, n_a):
         full = basis[2]()
         self.completed[lid] = full
-        if lid in self.value:  # earlier batches: nothing off the range (to rounding)
+        if lid in self.value:  # earlier columns and batches: nothing off the range (to rounding)
             self.value[lid] = pad_thin_diag(self.value[lid], n_g, n_a, order)
 
     @staticmethod
-    def _per_example_squares(pa, pg, order):
-        """Σ_{k,n} (Σ_r pg ⊗ pa)², the per-example gradients formed a chunk of examples at a time."""
-        k, b = pg.shape[:2]
-        per = k * pg.shape[-1] * pa.shape[-1]
-        step = max(1, _CHUNK // per)
+    def _example_squares(user, qa, qg):
+        """Σ_{k,n} (Q_Gᵀ [∇W ∇b] Q_A)² from the per-example gradients of a kind that forms them
+        directly (:meth:`KronRule.per_example_weight`, convolutions), a chunk of examples at a time;
+        None for the other kinds. For a convolution this needs neither the patches nor their
+        projection (B·R·dA numbers, 33 MB for the benchmark CNN, kept for the batch's columns):
+        the grouped kernel and two small products per example."""
+        rule, module, calls = user.rule, user.module, user.calls
+        k, b = calls[0].grad.shape[:2]
+        bias = getattr(module, "bias", None) is not None
+        step = max(1, _PATCH_CHUNK // (k * qg.shape[0] * qa.shape[0]))
         out = None
         for i in range(0, b, step):
-            ga, gg = pa[i : i + step], pg[:, i : i + step]
+            x = None
+            for c in calls:
+                a, g = c.args[0][i : i + step], c.grad[:, i : i + step]
+                xw = rule.per_example_weight(module, a, g)  # (K, s, dG, dA without the 1)
+                if xw is None:
+                    return None
+                if bias:
+                    xb = rule.bias_grad(module, g, rule.kfac_grad_rows(module, a, g))
+                    xw = torch.cat([xw, xb.unsqueeze(-1)], dim=-1)
+                x = xw if x is None else x.add_(xw)
+            part = (qg.T @ x @ qa).square_().sum((0, 1))
+            out = part if out is None else out.add_(part)
+        return out
+
+    @staticmethod
+    def _project_inputs(user, qa, residuals=False):
+        """``(P, res2)``: P (B, R, dA) the A rows of every call of a layer times Q_A, joined over the
+        calls along the positions (as :meth:`BatchContext.kron_rows`); the bias's constant 1 of
+        order "ga" is projected as Q_A's last row, without appending it to the rows. The rows are
+        formed a chunk of examples at a time (:meth:`KronRule.kfac_rows` of a slice of the batch).
+        With ``residuals`` (a thin Q_A), ``res2`` (B, R) holds ‖a − Q_A Q_Aᵀ a‖² of each row (the
+        constant 1 included), formed from the same chunk; else None."""
+        rule, module = user.rule, user.module
+        ones = rule.order == "ga" and getattr(module, "bias", None) is not None
+        q, q1 = (qa[:-1], qa[-1]) if ones else (qa, None)
+        parts, res_parts = [], []
+        for c in user.calls:
+            a, g = c.args[0], c.grad
+            b = a.shape[0]
+            out, res, i, step = None, None, 0, 1
+            while i < b:
+                rows, n, r, _ = rule.kfac_rows(module, a[i : i + step], g[:, i : i + step])
+                if out is None:  # R and dA are known from the first example
+                    out = rows.new_empty(b, r, qa.shape[1])
+                    res = rows.new_empty(b, r) if residuals else None
+                    step = max(1, _PATCH_CHUNK // max(1, rows.shape[0] * rows.shape[1]))
+                p = torch.mm(rows, q, out=out[i : i + n].view(n * r, -1))
+                if q1 is not None:
+                    p.add_(q1)
+                if residuals:  # Q Qᵀ a − a in one buffer, squared in place (the sign is moot)
+                    r2 = torch.matmul(p, q.mT).sub_(rows).square_().sum(-1)
+                    if q1 is not None:  # the rows' trailing constant 1
+                        r2.add_((p @ q1 - 1).square_())
+                    res[i : i + n] = r2.view(n, r)
+                i += n
+            parts.append(out)
+            res_parts.append(res)
+        if len(parts) == 1:
+            return parts[0], res_parts[0]
+        return torch.cat(parts, dim=1), (torch.cat(res_parts, dim=1) if residuals else None)
+
+    @staticmethod
+    def _per_example_squares(pa, grow, qg, order):
+        """Σ_{k,n} (Σ_r (grow Q_G) ⊗ pa)²: the cotangent rows projected and the per-example gradients
+        formed a chunk of examples at a time (neither the projected rows nor the per-example
+        gradients of the whole batch exist at once)."""
+        k, b, r = grow.shape[:3]
+        d_g = qg.shape[1]
+        per = k * max(r * d_g, d_g * pa.shape[-1])
+        step = max(1, _PATCH_CHUNK // per)
+        out = None
+        for i in range(0, b, step):
+            ga, gg = pa[i : i + step], grow[:, i : i + step] @ qg
             if order == "ga":
                 w = torch.einsum("kbrg,bra->kbga", gg, ga)
             else:
                 w = torch.einsum("bra,kbrg->kbag", ga, gg)
-            part = w.square().sum((0, 1))
+            part = w.square_().sum((0, 1))
             out = part if out is None else out.add_(part)
         return out
 

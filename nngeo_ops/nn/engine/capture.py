@@ -3,13 +3,23 @@
 For each batch the engine
 
 1. runs the forward pass with forward hooks on every module that owns a covered parameter, recording
-   the inputs and the output tensor of each call (a module called several times records each call);
+   the inputs of each call and the gradient edge of its output (a module called several times
+   records each call);
 2. asks the output model for the K output-space vectors L (exact factor, Monte-Carlo samples or the
    empirical gradient), shape ``(K, B, *out_shape)``;
-3. back-propagates the K vectors at once, ``torch.autograd.grad(out, recorded_outputs, L,
-   is_grads_batched=True)``, which yields the cotangent of every recorded output for every column;
+3. back-propagates the K vectors at once, ``torch.autograd.grad(out, recorded_edges, L,
+   is_grads_batched=True)``, which yields the cotangent of every recorded output for every column
+   (or, where the columns go one at a time, hands each layer's cotangent to the accumulators as the
+   backward produces it: :mod:`~nngeo_ops.nn.engine.streaming`);
 4. hands a :class:`BatchContext` to the accumulators, which ask it lazily for per-example gradients,
    squared sums or Kronecker rows of the layers they need (computed once per batch and cached).
+
+The outputs are differentiated at their *gradient edges* (``torch.autograd.graph.get_gradient_edge``:
+the node that produced them), not held as tensors: the forward then keeps only what the graph keeps
+(a plain forward frees a convolution's output once the activation has read it; holding it as a
+target cost 12 MB for the benchmark CNN), and an in-place operation applied to an output afterwards
+(``ReLU(inplace=True)``) does not change the cotangent taken, which is that of the value the module
+returned.
 
 No step loops over examples. Per-example quantities are "per (column, example)": the curvature is
 (1/N) Σ_{k,n} ∇θ_{k,n} ∇θ_{k,n}ᵀ with ∇θ_{k,n} = J_nᵀ L_n[:, k].
@@ -20,12 +30,14 @@ is emitted), and the hooks then measure a different quantity than the per-exampl
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from ...errors import NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, progress_bar
@@ -35,6 +47,7 @@ from ..losses import DataError, OutputModel
 from ..params import LayerCollection
 from .finite import check_statistics
 from .precision import accumulation_dtype
+from .streaming import stream_columns
 
 # modules whose backward the (legacy) vmap of ``is_grads_batched`` batches natively
 _BATCHED_BACKWARD = (
@@ -59,10 +72,12 @@ _BATCHED_BACKWARD = (
 class _Call:
     args: tuple
     kwargs: dict
-    output: torch.Tensor
+    output: torch.Tensor | None  # held by StepStatistics only; Capture.process keeps ``edge``
     version: int
     grad: torch.Tensor | None = None
     index: int | None = None  # which element of a tuple output is followed (see _hook)
+    edge: object | None = None  # GradientEdge of the output (None: it does not require grad)
+    shape: tuple = ()  # the output's shape (for the zero cotangent of an output not reached)
 
 
 @dataclass
@@ -227,7 +242,10 @@ class Capture:
         self.dtype = accumulation_dtype(params[0].dtype)  # float32 for a half-precision model
         self._find_users(params)
         self._recording = False
-        self._clone = False
+        # record gradient edges (Capture.process), not the output tensors (StepStatistics)
+        self._by_edge = False
+        self._taps = None  # tensor hooks of a streamed batch (see _forward)
+        self._sink = None  # where those hooks send a cotangent during a streamed backward
         # the K cotangents go through one vmapped backward only where every module's backward has
         # a batching rule; elsewhere (convolutions, pooling...) the fallback is several times slower
         # than K plain backward passes over the retained graph
@@ -297,34 +315,42 @@ class Capture:
             if not self._recording:
                 return None
             index, tensor = _followed_output(user, module, output)
-            ret = None
-            if self._clone:  # a later in-place op would overwrite the tensor we differentiate at
-                copy = tensor.clone()  # downstream gets the copy; we differentiate at the original
-                ret = (
-                    copy
-                    if index is None
-                    else type(output)(copy if i == index else o for i, o in enumerate(output))
-                )
             # statistics are data, never part of a graph: inputs are kept detached
             args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
-            return ret
+            if not self._by_edge:  # StepStatistics: the tensor (its own hooks, a version check)
+                user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
+                return None
+            edge = get_gradient_edge(tensor) if tensor.requires_grad else None
+            call = _Call(args, kwargs, None, 0, index=index, edge=edge, shape=tuple(tensor.shape))
+            user.calls.append(call)
+            if self._taps is not None and edge is not None:
+                # a tensor hook fires with the cotangent of the value returned here, also when an
+                # in-place operation rewrites the tensor later (torch >= 2.0)
+                self._taps.append(tensor.register_hook(functools.partial(self._tapped, call)))
+            return None
 
         return hook
 
-    def _forward(self, batch):
+    def _tapped(self, call, g):
+        if self._sink is not None:  # a backward of Capture.process, not another one of this graph
+            self._sink(call, g)
+
+    def _forward(self, batch, taps: bool = False):
+        """The forward pass with the recording hooks; with ``taps``, a tensor hook on every recorded
+        output (removed by the caller through ``self._taps``)."""
         for u in self.users:
             u.calls = []
         handles = [
             u.module.register_forward_hook(self._hook(u), with_kwargs=True) for u in self.users
         ]
-        self._recording = True
+        self._recording, self._by_edge = True, True
+        self._taps = [] if taps else None
         try:
             with torch.enable_grad():
                 out = self.function(*batch)
         finally:
-            self._recording = False
+            self._recording, self._by_edge = False, False
             for h in handles:
                 h.remove()
         return out
@@ -369,65 +395,52 @@ class Capture:
         """Forward and backward of one batch; the :class:`BatchContext` of its statistics.
 
         With ``consume`` (a function of a context), where the K columns are back-propagated one
-        at a time (modules without a batched backward), each column's context (``k = 1``,
-        ``column = j``) is handed to ``consume`` as soon as it exists and dropped after: the
-        ``(K, B, …)`` stack of every layer's output cotangents (126 MB for the benchmark CNN) is
-        never formed. Elsewhere ``consume`` gets the whole context once. The returned context
-        then carries the batch's size and count only.
+        at a time (modules without a batched backward), each layer's cotangent of each column is
+        handed to ``consume`` as the backward produces it (a context with ``k = 1``, ``column = j``
+        and one active layer, :mod:`~nngeo_ops.nn.engine.streaming`) and dropped after: neither the
+        ``(K, B, …)`` stack of every layer's output cotangents (126 MB for the benchmark CNN) nor one
+        column of all of them (12.6 MB) is held. Elsewhere ``consume`` gets the whole context once.
+        The returned context then carries the batch's size and count only.
         """
         batch = self._prepare(batch)
-        out = self._forward(batch)
-        self._adopt_unused_calls()
-        if any(c.output._version != c.version for u in self.users for c in u.calls):
-            self._clone = True  # e.g. ReLU(inplace=True) after a layer: redo with copies
-            out = self._forward(batch)
-        y = batch_labels(batch)
-        lmat, count = output_factor(
-            self.output_model, self.kind, out, y, self.n_output, self.trials, self.rng
-        )
-        calls = [c for u in self.users for c in u.calls]
-        if not out.requires_grad:
-            raise DataError("the output does not depend on any covered parameter")
-        if consume is not None and lmat.shape[0] > 1 and not self._batched_backward:
-            return self._stream_columns(out, calls, lmat.to(out.dtype), count, consume)
-        grads = self._backprop(out, [c.output for c in calls], lmat.to(out.dtype))
+        stream = consume is not None and not self._batched_backward
+        try:
+            out = self._forward(batch, taps=stream)
+            self._adopt_unused_calls()
+            y = batch_labels(batch)
+            lmat, count = output_factor(
+                self.output_model, self.kind, out, y, self.n_output, self.trials, self.rng
+            )
+            calls = [c for u in self.users for c in u.calls]
+            if not out.requires_grad:
+                raise DataError("the output does not depend on any covered parameter")
+            lmat = lmat.to(out.dtype)
+            if stream:
+                return stream_columns(self, out, calls, lmat, count, consume, BatchContext)
+            grads = self._backprop(out, calls, lmat)
+        finally:
+            self._remove_taps()
         for c, g in zip(calls, grads):
             c.grad = (
                 g
                 if g is not None
-                else torch.zeros(
-                    (lmat.shape[0], *c.output.shape), dtype=out.dtype, device=out.device
-                )
+                else torch.zeros((lmat.shape[0], *c.shape), dtype=out.dtype, device=out.device)
             )
-            c.output = None  # the graph is no longer needed
-        if self.dtype != out.dtype:
+        b = out.shape[0]
+        del out  # the graph is no longer needed
+        if self.dtype != lmat.dtype:
             self._widen()
-        ctx = BatchContext(self, out.shape[0], lmat.shape[0], count)
+        ctx = BatchContext(self, b, lmat.shape[0], count)
         if consume is not None:
             consume(ctx)
         return ctx
 
-    def _stream_columns(self, out, calls, lmat, count, consume) -> BatchContext:
-        """One backward per column over the retained graph, each column's statistics consumed
-        before the next backward (see :meth:`process`)."""
-        targets = [c.output for c in calls]
-        n_cols = lmat.shape[0]
-        for k, lk in enumerate(lmat):
-            col = torch.autograd.grad(
-                out, targets, lk, retain_graph=k < n_cols - 1, allow_unused=True
-            )
-            for c, g in zip(calls, col):
-                c.grad = (
-                    g.unsqueeze(0)
-                    if g is not None
-                    else torch.zeros((1, *c.output.shape), dtype=out.dtype, device=out.device)
-                )
-            if self.dtype != out.dtype:
-                self._widen()
-            consume(BatchContext(self, out.shape[0], 1, count, column=k))
-        for c in calls:
-            c.output = c.grad = None  # the graph and the last column are no longer needed
-        return BatchContext(self, out.shape[0], n_cols, count)
+    def _remove_taps(self) -> None:
+        """Remove the tensor hooks of a streamed batch (also after an error half-way: a graph kept
+        alive by a traceback must not call the accumulators again)."""
+        taps, self._taps, self._sink = self._taps, None, None
+        for h in taps or ():
+            h.remove()
 
     def _widen(self) -> None:
         """Cast the cotangents and inputs that layer rules read to the accumulation dtype (see
@@ -443,28 +456,39 @@ class Capture:
                     for a in c.args
                 )
 
-    def _backprop(self, out, targets, lmat):
+    def _backprop(self, out, calls, lmat):
+        """The K cotangents ``(K, *shape)`` of every call's output (None where it is not reached)."""
+        live = [i for i, c in enumerate(calls) if c.edge is not None]
+        edges = [calls[i].edge for i in live]
+        res = [None] * len(calls)
+        if not edges:
+            return res
         if lmat.shape[0] == 1:  # one column (Monte-Carlo with one trial, empirical): no vmap
-            res = torch.autograd.grad(out, targets, lmat[0], allow_unused=True)
-            return [None if g is None else g.unsqueeze(0) for g in res]
+            col = torch.autograd.grad(out, edges, lmat[0], allow_unused=True)
+            for i, g in zip(live, col):
+                res[i] = None if g is None else g.unsqueeze(0)
+            return res
         if self._batched_backward:
             try:  # the graph is kept in case an op fails half-way and the loop below must redo it
-                return torch.autograd.grad(
-                    out, targets, lmat, is_grads_batched=True, allow_unused=True, retain_graph=True
+                col = torch.autograd.grad(
+                    out, edges, lmat, is_grads_batched=True, allow_unused=True, retain_graph=True
                 )
+                for i, g in zip(live, col):
+                    res[i] = g
+                return res
             except RuntimeError:
                 pass
         # one backward per column over the retained graph (K is small), into preallocated outputs
-        res = None
         for k, lk in enumerate(lmat):
             col = torch.autograd.grad(
-                out, targets, lk, retain_graph=k < lmat.shape[0] - 1, allow_unused=True
+                out, edges, lk, retain_graph=k < lmat.shape[0] - 1, allow_unused=True
             )
-            if res is None:
-                res = [None if g is None else g.new_empty(lmat.shape[0], *g.shape) for g in col]
-            for r, g in zip(res, col):
-                if r is not None:
-                    r[k] = g
+            for i, g in zip(live, col):
+                if g is None:
+                    continue
+                if res[i] is None:  # reached in one column, reached in all (the graph decides)
+                    res[i] = g.new_empty(lmat.shape[0], *g.shape)
+                res[i][k] = g
         return res
 
     def run(self, loader, accumulators, desc="curvature"):
@@ -478,14 +502,21 @@ class Capture:
             for acc in accumulators:
                 acc.update(ctx)
 
-        for batch in progress_bar(loader, self.progress, desc):
-            if stream:
-                ctx = self.process(batch, consume)
-            else:
-                ctx = self.process(batch)
-                consume(ctx)
-            total += ctx.count
-            n_ex += ctx.batch_size
+        try:
+            for batch in progress_bar(loader, self.progress, desc):
+                if stream:
+                    ctx = self.process(batch, consume)
+                else:
+                    ctx = self.process(batch)
+                    consume(ctx)
+                total += ctx.count
+                n_ex += ctx.batch_size
+        finally:
+            # the last batch's calls hold its inputs and the gradient edges of its outputs, hence
+            # its whole autograd graph: drop them with the pass (memory; a representation keeping
+            # its generator must stay picklable)
+            for u in self.users:
+                u.calls = []
         if self.process_group is not None:  # every rank now holds the sums over all shards
             from .distributed import reduce_pass
 
@@ -500,14 +531,19 @@ class Capture:
 class BatchContext:
     """Lazy per-layer statistics of one batch; each quantity is computed once."""
 
-    def __init__(self, cap: Capture, batch_size: int, k: int, count: int, column=None):
+    def __init__(
+        self, cap: Capture, batch_size: int, k: int, count: int, column=None, columns=None
+    ):
         self.cap = cap
         self.batch_size = batch_size
         self.k = k
         self.count = count
-        # None: the K columns at once; j: column j alone (k = 1), streamed by Capture.process,
-        # so that statistics of the inputs alone are taken at column 0 only
+        # None: the K columns at once; j: column j alone (k = 1) of ``columns``, streamed by
+        # Capture.process, so that statistics of the inputs alone are taken at column 0 only
         self.column = column
+        self.columns = columns
+        # None: every layer; a layer id: only that layer's cotangents are there (streamed)
+        self.layer = None
         self._pe, self._upe = {}, {}
 
     @property
@@ -519,6 +555,19 @@ class BatchContext:
         """Whether statistics of the inputs alone (KFAC's input factor, row counts) are taken from
         this context: the whole batch, or the first of its streamed columns (once per batch)."""
         return self.column is None or self.column == 0
+
+    @property
+    def last_column(self) -> bool:
+        """Whether no later column of this batch follows (what an accumulator keeps for the
+        columns of a batch can go)."""
+        return self.column is None or self.column == self.columns - 1
+
+    def select(self, layer_ids):
+        """The layers of ``layer_ids`` whose statistics this context carries: all of them, or,
+        while the columns are streamed, the one layer whose cotangent has just arrived."""
+        if self.layer is None:
+            return layer_ids
+        return [lid for lid in layer_ids if lid == self.layer]
 
     def _user_contributions(self, u: _User) -> dict:
         """{attr: (K, B, *shape)} of one owning module, summed over its calls (computed once)."""

@@ -75,6 +75,13 @@ class KronRule(Rule):
         """Per-example bias gradients ``(K, B, d_g)``: ``grow`` summed over the positions."""
         return grow.sum(2)
 
+    def per_example_weight(self, module, a, g) -> torch.Tensor | None:
+        """Per-example weight gradients ``(K, B, d_g, d_a)`` (order "ga", without the bias column) where
+        the kind forms them faster than from its rows (convolutions: a grouped weight-gradient
+        kernel), else None (the default): :class:`~nngeo_ops.nn.engine.accumulators.EKFACDiagAcc`
+        then projects the rows."""
+        return None
+
     def diag(self, module, a, g) -> dict[str, torch.Tensor] | None:
         """Σ_{k,n} (∇θ)², without per-example tensors where a closed form exists (one position)."""
         arow, grow = self.rows(module, a, g)

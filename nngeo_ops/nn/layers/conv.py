@@ -8,7 +8,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from .base import KronRule
-from .moments import _CHUNK, _PATCH_CHUNK, second_moment
+from .moments import _PATCH_CHUNK, second_moment
 
 
 def _pairs(v, n):
@@ -55,6 +55,10 @@ class ConvRule(KronRule):
     def diag(self, module, a, g) -> dict[str, torch.Tensor]:
         """Σ_{k,n} (∇θ)² over the pixels, per-example gradients chunked (:func:`conv_squared_grads`)."""
         return conv_squared_grads(module, a, g)
+
+    def per_example_weight(self, module, a, g):
+        """(K, B, C_out, C_in·kh·kw) by the grouped kernel of :func:`conv_example_grads`."""
+        return torch.stack([conv_example_grads(module, a, gk) for gk in g])
 
     def kfac_rows(self, module, a, g):
         """The rows of :meth:`KronRule.kfac_rows`, the patches from :func:`conv_patches` (a
@@ -135,29 +139,51 @@ def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return out.reshape(c * ks[0] * ks[1], b * ho * wo)
 
 
+def conv_example_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, C_out, C_in·kh·kw) per-example weight gradients of a Conv1d/Conv2d call for one column of
+    output cotangents g (B, C_out, ...): the weight gradient of one convolution with the examples as
+    groups — input (1, B·C_in, H, W), cotangent (1, B·C_out, H', W'), groups B — whose weight
+    gradient (B·C_out, C_in, kh, kw) stacks the B per-example gradients
+    (``torch.nn.grad.conv2d_weight``). The same arithmetic as g_n P_nᵀ with the patches P_n, without
+    building the patches: on CPU the library's grouped kernel takes about half the time of patches
+    and a batched product for the benchmark CNN.
+    """
+    a2, ks, st, dl, pd = conv_geometry(module, a)
+    b, c_in = a2.shape[:2]
+    c_out = g.shape[1]
+    x = a2.reshape(1, b * c_in, *a2.shape[2:])
+    spatial = g.shape[2:] if a2.dim() == a.dim() else (1, *g.shape[2:])
+    gk = g.reshape(1, b * c_out, *spatial)
+    w = torch.nn.grad.conv2d_weight(x, (b * c_out, c_in, *ks), gk, st, pd, dl, groups=b)
+    return w.view(b, c_out, -1)
+
+
 def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict:
     """{attr: Σ_{k,n} (∇θ_{k,n})²} of a Conv1d/Conv2d call, output cotangents g (K, B, C_out, ...).
 
-    The per-example weight gradients g_{k,n} P_nᵀ (patches from :func:`conv_patches`, read in place)
-    are formed for one column k and a chunk of examples at a time, squared and summed: the memory of
-    one chunk, never the K·B·P tensor nor the whole patch matrix.
+    The per-example weight gradients of one column and a chunk of examples at a time
+    (:func:`conv_example_grads`), squared and summed: chunks bound the kernel's buffers, and the
+    K·B·P tensor never exists.
     """
-    b, k, c_out = a.shape[0], g.shape[0], g.shape[2]
-    gg = g.reshape(k, b, c_out, -1)
-    r = gg.shape[-1]
-    d_a = module.weight[0].numel()
-    step = max(1, min(_CHUNK // (c_out * d_a), _PATCH_CHUNK // (d_a * r)))
+    b, k = a.shape[0], g.shape[0]
+    gg = g.reshape(k, b, g.shape[2], -1)
+    per = a[0].numel() + gg[0, 0].numel()  # input and cotangent of one example
+    step = max(1, _CONV_CHUNK // per)
     w2 = None
     for i in range(0, b, step):
-        p = conv_patches(module, a[i : i + step])
-        pt = p.view(d_a, -1, r).permute(1, 2, 0)  # (chunk, R, dA), a view
         for kk in range(k):
-            part = torch.bmm(gg[kk, i : i + step], pt).square_().sum(0)
+            w = conv_example_grads(module, a[i : i + step], g[kk, i : i + step])
+            part = w.view(w.shape[0], -1).square_().sum(0)
             w2 = part if w2 is None else w2.add_(part)
     out = {"weight": w2.reshape(module.weight.shape)}
     if getattr(module, "bias", None) is not None:
         out["bias"] = gg.sum(-1).square().sum((0, 1))
     return out
+
+
+# elements of the inputs and cotangents of one chunk of examples in conv_squared_grads (8 MB in
+# float32): the grouped weight-gradient kernel's buffers stay of that order
+_CONV_CHUNK = 2 * _PATCH_CHUNK
 
 
 def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[torch.Tensor, int]:

@@ -29,6 +29,10 @@ class EmbeddingRule(KronRule):
         oh = self.onehot(module, a).to(g.dtype)
         return oh, g.reshape(k, b, -1, g.shape[-1])
 
+    def kfac_grad_rows(self, module, a, g):
+        """The G rows (K, B, R, d) alone: a view of the cotangents, without the one-hot rows."""
+        return g.reshape(*g.shape[:2], -1, g.shape[-1])
+
     def token_counts(self, module, a):
         """How often each token occurs in the call: the diagonal of A."""
         return self.onehot(module, a).sum((0, 1))

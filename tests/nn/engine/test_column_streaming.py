@@ -1,6 +1,7 @@
 """Columns streamed through the accumulators: where the K output columns are back-propagated one at
-a time (convolutions, embeddings: no batched backward), KFAC and the diagonal consume each column as
-it comes instead of the (K, B, …) stack of every layer's cotangents. The factors must be those of
+a time (convolutions, embeddings: no batched backward), KFAC and the diagonal consume each layer's
+cotangent of each column as the backward forms it (one update per layer and column, the context
+naming that layer) instead of the (K, B, …) stack of every layer's cotangents. The factors must be those of
 the stacked pass (forced here by a shared pass with PMatDense, whose accumulator is not column-wise),
 which tests/nn/test_kfac.py checks against torch.func ground truth."""
 
@@ -12,15 +13,22 @@ from nngeo_ops.nn import FIM, PMatDense, PMatDiag, PMatEye, PMatKFAC, build_many
 from nngeo_ops.nn.engine import accumulators as _stats
 
 
+class _Log(list):
+    layers: list
+
+
 @pytest.fixture
 def seen(monkeypatch):
-    """(column, k) of every context KFACAcc and DiagAcc were updated with."""
-    log = []
+    """(column, k) of every context KFACAcc and DiagAcc were updated with; ``seen.layers`` the
+    layer each context carried (None: all of them)."""
+    log = _Log()
+    log.layers = []
     for cls in (_stats.KFACAcc, _stats.DiagAcc):
         orig = cls.update
 
         def spy(self, ctx, _orig=orig):
             log.append((ctx.column, ctx.k))
+            log.layers.append(ctx.layer)
             return _orig(self, ctx)
 
         monkeypatch.setattr(cls, "update", spy)
@@ -36,8 +44,13 @@ def test_streamed_kfac_equals_the_stacked_pass(case, mode, seen):
     loader = loader_of(x, sizes=(2, 2))
     streamed = FIM(model, loader, PMatKFAC, kfac_mode=mode, progress=False)
     n_batches = len(list(loader))
-    assert [c for c, _ in seen] == list(range(3)) * n_batches  # 3 classes: 3 columns a batch
+    layers = list(streamed.data)
+    # 3 classes: 3 columns a batch, each column once for every layer, the columns in order
+    assert [c for c, _ in seen] == [c for c in range(3) for _ in layers] * n_batches
     assert all(k == 1 for _, k in seen)
+    n = len(layers)
+    for i in range(0, len(seen), n):
+        assert sorted(seen.layers[i : i + n]) == sorted(layers)
     seen.clear()
     gen = FIM(model, loader, PMatEye, kfac_mode=mode).generator
     stacked, dense = build_many(gen, loader, [PMatKFAC, PMatDense])
