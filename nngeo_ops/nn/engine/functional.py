@@ -22,6 +22,7 @@ import re
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.func import grad, hessian, jvp, vjp, vmap
 
 from ...errors import UnsupportedError
@@ -278,23 +279,24 @@ class Linearised:
                     else:  # the graph of Jᵀu could not be built: Jᵀu by a plain backward
                         self.first = batched_grad(out, w, u0.unsqueeze(0)).T
 
-    # autograd nodes that torch generates from its derivative formulas ("AddmmBackward0"), whose
-    # double backward is either implemented (and checked by torch's gradgradcheck) or raises
-    _BUILTIN_NODE = re.compile(r"[A-Za-z0-9_]+Backward[0-9]+|AccumulateGrad")
+    # autograd nodes of torch's own derivative formulas ("AddmmBackward0"), whose double backward is
+    # implemented (and checked by torch's gradgradcheck) or raises; Identity passes gradients on
+    _BUILTIN_NODE = re.compile(
+        r"[A-Za-z0-9_]+Backward[0-9]+|torch::autograd::(AccumulateGrad|Identity)"
+    )
 
     def _trusted_graph(self) -> bool:
         """True if the forward graph has only torch's own derivative formulas: no custom
-        ``autograd.Function`` (Python or C++), hook function or compiled graph, the only nodes
-        whose backward may drop paths silently under double backward (see :meth:`_adjoint_test`).
-        A walk over the graph's nodes, instead of the test's two backward passes."""
+        ``autograd.Function`` (Python or C++), backward hook or compiled graph, the nodes whose
+        backward may drop paths silently under double backward (see :meth:`_adjoint_test`).
+        A walk over the graph's nodes instead of the test's two backward passes."""
         seen, stack = set(), [self.out.grad_fn]
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
-            kind = type(node)
-            if kind.__module__ != "builtins" or not self._BUILTIN_NODE.fullmatch(kind.__name__):
+            if isinstance(node, BackwardCFunction) or not self._BUILTIN_NODE.fullmatch(node.name()):
                 return False
             stack.extend(f for f, _ in node.next_functions)
         return True
