@@ -113,7 +113,8 @@ class ImplicitProducts:
                 acc = _add(acc, hv.to(gen.dtype))
                 total, nb = total + part.count, nb + 1
         self._lin = lin
-        return lin, (None if first is None else (acc, total, nb))
+        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value (not owned)
+        return lin, (None if first is None else (acc, total, nb, first, nb > 1))
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);
@@ -133,10 +134,10 @@ class ImplicitProducts:
             fuse = fuse and not (torch.is_grad_enabled() and v.requires_grad)
             lins, done = self._linearised(v if fuse else None)
             if done is not None:
-                return self._scaled(*done, v)
+                return self._scaled(*done)
             for lin in lins:
                 acc, total, nb = _add(acc, lin.matmat(v).to(gen.dtype)), total + lin.count, nb + 1
-            return self._scaled(acc, total, nb, v)
+            return self._scaled(acc, total, nb, v, owned=True)
         rng = self.rng()
         for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
@@ -144,15 +145,22 @@ class ImplicitProducts:
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
             acc, total, nb = _add(acc, hv.to(gen.dtype)), total + count, nb + 1
-        return self._scaled(acc, total, nb, v)
+        return self._scaled(acc, total, nb, v, owned=True)
 
-    def _scaled(self, acc, total, nb, v):
+    def _scaled(self, acc, total, nb, v, owned=False):
+        # owned: ``acc`` is a fresh tensor that nothing else holds (not a view of a cached graph's
+        # Jᵀu), scaled in place when no graph needs it (a P-sized allocation less per product)
         if acc is None:  # no batch (an empty shard of a process group)
-            acc = torch.zeros_like(v, dtype=self.gen.dtype)
+            acc, owned = torch.zeros_like(v, dtype=self.gen.dtype), True
         if self._group is None:
-            return acc * self.gen._finish(total, nb)
-        acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
-        return acc * self.gen._finish(total, nb, reduced=True)
+            s = self.gen._finish(total, nb)
+        else:  # the all-reduce sums in place
+            acc = acc if owned else acc.clone()
+            acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
+            s = self.gen._finish(total, nb, reduced=True)
+        if owned and not acc.requires_grad:
+            return acc.mul_(s)
+        return acc * s
 
 
 def _add(acc, part):
