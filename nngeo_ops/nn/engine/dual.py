@@ -10,7 +10,7 @@ first layer) torch fills dx with zeros and still multiplies it by W: one full pr
 layer wasted per pass, which is the largest layer of most models (for the MLP 784-256-128-10 the
 dual forward costs ~3.8 matrix products of the first layer instead of 2), plus two zero tensors the
 size of the input. :class:`DataTangentMode` intercepts ``linear`` and ``conv*d`` calls whose input
-carries no tangent and whose weight or bias does, and returns the same dual tensor with the tangent
+carries no tangent and whose weight does, and returns the same dual tensor with the tangent
 computed as ``op(x, dW, db)`` alone. Exact: the dropped term is a product with zero.
 """
 
@@ -50,17 +50,13 @@ class DataTangentMode(TorchFunctionMode):
         if fwAD.unpack_dual(x).tangent is not None:
             return None
         wp, wt = _split(weight)
-        bp, bt = _split(bias)
-        if wt is None and bt is None:
+        if (
+            wt is None
+        ):  # a weight outside the collection (its bias in it, or neither): torch's formula
             return None
+        bp, bt = _split(bias)
         primal = func(x, wp, bp, *rest)  # recorded on the reverse graph of wp, bp
-        if wt is not None:
-            tangent = func(x, wt, bt, *rest)
-        else:  # only the bias carries a tangent: it is the tangent at every position
-            shape = [1] * primal.dim()
-            shape[1 if func is not F.linear else -1] = -1
-            tangent = bt.reshape(shape).expand_as(primal).clone()
-        return fwAD.make_dual(primal, tangent)
+        return fwAD.make_dual(primal, func(x, wt, bt, *rest))
 
 
 def dual_forward(fm, batch, w: torch.Tensor, v: torch.Tensor):

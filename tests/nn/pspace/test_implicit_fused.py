@@ -269,3 +269,23 @@ def test_first_cached_monte_carlo_product_is_the_uncached_one():
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
     assert all(_first_products(cached))
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("rep", [PMatImplicit, CACHED], ids=["plain", "cached"])
+def test_frozen_weight_of_the_data_layer(conv, rep):
+    # the data's layer has only its bias in the collection: the mode defers to torch's formula
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3))
+        x = torch.randn(5, 3, 7, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        x = torch.randn(6, 4, dtype=torch.float64)
+    model = model.double()
+    model[0].weight.requires_grad_(False)
+    truth = gt.fim(model, x, "classif_logits")
+    F = FIM(model, loader_of(x), rep, progress=False)
+    v = torch.randn(truth.shape[0], dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(F.op @ v, truth @ v)
