@@ -154,8 +154,8 @@ class ImplicitProducts:
             acc, owned = torch.zeros_like(v, dtype=self.gen.dtype), True
         if self._group is None:
             s = self.gen._finish(total, nb)
-        else:  # the all-reduce sums in place
-            acc = acc if owned else acc.clone()
+        else:  # the all-reduce sums in place, into a contiguous tensor of its own
+            acc = acc if owned else acc.clone(memory_format=torch.contiguous_format)
             acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
             s = self.gen._finish(total, nb, reduced=True)
         if owned and not acc.requires_grad:
@@ -164,8 +164,11 @@ class ImplicitProducts:
 
 
 def _add(acc, part):
-    # the first batch's product is the sum so far: no P-sized zeros and addition per product
-    return part if acc is None else acc + part
+    # the first batch's product is the sum so far: no P-sized zeros and addition per product; a
+    # (P, 1) column of a (1, P) gradient keeps the strides (1, P): give it row-major ones (a view)
+    if acc is None:
+        return part.reshape(-1).view(part.shape) if part.is_contiguous() else part.contiguous()
+    return acc + part
 
 
 class OutputCurvature(MatFree):
