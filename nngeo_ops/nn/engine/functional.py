@@ -18,14 +18,17 @@ for a module registered under several names or a parameter shared by several mod
 
 from __future__ import annotations
 
+import re
+
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.func import grad, hessian, jvp, vjp, vmap
 
 from ...errors import UnsupportedError
 from ..layers.generic import call_with, tied_locations
 from ..params import LayerCollection
+from .dual import dual_forward
 
 
 def model_device(model):
@@ -196,9 +199,8 @@ def vjp_by_autograd(fm: FlatModel, batch, u: torch.Tensor) -> torch.Tensor:
 def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
     create_graph = torch.is_grad_enabled() and v.requires_grad
     w = fm.flat0.detach().requires_grad_(True)
-    with torch.enable_grad(), fwAD.dual_level():
-        out_d = fm(fwAD.make_dual(w, v[:, 0].to(w.dtype)), batch)
-        out, jv = fwAD.unpack_dual(out_d)
+    with torch.enable_grad():
+        out, jv = dual_forward(fm, batch, w, v[:, 0])
     if jv is None:  # the output does not depend on the covered parameters
         jv = torch.zeros_like(out)
     lmat, count = factor(out.detach(), batch)
@@ -222,31 +224,82 @@ class Linearised:
     Hessian-vector products (reverse over reverse). Where an operator of the model has no double
     backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
     Memory: the activations of the batch and of its backward pass, as long as the object lives.
+
+    ``first`` (GGN / Fisher, one column (P, 1)): the linearisation also computes the batch's product
+    with it, at the cost of one uncached product, kept in ``self.first``. The forward pass carries
+    the tangent (J v by dual numbers, :func:`~nngeo_ops.nn.engine.dual.dual_forward`) and the graph
+    of u ↦ Jᵀu is built by the backward that computes Jᵀ(L Lᵀ J v): u is a leaf holding that
+    cotangent instead of zeros, and since Jᵀu is linear in u its graph is the same. Without
+    ``first`` that graph costs a backward whose values are thrown away, on top of the product.
     """
 
-    def __init__(self, fm: FlatModel, batch, factor=None, loss=None):
+    def __init__(self, fm: FlatModel, batch, factor=None, loss=None, first=None):
         self.fm, self.batch, self.loss = fm, batch, loss
         self.double = True
+        self.first = None
         w = fm.flat0.detach().requires_grad_(True)
         self.w = w
         with torch.enable_grad():
-            out = fm(w, batch)
             if loss is not None:
+                out = fm(w, batch)
                 value, self.count = loss(out, batch)
                 self.grad = None
                 if value.requires_grad:
                     (self.grad,) = torch.autograd.grad(value, w, create_graph=True)
                     self.double = self._hessian_test()
                 return
+            out, jv = None, None
+            if first is not None:
+                if fm.tangent_mask is not None:
+                    first = first * fm.tangent_mask[:, None]
+                try:
+                    out, jv = dual_forward(fm, batch, w, first[:, 0])
+                except (RuntimeError, NotImplementedError):  # no forward-mode formula
+                    out, first = None, None
+            if out is None:
+                out = fm(w, batch)
             self.lmat, self.count = factor(out.detach(), batch)
             self.out, self.jtu = out, None
+            if first is not None:
+                jv = torch.zeros_like(out) if jv is None else jv.detach()
+                u0 = apply_output_factor(self.lmat, jv.unsqueeze(0))[0]
+                self.first = torch.zeros_like(first)
+            else:
+                u0 = torch.zeros_like(out)
             if out.requires_grad:
-                self.u = torch.zeros_like(out, requires_grad=True)
+                self.u = u0.detach().requires_grad_(True)
                 try:
                     (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
-                    self.double = self._adjoint_test()
+                    self.double = self._trusted_graph() or self._adjoint_test()
                 except (RuntimeError, NotImplementedError):
                     self.double = False
+                if first is not None:
+                    if self.jtu is not None:
+                        self.first = self.jtu.detach()[:, None]
+                    else:  # the graph of Jᵀu could not be built: Jᵀu by a plain backward
+                        self.first = batched_grad(out, w, u0.unsqueeze(0)).T
+
+    # autograd nodes of torch's own derivative formulas ("AddmmBackward0"), whose double backward is
+    # implemented (and checked by torch's gradgradcheck) or raises; Identity passes gradients on
+    _BUILTIN_NODE = re.compile(
+        r"[A-Za-z0-9_]+Backward[0-9]+|torch::autograd::(AccumulateGrad|Identity)"
+    )
+
+    def _trusted_graph(self) -> bool:
+        """True if the forward graph has only torch's own derivative formulas: no custom
+        ``autograd.Function`` (Python or C++), backward hook or compiled graph, the nodes whose
+        backward may drop paths silently under double backward (see :meth:`_adjoint_test`).
+        A walk over the graph's nodes instead of the test's two backward passes."""
+        seen, stack = set(), [self.out.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if isinstance(node, BackwardCFunction) or not self._BUILTIN_NODE.fullmatch(node.name()):
+                return False
+            stack.extend(f for f, _ in node.next_functions)
+        return True
 
     def _adjoint_test(self) -> bool:
         """⟨J v, z⟩ = ⟨v, Jᵀ z⟩ on random v, z: is the double-VJP graph a faithful J?
@@ -254,6 +307,7 @@ class Linearised:
         A backward that autograd cannot differentiate silently (a custom ``autograd.Function`` whose
         backward is ``once_differentiable`` or leaves the graph) yields a J V that misses paths, with
         no error; Jᵀ z through the forward graph is always right, so one random probe tells them apart.
+        Run only where :meth:`_trusted_graph` finds a node that is not one of torch's formulas.
         """
         if not self.jtu.requires_grad:
             return True

@@ -94,17 +94,27 @@ class ImplicitProducts:
         """A fresh generator with the operator's seed (Monte-Carlo kinds), else None."""
         return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 
-    def _linearised(self):
-        if self._lin is None:
-            gen, rng = self.gen, self.rng()
-            lin = []
-            for batch in self.replay.check(gen._batches(self.examples, "linearise")):
-                if gen.kind == "hessian":
-                    lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
-                else:
-                    lin.append(fx.Linearised(self.fm, batch, factor=self.factor(rng)))
-            self._lin = lin
-        return self._lin
+    def _linearised(self, first=None):
+        """The linearised batches (built at the first call). ``first`` (P, 1): build them with the
+        product by it (:class:`~nngeo_ops.nn.engine.functional.Linearised`), returned with the list
+        (else None): the first product of a cached operator costs one uncached product."""
+        if self._lin is not None:
+            return self._lin, None
+        gen, rng = self.gen, self.rng()
+        lin, acc, total, nb = [], None, 0, 0
+        for batch in self.replay.check(gen._batches(self.examples, "linearise")):
+            if gen.kind == "hessian":
+                lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
+                continue
+            part = fx.Linearised(self.fm, batch, factor=self.factor(rng), first=first)
+            lin.append(part)
+            if first is not None:
+                hv = part.first if part.first is not None else part.matmat(first)
+                acc = _add(acc, hv.to(gen.dtype))
+                total, nb = total + part.count, nb + 1
+        self._lin = lin
+        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value (not owned)
+        return lin, (None if first is None else (acc, total, nb, first, nb > 1))
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);
@@ -116,26 +126,49 @@ class ImplicitProducts:
 
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         gen = self.gen
-        acc, total, nb = torch.zeros_like(v, dtype=gen.dtype), 0, 0
+        acc, total, nb = None, 0, 0
         v = v.to(gen.model_dtype)  # a half model runs in half; its products are summed in float32
         if self.cache:
-            for lin in self._linearised():
-                acc, total, nb = acc + lin.matmat(v).to(acc.dtype), total + lin.count, nb + 1
-            return self._scaled(acc, v, total, nb)
+            # one column that no graph needs to reach: the first product builds the cache
+            fuse = v.shape[1] == 1 and gen.kind != "hessian"
+            fuse = fuse and not (torch.is_grad_enabled() and v.requires_grad)
+            lins, done = self._linearised(v if fuse else None)
+            if done is not None:
+                return self._scaled(*done)
+            for lin in lins:
+                acc, total, nb = _add(acc, lin.matmat(v).to(gen.dtype)), total + lin.count, nb + 1
+            return self._scaled(acc, total, nb, v, owned=True)
         rng = self.rng()
         for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
                 hv, count = fx.hessian_matmat(self.fm, batch, gen._loss, v)
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
-            acc, total, nb = acc + hv.to(acc.dtype), total + count, nb + 1
-        return self._scaled(acc, v, total, nb)
+            acc, total, nb = _add(acc, hv.to(gen.dtype)), total + count, nb + 1
+        return self._scaled(acc, total, nb, v, owned=True)
 
-    def _scaled(self, acc, v, total, nb):
+    def _scaled(self, acc, total, nb, v, owned=False):
+        # owned: ``acc`` is a fresh tensor that nothing else holds (not a view of a cached graph's
+        # Jᵀu), scaled in place when no graph needs it (a P-sized allocation less per product)
+        if acc is None:  # no batch (an empty shard of a process group)
+            acc, owned = torch.zeros_like(v, dtype=self.gen.dtype), True
         if self._group is None:
-            return acc * self.gen._finish(total, nb)
-        acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
-        return acc * self.gen._finish(total, nb, reduced=True)
+            s = self.gen._finish(total, nb)
+        else:  # the all-reduce sums in place, into a contiguous tensor of its own
+            acc = acc if owned else acc.clone(memory_format=torch.contiguous_format)
+            acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
+            s = self.gen._finish(total, nb, reduced=True)
+        if owned and not acc.requires_grad:
+            return acc.mul_(s)
+        return acc * s
+
+
+def _add(acc, part):
+    # the first batch's product is the sum so far: no P-sized zeros and addition per product; a
+    # (P, 1) column of a (1, P) gradient keeps the strides (1, P): give it row-major ones (a view)
+    if acc is None:
+        return part.reshape(-1).view(part.shape) if part.is_contiguous() else part.contiguous()
+    return acc + part
 
 
 class OutputCurvature(MatFree):
