@@ -91,6 +91,11 @@ class _User:
     rule: object | None
     calls: list = field(default_factory=list)
 
+    def __getstate__(self):
+        # the calls of the last batch are transient (its inputs and the gradient edges of its
+        # outputs, which no pickle can hold): a pickled generator starts without them
+        return {**self.__dict__, "calls": []}
+
 
 def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
     """Warn about modules whose training mode makes per-example curvature ill-defined or random.
