@@ -27,10 +27,14 @@ forward+backward of the same model on the same batch, and ours is compared with 
   ``getrusage``), as a share of the machine's capacity. :func:`check_load` refuses to write the
   committed table when it was above ``max_load`` (5 % by default) unless told to write an
   exploratory one.
-* **peak memory** per case and library: after the timing rounds, each quantity runs once more with
-  the peak resident set reset (``/proc/self/clear_refs``) and glibc's mmap threshold fixed at 128 KiB
-  so that freed blocks go back to the system; the figure is the peak resident set minus the resident
-  set before the call (on a GPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory).
+* **peak memory** per case and library, in a *fresh* worker process started after the timing
+  rounds with glibc's mmap threshold fixed at 128 KiB from its first instruction (so that large
+  blocks are mmapped and go back to the system when freed, whatever the heap held before): each
+  quantity runs once unmeasured, then once with the peak resident set reset
+  (``/proc/self/clear_refs``); the figure is the peak resident set minus the resident set before the
+  call (on a GPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory). Measured in the
+  timing worker instead, after its rounds, the figure depended on the heap's history (glibc reuses
+  large free chunks before it mmaps; ±10-20 MiB between runs of the same code).
 
 A *suite* is a module (e.g. ``benchmarks.bench_curvature``) with
 
@@ -223,6 +227,12 @@ def _libc():
         return None
 
 
+def _fix_mmap_threshold() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks mmapped, freed at once
+
+
 class _Worker:
     """Runs inside the worker process: sets one case up and answers the coordinator."""
 
@@ -309,13 +319,15 @@ class _Worker:
             }
         return out
 
-    def memory(self) -> dict:
-        """Peak extra MiB of one call of each quantity (see the module docstring)."""
+    def memory(self, warm: bool = False) -> dict:
+        """Peak extra MiB of one call of each quantity (see the module docstring); ``warm``: one
+        unmeasured call of each first (a fresh worker's lazy initialisations)."""
+        _fix_mmap_threshold()
         libc = _libc()
-        if libc is not None:
-            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks mmapped, freed at once
         out = {}
         for name, w in self.case.quantities.items():
+            if warm:
+                w.run(w.prepare() if w.prepare else None)
             state = w.prepare() if w.prepare else None
             gc.collect()
             if self.device.type == "cuda":
@@ -351,9 +363,11 @@ def worker_main(args: argparse.Namespace) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
+    if args.memory_only:  # before torch or the case allocate anything
+        _fix_mmap_threshold()
     try:
         w = _Worker(args.suite, args.case, args.lib, args.threads, args.device, args.budget)
-        send({"ready": True, **w.warm_up(args.max_pairs)})
+        send({"ready": True} if args.memory_only else {"ready": True, **w.warm_up(args.max_pairs)})
     except Exception as e:
         send({"error": f"{type(e).__name__}: {str(e)[:200]}"})
         return
@@ -362,7 +376,7 @@ def worker_main(args: argparse.Namespace) -> None:
         if cmd["cmd"] == "round":
             send(w.round(cmd["round"]))
         elif cmd["cmd"] == "memory":
-            send(w.memory())
+            send(w.memory(warm=cmd.get("warm", False)))
         elif cmd["cmd"] == "exit":
             send({"bye": True})
             return
@@ -372,7 +386,15 @@ def worker_main(args: argparse.Namespace) -> None:
 class WorkerProc:
     """A worker process seen from the coordinator."""
 
-    def __init__(self, python: str, suite: str, spec: CaseSpec, lib: str, cfg: HarnessConfig):
+    def __init__(
+        self,
+        python: str,
+        suite: str,
+        spec: CaseSpec,
+        lib: str,
+        cfg: HarnessConfig,
+        memory_only: bool = False,
+    ):
         self.lib = lib
         self.err = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
@@ -385,7 +407,7 @@ class WorkerProc:
             "--case", spec.case_id, "--lib", lib, "--threads", str(cfg.threads),
             "--device", cfg.device, "--budget", str(cfg.budget_s),
             "--max-pairs", str(cfg.max_pairs),
-        ]  # fmt: skip
+        ] + (["--memory-only"] if memory_only else [])  # fmt: skip
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -551,10 +573,19 @@ def run_case(
                     continue
                 for q, m in msg.items():
                     rounds[lib].setdefault(q, []).append(m)
+        for w in workers.values():  # timing done: a fresh process per library measures memory
+            w.close()
         for lib in live:
-            msg = workers[lib].ask({"cmd": "memory"})
-            if "error" not in msg:
-                memory[lib] = msg
+            py = sys.executable if lib == OURS else peers_python(cfg)
+            mw = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
+            try:
+                msg = mw.recv()
+                if "error" not in msg:
+                    msg = mw.ask({"cmd": "memory", "warm": True})
+                if "error" not in msg:
+                    memory[lib] = msg
+            finally:
+                mw.close()
     finally:
         for w in workers.values():
             w.close()
@@ -605,6 +636,7 @@ def _cli() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--max-pairs", type=int, default=5)
+    p.add_argument("--memory-only", action="store_true", help="a fresh worker measuring memory")
     args = p.parse_args()
     if not args.worker:
         p.error("this module is the harness; run `python -m benchmarks` for the benchmarks")
