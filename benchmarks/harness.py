@@ -327,7 +327,10 @@ class _Worker:
         out = {}
         for name, w in self.case.quantities.items():
             if warm:
-                w.run(w.prepare() if w.prepare else None)
+                try:
+                    w.run(w.prepare() if w.prepare else None)
+                except Exception:  # reported by the timing worker, which failed on it too
+                    continue
             state = w.prepare() if w.prepare else None
             gc.collect()
             if self.device.type == "cuda":
