@@ -424,6 +424,9 @@ def verdict(stats, ours_fb: float, peer_fb: float) -> str:
 NOT_SAME_MATRIX = {
     ("transformer", "diag", ASDL): "per-token squares Σ_t g_t² a_t², not the exact diagonal",
     ("transformer", "diag (MC)", ASDL): "per-token squares Σ_t g_t² a_t², not the exact diagonal",
+    # its Linear operation flattens the tokens into the batch for every Fisher shape
+    # (asdl/operations/linear.py, preprocess_in_data): the blocks are sums over tokens, not examples
+    ("transformer", "block-diag", ASDL): "tokens as examples (the flattening of its diagonal)",
     ("transformer", "kfac", ASDL): "tokens as examples with another scaling: traces 9-16x ours",
     (
         "transformer",
