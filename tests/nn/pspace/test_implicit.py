@@ -6,7 +6,7 @@ import functools
 import groundtruth as gt
 import pytest
 import torch
-from models import CASES, loader_of, make
+from models import CASES, Cube, loader_of, make
 from torch import nn
 
 from nngeo_ops.nn import FIM, GGN, FIM_MonteCarlo, Hessian, PMatDense, PMatImplicit, PVector
@@ -117,37 +117,6 @@ def test_cached_dense_equals_dense():
         FIM(model, loader, CACHED, progress=False).to_torch(),
         FIM(model, loader, PMatDense, progress=False).to_torch(),
     )
-
-
-class _Cube(torch.autograd.Function):
-    """x³ with a backward that autograd cannot differentiate (``once_differentiable``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * t
-
-
-class Cube(nn.Module):
-    def forward(self, x):
-        return _Cube.apply(x)
 
 
 def test_cache_detects_a_backward_without_double_backward():

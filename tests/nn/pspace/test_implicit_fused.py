@@ -6,7 +6,7 @@ import functools
 import groundtruth as gt
 import pytest
 import torch
-from models import CASES, loader_of, make
+from models import CASES, Cube, loader_of, make
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -204,37 +204,6 @@ def test_adjoint_test_runs_only_on_graphs_with_foreign_nodes(monkeypatch):
     torch.testing.assert_close(F.op @ v, truth @ v)
     assert len(calls) == len(F._products._lin) and all(lin.double for lin in F._products._lin)
     torch.testing.assert_close(F.op @ v, truth @ v)
-
-
-class _Cube(torch.autograd.Function):
-    """x³ with a backward that autograd cannot differentiate (``once_differentiable``)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x**3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * t
-
-
-class Cube(nn.Module):
-    def forward(self, x):
-        return _Cube.apply(x)
 
 
 def test_first_product_with_a_backward_without_double_backward():
