@@ -227,10 +227,12 @@ def _libc():
         return None
 
 
-def _fix_mmap_threshold() -> None:
+def _fix_mmap_threshold():
+    """glibc (or None where it is not there), its mmap threshold fixed at 128 KiB."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: large blocks mmapped, freed at once
+    return libc
 
 
 class _Worker:
@@ -322,8 +324,7 @@ class _Worker:
     def memory(self, warm: bool = False) -> dict:
         """Peak extra MiB of one call of each quantity (see the module docstring); ``warm``: one
         unmeasured call of each first (a fresh worker's lazy initialisations)."""
-        _fix_mmap_threshold()
-        libc = _libc()
+        libc = _fix_mmap_threshold()
         out = {}
         for name, w in self.case.quantities.items():
             if warm:
@@ -578,6 +579,7 @@ def run_case(
                     rounds[lib].setdefault(q, []).append(m)
         for w in workers.values():  # timing done: a fresh process per library measures memory
             w.close()
+        workers.clear()
         for lib in live:
             py = sys.executable if lib == OURS else peers_python(cfg)
             mw = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
