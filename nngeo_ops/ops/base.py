@@ -153,7 +153,7 @@ class LinearOperator:
         version counter moves with in-place operations on the tensor; a change through ``.data``
         does not move it, so floating leaves also carry a checksum of their entries (a weighted
         sum over all entries up to ``CHECKSUM_ENTRIES`` = 65536, over an evenly spaced sample of
-        65536 entries beyond). What invalidates a cache: a new tensor, any in-place operation, a
+        65536 entries beyond, in contiguous blocks of 64, and the last entry). What invalidates a cache: a new tensor, any in-place operation, a
         ``.data`` write to a leaf of at most 65536 entries, or one that changes a sampled entry of
         a larger leaf (a rescaling, a copy of new values); after a ``.data`` write to a few
         entries of a large leaf call :meth:`invalidate`.
@@ -445,25 +445,44 @@ _RAMPS: dict[tuple, torch.Tensor] = {}
 
 
 CHECKSUM_ENTRIES = 1 << 16  # leaves up to this size are checksummed whole, larger ones sampled
+CHECKSUM_BLOCK = 64  # a larger leaf is sampled in contiguous blocks of this many entries
+
+
+def _ramp(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (n, dtype, device)
+    w = _RAMPS.get(key)
+    if w is None:
+        if len(_RAMPS) > 64:
+            _RAMPS.clear()
+        w = _RAMPS[key] = torch.linspace(1.0, 2.0, n, dtype=dtype, device=device)
+    return w
 
 
 def _checksum(t: torch.Tensor) -> float | None:
-    """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 2] over every entry of a leaf of at most
+    """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 4] over every entry of a leaf of at most
     :data:`CHECKSUM_ENTRIES` entries, over an evenly spaced sample of that many entries of a larger
-    one (a whole pass would cost as much as a cached dense solve)."""
+    one (a whole pass would cost as much as a cached dense solve).
+
+    The sample is ``CHECKSUM_ENTRIES / CHECKSUM_BLOCK`` contiguous blocks of
+    :data:`CHECKSUM_BLOCK` entries (row-strided view ``(blocks, 64)``, weighted ``(R @ w_b) @ w_r``):
+    the same number of entries as every ``s``-th one, but read in whole cache lines, which takes
+    16 µs instead of 55 µs on a 2·10⁵-entry float32 diagonal (it runs at every cached call).
+    """
     if not t.is_floating_point() or t.numel() == 0:
         return None
     with torch.no_grad():
         d = t.detach().reshape(-1)
-        if d.numel() > CHECKSUM_ENTRIES:
-            d = d[:: -(-d.numel() // CHECKSUM_ENTRIES)]
-        key = (d.numel(), d.dtype, d.device)
-        w = _RAMPS.get(key)
-        if w is None:
-            if len(_RAMPS) > 64:
-                _RAMPS.clear()
-            w = _RAMPS[key] = torch.linspace(1.0, 2.0, d.numel(), dtype=d.dtype, device=d.device)
-        return float(d @ w)
+        n = d.numel()
+        if n <= CHECKSUM_ENTRIES:
+            return float(d @ _ramp(n, d.dtype, d.device))
+        b = CHECKSUM_BLOCK
+        blocks = n // b
+        step = -(-blocks // (CHECKSUM_ENTRIES // b))
+        rows = d[: blocks * b].view(blocks, b)[::step]
+        w_b = _ramp(b, d.dtype, d.device)
+        w_r = _ramp(rows.shape[0], d.dtype, d.device)
+        # the last entry is always in: a leaf's tail past the last whole block is otherwise unseen
+        return float((rows @ w_b) @ w_r + 3.0 * d[-1])
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -512,17 +531,24 @@ class ZeroFree:
     :func:`finite_range` computed when its node was built: ``known(t)`` is True while ``t`` is the
     same tensor with the same entries (version counter and checksum, as in
     :meth:`LinearOperator.fingerprint`), so an in-place change is seen and the caller checks again.
+
+    ``derived=True``: ``t`` was computed by ops itself from leaves it already checked (the folded
+    ``d + c`` of a damped diagonal) and is held by the rewritten tree only, so no caller writes to
+    it through ``.data``; the version counter alone keys it (two checksums fewer per first solve).
     """
 
-    __slots__ = ("key", "free")
+    __slots__ = ("key", "free", "derived")
 
-    def __init__(self, t: torch.Tensor, lo: float, hi: float) -> None:
+    def __init__(self, t: torch.Tensor, lo: float, hi: float, derived: bool = False) -> None:
         self.free = lo > 0 or hi < 0
-        self.key = (id(t), t._version, _checksum(t)) if self.free else None
+        self.derived = derived
+        self.key = (id(t), t._version, None if derived else _checksum(t)) if self.free else None
 
     def known(self, t: torch.Tensor) -> bool:
         """True when ``t`` is known to have no zero entry (False: unknown, check it)."""
-        return self.free and self.key == (id(t), t._version, _checksum(t))
+        if not self.free:
+            return False
+        return self.key == (id(t), t._version, None if self.derived else _checksum(t))
 
 
 def check_symmetric_tag(M: torch.Tensor, what: str) -> None:

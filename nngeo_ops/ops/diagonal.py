@@ -21,11 +21,16 @@ from .base import (
 
 
 class Diagonal(LinearOperator):
-    """``diag(d)`` for a vector ``d`` of length ``n``; tagged PSD when every ``d_i ≥ 0``."""
+    """``diag(d)`` for a vector ``d`` of length ``n``; tagged PSD when every ``d_i ≥ 0``.
+
+    ``derived=True`` marks a ``d`` that ops computed itself from checked leaves (a rewrite's fold),
+    which no caller holds: whether it has a zero is then keyed on its version counter alone (see
+    :class:`~nngeo_ops.ops.base.ZeroFree`).
+    """
 
     _tensor_fields = ("d",)
 
-    def __init__(self, d: torch.Tensor, *, name: str = "diag") -> None:
+    def __init__(self, d: torch.Tensor, *, name: str = "diag", derived: bool = False) -> None:
         if not isinstance(d, torch.Tensor) or d.dim() != 1:
             raise ArgumentTypeError(
                 f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}"
@@ -35,7 +40,7 @@ class Diagonal(LinearOperator):
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=lo >= 0)
         self.d = d
         self.name = name
-        self._zero_free = ZeroFree(d, lo, hi)
+        self._zero_free = ZeroFree(d, lo, hi, derived)
 
     @property
     def excludes_zero(self) -> bool:

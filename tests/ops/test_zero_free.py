@@ -82,3 +82,42 @@ def test_damped_diagonal_folds_to_the_shifted_diagonal():
     torch.testing.assert_close(A.solve(b), b / (2 * d + 0.501))
     dense = Dense(torch.diag(2 * d) + 0.501 * torch.eye(500, dtype=torch.float64), psd=True)
     torch.testing.assert_close(A.solve(b), dense.solve(b))
+
+
+def test_large_leaf_checksum_sees_a_rescaling_a_sampled_block_and_the_last_entry():
+    """Above CHECKSUM_ENTRIES the checksum samples contiguous blocks (and the last entry): a
+    ``.data`` rescaling, a write into a sampled block, and one to the tail are all seen."""
+    from nngeo_ops.ops.base import CHECKSUM_BLOCK, CHECKSUM_ENTRIES, _checksum
+
+    n = 3 * CHECKSUM_ENTRIES + 17  # a tail past the last whole block
+    d = torch.rand(n, dtype=torch.float64) + 0.5
+    base = _checksum(d)
+    assert _checksum(d) == base
+    d.data.mul_(2.0)
+    assert _checksum(d) != base
+    d.data.div_(2.0)
+    base = _checksum(d)
+    d.data[CHECKSUM_BLOCK - 1] += 1.0  # inside the first block, which is always sampled
+    assert _checksum(d) != base
+    base = _checksum(d)
+    d.data[-1] = 0.0
+    assert _checksum(d) != base
+
+
+def test_a_damped_large_diagonal_still_refuses_a_zero_written_in_place():
+    """The folded ``d + c`` is keyed on its version counter alone (ops made it); the caller's
+    leaf keeps its checksum: a ``.data`` write of ``-c`` into a sampled entry is seen."""
+    n = 100_000
+    d = torch.rand(n, dtype=torch.float64) + 0.5
+    b = torch.randn(n, dtype=torch.float64)
+    A = Diagonal(d) + 0.25 * Identity(n)
+    torch.testing.assert_close(A.solve(b), b / (d + 0.25))
+    S = A.simplify()
+    assert S.excludes_zero
+    S.d[3] = 0.0  # in place on the derived tensor: the version counter moves
+    assert not S.excludes_zero
+    with pytest.raises(SingularError):
+        S.solve(b)
+    d.data[0] = -0.25  # through .data on the caller's leaf, in a sampled block
+    with pytest.raises(SingularError):
+        A.solve(b)

@@ -62,7 +62,8 @@ def _fold_diagonals(ts: list) -> LinearOperator:
             acc = t.d if acc is None else acc + t.d
         else:
             shift = shift + t.c
-    return Diagonal(acc + shift)
+    # a fresh tensor of ops' own, so its zero-freedom needs no checksum (Diagonal's derived)
+    return Diagonal(acc + shift, derived=True)
 
 
 def _fold_lowranks(ts: list[LowRank]) -> LowRank:
