@@ -29,6 +29,7 @@ from nngeo_ops.nn import (
     PMatLowRank,
     PMatQuasiDiag,
 )
+from nngeo_ops.nn.engine.distributed import Communicator, resolve_group
 
 SHARDS = {2: [7, 6], 3: [6, 4, 3]}  # unequal shards, 13 examples in all
 BATCH = 3
@@ -154,6 +155,19 @@ def run_checks(rank, shards, pg=None):
     out["Jacobian J.T @ u (sharded u)"] = j.T @ u_full[:, lo:hi].reshape(-1)
     w = torch.randn(p, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out["Jacobian J @ v (rows of this shard)"] = (j @ w).view(c, -1)
+    # the bucketed sum of a (P, 1) column with strides (1, P) (a transposed gradient row) on some
+    # ranks and a contiguous one on others, next to a symmetric matrix in the same bucket
+    col = wx[lo:hi].sum(0).reshape(1, -1).T
+    if rank % 2:
+        col = col.contiguous()
+    sym = wx[lo:hi].T @ wx[lo:hi]
+    grp = resolve_group(pg)
+    if grp is not None:
+        comm = Communicator(grp)
+        comm.sum(sym, symmetric=True)
+        comm.sum(col)
+        comm.flush()
+    out["Communicator strided column"] = torch.cat([col.reshape(-1), sym.reshape(-1)])
     out.update(app_checks(rank, shards, pg))
     return out
 
