@@ -87,10 +87,12 @@ class KronRule(Rule):
         arow, grow = self.rows(module, a, g)
         if arow.shape[1] != 1 or self.order != "ga":
             return None
-        g2, a2 = grow[:, :, 0].square(), arow[:, 0].square()
-        out = {"weight": torch.einsum("kbg,ba->ga", g2, a2).reshape(module.weight.shape)}
+        # Σ_k first (a does not depend on the column k), then one product (Σ_k g²)ᵀ a²: torch's
+        # einsum of "kbg,ba->ga" does not sum k first (2.5× slower on the benchmark MLP)
+        s = grow[:, :, 0].square().sum(0) if grow.shape[0] > 1 else grow[0, :, 0].square()
+        out = {"weight": (s.T @ arow[:, 0].square()).reshape(module.weight.shape)}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = g2.sum((0, 1))
+            out["bias"] = s.sum(0)
         return out
 
     # ------------------------------------------------------------------ what the accumulators ask
