@@ -60,9 +60,19 @@ class ConvRule(KronRule):
         return conv_squared_grads(module, a, g)
 
     def per_example_weight(self, module, a, g):
-        """(K, B, C_out, C_in·kh·kw) by :class:`ExampleGrads` (grouped kernel or patches)."""
-        grads = ExampleGrads(module, a).of_chunk(0, a.shape[0])
-        return torch.stack([grads(gk) for gk in g])
+        """(K, B, C_out, C_in·kh·kw) by :class:`ExampleGrads` (grouped kernel or patches), a chunk
+        of examples at a time (the patches of all B examples would outweigh the result)."""
+        eg, b, k = ExampleGrads(module, a), a.shape[0], g.shape[0]
+        step = eg.chunk(g[0, 0, 0].numel(), g.shape[2])
+        out = None
+        for i in range(0, b, step):
+            grads = eg.of_chunk(i, i + step)
+            for kk in range(k):
+                w = grads(g[kk, i : i + step])
+                if out is None:
+                    out = w.new_empty(k, b, *w.shape[1:])
+                out[kk, i : i + step] = w
+        return out
 
     def kfac_rows(self, module, a, g):
         """The rows of :meth:`KronRule.kfac_rows`, the patches from :func:`conv_patches` (a
