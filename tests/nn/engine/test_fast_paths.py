@@ -204,7 +204,7 @@ def test_conv_example_grads_routes_and_chunks(monkeypatch, conv, shape, narrow):
         monkeypatch.setattr(conv_mod, "_CONV_CHUNK", chunk)
         sq = conv_squared_grads(conv, a, g)
         torch.testing.assert_close(sq["weight"].reshape(w.shape[2:]), w.square().sum((0, 1)))
-    torch.testing.assert_close(ConvRule().per_example_weight(conv, a, g), w)
+        torch.testing.assert_close(ConvRule().per_example_weight(conv, a, g), w)
 
 
 def test_exact_diagonal_of_a_cnn_above_the_dense_limit():
