@@ -53,22 +53,49 @@ from ..errors import (  # noqa: F401  (DataError re-exported)
 
 # ---------------------------------------------------------------------- factor helpers
 def softmax_factor(logits: torch.Tensor) -> torch.Tensor:
-    """Exact factor of diag(p) − ppᵀ per position, for logits of shape (B, C, *S).
+    """Exact factor of diag(p) − ppᵀ per position, for logits of shape (B, C, *S), with C − 1
+    columns per position (the rank of diag(p) − ppᵀ, whose null space holds the ones vector).
 
-    Returns (C·D, B, C, *S) with D = prod(S): column (c, d) is √p_{c,d} (e_c − p_d) placed at
-    position d, so that distinct positions never mix.
+    Returns ((C−1)·D, B, C, *S) with D = prod(S), column (j, d) placed at position d, so that
+    distinct positions never mix (for C = 1, one zero column per position). The columns are the
+    stick-breaking form of the categorical distribution (a chain of conditional Bernoulli draws):
+    with the tail sums q_j = Σ_{i≥j} p_i (q_0 = 1), column j = 0 … C−2 is
+
+        v_j = √(p_j / (q_j q_{j+1})) · (q_{j+1} e_j − Σ_{i>j} p_i e_i),
+
+    and Σ_j v_j v_jᵀ = diag(p) − ppᵀ exactly: p_j / (q_j q_{j+1}) = 1/q_{j+1} − 1/q_j telescopes,
+    so entry (i, l), i ≤ l, is p_i p_l (1/q_i − 1) + [i = l] p_i q_{i+1}/q_i − [i < l] p_i p_l/q_i
+    = [i = l] p_i − p_i p_l. Every K-column pass (exact Fisher/GGN) back-propagates C − 1 columns
+    instead of the C of the symmetric square root √p_c (e_c − p). The tail sums are cumulative sums
+    from the end (no 1 − Σ cancellation); a tail that underflows to 0 has p_i = 0 in every entry it
+    scales, and the clamp of the denominators to the smallest normal number makes those entries 0.
     """
     b, c = logits.shape[:2]
     sp = logits.shape[2:]
     p = torch.softmax(logits.detach().reshape(b, c, -1), dim=1)  # (B, C, D)
     d = p.shape[2]
-    eye = torch.eye(c, dtype=p.dtype, device=p.device)
-    base = p.sqrt().permute(1, 0, 2)[:, :, None, :] * (eye[:, None, :, None] - p[None])
+    if c == 1:  # diag(p) − ppᵀ = 0
+        k, base = 1, p.new_zeros(1, b, 1, d)
+    else:
+        k = c - 1
+        tiny = torch.finfo(p.dtype).tiny
+        q = p.flip(1).cumsum(1).flip(1)  # q_j = Σ_{i≥j} p_i
+        # p_j / q_j ≤ 1 (q_j ≥ p_j also in floating point) and p_i ≤ q_{j+1}: no product of two
+        # small numbers is formed, so nothing underflows before the square roots
+        ratio = p[:, :-1] / q[:, :-1].clamp_min(tiny)
+        lead = (ratio * q[:, 1:]).sqrt()  # (B, C−1, D): entry j of column j
+        tail = ratio.sqrt() / q[:, 1:].clamp_min(tiny).sqrt()  # times −p_i: entries i > j
+        idx = torch.arange(c, device=p.device)
+        below = (idx[None, :] > idx[:k, None]).to(p.dtype)  # (C−1, C): i > j
+        on = (idx[None, :] == idx[:k, None]).to(p.dtype)
+        base = on[:, None, :, None] * lead.permute(1, 0, 2)[:, :, None, :] - below[
+            :, None, :, None
+        ] * (tail.permute(1, 0, 2)[:, :, None, :] * p[None])  # (C−1, B, C, D)
     if d == 1:
-        return base.reshape(c, b, c, *sp)
-    out = p.new_zeros(c, d, b, c, d)
+        return base.reshape(k, b, c, *sp)
+    out = p.new_zeros(k, d, b, c, d)
     out.diagonal(dim1=1, dim2=4).copy_(base)
-    return out.reshape(c * d, b, c, *sp)
+    return out.reshape(k * d, b, c, *sp)
 
 
 def diag_factor(h: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,13 @@ class KFACAcc:
             kept = self._rows.setdefault(lid, [])
             total = n + sum(r.shape[0] for r in kept)
             if 2 * total <= d + ones:
-                kept.append(torch.cat([m, m.new_ones(n, 1)], dim=1) if ones else m.clone())
+                # stored feature-major (a transposed view of a (dA, n) block): the LowRank node of
+                # the built matrix wants U = rowsᵀ contiguous, which is then this block, not a copy
+                buf = m.new_empty(d + ones, n)
+                buf[:d].copy_(m.T)
+                if ones:
+                    buf[d].fill_(1)
+                kept.append(buf.T)
                 return
             del self._rows[lid]
             if kept:  # from now on A is dense
@@ -341,7 +347,9 @@ class KFACAcc:
                 self.value[lid] = {"block": blk}
                 continue
             if lid in self._rows:
-                rows = torch.cat(self._rows[lid]).div_(math.sqrt(self._n[lid]))
+                kept = self._rows[lid]  # feature-major blocks (see _acc_a): joined as such
+                rows = kept[0] if len(kept) == 1 else torch.cat([r.mT for r in kept], 1).mT
+                rows = rows.div_(math.sqrt(self._n[lid]))
                 v = KroneckerFactors(A_rows=rows, G=self._g[lid].mul_(scale))
             else:
                 v = KroneckerFactors(A=self._a[lid].div_(self._n[lid]), G=self._g[lid].mul_(scale))

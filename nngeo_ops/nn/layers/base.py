@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .moments import column_square_sum
+
 
 class Rule:
     """Base class. ``attrs(module)`` lists the parameters a rule computes, in registration order."""
@@ -87,10 +89,12 @@ class KronRule(Rule):
         arow, grow = self.rows(module, a, g)
         if arow.shape[1] != 1 or self.order != "ga":
             return None
-        g2, a2 = grow[:, :, 0].square(), arow[:, 0].square()
-        out = {"weight": torch.einsum("kbg,ba->ga", g2, a2).reshape(module.weight.shape)}
+        # Σ_k first (a does not depend on the column k), then one product (Σ_k g²)ᵀ a²: torch's
+        # einsum of "kbg,ba->ga" does not sum k first (2.5× slower on the benchmark MLP)
+        s = column_square_sum(grow[:, :, 0])
+        out = {"weight": (s.T @ arow[:, 0].square()).reshape(module.weight.shape)}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = g2.sum((0, 1))
+            out["bias"] = s.sum(0)
         return out
 
     # ------------------------------------------------------------------ what the accumulators ask

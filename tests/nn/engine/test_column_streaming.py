@@ -45,8 +45,9 @@ def test_streamed_kfac_equals_the_stacked_pass(case, mode, seen):
     streamed = FIM(model, loader, PMatKFAC, kfac_mode=mode, progress=False)
     n_batches = len(list(loader))
     layers = list(streamed.data)
-    # 3 classes: 3 columns a batch, each column once for every layer, the columns in order
-    assert [c for c, _ in seen] == [c for c in range(3) for _ in layers] * n_batches
+    # 3 classes: C − 1 = 2 columns a batch (the loss Hessian has rank C − 1), each column once
+    # for every layer, the columns in order
+    assert [c for c, _ in seen] == [c for c in range(2) for _ in layers] * n_batches
     assert all(k == 1 for _, k in seen)
     n = len(layers)
     for i in range(0, len(seen), n):
@@ -54,7 +55,7 @@ def test_streamed_kfac_equals_the_stacked_pass(case, mode, seen):
     seen.clear()
     gen = FIM(model, loader, PMatEye, kfac_mode=mode).generator
     stacked, dense = build_many(gen, loader, [PMatKFAC, PMatDense])
-    assert seen and all(c is None and k == 3 for c, k in seen)
+    assert seen and all(c is None and k == 2 for c, k in seen)
     torch.testing.assert_close(streamed.to_torch(), stacked.to_torch(), rtol=1e-12, atol=1e-14)
     # the factors themselves (A read once per batch, G summed over the streamed columns)
     for lid in streamed.data:
@@ -76,4 +77,4 @@ def test_streamed_diagonal_is_the_exact_diagonal(case, seen):
 def test_batched_backward_is_not_streamed(seen):
     model, x = make("mlp")
     FIM(model, loader_of(x), PMatKFAC, progress=False)
-    assert seen and all(c is None and k == 3 for c, k in seen)
+    assert seen and all(c is None and k == 2 for c, k in seen)

@@ -1,5 +1,6 @@
 """The fast paths of the statistics (chosen by shape or by model) against their plain definitions."""
 
+import groundtruth as gt
 import pytest
 import torch
 from models import loader_of, make
@@ -18,7 +19,7 @@ from nngeo_ops.nn import (
 )
 from nngeo_ops.nn.engine.capture import Capture
 from nngeo_ops.nn.layers.conv import ConvRule, conv_patches, conv_squared_grads
-from nngeo_ops.nn.layers.moments import second_moment
+from nngeo_ops.nn.layers.moments import _SQUARE_LOOP, column_square_sum, second_moment
 from nngeo_ops.nn.losses import output_model_for_variant
 from nngeo_ops.nn.params import LayerCollection
 
@@ -44,6 +45,17 @@ def test_conv_patches_are_unfold(conv, shape):
     sq = conv_squared_grads(conv, a, g)
     torch.testing.assert_close(sq["weight"].reshape(w.shape[2:]), w.square().sum((0, 1)))
     torch.testing.assert_close(sq["bias"], grow.sum(2).square().sum((0, 1)))
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 5, 3), (4, 5, 3), (3, 2, _SQUARE_LOOP // 2), (1, 2, _SQUARE_LOOP)]
+)
+def test_column_square_sum(shape):
+    # small columns: squares then one sum; large ones: addcmul_ column by column; one column
+    g = torch.randn(*shape, dtype=torch.float64)
+    before = g.clone()
+    torch.testing.assert_close(column_square_sum(g), (g * g).sum(0))
+    assert torch.equal(g, before)  # the cotangents are not overwritten
 
 
 @pytest.mark.parametrize(
@@ -146,3 +158,68 @@ def test_monte_carlo_diag_and_kfac_reproducible_after_the_sampler_change():
             for _ in range(2)
         ]
         torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_exact_diagonal_with_large_columns_above_the_dense_limit():
+    # one-position layers whose per-column cotangents have ≥ _SQUARE_LOOP entries (B · d_out =
+    # 128 · 128): their Σ_k g² is added column by column; 19 204 parameters (above the compile
+    # policy's dense_limit), so the truth is the diagonal of Σ_n J_nᵀ H_n J_n / N directly
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 4)
+    ).double()
+    x = torch.randn(128, 16, dtype=torch.float64)
+    j = gt.jacobian(model, x)  # (N, C, P)
+    p = torch.softmax(model(x).detach(), 1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    assert truth.numel() > 3000
+    F = FIM(model, loader_of(x, sizes=(128,)), PMatDiag, progress=False)
+    torch.testing.assert_close(F.get_diag(), truth)
+
+
+@pytest.mark.parametrize(
+    "narrow", [0, 10**6]
+)  # the grouped kernel everywhere, the patches everywhere
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), (5, 3, 7, 6)),
+        (nn.Conv2d(6, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(0, 1)), (5, 6, 9, 8)),
+        (nn.Conv1d(2, 3, 3, padding="same"), (5, 2, 7)),
+    ],
+)
+def test_conv_example_grads_routes_and_chunks(monkeypatch, conv, shape, narrow):
+    # both routes of ExampleGrads, with chunks of one or two examples (the chunk bound lowered), in
+    # conv_squared_grads (K = 3 columns) and per_example_weight, against unfold's rows and einsum
+    from nngeo_ops.nn.layers import conv as conv_mod
+
+    conv = conv.double()
+    a = torch.randn(*shape, dtype=torch.float64)
+    g = torch.randn(3, *conv(a).shape, dtype=torch.float64)
+    arow, grow = ConvRule().rows(conv, a, g)
+    w = torch.einsum("kbrg,bra->kbga", grow, arow)
+    monkeypatch.setattr(conv_mod, "_NARROW_PATCH", narrow)
+    for chunk in (1, 200, 1 << 22):
+        monkeypatch.setattr(conv_mod, "_CONV_CHUNK", chunk)
+        sq = conv_squared_grads(conv, a, g)
+        torch.testing.assert_close(sq["weight"].reshape(w.shape[2:]), w.square().sum((0, 1)))
+        torch.testing.assert_close(ConvRule().per_example_weight(conv, a, g), w)
+
+
+def test_exact_diagonal_of_a_cnn_above_the_dense_limit():
+    # a narrow first convolution (3 input channels: the patches route) and a wide second one (16:
+    # the grouped kernel); 7 140 parameters, above dense_limit; truth Σ_n diag(J_nᵀ H_n J_n) / N
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 4),
+    ).double()  # fmt: skip
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    j = gt.jacobian(model, x)  # (N, C, P)
+    p = torch.softmax(model(x).detach(), 1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    assert truth.numel() > 3000
+    F = FIM(model, loader_of(x, sizes=(10, 6)), PMatDiag, progress=False)
+    torch.testing.assert_close(F.get_diag(), truth)

@@ -67,6 +67,20 @@ def test_wide_layer_factor_is_kept_as_rows_and_exact(bias):
     assert "A_rows" not in F.data["2"]
 
 
+@pytest.mark.parametrize("sizes", [(6,), (2, 4)])
+def test_kept_rows_are_stored_feature_major(sizes):
+    # the rows are kept as a transposed view of a (dA, n) block, so that the LowRank node's
+    # U = rowsᵀ is that block itself (no copy), one batch or several joined
+    model, x = wide_mlp()
+    F = FIM(model, loader_of(x, sizes=sizes), PMatKFAC, progress=False)
+    rows = F.data["0"]["A_rows"]
+    assert rows.shape == (6, 21) and rows.mT.is_contiguous()
+    truth, A = _truth_block(model, x, 0)
+    torch.testing.assert_close(rows.T @ rows, A)
+    sl = F.layer_collection.layer_slices()["0"]
+    torch.testing.assert_close(F.to_torch()[sl, sl], truth)
+
+
 def _dense_twin(F):
     """The same KFAC with every input factor dense (the factors formed from the rows)."""
     data = {
