@@ -79,7 +79,7 @@ def mlp_floors(calls: int) -> dict[str, float]:
         (a0, a1, a2), (h1, h2), out = forward()
         p = out.softmax(1)
         s = torch.diag_embed(p.sqrt()) - p.unsqueeze(2) * p.sqrt().unsqueeze(1)  # H = S Sᵀ
-        g3 = s.transpose(1, 2).reshape(n * c, c)  # 10·N rows of output cotangents
+        g3 = s.permute(2, 0, 1).reshape(c * n, c)  # 10·N rows, column-major: row k·N + i
         g2 = (g3 @ W[2]) * (h2 > 0).repeat(c, 1)
         g1 = (g2 @ W[1]) * (h1 > 0).repeat(c, 1)
         for g, a in ((g3, a2), (g2, a1), (g1, a0)):
