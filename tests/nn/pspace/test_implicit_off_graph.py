@@ -178,3 +178,29 @@ def test_the_cnn_takes_the_off_graph_rules(monkeypatch):
     Fm = FIM(model, loader_of(x), PMatImplicit, progress=False)
     Fm.op @ torch.randn(Fm.layer_collection.numel(), dtype=torch.float64)
     assert sorted(set(taken)) == [("_max_pool2d", True), ("_relu", True)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=(2, 3), stride=1, dilation=2),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_indices_are_torch_indices(kw, dtype, monkeypatch):
+    # the channels-last kernel, chunk by chunk, against torch's (N, C, H, W) kernel: ties (first
+    # maximum), NaN (taken), -inf windows, chunks that do not divide the batch
+    import nngeo_ops.nn.engine.dual as dual
+
+    monkeypatch.setattr(dual, "_POOL_CHUNK", 3 * 4 * 9 * 10 * 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 9, 10, generator=g).round().to(dtype)  # many ties
+    x[0, 0, :4, :4] = float("-inf")
+    x[1, 1, 2, 3] = float("nan")
+    x[2, 2, :3, :] = float("nan")
+    want = F.max_pool2d_with_indices(x, **kw)[1]
+    got = dual._pool_indices(x, [], kw)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
