@@ -43,6 +43,8 @@ from torch.overrides import TorchFunctionMode
 # the weight-linear ops with the data as first argument: op(x, weight, bias, *rest)
 _WEIGHT_LINEAR = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
 def _split(t):
@@ -72,6 +74,14 @@ class DataTangentMode(TorchFunctionMode):
             out = _relu(args, kwargs)
         elif self.off_graph and func is F.max_pool2d and args:
             out = _max_pool2d(args, kwargs)
+        elif self.off_graph and func in _MATMUL and len(args) == 2 and not kwargs:
+            out = _matmul(func, *args)
+        elif self.off_graph and func in _SOFTMAX and args:
+            out = _softmax(args, kwargs)
+        elif self.off_graph and func is F.gelu and args:
+            out = _gelu(args, kwargs)
+        elif self.off_graph and func is F.layer_norm and args:
+            out = _layer_norm(args, kwargs)
         return func(*args, **kwargs) if out is None else out
 
     def _weight_linear(self, func, args, kwargs):
@@ -104,6 +114,77 @@ def _relu(args, kwargs):
     primal = torch.relu(xp)
     with torch.no_grad():  # torch's formula: the tangent where the output is positive
         tangent = torch.ops.aten.threshold_backward(xt, primal, 0)
+    return fwAD.make_dual(primal, tangent)
+
+
+def _matmul(func, a, b):
+    if not (torch.is_tensor(a) and torch.is_tensor(b)):
+        return None
+    (ap, at), (bp, bt) = _split(a), _split(b)
+    if at is None and bt is None:
+        return None
+    primal = func(ap, bp)
+    with torch.no_grad():  # the product rule: dA·B + A·dB
+        tangent = func(at, bp) if at is not None else None
+        if bt is not None:
+            tangent = func(ap, bt) if tangent is None else tangent.add_(func(ap, bt))
+    return fwAD.make_dual(primal, tangent)
+
+
+def _softmax(args, kwargs):
+    kw = dict(kwargs)
+    kw.pop("_stacklevel", None)
+    dim = args[1] if len(args) > 1 else kw.pop("dim", None)
+    xp, xt = _split(args[0])
+    if xt is None or dim is None or len(args) > 2 or kw.get("dtype") is not None:
+        return None
+    primal = torch.softmax(xp, dim)
+    with torch.no_grad():  # torch's formula: y ⊙ (dx − Σ_dim y ⊙ dx)
+        tangent = primal * (xt - (primal * xt).sum(dim, keepdim=True))
+    return fwAD.make_dual(primal, tangent)
+
+
+def _gelu(args, kwargs):
+    xp, xt = _split(args[0])
+    if xt is None or len(args) > 1 or set(kwargs) - {"approximate"}:
+        return None
+    approximate = kwargs.get("approximate", "none")
+    primal = F.gelu(xp, approximate=approximate)
+    with torch.no_grad():  # torch's formula: gelu'(x) ⊙ dx
+        tangent = torch.ops.aten.gelu_backward(xt, xp, approximate=approximate)
+    return fwAD.make_dual(primal, tangent)
+
+
+def _layer_norm(args, kwargs):
+    names = ("normalized_shape", "weight", "bias", "eps")
+    kw = dict(zip(names, args[1:]), **kwargs)
+    if len(args) > 5 or set(kw) - set(names) or "normalized_shape" not in kw:
+        return None
+    xp, xt = _split(args[0])
+    wp, wt = _split(kw.get("weight"))
+    bp, bt = _split(kw.get("bias"))
+    if xt is None and wt is None and bt is None:
+        return None
+    shape = kw["normalized_shape"]
+    shape = [shape] if isinstance(shape, int) else list(shape)
+    eps = kw.get("eps", 1e-5)
+    # native_layer_norm: the node F.layer_norm records, with the statistics the tangent needs
+    primal, mean, rstd = torch.native_layer_norm(xp, shape, wp, bp, eps)
+    with torch.no_grad():  # torch's formula (layer_norm_jvp)
+        dims = tuple(range(-len(shape), 0))
+        xc = xp - mean
+        tangent = None
+        if xt is not None:
+            dc = xt - xt.mean(dims, keepdim=True)
+            rstd_t = -rstd.pow(3) * (dc * xc).mean(dims, keepdim=True)
+            tangent = dc * rstd + xc * rstd_t
+            if wp is not None:
+                tangent = tangent * wp
+        if wt is not None:
+            part = xc * rstd * wt
+            tangent = part if tangent is None else tangent + part
+        if bt is not None:
+            tangent = bt.expand_as(primal).clone() if tangent is None else tangent + bt
     return fwAD.make_dual(primal, tangent)
 
 

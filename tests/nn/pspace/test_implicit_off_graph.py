@@ -117,6 +117,23 @@ CALLS = {
     "F.relu": (F.relu, [(4, 6)]),
     "max_pool2d": (lambda x: F.max_pool2d(x, 2, return_indices=True), [(2, 3, 6, 6)]),
     "max_pool2d-3d": (lambda x: F.max_pool2d(x, (2, 3), ceil_mode=True), [(3, 7, 8)]),
+    "matmul": (lambda a, b: a @ b.transpose(-1, -2), [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    "torch.matmul": (torch.matmul, [(3, 5, 4), (4, 2)]),
+    "bmm": (torch.bmm, [(3, 5, 4), (3, 4, 2)]),
+    "softmax": (lambda x: torch.softmax(x, dim=-1), [(3, 4, 5)]),
+    "F.softmax": (lambda x: F.softmax(x, 1), [(3, 4, 5)]),
+    "softmax-method": (lambda x: x.softmax(0), [(3, 4)]),
+    "gelu": (F.gelu, [(4, 6)]),
+    "gelu-tanh": (lambda x: F.gelu(x, approximate="tanh"), [(4, 6)]),
+    "layer_norm": (
+        lambda x, w, b: F.layer_norm(x, (4, 5), w, b, 1e-3),
+        [(3, 4, 5), (4, 5), (4, 5)],
+    ),
+    "layer_norm-int": (
+        lambda x, w, b: F.layer_norm(x, (5,), weight=w, bias=b),
+        [(3, 5), (5,), (5,)],
+    ),
+    "layer_norm-plain": (lambda x: F.layer_norm(x, [6]), [(2, 3, 6)]),
 }
 
 
@@ -127,7 +144,7 @@ def test_off_graph_tangent_is_torch_formula(name):
     args = [torch.randn(s, dtype=torch.float64, generator=g) for s in shapes]
     args[0] = torch.where(args[0] > 0.5, 0.5, args[0])  # ties and zeros
     tangents = [torch.randn(s, dtype=torch.float64, generator=g) for s in shapes]
-    for drop in [None] + list(range(1, len(args))):  # parameters without tangent too
+    for drop in [None] + list(range(len(args))):  # inputs or parameters without tangent too
         tans = [t if i != drop else None for i, t in enumerate(tangents)]
         leaves = [a.clone().requires_grad_(True) for a in args]
         want = _tangents(fn, leaves, tans, off_graph=False)
