@@ -226,19 +226,16 @@ def _pool_indices(x, rest, kw):
     """
     with torch.no_grad():
         cl = torch.channels_last
-        if (
-            x.dim() != 4
-            or x.device.type != "cpu"
-            or x.numel() == 0
-            or x.is_contiguous(memory_format=cl)
-        ):
+        # on other devices (CUDA's kernel is fast in either layout) and for a channels-last or
+        # empty input, torch's call as it is
+        if x.dim() != 4 or not x.is_cpu or x.numel() == 0 or x.is_contiguous(memory_format=cl):
             return F.max_pool2d_with_indices(x, *rest, **kw)[1]
         n = max(1, _POOL_CHUNK // (x[0].numel() * x.element_size()))
         idx = None
         for i, c in enumerate(x.split(n)):
             part = F.max_pool2d_with_indices(c.contiguous(memory_format=cl), *rest, **kw)[1]
             if idx is None:
-                idx = torch.empty((x.shape[0], *part.shape[1:]), dtype=part.dtype)
+                idx = part.new_empty((x.shape[0], *part.shape[1:]))
             idx[i * n : i * n + part.shape[0]].copy_(part)  # back to (N, C, H, W) order
         return idx
 
