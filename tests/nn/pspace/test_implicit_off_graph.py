@@ -178,23 +178,32 @@ def test_off_graph_primal_keeps_the_reverse_graph():
     torch.testing.assert_close(g1, g3)
 
 
-def test_the_cnn_takes_the_off_graph_rules(monkeypatch):
+@pytest.mark.parametrize("model", ["cnn", "block"])
+def test_the_models_take_the_off_graph_rules(model, monkeypatch):
     import nngeo_ops.nn.engine.dual as dual
 
+    rules = {
+        "cnn": ["_max_pool2d", "_relu"],
+        "block": ["_gelu", "_layer_norm", "_matmul", "_softmax"],
+    }[model]
     taken = []
-    for name in ("_relu", "_max_pool2d"):
+    for name in rules:
         real = getattr(dual, name)
 
-        def counted(args, kwargs, real=real, name=name):
-            out = real(args, kwargs)
+        def counted(*args, real=real, name=name):
+            out = real(*args)
             taken.append((name, out is not None))
             return out
 
         monkeypatch.setattr(dual, name, counted)
-    model, x = _cnn()
-    Fm = FIM(model, loader_of(x), PMatImplicit, progress=False)
+    if model == "cnn":
+        net, x = _cnn()
+    else:
+        torch.manual_seed(0)
+        net, x = Block(6).double(), torch.randn(5, 4, 8, dtype=torch.float64)
+    Fm = FIM(net, loader_of(x), PMatImplicit, progress=False)
     Fm.op @ torch.randn(Fm.layer_collection.numel(), dtype=torch.float64)
-    assert sorted(set(taken)) == [("_max_pool2d", True), ("_relu", True)]
+    assert sorted(set(taken)) == [(name, True) for name in rules]
 
 
 @pytest.mark.parametrize(
@@ -221,3 +230,40 @@ def test_pool_indices_are_torch_indices(kw, dtype, monkeypatch):
     got = dual._pool_indices(x, [], kw)
     assert got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm attention block written out (the benchmark's transformer, smaller): linear
+    layers on 3-D inputs, q kᵀ and att v products of two tangents, softmax, GELU, LayerNorms."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.inp, self.ln1, self.ln2 = nn.Linear(8, d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2, self.head = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, t, d = h.shape
+        z = self.ln1(h)
+
+        def heads(u):
+            return u.view(b, t, 2, d // 2).transpose(1, 2)
+
+        q, k, v = heads(self.q(z)), heads(self.k(z)), heads(self.v(z))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // 2) ** 0.5, dim=-1)
+        h = h + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+        h = h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["small", "above-dense-limit"])
+def test_attention_block(wide):
+    torch.manual_seed(0)
+    model = Block(20 if wide else 6).double()
+    with torch.no_grad():  # LayerNorm affine parameters away from (1, 0)
+        for ln in (model.ln1, model.ln2):
+            ln.weight.add_(0.3 * torch.randn_like(ln.weight))
+            ln.bias.add_(0.3 * torch.randn_like(ln.bias))
+    x = torch.randn(5, 4, 8, dtype=torch.float64)
+    _check(model, x, wide)
