@@ -22,12 +22,16 @@ Why a mode around the pass (:class:`DataTangentMode`, a ``TorchFunctionMode``):
   convolution ``dx * W`` saves dx). On the benchmark CNN that is 15 MiB of tangents (every ReLU
   output's, every pooled input's) alive through the forward and, through J v's graph, the whole
   backward: a peak 14 MiB above a separate JVP and VJP. For the layers that save their input or
-  output (``linear`` / ``conv*d`` with an input tangent, ``relu``, ``max_pool2d``), the mode runs
+  output (``linear`` / ``conv*d`` with an input tangent, ``relu``, ``max_pool2d``, ``matmul`` /
+  ``bmm``, ``softmax``, ``gelu``, ``layer_norm``), the mode runs
   the op on the primal alone (a tensor without tangent: what the graph saves holds none) and
   computes the tangent with torch's own formula under ``no_grad``, off the reverse graph; each
   tangent is then freed as soon as the next layer has read it, as in a pure forward-mode pass. Other
   calls run torch's formula unchanged (their saved tensors keep their tangents until the pass ends);
   J v is returned detached, so no tangent outlives the forward.
+* **Max-pooling on the CPU** (off the graph): the indices come from torch's channels-last kernel,
+  several times faster than its (N, C, H, W) one and equal to it (:func:`_pool_indices`); the
+  maxima are a gather at them, whose backward is max-pooling's (a scatter-add at the indices).
 
 Every other call runs unchanged. The values are those of torch's formulas (the same products, in the
 same order), so J v is exact.
@@ -58,8 +62,10 @@ def _tangent_of(t):
 class DataTangentMode(TorchFunctionMode):
     """Inside a ``fwAD.dual_level``: ``linear`` / ``conv*d`` with a tangent-free input compute only the
     parameters' tangent; with ``off_graph`` (the tangents need not be differentiable), ``linear`` /
-    ``conv*d`` with an input tangent, ``relu`` and ``max_pool2d`` run on the primal and compute the
-    tangent off the reverse graph (see the module docstring); every other call runs unchanged."""
+    ``conv*d`` with an input tangent, ``relu``, ``max_pool2d``, ``matmul`` / ``bmm``, ``softmax``,
+    ``gelu`` and ``layer_norm`` run on the primal and compute the tangent off the reverse graph (see
+    the module docstring); every other call, or one with arguments a rule does not cover (in-place,
+    ``out=``, a ``dtype``), runs unchanged."""
 
     def __init__(self, off_graph: bool = False):
         super().__init__()
