@@ -192,6 +192,21 @@ def make(name):
     return model, x
 
 
+def seeded_monte_carlo(model, x, rep):
+    """``FIM_MonteCarlo`` of ``rep`` over two batches of 2 and the rest, 2 trials, seed 4: two
+    builds draw the same samples, so their operators are the same matrix."""
+    from nngeo_ops.nn import FIM_MonteCarlo
+
+    return FIM_MonteCarlo(
+        model,
+        loader_of(x, sizes=(2, 2)),
+        rep,
+        trials=2,
+        generator=torch.Generator().manual_seed(4),
+        progress=False,
+    )
+
+
 def loader_of(x, y=None, sizes=(3,)):
     """Split into batches of the given sizes (the remainder is the last batch)."""
     out, i = [], 0

@@ -6,10 +6,10 @@ import functools
 import groundtruth as gt
 import pytest
 import torch
-from models import CASES, Cube, loader_of, make
+from models import CASES, Cube, loader_of, make, seeded_monte_carlo
 from torch import nn
 
-from nngeo_ops.nn import FIM, GGN, FIM_MonteCarlo, Hessian, PMatDense, PMatImplicit, PVector
+from nngeo_ops.nn import FIM, GGN, Hessian, PMatDense, PMatImplicit, PVector
 
 CACHED = functools.partial(PMatImplicit, cache=True)
 
@@ -81,19 +81,8 @@ def test_operator_is_the_curvature_at_construction(rep):
 
 def test_cached_monte_carlo_is_the_uncached_operator():
     model, x = make("mlp")
-
-    def build(rep):
-        return FIM_MonteCarlo(
-            model,
-            loader_of(x, sizes=(2, 2)),
-            rep,
-            trials=2,
-            generator=torch.Generator().manual_seed(4),
-            progress=False,
-        )
-
     v = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
-    plain, cached = build(PMatImplicit), build(CACHED)
+    plain, cached = (seeded_monte_carlo(model, x, r) for r in (PMatImplicit, CACHED))
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
 

@@ -6,11 +6,11 @@ import functools
 import groundtruth as gt
 import pytest
 import torch
-from models import CASES, Cube, loader_of, make
+from models import CASES, Cube, loader_of, make, seeded_monte_carlo
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from nngeo_ops.nn import FIM, FIM_MonteCarlo, PMatImplicit
+from nngeo_ops.nn import FIM, PMatImplicit
 from nngeo_ops.nn.engine import functional as fx
 from nngeo_ops.nn.engine.dual import DataTangentMode, dual_forward
 from nngeo_ops.ops import CompilePolicy
@@ -222,19 +222,8 @@ def test_first_product_with_a_backward_without_double_backward():
 
 def test_first_cached_monte_carlo_product_is_the_uncached_one():
     model, x = make("mlp")
-
-    def build(rep):
-        return FIM_MonteCarlo(
-            model,
-            loader_of(x, sizes=(2, 2)),
-            rep,
-            trials=2,
-            generator=torch.Generator().manual_seed(4),
-            progress=False,
-        )
-
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    plain, cached = build(PMatImplicit), build(CACHED)
+    plain, cached = (seeded_monte_carlo(model, x, r) for r in (PMatImplicit, CACHED))
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
     assert all(_first_products(cached))
     torch.testing.assert_close(cached.op @ v, plain.op @ v)
