@@ -262,8 +262,10 @@ def backpack(model, x, y):
     }
 
 
-def asdl(model, x, y):
-    if not torch.cuda.is_available():  # ASDL opens NVTX ranges unconditionally in places
+def asdl_module():
+    """``asdl``, imported after stubbing the NVTX ranges it opens unconditionally in places (they
+    fail without CUDA)."""
+    if not torch.cuda.is_available():
         from torch.cuda import nvtx
 
         class NoRange(contextlib.ContextDecorator):  # used both in `with` and as a decorator
@@ -277,23 +279,32 @@ def asdl(model, x, y):
         nvtx.range_push = nvtx.range_pop = lambda *a, **k: None
     import asdl as A
 
+    return A
+
+
+def asdl_fisher(A, model, x, y, kind, shape):
+    """ASDL's (module ``A``, from :func:`asdl_module`) fisher maker of ``kind`` (``FISHER_EXACT``,
+    ``FISHER_MC``) and ``shape`` (``SHAPE_*``) for cross-entropy on (x, y), after its forward and
+    backward (the statistics on the model)."""
+    cfg = A.FisherConfig(
+        fisher_type=kind,
+        fisher_shapes=[shape],
+        loss_type=A.LOSS_CROSS_ENTROPY,
+        data_size=x.shape[0],
+    )
+    fm = A.get_fisher_maker(model, cfg)
+    dummy = fm.setup_model_call(model, x)
+    fm.setup_loss_call(Fn.cross_entropy, dummy, y)
+    fm.forward_and_backward()
+    return fm
+
+
+def asdl(model, x, y):
+    A = asdl_module()
     model = copy.deepcopy(model)
 
     def fisher(kind, shape):
-        def build():
-            cfg = A.FisherConfig(
-                fisher_type=kind,
-                fisher_shapes=[shape],
-                loss_type=A.LOSS_CROSS_ENTROPY,
-                data_size=x.shape[0],
-            )
-            fm = A.get_fisher_maker(model, cfg)
-            dummy = fm.setup_model_call(model, x)
-            fm.setup_loss_call(Fn.cross_entropy, dummy, y)
-            fm.forward_and_backward()
-            return fm
-
-        return build
+        return lambda: asdl_fisher(A, model, x, y, kind, shape)
 
     return {
         "diag": (fisher(A.FISHER_EXACT, A.SHAPE_DIAG), None, None, ""),

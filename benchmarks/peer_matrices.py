@@ -22,7 +22,6 @@ Run with the peers' interpreter: ``/work/venv-peers/bin/python -m benchmarks.pee
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as Fn
 from torch.func import functional_call, jacrev, vmap
 
 from benchmarks import bench_curvature as B
@@ -47,23 +46,6 @@ def exact_diag(model, x) -> dict[str, torch.Tensor]:
     }
 
 
-def asdl_fisher(model, x, y, shape):
-    B.asdl(model, x, y)  # installs the NVTX stubs ASDL needs on the CPU
-    import asdl as A
-
-    cfg = A.FisherConfig(
-        fisher_type=A.FISHER_EXACT,
-        fisher_shapes=[shape(A)],
-        loss_type=A.LOSS_CROSS_ENTROPY,
-        data_size=x.shape[0],
-    )
-    fm = A.get_fisher_maker(model, cfg)
-    dummy = fm.setup_model_call(model, x)
-    fm.setup_loss_call(Fn.cross_entropy, dummy, y)
-    fm.forward_and_backward()
-    return fm
-
-
 def main() -> None:
     torch.manual_seed(0)
     model, x, y = M.batch("transformer")
@@ -71,7 +53,8 @@ def main() -> None:
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ex = exact_diag(model, x)
 
-    fm = asdl_fisher(model, x, y, lambda A: A.SHAPE_DIAG)
+    A = B.asdl_module()
+    fm = B.asdl_fisher(A, model, x, y, A.FISHER_EXACT, A.SHAPE_DIAG)
     asdl_d = torch.cat(
         [
             fm.get_fisher_tensor(m, "diag", k).flatten()
@@ -88,7 +71,7 @@ def main() -> None:
         f"  all parameters: ours {float(ours.sum()):.4g}, exact {sum(float(v.sum()) for v in ex.values()):.4g}"
     )
 
-    fm = asdl_fisher(model, x, y, lambda A: A.SHAPE_KRON)
+    fm = B.asdl_fisher(A, model, x, y, A.FISHER_EXACT, A.SHAPE_KRON)
     K = FIM(model, [(x, y)], PMatKFAC, n_output=10, progress=False)
     dk = torch.diagonal(K.get_dense_tensor())
     start, off = {}, 0
