@@ -62,16 +62,11 @@ class ConvRule(KronRule):
     def per_example_weight(self, module, a, g):
         """(K, B, C_out, C_in·kh·kw) by :class:`ExampleGrads` (grouped kernel or patches), a chunk
         of examples at a time (the patches of all B examples would outweigh the result)."""
-        eg, b, k = ExampleGrads(module, a), a.shape[0], g.shape[0]
-        step = eg.chunk(g[0, 0, 0].numel(), g.shape[2])
         out = None
-        for i in range(0, b, step):
-            grads = eg.of_chunk(i, i + step)
-            for kk in range(k):
-                w = grads(g[kk, i : i + step])
-                if out is None:
-                    out = w.new_empty(k, b, *w.shape[1:])
-                out[kk, i : i + step] = w
+        for kk, rows, w in ExampleGrads(module, a).each(g):
+            if out is None:
+                out = w.new_empty(g.shape[0], a.shape[0], *w.shape[1:])
+            out[kk, rows] = w
         return out
 
     def kfac_rows(self, module, a, g):
@@ -179,20 +174,13 @@ def conv_squared_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> d
     (:func:`ExampleGrads`), squared and summed: chunks bound the buffers, and the K·B·P tensor never
     exists. The patches of a chunk, where that route is taken, serve every column.
     """
-    b, k = a.shape[0], g.shape[0]
-    gg = g.reshape(k, b, g.shape[2], -1)
-    eg = ExampleGrads(module, a)
-    step = eg.chunk(gg.shape[-1], g.shape[2])
     w2 = None
-    for i in range(0, b, step):
-        grads = eg.of_chunk(i, i + step)
-        for kk in range(k):
-            w = grads(g[kk, i : i + step])
-            part = w.view(w.shape[0], -1).square_().sum(0)
-            w2 = part if w2 is None else w2.add_(part)
+    for _, _, w in ExampleGrads(module, a).each(g):
+        part = w.view(w.shape[0], -1).square_().sum(0)
+        w2 = part if w2 is None else w2.add_(part)
     out = {"weight": w2.reshape(module.weight.shape)}
     if getattr(module, "bias", None) is not None:
-        out["bias"] = gg.sum(-1).square().sum((0, 1))
+        out["bias"] = g.flatten(3).sum(-1).square().sum((0, 1))
     return out
 
 
@@ -225,6 +213,17 @@ class ExampleGrads:
         else:
             per = self.a[0].numel() + c_out * positions
         return max(1, _CONV_CHUNK // per)
+
+    def each(self, g: torch.Tensor):
+        """Yield ``(k, rows, grads)`` for every chunk of examples ``rows`` (a slice) and column k of
+        the output cotangents ``g`` (K, B, C_out, …): ``grads`` (B_c, C_out, C_in·kh·kw), the chunk's
+        patches (where that route is taken) shared by its columns."""
+        b = self.a.shape[0]
+        step = self.chunk(g[0, 0, 0].numel(), g.shape[2])
+        for i in range(0, b, step):
+            grads = self.of_chunk(i, i + step)
+            for kk in range(g.shape[0]):
+                yield kk, slice(i, i + step), grads(g[kk, i : i + step])
 
     def of_chunk(self, lo: int, hi: int):
         """A function of one column's cotangents ``g[lo:hi]`` (B_c, C_out, …) for examples lo:hi."""
