@@ -202,9 +202,8 @@ def _max_pool2d(args, kwargs):
     rest = list(args[1:])
     indices = rest.pop(5) if len(rest) > 5 else kw.pop("return_indices", False)
     idx = _pool_indices(xp, rest, kw)
-    primal = _at(
-        xp, idx
-    )  # the maxima, on the reverse graph: max-pooling's backward is this gather's
+    # the maxima, on the reverse graph: max-pooling's backward is this gather's
+    primal = _at(xp, idx)
     with torch.no_grad():  # torch's formula: the tangent at the maxima
         tangent = _at(xt, idx)
     out = fwAD.make_dual(primal, tangent)
