@@ -291,6 +291,8 @@ def progress_bar(iterable, progress, desc):
     except TypeError:
         total = None
         it = _watch_long_pass(it, desc)
+    if disable:  # no bar object at all (its construction is ~2 % of a small model's build)
+        return it
     return tqdm(it, total=total, desc=desc, disable=disable, leave=False)
 
 

@@ -113,21 +113,54 @@ class BlockAcc:
 
 
 class DiagAcc:
-    """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers)."""
+    """The diagonal, per layer (closed form Σ g² ⊗ a² for one-position layers).
+
+    ``value[lid]`` are the slices of one ``(P,)`` buffer in the order of ``layer_ids``: each layer's
+    first statistic is written into its slice, so that :meth:`concatenated` copies nothing (two
+    ``torch.cat`` passes over the diagonal otherwise, ~10 % of the benchmark MLP's MC build).
+    """
 
     column_wise = True  # a sum over the columns: Capture.run may hand them one (layer) at a time
 
     def __init__(self, layer_ids):
         self.layer_ids = list(layer_ids)
         self.value = {}
+        self._flat = None
+
+    def _slot(self, ctx, lid):
+        if self._flat is None:
+            layers = ctx.cap.lc.layers
+            sizes = [layers[i].numel() for i in self.layer_ids]
+            self._flat = torch.empty(sum(sizes), dtype=ctx.cap.dtype, device=ctx.cap.device)
+            self._slots = dict(zip(self.layer_ids, self._flat.split(sizes)))
+        return self._slots[lid]
 
     def update(self, ctx):
         for lid in ctx.select(self.layer_ids):
-            d = ctx.diag(lid)
-            self.value[lid] = d if lid not in self.value else self.value[lid] + d
+            if lid in self.value:
+                self.value[lid] += ctx.diag(lid)
+            else:
+                self.value[lid] = ctx.diag(lid, out=self._slot(ctx, lid))
 
     def finalize(self, scale):
-        self.value = {k: v.mul_(scale) for k, v in self.value.items()}
+        if self._complete():
+            self._flat.mul_(scale)
+        else:
+            self.value = {k: v.mul_(scale) for k, v in self.value.items()}
+
+    def _complete(self) -> bool:
+        return (
+            self._flat is not None
+            and len(self.value) == len(self.layer_ids)
+            and all(self.value[i] is self._slots[i] for i in self.layer_ids)
+        )
+
+    def concatenated(self) -> torch.Tensor:
+        """The diagonal ``(P,)``: the values of ``layer_ids`` joined in that order (the buffer
+        itself when every layer was written into its slice)."""
+        if self._complete():
+            return self._flat
+        return torch.cat([self.value[lid] for lid in self.layer_ids])
 
     def reduce(self, comm):
         for lid in self.layer_ids:

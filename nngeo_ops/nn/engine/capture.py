@@ -43,7 +43,7 @@ from ...errors import NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, progress_bar
 from ..layers.generic import generic_per_example
 from ..layers.registry import rule_for
-from ..losses import DataError, OutputModel
+from ..losses import DataError, OutputModel, apply_factor
 from ..params import LayerCollection
 from .finite import check_statistics
 from .precision import accumulation_dtype
@@ -164,13 +164,29 @@ def batch_labels(batch: tuple):
     return None
 
 
-def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, rng=None):
-    """Check the model output and return the output model's factor ``(L, count)`` for ``kind``."""
+def _check_model_output(om: OutputModel, out, n_output) -> None:
     if not torch.is_tensor(out):
         raise UnsupportedError(f"the model returned {type(out).__name__}; use function=...")
     if not torch.isfinite(out).all():
         raise NonFiniteError("the model output contains NaN or inf")
     om.check_output(out, n_output)
+
+
+def output_apply(om: OutputModel, kind, out, y, u, n_output=None, trials=1, rng=None):
+    """Check the model output and return ``(L Lᵀ u, count)`` for the output model's factor of
+    ``kind`` and ``u`` of shape (k, *out.shape): for ``"exact"`` by the output model's closed form
+    (:meth:`~nngeo_ops.nn.losses.OutputModel.exact_apply`, no factor formed), else through the
+    factor of :func:`output_factor`."""
+    if kind == "exact":
+        _check_model_output(om, out, n_output)
+        return om.exact_apply(out, y, u)
+    lmat, count = output_factor(om, kind, out, y, n_output, trials, rng)
+    return apply_factor(lmat, u.to(lmat.dtype)), count
+
+
+def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, rng=None):
+    """Check the model output and return the output model's factor ``(L, count)`` for ``kind``."""
+    _check_model_output(om, out, n_output)
     if kind == "exact":
         return om.exact(out, y)
     if kind == "sample":
@@ -627,14 +643,32 @@ class BatchContext:
     def per_example_all(self) -> torch.Tensor:
         return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
 
-    def diag(self, lid: str) -> torch.Tensor:
+    def diag(self, lid: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over the columns and examples of the squared gradients of one layer, ``(P_layer,)`` in
+        flat order; written into ``out`` (a contiguous ``(P_layer,)`` tensor) when given, so that
+        an accumulator holding the whole diagonal in one buffer copies nothing."""
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
-            d = user.rule.diag(user.module, call.args[0], call.grad)
+            pieces = None
+            if out is not None:
+                entry = self.cap.lc.layers[lid]
+                pieces = dict(
+                    zip(
+                        entry.attrs,
+                        (p.view(s) for p, s in zip(out.split(entry.numels), entry.shapes)),
+                    )
+                )
+            d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces)
             if d is not None:
-                return torch.cat([d[a].reshape(-1) for a in user.attrs])
-        return self.per_example(lid).square().sum(0)
+                if pieces is None:
+                    return torch.cat([d[a].reshape(-1) for a in user.attrs])
+                for a in user.attrs:
+                    if d[a] is not pieces[a]:  # a kind that does not write into ``out``
+                        pieces[a].copy_(d[a].reshape(pieces[a].shape))
+                return out
+        d = self.per_example(lid).square().sum(0)
+        return d if out is None else out.copy_(d)
 
     def kron_rows(self, lid: str):
         """(arow (B, R, dA), grow (K, B, R, dG)) of a structured Kronecker layer, all calls joined.

@@ -27,9 +27,20 @@ _FIX = (
 
 
 def _finite(t) -> bool:
-    if not torch.is_tensor(t) or not t.is_floating_point():
+    """Whether every entry of ``t`` is finite.
+
+    A finite sum proves it: an inf or NaN entry makes any sum inf or NaN, never finite (IEEE
+    arithmetic, whatever the order of the reduction). ``sum`` is the cheapest reduction torch has
+    (half the time of ``aminmax`` on a 2·10⁵-entry float32 diagonal, a third with its
+    synchronisation); only a sum that overflowed, or a tensor that is not finite, takes the exact
+    range (one reduction, not a boolean copy of ``t``).
+    """
+    if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
         return True
-    return value_range(t)[2]  # one reduction, not a boolean copy of t
+    with torch.no_grad():
+        if math.isfinite(float(t.detach().sum())):
+            return True
+    return value_range(t)[2]
 
 
 def _all_finite(value) -> bool:

@@ -27,6 +27,7 @@ from torch.func import grad, hessian, jvp, vjp, vmap
 
 from ...errors import UnsupportedError
 from ..layers.generic import call_with, tied_locations
+from ..losses import apply_factor
 from ..params import LayerCollection
 from .dual import dual_forward
 
@@ -106,12 +107,17 @@ class FlatModel:
             ) from None
 
 
-def apply_output_factor(lmat: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
-    """(L Lᵀ) applied per example: ``lmat`` (K, B, *out), ``jv`` (k, B, *out) -> (k, B, *out)."""
-    dims = list(range(2, lmat.dim()))  # einsum labels: 0 = K, 1 = batch, dims = outputs
-    j = len(dims) + 2  # the column of V
-    coef = torch.einsum(lmat, [0, 1, *dims], jv, [j, 1, *dims], [0, j, 1])  # L_kᵀ (J v_j) per n
-    return torch.einsum(coef, [0, j, 1], lmat, [0, 1, *dims], [j, 1, *dims])
+apply_output_factor = apply_factor  # (L Lᵀ) applied per example (nngeo_ops.nn.losses)
+
+
+def _output_product(factor, out, batch, jv):
+    """``(L Lᵀ J V, count)`` for J V of shape (k, B, *out): by ``factor.apply`` where the factor
+    object has one (the output model's closed form), else from the factor L."""
+    apply = getattr(factor, "apply", None)
+    if apply is not None:
+        return apply(out, batch, jv)
+    lmat, count = factor(out, batch)
+    return apply_output_factor(lmat, jv), count
 
 
 def batched_grad(outputs, inputs, cotangents, create_graph=False):
@@ -139,7 +145,9 @@ def batched_grad(outputs, inputs, cotangents, create_graph=False):
 def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
     """(Σ_n J_nᵀ L_n L_nᵀ J_n) V for one batch, V of shape (P, k); also returns the batch's count.
 
-    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape). For one column the forward
+    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape); a factor object with an
+    ``apply(out, y, U) -> (L Lᵀ U, count)`` method is applied by it instead (the output model's
+    closed form, e.g. p ⊙ u − p (pᵀu) for a softmax, without forming L). For one column the forward
     pass carries the tangent (forward-mode AD on dual numbers) while it records the reverse graph,
     so the product costs one forward pass with its tangent and one backward; for several columns
     the tangents are vmapped (``torch.func.jvp``) and the cotangents too.
@@ -158,12 +166,12 @@ def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
     except (RuntimeError, NotImplementedError):  # not runnable under torch.func: plain autograd
         lin = Linearised(fm, batch, factor=factor)
         return lin.matmat(v), lin.count
-    lmat, count = factor(out.detach(), batch)
     try:
         jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
     except (RuntimeError, NotImplementedError):  # no forward mode (e.g. CPU LSTM): double-VJP
         jv = jv_by_double_vjp(fm, batch, v)
-    (jtu,) = vmap(pull)(apply_output_factor(lmat, jv))
+    u, count = _output_product(factor, out.detach(), batch, jv)
+    (jtu,) = vmap(pull)(u)
     return jtu.T, count
 
 
@@ -203,8 +211,7 @@ def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
         out, jv = dual_forward(fm, batch, w, v[:, 0])
     if jv is None:  # the output does not depend on the covered parameters
         jv = torch.zeros_like(out)
-    lmat, count = factor(out.detach(), batch)
-    u = apply_output_factor(lmat, jv.unsqueeze(0))
+    u, count = _output_product(factor, out.detach(), batch, jv.unsqueeze(0))
     if not out.requires_grad:
         return torch.zeros_like(v), count
     (g,) = torch.autograd.grad(out, w, u[0], create_graph=create_graph, allow_unused=True)

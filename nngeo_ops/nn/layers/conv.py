@@ -55,7 +55,7 @@ class ConvRule(KronRule):
             return all(d * (k - 1) % 2 == 0 for d, k in zip(ds, ks))
         return True
 
-    def diag(self, module, a, g) -> dict[str, torch.Tensor]:
+    def diag(self, module, a, g, out=None) -> dict[str, torch.Tensor]:
         """Σ_{k,n} (∇θ)² over the pixels, per-example gradients chunked (:func:`conv_squared_grads`)."""
         return conv_squared_grads(module, a, g)
 

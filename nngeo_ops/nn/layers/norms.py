@@ -40,5 +40,5 @@ class NormRule(Rule):
             out["bias"] = self.reduce(module, g)
         return out
 
-    def diag(self, module, a, g):
+    def diag(self, module, a, g, out=None):
         return None

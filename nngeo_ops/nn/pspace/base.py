@@ -363,7 +363,7 @@ class PMatDiag(PMatAbstract):
         """The ``data`` of this representation from its accumulators after the pass (see
         :meth:`accumulators`): the diagonal, shape ``(d,)`` in flat order.
         """
-        return torch.cat([accs[0].value[lid] for lid in generator.layer_collection.layers])
+        return accs[0].concatenated()
 
 
 class PMatLowRank(PMatAbstract):

@@ -17,6 +17,7 @@ from nngeo_ops.nn import (
     PMatKFAC,
     build_many,
 )
+from nngeo_ops.nn.engine.accumulators import DiagAcc
 from nngeo_ops.nn.engine.capture import Capture
 from nngeo_ops.nn.layers.conv import ConvRule, conv_patches, conv_squared_grads
 from nngeo_ops.nn.layers.moments import _SQUARE_LOOP, column_square_sum, second_moment
@@ -223,3 +224,47 @@ def test_exact_diagonal_of_a_cnn_above_the_dense_limit():
     assert truth.numel() > 3000
     F = FIM(model, loader_of(x, sizes=(10, 6)), PMatDiag, progress=False)
     torch.testing.assert_close(F.get_diag(), truth)
+
+
+def test_diagonal_layers_are_slices_of_one_buffer():
+    # each layer's diagonal is written into its slice of one (P,) buffer: a Linear by its closed
+    # form, a convolution and a LayerNorm (kinds that return new tensors, copied in), a Linear
+    # without bias; three batches of different sizes (the later ones added into the slices);
+    # truth Σ_n diag(J_nᵀ H_n J_n) / N by torch.func
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.LayerNorm(3 * 4 * 4),
+        nn.Linear(48, 8), nn.Tanh(), nn.Linear(8, 3, bias=False),
+    ).double()  # fmt: skip
+    x = torch.randn(11, 2, 6, 6, dtype=torch.float64)
+    j = gt.jacobian(model, x)  # (N, C, P)
+    p = torch.softmax(model(x).detach(), 1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    loader = loader_of(x, sizes=(4, 5))
+    F = FIM(model, loader, PMatDiag, progress=False)
+    torch.testing.assert_close(F.get_diag(), truth)
+    # the accumulator's layer values are views of the diagonal it returns: nothing concatenated
+    gen = F.generator
+    acc = DiagAcc(gen.layer_collection.layers)
+    gen.run(loader, [acc])
+    d = acc.concatenated()
+    assert all(
+        v.untyped_storage().data_ptr() == d.untyped_storage().data_ptr() for v in acc.value.values()
+    )
+    torch.testing.assert_close(d, truth)
+
+
+def test_finiteness_check_survives_an_overflowing_sum():
+    # the check proves finiteness by a finite sum; a sum that overflows (finite entries near the
+    # float32 maximum) falls back to the exact range, a NaN or an inf entry is found either way
+    from nngeo_ops.nn.engine.finite import nonfinite_layers
+
+    lc = LayerCollection.from_model(nn.Linear(2, 2))
+    big = torch.full((6,), 3e38)
+    assert nonfinite_layers({lid: big for lid in lc.layers}, lc) == []
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[3] = bad
+        assert nonfinite_layers({lid: t for lid in lc.layers}, lc) == list(lc.layers)
+    assert nonfinite_layers(torch.full((6,), -3e38), lc) == []
