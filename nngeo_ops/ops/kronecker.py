@@ -11,6 +11,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .base import LinearOperator, as_operator, harmonise
 from .dense import Dense
+from .lowrank import LowRank
 
 
 def _sandwich(f0: Callable, f1: Callable, n0: int, n1: int, X: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,25 @@ def _triple(L: torch.Tensor, X: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     if x * r * r2 + l * x * r2 < l * x * r + l * r * r2:
         return L @ (X @ R)
     return (L @ X) @ R
+
+
+def _low_rank_sandwich(G: torch.Tensor, lr: Any, X: torch.Tensor) -> torch.Tensor | None:
+    """``(G ⊗ A) x = vec(G X Aᵀ)`` for a low-rank ``A = U C Vᵀ`` (rank k), as ``G ((X V) Cᵀ) Uᵀ``:
+    G then acts on k columns instead of A's m₁. For a KFAC block whose input factor comes from
+    fewer rows than its size (a batch of 256 for a 785-wide layer) that is 119 M multiply-adds
+    instead of 153 M. None when the plain order (A first, then G) is not more expensive."""
+    m0, n0 = G.shape
+    m1, n1 = lr.shape
+    k = lr.rank
+    core = 0 if lr.C is None else n0 * k * k
+    thin = n0 * n1 * k + core + m0 * n0 * k + m0 * k * m1
+    plain = n0 * n1 * k + core + n0 * k * m1 + m0 * n0 * m1
+    if thin >= plain:
+        return None
+    Y = X.view(n0, n1) @ lr.Vm  # (n0, k)
+    if lr.C is not None:
+        Y = Y @ lr.C.mT
+    return ((G @ Y) @ lr.U.mT).reshape(-1, 1)  # (m0, m1), row-major
 
 
 def kron_apply(
@@ -99,6 +119,10 @@ class Kronecker(LinearOperator):
         if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is Dense:
             A, B = fs[0].M, fs[1].M  # two products, no copy at all
             return _triple(A, X.view(A.shape[1], B.shape[1]), B.mT).view(-1, 1)
+        if X.shape[1] == 1 and len(fs) == 2 and type(fs[0]) is Dense and type(fs[1]) is LowRank:
+            out = _low_rank_sandwich(fs[0].M, fs[1], X)
+            if out is not None:
+                return out
         return kron_apply(
             [f._matmat for f in fs], [f.shape[1] for f in fs], [f.shape[0] for f in fs], X
         )

@@ -366,6 +366,20 @@ class TestKroneckerLowRankFactor(OperatorSuite):
         return Kronecker(Dense(G, psd=True), LowRank(U)), torch.kron(G, U @ U.mT)
 
 
+class TestKroneckerGeneralLowRankFactor(OperatorSuite):
+    """``G ⊗ (U C Vᵀ)`` with a rectangular G and a rank-2 general factor: the product
+    ``G ((X V) Cᵀ) Uᵀ`` that applies G to the rank's columns."""
+
+    square = invertible = False
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 3, 5), rnd(gen, 6, 2), rnd(gen, 2, 2), rnd(gen, 4, 2)]
+
+    def build(self, p):
+        G, U, C, V = p
+        return Kronecker(Dense(G), LowRank(U, C, V)), torch.kron(G, U @ C @ V.mT)
+
+
 class TestDampedGaussNewtonPattern(OperatorSuite):
     """``Jᵀ H J + c·I`` with a wide J (3 × 7): solved and log-determined in function space (a 3 × 3
     system); H is a PSD, here singular, output-space matrix."""
