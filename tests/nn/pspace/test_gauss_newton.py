@@ -154,6 +154,31 @@ def test_output_curvature_checks_the_loader():
         H @ torch.zeros(H.shape[0], dtype=F64)
 
 
+def test_replayed_batches_skip_the_fingerprint_unless_changed_in_place(monkeypatch):
+    # the same tensor objects at the same version are the same batch: no fingerprint is taken
+    # again; a tensor changed in place is fingerprinted and, changed, refused
+    from nngeo_ops.nn import data as data_mod
+
+    model, x = make("mlp")
+    y = torch.randn(model(x).shape, dtype=F64)
+    batches = [(a.clone(), b.clone()) for a, b in loader_of(x, y, sizes=(2,))]  # own storage
+    H = GGN(model, batches, nn.MSELoss(), PMatImplicit, progress=False)
+    v = torch.randn(H.op.shape[0], dtype=F64)
+    first = H.op @ v
+    calls = []
+    real = data_mod.fingerprint
+    monkeypatch.setattr(data_mod, "fingerprint", lambda *a: calls.append(1) or real(*a))
+    again = H.op @ v
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert calls == []
+    batches[1][0].mul_(1.0)  # in place, the values unchanged: fingerprinted and accepted
+    H.op @ v
+    assert len(calls) == 1
+    batches[1][0][0] += 1.0  # in place, one example changed
+    with pytest.raises(DataError, match="same examples"):
+        H.op @ v
+
+
 def test_hessian_is_not_a_congruence():
     model, x = make("mlp")
     y = torch.randn(model(x).shape, dtype=F64)
