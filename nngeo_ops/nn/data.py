@@ -257,6 +257,10 @@ class ReplayCheck:
         self.prints: list[torch.Tensor] = []
         self.leaves: list[list] = []
 
+    def __getstate__(self) -> dict:
+        # weak references do not pickle; an unpickled check fingerprints every batch again
+        return {**self.__dict__, "leaves": []}
+
     def check(self, batches):
         first = self.sizes is None
         sizes, i = [], -1
@@ -268,7 +272,9 @@ class ReplayCheck:
                 self.leaves.append(_leaf_identities(batch))
             elif i >= len(self.sizes) or b != self.sizes[i]:
                 raise DataError(LOADER_CHANGED)
-            elif not _same_leaves(self.leaves[i], batch) and not torch.allclose(
+            elif not (
+                i < len(self.leaves) and _same_leaves(self.leaves[i], batch)
+            ) and not torch.allclose(
                 fingerprint(batch, b),
                 self.prints[i],
                 rtol=FINGERPRINT_RTOL,
