@@ -35,7 +35,7 @@ import math
 import torch
 
 from ..errors import UnsupportedError
-from ..linalg import Estimate, cg, diag_estimate, slq
+from ..linalg import Estimate, cg, cholesky_solve, diag_estimate, slq
 from ..ops import BlockDiag, Eigen, Identity, LinearOperator, MatFree
 
 
@@ -160,7 +160,7 @@ class CholeskyPosterior:
         return sum(2 * torch.log(L.diagonal()).sum() for _, L in self._factors(s, delta))
 
     def solve(self, X, s, delta):
-        return torch.cat([torch.cholesky_solve(X[sl], L) for sl, L in self._factors(s, delta)])
+        return torch.cat([cholesky_solve(X[sl], L) for sl, L in self._factors(s, delta)])
 
     def inv_quad(self, X, s, delta):
         out = 0

@@ -27,6 +27,7 @@ import warnings as _warnings
 from ._common import Estimate
 from ._matvec import MatmatOperator, as_matmat
 from .cg import CGInfo, CGSettings, cg
+from .cholesky import cholesky_solve
 from .diagonal import diag_estimate, exact_diag
 from .lanczos import LanczosSettings, lanczos, lanczos_tridiag, tridiag_matrix
 from .power import PowerSettings, power_iteration
@@ -47,6 +48,7 @@ __all__ = [
     "as_matmat",
     "as_operator",
     "cg",
+    "cholesky_solve",
     "diag_estimate",
     "exact_diag",
     "hutchinson",

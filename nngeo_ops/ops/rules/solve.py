@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import SingularError
+from ...linalg import cholesky_solve
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum, Transpose
 from ..dense import Dense
@@ -29,8 +30,8 @@ def dense_solve(node: Dense, ctx):
     if node.psd:
         L = node.cholesky_factor()
         if L.dtype != node.dtype:  # half precision, factorised in float32
-            return lambda X: torch.cholesky_solve(X.to(L.dtype), L).to(X.dtype)
-        return lambda X: torch.cholesky_solve(X, L)
+            return lambda X: cholesky_solve(X.to(L.dtype), L).to(X.dtype)
+        return lambda X: cholesky_solve(X, L)
     LU, piv = node.lu_factors()
     if LU.dtype != node.dtype:
         return lambda X: torch.linalg.lu_solve(LU, piv, X.to(LU.dtype)).to(X.dtype)
