@@ -87,3 +87,23 @@ def test_non_finite_matrix():
     M[0, 1] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN"):
         Dense(M).solve(torch.ones(2, dtype=F64))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_symmetry_tag_checked_block_by_block(monkeypatch, chunk):
+    # the check forms M − Mᵀ a few rows at a time (chunk entries): an asymmetric entry in any
+    # block, above or below the diagonal, is refused; a symmetric matrix, or one asymmetric to
+    # round-off, is accepted
+    from nngeo_ops.ops import base
+
+    monkeypatch.setattr(base, "_SYMMETRY_CHUNK", chunk)
+    torch.manual_seed(0)
+    R = torch.randn(9, 9, dtype=F64)
+    S = R + R.T
+    Dense(S, psd=False, symmetric=True)
+    Dense(S + 1e-12 * torch.triu(torch.ones(9, 9, dtype=F64), 1), symmetric=True)
+    for i, j in [(0, 8), (8, 0), (4, 5), (6, 2)]:
+        bad = S.clone()
+        bad[i, j] += 1.0
+        with pytest.raises(NotSymmetricError, match="max"):
+            Dense(bad, symmetric=True)
