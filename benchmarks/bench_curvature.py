@@ -20,9 +20,14 @@ and are skipped with a note otherwise; none is a dependency.
 
 Run: ``python benchmarks/bench_curvature.py [--quick] [--out DIR] [--rounds 7] [--threads 1]``
 ``[--only mlp cnn transformer] [--reps kfac ...] [--no-peers] [--python-peers PATH]``
+``[--call-cap 10] [--repeat K] [--from-json A.json B.json ...] [--clock auto|wall|cpu]``
 ``[--update-readme] [--allow-load]``. ``--update-readme`` rewrites the table in
 benchmarks/README.md; it refuses when other processes used more than 5 % of the CPU during the run,
-unless ``--allow-load`` is given, and then marks the table exploratory.
+unless ``--allow-load`` is given, and then marks the table exploratory. A call over ``--call-cap``
+seconds of CPU (the CNN's block-diagonal: builds of 20-30 s, solves of 64-100 s) is measured once
+(‡, benchmarks/harness.py); ``--repeat K`` runs the list of cases K times and combines the runs of
+each case, as ``--from-json`` does for saved runs that measured the same cases (cases measured in
+one run only are shown as they are), benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -515,7 +520,7 @@ def render(
     clock: str = "wall",
     runs_line: str = "",
 ) -> str:
-    """The markdown report: header (date, commit, machine, load, runs combined), the table, notes."""
+    """The markdown report: header (date, commit, machine, load, runs), the table, notes."""
     lines = []
     if exploratory:
         reason = exploratory.split("; rerun")[0]

@@ -6,8 +6,10 @@ forward+backward of the same model on the same batch, and ours is compared with 
 
 * **one fresh worker process per library and case** (``python -m benchmarks.harness --worker``):
   no allocator state, cache or lazily imported module is carried from one library to another. A
-  worker sets the case up, warms it up (3 forward+backwards, one untimed call of every quantity),
-  then answers the coordinator's commands over a pipe, one JSON line each.
+  worker sets the case up (the workers of a case at once), warms it up (one worker at a time, so
+  that no call it times overlaps another worker's: 3 forward+backwards, then for each quantity its
+  ``init`` and one call against an adjacent forward+backward), then answers the coordinator's
+  commands over a pipe, one JSON line each.
 * **rounds**: in each round the workers of one case run back to back, ours and each peer, the order
   reversed every other round. In a round a worker times every quantity against *its own adjacent*
   forward+backward (reference, then the call, repeated a few times; the per-round ratio is the median
@@ -28,13 +30,26 @@ forward+backward of the same model on the same batch, and ours is compared with 
   committed table when it was above ``max_load`` (5 % by default) unless told to write an
   exploratory one.
 * **peak memory** per case and library, in a *fresh* worker process started after the timing
-  rounds with glibc's mmap threshold fixed at 128 KiB from its first instruction (so that large
-  blocks are mmapped and go back to the system when freed, whatever the heap held before): each
-  quantity runs once unmeasured, then once with the peak resident set reset
+  rounds (those of a case at once: nothing is timed then, and a peak resident set is the
+  process's own) with glibc's mmap threshold fixed at 128 KiB from its first instruction (so that
+  large blocks are mmapped and go back to the system when freed, whatever the heap held before):
+  each quantity runs once unmeasured, then once with the peak resident set reset
   (``/proc/self/clear_refs``); the figure is the peak resident set minus the resident set before the
   call (on a GPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory). Measured in the
   timing worker instead, after its rounds, the figure depended on the heap's history (glibc reuses
   large free chunks before it mmaps; ±10-20 MiB between runs of the same code).
+* **few calls** (``call_cap_s``, ``--call-cap``, 10 s of CPU by default): a quantity whose warm-up
+  call took longer is not run again: that call, timed against the forward+backward just before
+  it, is its one measurement, marked ``few`` (the report gives it no IQR and marks it ‡). The
+  warm-up call of such a quantity is a representative call: its ``init`` has already built the
+  state it assumes (the operator, a cached factorisation), and what a first call adds besides —
+  lazy imports, the allocator's first pages — is milliseconds against calls of tens of seconds
+  (the CNN's block-diagonal: builds of 20-30 s, a dense solve of 64-100 s, measured twice each
+  with less than 7 % between the two calls). Seven rounds of such calls would take tens of
+  minutes per library. Its peak memory, and that of a quantity whose ``init`` is over the cap,
+  is taken on that warm-up call in the timing worker (marked in the report): a fresh worker would
+  repeat minutes of work, and the heap's history (±10-20 MiB) is small against their GB peaks.
+  The ratio ours / peer of a row where either side is *few* is the ratio of the two medians.
 
 A *suite* is a module (e.g. ``benchmarks.bench_curvature``) with
 
@@ -312,7 +327,7 @@ class _Worker:
         return t, c, max(0.0, peak / 2**20)
 
     def _init(self, name: str, w: Workload) -> float:
-        """Runs ``w.init`` once in this process; its CPU seconds (0 when there is none or it ran)."""
+        """Runs ``w.init`` once in this process: its CPU seconds (0: none, or it ran before)."""
         if name in self.inited or w.init is None:
             return 0.0
         self.inited.add(name)
@@ -507,12 +522,17 @@ class WorkerProc:
             return {"error": f"worker died (exit {self.proc.returncode}): {tail[0][:200]}"}
         return json.loads(line)
 
-    def ask(self, cmd: dict) -> dict:
+    def send(self, cmd: dict) -> bool:
+        """Sends a command; False where the worker is gone."""
         try:
             self.proc.stdin.write(json.dumps(cmd) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass
+            return False
+        return True
+
+    def ask(self, cmd: dict) -> dict:
+        self.send(cmd)
         return self.recv()
 
     def close(self) -> None:
@@ -576,7 +596,7 @@ class CaseResult:
         return bool(self.info.get(lib, {}).get(q, {}).get("few", False))
 
     def memory_from_timing(self, lib: str, q: str) -> bool:
-        """Whether ``lib``'s peak memory of ``q`` was taken in the timing worker (not a fresh one)."""
+        """Whether ``lib``'s peak memory of ``q`` came from the timing worker (not a fresh one)."""
         return bool(self.info.get(lib, {}).get(q, {}).get("memory_from_timing", False))
 
     def paired(self, peer: str, q: str, clock: str = "wall") -> list[float]:
@@ -678,6 +698,7 @@ def run_case(
         for w in workers.values():  # timing done: a fresh process per library measures memory
             w.close()
         workers.clear()
+        skips: dict[str, list[str]] = {}
         for lib in live:
             # a quantity over the cap, or whose init is, would cost minutes again in a fresh
             # worker: its figure is the timing worker's warm-up call's (module docstring)
@@ -691,18 +712,23 @@ def run_case(
                 if q in warm_mem[lib]:
                     memory[lib][q] = warm_mem[lib][q]
                     info[lib][q]["memory_from_timing"] = True
-            if len(skip) == len(info[lib]):
-                continue
+            if len(skip) < len(info[lib]):
+                skips[lib] = skip
+        # the memory workers run at once: nothing is timed, and a process's peak resident set is
+        # its own (no swap); they are started and asked together, then read in turn
+        for lib in skips:
             py = sys.executable if lib == OURS else peers_python(cfg)
-            mw = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
-            try:
-                msg = mw.recv()
-                if "error" not in msg:
-                    msg = mw.ask({"cmd": "memory", "warm": True, "skip": skip})
-                if "error" not in msg:
-                    memory[lib].update(msg)
-            finally:
-                mw.close()
+            workers[lib] = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
+        asked = []
+        for lib, mw in workers.items():
+            if "error" not in mw.recv() and mw.send(
+                {"cmd": "memory", "warm": True, "skip": skips[lib]}
+            ):
+                asked.append(lib)
+        for lib in asked:
+            msg = workers[lib].recv()
+            if "error" not in msg:
+                memory[lib].update(msg)
     finally:
         for w in workers.values():
             w.close()

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------- a tiny suite for the harness
 def _burn(seconds: float) -> None:
-    """Busy for ``seconds`` of CPU time (the harness's cap is on CPU time: a sleep would not count)."""
+    """Busy for ``seconds`` of CPU time (the harness's cap is on CPU time: a sleep is not)."""
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
