@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -147,6 +148,22 @@ def test_call_cap_measures_a_slow_quantity_by_its_warm_up_call():
     assert len(res.paired("fakepeer", "fast")) == 3
     # the report marks it and never shows an IQR for it
     assert R.fmt_combined(R.combine([res.paired("fakepeer", "slow")], [True])).endswith(R.FEW)
+
+
+def test_repeat_runs_the_case_list_in_passes_and_the_report_combines_them():
+    spec = H.CaseSpec("tiny", "tiny case")
+    cfg = H.HarnessConfig(rounds=2, budget_s=0.01, max_pairs=1, python_peers=None)
+    logs = []
+    res = H.run_suite("tests.test_benchmarks_quick", [spec], cfg, log=logs.append, repeat=2)
+    assert [r.pass_no for r in res] == [0, 1] and [r.spec.case_id for r in res] == ["tiny"] * 2
+    assert "pass 2/2" in logs
+    assert H.CaseResult.from_json(res[1].to_json()).pass_no == 1
+    (runs,) = R.group_runs(res)
+    assert runs == res
+    c = R.combine([r.ratios(H.OURS, "product") for r in runs])
+    assert len(c.runs) == 2 and c.median == statistics.median(
+        H.quartiles(r.ratios(H.OURS, "product"))[1] for r in runs
+    )
 
 
 def test_combine_runs_arithmetic():
