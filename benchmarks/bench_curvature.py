@@ -569,8 +569,8 @@ def render(
         "matrix, or a lazy constructor). Verdict: **target** = median ≤ 0.8 "
         "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1. "
         f"{R.FEW} *few calls*: a call over the cap, measured once against its own adjacent "
-        "forward+backward, no IQR (its verdict takes ±15 % for one); † peak taken on the timed "
-        "call in the timing worker. A row measured in K > 1 runs: median of the run medians "
+        f"forward+backward, no IQR (its verdict takes ×/÷ {R.FEW_BAND:g} for one); † peak on "
+        "the timed call in the timing worker. A row measured in K > 1 runs: median of the run medians "
         "[pooled IQR] (K runs min–max of the run medians), the largest peak, and a verdict that "
         "every run's own IQR must satisfy (benchmarks/report.py)."
     )

@@ -188,12 +188,14 @@ def test_combine_runs_arithmetic():
     assert R.combine([[], [0.5]]).runs == ((0.5, 0.5, 0.5),)
     assert R.combine([[], []]) is None
     # few calls: one value per run, a ±FEW_BAND band stands in for the IQR
-    f = R.combine([[0.9]], [True])
-    assert f.few and R.fmt_combined(f) == f"0.90 {R.FEW}"
-    assert f.bounds() == pytest.approx((0.9 / R.FEW_BAND, 0.9 * R.FEW_BAND))
-    assert R.judge(f) == "tie"  # 0.9 × 1.15 > 1
-    assert R.judge(R.combine([[0.8]], [True])) == "target"  # 0.8 × 1.15 < 1
-    assert R.judge(R.combine([[0.5], [0.9]], [True, True])) == "tie"
+    f = R.combine([[0.8]], [True])
+    assert f.few and R.fmt_combined(f) == f"0.80 {R.FEW}"
+    assert f.bounds() == pytest.approx((0.8 / R.FEW_BAND, 0.8 * R.FEW_BAND))
+    assert R.FEW_BAND == 1.35
+    assert R.judge(f) == "tie"  # 0.8 × 1.35 > 1
+    assert R.judge(R.combine([[0.7]], [True])) == "target"  # 0.7 × 1.35 < 1
+    assert R.judge(R.combine([[0.5], [0.8]], [True, True])) == "tie"
+    assert R.judge(R.combine([[1.4]], [True])) == "peer wins"  # 1.4 / 1.35 > 1
     assert R.fmt_combined(R.combine([[0.5], [0.6]], [True, True])) == "0.55 ‡ (2 runs 0.50–0.60)"
     lo, m, hi = c.whiskers()
     assert lo <= c.pooled[0] and lo <= 0.65 and hi >= 1.0 and m == c.median
