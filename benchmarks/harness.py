@@ -44,9 +44,9 @@ forward+backward of the same model on the same batch, and ours is compared with 
   warm-up call of such a quantity is a representative call: its ``init`` has already built the
   state it assumes (the operator, a cached factorisation), and what a first call adds besides —
   lazy imports, the allocator's first pages — is milliseconds against calls of tens of seconds
-  (the CNN's block-diagonal: builds of 20-30 s, a dense solve of 64-100 s, measured twice each
-  with less than 7 % between the two calls). Seven rounds of such calls would take tens of
-  minutes per library. Its peak memory, and that of a quantity whose ``init`` is over the cap,
+  (the CNN's block-diagonal: builds of 10-30 s, dense solves of 60-150 s; a first and a second
+  call of each, timed apart, differed by less than 7 %, the first not the slower). Seven rounds of
+  such calls would take tens of minutes per library. Its peak memory, and that of a quantity whose ``init`` is over the cap,
   is taken on that warm-up call in the timing worker (marked in the report): a fresh worker would
   repeat minutes of work, and the heap's history (±10-20 MiB) is small against their GB peaks.
   The ratio ours / peer of a row where either side is *few* is the ratio of the two medians.
