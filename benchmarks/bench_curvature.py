@@ -20,9 +20,14 @@ and are skipped with a note otherwise; none is a dependency.
 
 Run: ``python benchmarks/bench_curvature.py [--quick] [--out DIR] [--rounds 7] [--threads 1]``
 ``[--only mlp cnn transformer] [--reps kfac ...] [--no-peers] [--python-peers PATH]``
+``[--call-cap 10] [--repeat K] [--from-json A.json B.json ...] [--clock auto|wall|cpu]``
 ``[--update-readme] [--allow-load]``. ``--update-readme`` rewrites the table in
 benchmarks/README.md; it refuses when other processes used more than 5 % of the CPU during the run,
-unless ``--allow-load`` is given, and then marks the table exploratory.
+unless ``--allow-load`` is given, and then marks the table exploratory. A call over ``--call-cap``
+seconds of CPU (the CNN's block-diagonal: builds of 20-30 s, solves of 64-100 s) is measured once
+(‡, benchmarks/harness.py); ``--repeat K`` runs the list of cases K times and combines the runs of
+each case, as ``--from-json`` does for saved runs that measured the same cases (cases measured in
+one run only are shown as they are), benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -360,40 +365,62 @@ def setup(case_id: str, lib: str, device: torch.device) -> H.Case:
     build, mv, solve, note = table[rep]
     torch.manual_seed(1)
     v = torch.randn(sum(p.numel() for p in model.parameters()), device=device)
-    heavy = rep == "block-diag" and model_name == "cnn"  # GB-sized blocks: seconds per call
-    few = 3 if heavy else None
-    q = {"build": H.Workload(run=lambda _: build(), max_rounds=few)}
-    if mv is not None or solve is not None:
-        try:
-            F0 = build()
-        except Exception:  # the worker's warm-up reports the build's failure; nothing else runs
-            return H.Case(reference=fwd_bwd, quantities=q, note=note, version=_version(lib))
+    # "F0": the operator the products and cached solves use (the first build's); "fresh": F0 has
+    # not been used yet; "error": the build's failure, reported once (under "build": the
+    # quantities that need it are dropped)
+    built = {}
 
-    def first(fn):
-        """fn(F0, v) once (caches), or a workload that fails in the warm-up with the same error."""
+    def build_once():
+        if "error" in built:
+            raise H.SameFailure(built["error"])
         try:
-            fn(F0, v)
+            return build()
         except Exception as e:
-            err = e
+            built["error"] = f"{type(e).__name__}: {e}"
+            raise
 
-            def fail(_):
-                raise err
+    def run_build(_):
+        F = build_once()
+        if "F0" not in built:
+            built["F0"], built["fresh"] = F, True
 
-            return fail
-        return lambda _: fn(F0, v)
+    def f0():
+        built.pop("fresh", None)  # used: no longer a fresh operator for a first solve
+        if "F0" not in built:
+            built["F0"] = build_once()
+        return built["F0"]
+
+    def fresh():
+        """A freshly built operator for a first solve: F0 if nothing has used it yet (the warm-up
+        runs solve1 right after build: it spares a build of up to half a minute on the CNN's
+        block-diagonal, and that first solve factorises F0 for the cached solves), else a new one.
+        """
+        if built.pop("fresh", False):
+            return built["F0"]
+        return build_once()
+
+    # warm-up order (the quantities' order): build, solve1 (on the untouched F0), products, solve
+    q = {"build": H.Workload(run=run_build)}
+    comparable = not note.startswith("solve: π-damped")
+    if solve is not None:
+        q["solve1"] = H.Workload(prepare=fresh, run=lambda F: solve(F, v), comparable=comparable)
+    # init: the operator, and one call that fills whatever the library caches in it (ours and
+    # curvlinops factorise at the first solve), so that the warm-up call after it is a cached
+    # call. NNGeometry keeps nothing between calls (its solves run torch.linalg.solve or invert
+    # the factors on every call, nngeometry/object/pspace.py): its init builds the operator only,
+    # which spares a block-diagonal solve of minutes.
+    stateless = lib == NNG
+
+    def init(fn):
+        return (lambda: f0()) if stateless else (lambda: fn(f0(), v))
 
     if mv is not None:
         if rep == "implicit GGN (cache)":
-            q["mv1"] = H.Workload(prepare=build, run=lambda F: mv(F, v), note="first product")
-        q["mv"] = H.Workload(run=first(mv))
+            q["mv1"] = H.Workload(prepare=build_once, run=lambda F: mv(F, v), note="first product")
+        q["mv"] = H.Workload(run=lambda _: mv(f0(), v), init=init(mv))
     if solve is not None:
-        comparable = not note.startswith("solve: π-damped")
-        q["solve"] = H.Workload(run=first(solve), comparable=comparable, max_rounds=few)
-        q["solve1"] = H.Workload(
-            prepare=build,
-            run=lambda F: solve(F, v),
-            comparable=comparable,
-            max_rounds=1 if heavy else None,
+        q["solve"] = H.Workload(
+            run=lambda _: solve(f0(), v), init=init(solve), comparable=comparable
         )
     return H.Case(reference=fwd_bwd, quantities=q, note=note, version=_version(lib))
 
@@ -410,21 +437,13 @@ def specs(models, reps, peers: bool) -> list[H.CaseSpec]:
     return out
 
 
-def _cell(res: H.CaseResult, lib: str, q: str) -> str:
-    rs = res.ratios(lib, q)
-    return "—" if not rs else f"{H.quartiles(rs)[1]:.2f}"
-
-
-def verdict(stats, ours_fb: float, peer_fb: float) -> str:
-    """target (median ≤ 0.8, upper quartile < 1), lead, tie, peer wins; negligible below 0.1 fb."""
-    q1, m, q3 = stats
+def verdict(stats: R.Combined, ours_fb: float, peer_fb: float) -> str:
+    """target (median ≤ 0.8, upper quartile < 1 in every run), lead, tie, peer wins
+    (benchmarks/report.py: judge); negligible when both take under 0.1 forward+backward."""
     if max(ours_fb, peer_fb) < 0.1:
         return "negligible"
-    if q3 < 1.0:
-        return "**target**" if m <= 0.8 else "lead"
-    if q1 > 1.0:
-        return "peer wins"
-    return "tie"
+    v = R.judge(stats)
+    return "**target**" if v == "target" else v
 
 
 # Peers' results that are another matrix than ours on that model, checked against torch.func by
@@ -448,42 +467,62 @@ NOT_SAME_MATRIX = {
 
 
 def rows(results: list[H.CaseResult], clock: str = "wall"):
-    """(model, rep, q, ours stats, result, best peer, {peer: (paired, peer's, comparable, other)}).
+    """(model, rep, q, ours, runs, best peer, {peer: (ours / peer, peer's, comparable, other)}).
 
-    Stats are quartiles over rounds on ``clock``; ``other`` is the paired median on the other clock.
+    ``runs``: the results of the case (one per run, ``benchmarks/report.py: group_runs``); ours,
+    peer's and ours / peer are :class:`~benchmarks.report.Combined` over those runs on ``clock``;
+    ``other`` is the median of the run medians of ours / peer on the other clock.
     """
     other_clock = "cpu" if clock == "wall" else "wall"
     out = []
-    for res in results:
-        model, rep = res.spec.case_id.split("/", 1)
+    for runs in R.group_runs(results):
+        model, rep = runs[0].spec.case_id.split("/", 1)
+        libs = list(dict.fromkeys(lib for r in runs for lib in r.libs))
         for q in QUANTITIES:
-            ours_r = res.ratios(H.OURS, q, clock)
-            if not ours_r:
+            ours_c = R.combine(
+                [r.ratios(H.OURS, q, clock) for r in runs], [r.few(H.OURS, q) for r in runs]
+            )
+            if ours_c is None:
                 continue
             paired = {}
-            for lib in res.libs[1:]:
-                pr = res.paired(lib, q, clock)
-                if pr:
-                    comparable = res.info.get(lib, {}).get(q, {}).get("comparable", True)
-                    # an implicit operator's "build" is lazy everywhere (a peer's may be no call)
-                    comparable = comparable and not (rep.startswith("implicit") and q == "build")
-                    comparable = comparable and (model, rep, lib) not in NOT_SAME_MATRIX
-                    po = res.paired(lib, q, other_clock)
-                    other = H.quartiles(po)[1] if po else float("nan")
-                    peer_r = H.quartiles(res.ratios(lib, q, clock))
-                    paired[lib] = (H.quartiles(pr), peer_r, comparable, other)
+            for lib in libs[1:]:
+                rs = [r for r in runs if lib in r.libs]
+                few = [r.few(H.OURS, q) or r.few(lib, q) for r in rs]
+                pr = R.combine([r.paired(lib, q, clock) for r in rs], few)
+                if pr is None:
+                    continue
+                comparable = all(r.info.get(lib, {}).get(q, {}).get("comparable", True) for r in rs)
+                # an implicit operator's "build" is lazy everywhere (a peer's may be no call)
+                comparable = comparable and not (rep.startswith("implicit") and q == "build")
+                comparable = comparable and (model, rep, lib) not in NOT_SAME_MATRIX
+                po = R.combine([r.paired(lib, q, other_clock) for r in rs], few)
+                other = po.median if po else float("nan")
+                peer_c = R.combine(
+                    [r.ratios(lib, q, clock) for r in rs], [r.few(lib, q) for r in rs]
+                )
+                paired[lib] = (pr, peer_c, comparable, other)
             best = min(
                 (lib for lib in paired if paired[lib][2]),
-                key=lambda lib: paired[lib][1][1],
+                key=lambda lib: paired[lib][1].median,
                 default=None,
             )
-            out.append((model, rep, q, H.quartiles(ours_r), res, best, paired))
+            out.append((model, rep, q, ours_c, runs, best, paired))
     return out
 
 
-def _mib(res, lib, q):
-    m = res.memory.get(lib, {}).get(q)
-    return "—" if m is None else f"{m:.0f}"
+def _mib(runs: list[H.CaseResult], lib: str, q: str) -> str:
+    """The largest peak of the runs (benchmarks/report.py); † where one was taken in the timing
+    worker (a quantity that would cost minutes again in a fresh one)."""
+    ms = [r.memory.get(lib, {}).get(q) for r in runs]
+    ms = [m for m in ms if m is not None]
+    if not ms:
+        return "—"
+    timing = any(r.memory_from_timing(lib, q) for r in runs)
+    return f"{max(ms):.0f}" + (" †" if timing else "")
+
+
+def _fb(c: R.Combined) -> str:
+    return f"{c.median:.2f}" + (f" {R.FEW}" if c.few else "")
 
 
 def render(
@@ -492,8 +531,9 @@ def render(
     load: float | None,
     exploratory: str | None,
     clock: str = "wall",
+    runs_line: str = "",
 ) -> str:
-    """The markdown report: header (date, commit, machine, load), the table, notes."""
+    """The markdown report: header (date, commit, machine, load, runs), the table, notes."""
     lines = []
     if exploratory:
         reason = exploratory.split("; rerun")[0]
@@ -503,14 +543,21 @@ def render(
     lines.append(
         f"Started {info['date']}, commit `{info['commit']}`, {info['machine']}, torch {info['torch']}, "
         f"Python {info['python']}, {info['threads']} thread(s) per worker, {info['device']}, "
-        f"{info['rounds']} rounds (block-diagonal CNN: 3, its first solve 1). CPU share used by "
-        f"other processes during the run: **{share}** (per case "
+        f"{info['rounds']} rounds"
+        + (
+            f" (a call over {info['call_cap']} s of CPU: that one call, {R.FEW})"
+            if "call_cap" in info
+            else ""
+        )
+        + f". CPU share used by other processes during the run: **{share}** (per case "
         + (f"{100 * min(per_case):.0f}–{100 * max(per_case):.0f}%" if per_case else "?")
         + ")."
     )
     versions = sorted({f"{lib} {v}" for r in results for lib, v in r.versions.items() if v})
     if versions:
         lines.append("Peers: " + ", ".join(versions) + ".")
+    if runs_line:
+        lines.append(runs_line)
     lines.append("")
     name = "CPU time of the worker process" if clock == "cpu" else "wall-clock time"
     other = "CPU-time" if clock == "wall" else "wall-clock"
@@ -520,7 +567,12 @@ def render(
         f"fastest peer computing the same matrix; *{other}*: the paired median on the other "
         "clock; peak MiB: extra resident memory of one call; (≠): not comparable (another "
         "matrix, or a lazy constructor). Verdict: **target** = median ≤ 0.8 "
-        "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1."
+        "and upper quartile < 1; lead = upper quartile < 1; peer wins = lower quartile > 1. "
+        f"{R.FEW} *few calls*: a call over the cap, measured once against its own adjacent "
+        f"forward+backward, no IQR (its verdict takes ×/÷ {R.FEW_BAND:g} for one); † peak on "
+        "the timed call in the timing worker. A row measured in K > 1 runs: median of the run medians "
+        "[pooled IQR] (K runs min–max of the run medians), the largest peak, and a verdict that "
+        "every run's own IQR must satisfy (benchmarks/report.py)."
     )
     lines.append("")
     head = (
@@ -528,25 +580,25 @@ def render(
         f"| {other} | verdict | peak MiB ours / peer | other peers (×fb → ours / peer) |"
     )
     lines += [head, "|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
-    for model, rep, q, ours_s, res, best, paired in rows(results, clock):
+    for model, rep, q, ours_c, runs, best, paired in rows(results, clock):
         if best is None:
-            bcells = ["—", "—", "—", "—", "no peer", f"{_mib(res, H.OURS, q)} / —"]
+            bcells = ["—", "—", "—", "—", "no peer", f"{_mib(runs, H.OURS, q)} / —"]
         else:
             pst, lst, _, oth = paired[best]
             bcells = [
                 best,
-                f"{lst[1]:.2f}",
-                R.fmt_q(pst),
+                _fb(lst),
+                R.fmt_combined(pst),
                 f"{oth:.2f}",
-                verdict(pst, ours_s[1], lst[1]),
-                f"{_mib(res, H.OURS, q)} / {_mib(res, best, q)}",
+                verdict(pst, ours_c.median, lst.median),
+                f"{_mib(runs, H.OURS, q)} / {_mib(runs, best, q)}",
             ]
         others = "; ".join(
-            f"{lib}{'' if c else ' (≠)'} {lst[1]:.2f}× → {pst[1]:.2f}"
+            f"{lib}{'' if c else ' (≠)'} {_fb(lst)}× → {_fb(pst)}"
             for lib, (pst, lst, c, _) in paired.items()
             if lib != best
         )
-        cells = [model, rep, q, f"{ours_s[1]:.2f} [{ours_s[0]:.2f}–{ours_s[2]:.2f}]"]
+        cells = [model, rep, q, R.fmt_combined(ours_c)]
         lines.append("| " + " | ".join(cells + bcells + [others or ""]) + " |")
     notes = sorted(
         {
@@ -571,23 +623,41 @@ def render(
 
 def chart(results, path, clock: str = "wall") -> bool:
     labels, stats = [], []
-    for model, rep, q, ours_s, _, best, paired in rows(results, clock):
+    for model, rep, q, ours_c, _, best, paired in rows(results, clock):
         if best is None:
             continue
-        if verdict(paired[best][0], ours_s[1], paired[best][1][1]) != "negligible":
-            labels.append(f"{model} {rep} {q} vs {best}")
-            stats.append(paired[best][0])
+        if verdict(paired[best][0], ours_c.median, paired[best][1].median) != "negligible":
+            few = f" {R.FEW}" if paired[best][0].few else ""
+            labels.append(f"{model} {rep} {q} vs {best}{few}")
+            stats.append(paired[best][0].whiskers())
     if labels:
         title = f"curvature: ours / fastest peer (same matrix), {clock} clock"
         return R.bar_chart(path, labels, stats, title)
     # no peer ran (none installed, or --no-peers): our ratios to one forward+backward instead
-    for model, rep, q, ours_s, *_ in rows(results, clock):
-        labels.append(f"{model} {rep} {q}")
-        stats.append(ours_s)
+    for model, rep, q, ours_c, *_ in rows(results, clock):
+        labels.append(f"{model} {rep} {q}" + (f" {R.FEW}" if ours_c.few else ""))
+        stats.append(ours_c.whiskers())
     if not labels:
         return False
     title = f"curvature: nngeo_ops alone, × one forward+backward ({clock} clock)"
     return R.bar_chart(path, labels, stats, title, "× forward+backward (median, IQR)", (1.0,))
+
+
+def runs_line(results: list[H.CaseResult], infos: list[dict]) -> str:
+    """The header's line on combined runs ("" when every case was measured once in one run)."""
+    groups = R.group_runs(results)
+    k = max((len(g) for g in groups), default=1)
+    sources = list(dict.fromkeys(f"{i['date']} `{i['commit']}`" for i in infos))
+    if k == 1:
+        return "" if len(sources) < 2 else "Runs rendered together: " + ", ".join(sources) + "."
+    counts = sorted({len(g) for g in groups})
+    many = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else f"{k}"
+    commits = {i["commit"] for i in infos}
+    differ = " **The runs measured different commits.**" if len(commits) > 1 else ""
+    return (
+        f"Each case combined over {many} runs (median of the run medians, "
+        f"benchmarks/report.py), from: {', '.join(sources)}.{differ}"
+    )
 
 
 def main(argv=None) -> int:
@@ -608,7 +678,22 @@ def main(argv=None) -> int:
         "--from-json",
         nargs="*",
         default=None,
-        help="render saved runs (bench_curvature.json files) instead of measuring",
+        help="render saved runs (bench_curvature.json files) instead of measuring; a case found "
+        "in several is combined over its runs (benchmarks/report.py)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the list of cases this many times, one pass after the other, and combine the "
+        "runs of each case (benchmarks/report.py)",
+    )
+    p.add_argument(
+        "--call-cap",
+        type=float,
+        default=H.HarnessConfig.call_cap_s,
+        help="seconds (CPU) of a warm-up call above which that call is the quantity's one "
+        "measurement (few calls, marked ‡)",
     )
     p.add_argument(
         "--clock",
@@ -627,17 +712,24 @@ def main(argv=None) -> int:
         peers=not args.no_peers,
         device=args.device,
         max_load=args.max_load,
+        call_cap_s=args.call_cap,
     )
     models = args.only or (["mlp"] if quick else list(TITLES))
     reps = args.reps or (["kfac", "implicit GGN"] if quick else REPS)
     if args.from_json:
         saved = [json.loads(Path(f).read_text()) for f in args.from_json]
         info = saved[0]["info"]
+        infos = [i for d in saved for i in d.get("infos", [d["info"]])]
         results = [H.CaseResult.from_json(c) for d in saved for c in d["cases"]]
     else:
         sp = specs(models, reps, cfg.peers)
         info = R.machine_info(cfg)
-        print(f"# curvature benchmark ({len(sp)} cases, {cfg.rounds} rounds)", file=sys.stderr)
+        info["repeat"] = str(args.repeat)
+        infos = [info]
+        print(
+            f"# curvature benchmark ({len(sp)} cases × {args.repeat} runs, {cfg.rounds} rounds)",
+            file=sys.stderr,
+        )
 
         def save(done):  # a long run is saved case by case
             if args.out:
@@ -646,13 +738,14 @@ def main(argv=None) -> int:
                 (Path(args.out) / f"{NAME}.json").write_text(json.dumps(doc))
 
         results = H.run_suite("benchmarks.bench_curvature", sp, cfg,
-                              log=lambda s: print(s, file=sys.stderr), on_case=save)  # fmt: skip
+                              log=lambda s: print(s, file=sys.stderr), on_case=save,
+                              repeat=args.repeat)  # fmt: skip
     load = H.overall_load(results)
     refusal = H.check_load(load, cfg, args.allow_load)
     clock = args.clock
     if clock == "auto":
         clock = "wall" if load is not None and load <= cfg.max_load else "cpu"
-    text = render(results, info, load, refusal, clock)
+    text = render(results, info, load, refusal, clock, runs_line(results, infos))
     total = sum(r.seconds for r in results)
     text += f"\n\n(measuring took {total / 60:.0f} min)\n"
     print(text)
@@ -661,7 +754,14 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{NAME}.md").write_text(text)
         (out / f"{NAME}.json").write_text(
-            json.dumps({"info": info, "load": load, "cases": [r.to_json() for r in results]})
+            json.dumps(
+                {
+                    "info": info,
+                    "infos": infos,
+                    "load": load,
+                    "cases": [r.to_json() for r in results],
+                }
+            )
         )
         chart(results, out / f"{NAME}.png", clock)
     if args.update_readme:

@@ -6,8 +6,10 @@ forward+backward of the same model on the same batch, and ours is compared with 
 
 * **one fresh worker process per library and case** (``python -m benchmarks.harness --worker``):
   no allocator state, cache or lazily imported module is carried from one library to another. A
-  worker sets the case up, warms it up (3 forward+backwards, one untimed call of every quantity),
-  then answers the coordinator's commands over a pipe, one JSON line each.
+  worker sets the case up (the workers of a case at once), warms it up (one worker at a time, so
+  that no call it times overlaps another worker's: 3 forward+backwards, then for each quantity its
+  ``init`` and one call against an adjacent forward+backward), then answers the coordinator's
+  commands over a pipe, one JSON line each.
 * **rounds**: in each round the workers of one case run back to back, ours and each peer, the order
   reversed every other round. In a round a worker times every quantity against *its own adjacent*
   forward+backward (reference, then the call, repeated a few times; the per-round ratio is the median
@@ -28,13 +30,26 @@ forward+backward of the same model on the same batch, and ours is compared with 
   committed table when it was above ``max_load`` (5 % by default) unless told to write an
   exploratory one.
 * **peak memory** per case and library, in a *fresh* worker process started after the timing
-  rounds with glibc's mmap threshold fixed at 128 KiB from its first instruction (so that large
-  blocks are mmapped and go back to the system when freed, whatever the heap held before): each
-  quantity runs once unmeasured, then once with the peak resident set reset
+  rounds (those of a case at once: nothing is timed then, and a peak resident set is the
+  process's own) with glibc's mmap threshold fixed at 128 KiB from its first instruction (so that
+  large blocks are mmapped and go back to the system when freed, whatever the heap held before):
+  each quantity runs once unmeasured, then once with the peak resident set reset
   (``/proc/self/clear_refs``); the figure is the peak resident set minus the resident set before the
   call (on a GPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory). Measured in the
   timing worker instead, after its rounds, the figure depended on the heap's history (glibc reuses
   large free chunks before it mmaps; ±10-20 MiB between runs of the same code).
+* **few calls** (``call_cap_s``, ``--call-cap``, 10 s of CPU by default): a quantity whose warm-up
+  call took longer is not run again: that call, timed against the forward+backward just before
+  it, is its one measurement, marked ``few`` (the report gives it no IQR and marks it ‡). The
+  warm-up call of such a quantity is a representative call: its ``init`` has already built the
+  state it assumes (the operator, a cached factorisation), and what a first call adds besides —
+  lazy imports, the allocator's first pages — is milliseconds against calls of tens of seconds
+  (the CNN's block-diagonal: builds of 10-30 s, dense solves of 60-150 s; a first and a second
+  call of each, timed apart, differed by less than 7 %, the first not the slower). Seven rounds of
+  such calls would take tens of minutes per library. Its peak memory, and that of a quantity whose ``init`` is over the cap,
+  is taken on that warm-up call in the timing worker (marked in the report): a fresh worker would
+  repeat minutes of work, and the heap's history (±10-20 MiB) is small against their GB peaks.
+  The ratio ours / peer of a row where either side is *few* is the ratio of the two medians.
 
 A *suite* is a module (e.g. ``benchmarks.bench_curvature``) with
 
@@ -77,16 +92,32 @@ class Workload:
 
     ``run(state)`` is timed; ``prepare()`` (untimed) runs before each timed call and its result is
     passed to ``run`` (e.g. a freshly built operator for a *first* solve); without ``prepare``
-    ``run(None)`` is called. ``max_rounds`` caps the rounds of a quantity whose call takes seconds.
-    ``comparable=False`` marks a peer's quantity that computes a different matrix (shown, but never
-    the "best peer" a row is judged against); ``note`` says how.
+    ``run(None)`` is called. ``init()`` (untimed, once per worker process, before the quantity's
+    first call, where it is measured) brings the state ``run`` assumes, e.g. the operator whose
+    *cached* solve is timed and its first solve, which factorises it: the warm-up call that follows
+    is then already a representative call (the cap, :class:`HarnessConfig`, may keep it as the
+    measurement). ``max_rounds`` caps the rounds of a quantity. ``comparable=False`` marks a peer's
+    quantity that computes a different matrix (shown, but never the "best peer" a row is judged
+    against); ``note`` says how.
     """
 
     run: Callable[[Any], Any]
     prepare: Callable[[], Any] | None = None
+    init: Callable[[], Any] | None = None
     max_rounds: int | None = None
     note: str = ""
     comparable: bool = True
+
+
+class SameFailure(Exception):
+    """Raised by a quantity that needs another quantity of its case which failed (and is reported
+    under its own name): the worker drops it without a second note."""
+
+
+def _is_same_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a :class:`SameFailure`; by name, as the worker runs this module as
+    ``__main__`` while the suite raises ``benchmarks.harness.SameFailure``, another class object."""
+    return any(c.__name__ == "SameFailure" for c in type(e).__mro__)
 
 
 @dataclass
@@ -119,7 +150,9 @@ class HarnessConfig:
     budget_s: time a worker spends on one quantity in one round (sets the pairs per round, between
     1 and ``max_pairs``); python_peers: interpreter of the peer workers (``None``: this one);
     peers: False times nngeo_ops alone; device: ``"cpu"`` or ``"cuda"``; max_load: the share of
-    the machine other processes may use during a committed run.
+    the machine other processes may use during a committed run; call_cap_s: a quantity whose
+    warm-up call took more CPU seconds than this is measured by that call alone (*few calls*,
+    module docstring).
     """
 
     rounds: int = 7
@@ -130,7 +163,7 @@ class HarnessConfig:
     peers: bool = True
     device: str = "cpu"
     max_load: float = 0.05
-    timeout_s: float = 1800.0
+    call_cap_s: float = 10.0
 
 
 # ---------------------------------------------------------------------- statistics
@@ -255,6 +288,9 @@ class _Worker:
         self.case: Case = mod.setup(case_id, lib, self.device)
         self.pairs: dict[str, int] = {}
         self.failed: dict[str, str] = {}
+        self.few: set[str] = set()
+        self.inited: set[str] = set()
+        self.libc = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -268,23 +304,81 @@ class _Worker:
         self._sync()
         return time.perf_counter() - t, time.process_time() - c
 
-    def warm_up(self, max_pairs: int) -> dict:
+    def _peak(self, fn: Callable[[Any], Any], arg: Any) -> tuple[float, float, float]:
+        """(wall, CPU, peak extra MiB) of one call: the peak resident set (on a GPU the peak
+        allocated memory) during the call minus the one before it (module docstring)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            base = self.torch.cuda.memory_allocated()
+            t, c = self._time(fn, arg)
+            peak = self.torch.cuda.max_memory_allocated() - base
+        else:
+            if self.libc is not None:
+                self.libc.malloc_trim(0)
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")  # resets VmHWM to the current resident set
+            except OSError:
+                pass
+            base = _rss_kib("VmRSS:") * 1024
+            t, c = self._time(fn, arg)
+            peak = _rss_kib("VmHWM:") * 1024 - base
+        return t, c, max(0.0, peak / 2**20)
+
+    def _init(self, name: str, w: Workload) -> float:
+        """Runs ``w.init`` once in this process: its CPU seconds (0: none, or it ran before)."""
+        if name in self.inited or w.init is None:
+            return 0.0
+        self.inited.add(name)
+        c = time.process_time()
+        w.init()
+        return time.process_time() - c
+
+    def warm_up(self, max_pairs: int, cap: float) -> dict:
+        """3 forward+backwards, then for each quantity its ``init`` and one call timed against an
+        adjacent forward+backward (and its peak memory). A call over ``cap`` CPU seconds is kept as
+        the quantity's one measurement (*few calls*); otherwise it sets the pairs per round."""
         ref = lambda _: self.case.reference()  # noqa: E731
         for _ in range(3):
             self._time(ref, None)
         t_ref = min(self._time(ref, None)[1] for _ in range(3))
+        few, mem, init_s = {}, {}, {}
         for name, w in list(self.case.quantities.items()):
             try:
+                init_s[name] = self._init(name, w)
+                if init_s[name] > 0:
+                    self.case.reference()  # the init may have evicted the caches: not timed
                 state = w.prepare() if w.prepare else None
-                t = self._time(w.run, state)[1]  # CPU time: the budget holds under load
+                gc.collect()
+                tb, cb = self._time(ref, None)
+                t, c, mem[name] = self._peak(w.run, state)  # CPU time: the cap holds under load
             except Exception as e:  # the library cannot compute this quantity here
-                self.failed[name] = f"fails: {type(e).__name__}: {str(e)[:80]}"
+                if not _is_same_failure(e):
+                    self.failed[name] = f"fails: {type(e).__name__}: {str(e)[:80]}"
                 del self.case.quantities[name]
+                mem.pop(name, None)
                 continue
             del state
-            self.pairs[name] = max(1, min(max_pairs, int(self.budget / (t + t_ref))))
+            if c > cap:
+                self.few.add(name)
+                few[name] = {
+                    "ratio": t / tb,
+                    "ratio_cpu": c / cb if cb > 0 else math.nan,
+                    "t": t,
+                    "tb": tb,
+                    "n": 1,
+                    "few": True,
+                }
+            self.pairs[name] = max(1, min(max_pairs, int(self.budget / (c + t_ref))))
         info = {
-            q: {"note": w.note, "comparable": w.comparable, "max_rounds": w.max_rounds}
+            q: {
+                "note": w.note,
+                "comparable": w.comparable,
+                "max_rounds": w.max_rounds,
+                "init_s": init_s.get(q, 0.0),
+                "few": q in self.few,
+            }
             for q, w in self.case.quantities.items()
         }
         return {
@@ -293,13 +387,15 @@ class _Worker:
             "version": self.case.version,
             "note": self.case.note,
             "quantities": info,
+            "few": few,
+            "memory_warm": mem,
         }
 
     def round(self, r: int) -> dict:
         ref = lambda _: self.case.reference()  # noqa: E731
         out = {}
         for name, w in self.case.quantities.items():
-            if w.max_rounds is not None and r >= w.max_rounds:
+            if name in self.few or (w.max_rounds is not None and r >= w.max_rounds):
                 continue
             walls, cpus, ts, tbs = [], [], [], []
             for _ in range(self.pairs[name]):
@@ -321,44 +417,33 @@ class _Worker:
             }
         return out
 
-    def memory(self, warm: bool = False) -> dict:
-        """Peak extra MiB of one call of each quantity (see the module docstring); ``warm``: one
-        unmeasured call of each first (a fresh worker's lazy initialisations)."""
-        libc = _fix_mmap_threshold()
+    def memory(self, warm: bool = False, skip: Sequence[str] = ()) -> dict:
+        """Peak extra MiB of one call of each quantity but ``skip`` (see the module docstring);
+        ``warm``: one unmeasured call of each first (a fresh worker's lazy initialisations)."""
+        self.libc = _fix_mmap_threshold()
         out = {}
         for name, w in self.case.quantities.items():
-            if warm:
-                try:
+            if name in skip:
+                continue
+            try:
+                self._init(name, w)
+                if warm:
                     w.run(w.prepare() if w.prepare else None)
-                except Exception:  # reported by the timing worker, which failed on it too
-                    continue
+            except Exception:  # reported by the timing worker, which failed on it too
+                continue
             state = w.prepare() if w.prepare else None
             gc.collect()
-            if self.device.type == "cuda":
-                self.torch.cuda.synchronize()
-                self.torch.cuda.reset_peak_memory_stats()
-                base = self.torch.cuda.memory_allocated()
-                w.run(state)
-                self.torch.cuda.synchronize()
-                peak = self.torch.cuda.max_memory_allocated() - base
-            else:
-                if libc is not None:
-                    libc.malloc_trim(0)
-                try:
-                    with open("/proc/self/clear_refs", "w") as fh:
-                        fh.write("5")  # resets VmHWM to the current resident set
-                except OSError:
-                    pass
-                base = _rss_kib("VmRSS:") * 1024
-                w.run(state)
-                peak = _rss_kib("VmHWM:") * 1024 - base
+            out[name] = self._peak(w.run, state)[2]
             del state
-            out[name] = max(0.0, peak / 2**20)
         return out
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    """Entry of ``python -m benchmarks.harness --worker``: a JSON line per command on stdin."""
+    """Entry of ``python -m benchmarks.harness --worker``: a JSON line per command on stdin.
+
+    The worker sets its case up and says ``ready``; then ``warm`` (the warm-up, sent to one worker
+    at a time so that no timed call overlaps another worker's), ``round``, ``memory``, ``exit``.
+    """
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to stderr, not into the protocol
     sys.stdout = sys.stderr
@@ -371,18 +456,24 @@ def worker_main(args: argparse.Namespace) -> None:
         _fix_mmap_threshold()
     try:
         w = _Worker(args.suite, args.case, args.lib, args.threads, args.device, args.budget)
-        send({"ready": True} if args.memory_only else {"ready": True, **w.warm_up(args.max_pairs)})
     except Exception as e:
         send({"error": f"{type(e).__name__}: {str(e)[:200]}"})
         return
+    send({"ready": True})
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["cmd"] == "round":
-            send(w.round(cmd["round"]))
-        elif cmd["cmd"] == "memory":
-            send(w.memory(warm=cmd.get("warm", False)))
-        elif cmd["cmd"] == "exit":
-            send({"bye": True})
+        try:
+            if cmd["cmd"] == "warm":
+                send(w.warm_up(args.max_pairs, args.call_cap))
+            elif cmd["cmd"] == "round":
+                send(w.round(cmd["round"]))
+            elif cmd["cmd"] == "memory":
+                send(w.memory(warm=cmd.get("warm", False), skip=cmd.get("skip", ())))
+            elif cmd["cmd"] == "exit":
+                send({"bye": True})
+                return
+        except Exception as e:
+            send({"error": f"{type(e).__name__}: {str(e)[:200]}"})
             return
 
 
@@ -410,7 +501,7 @@ class WorkerProc:
             python, "-m", "benchmarks.harness", "--worker", "--suite", suite,
             "--case", spec.case_id, "--lib", lib, "--threads", str(cfg.threads),
             "--device", cfg.device, "--budget", str(cfg.budget_s),
-            "--max-pairs", str(cfg.max_pairs),
+            "--max-pairs", str(cfg.max_pairs), "--call-cap", str(cfg.call_cap_s),
         ] + (["--memory-only"] if memory_only else [])  # fmt: skip
         self.proc = subprocess.Popen(
             cmd,
@@ -431,12 +522,17 @@ class WorkerProc:
             return {"error": f"worker died (exit {self.proc.returncode}): {tail[0][:200]}"}
         return json.loads(line)
 
-    def ask(self, cmd: dict) -> dict:
+    def send(self, cmd: dict) -> bool:
+        """Sends a command; False where the worker is gone."""
         try:
             self.proc.stdin.write(json.dumps(cmd) + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass
+            return False
+        return True
+
+    def ask(self, cmd: dict) -> dict:
+        self.send(cmd)
         return self.recv()
 
     def close(self) -> None:
@@ -488,14 +584,27 @@ class CaseResult:
     seconds: float
     info: dict[str, dict[str, dict]] = field(default_factory=dict)
     t_ref: dict[str, float] = field(default_factory=dict)
+    pass_no: int = 0
 
     def ratios(self, lib: str, q: str, clock: str = "wall") -> list[float]:
         """Per-round ratios to one forward+backward; ``clock``: "wall" or "cpu" (process time)."""
         key = "ratio" if clock == "wall" else "ratio_cpu"
         return [r[key] for r in self.rounds.get(lib, {}).get(q, []) if key in r]
 
+    def few(self, lib: str, q: str) -> bool:
+        """Whether ``lib``'s ``q`` was measured by one call over the cap (no rounds)."""
+        return bool(self.info.get(lib, {}).get(q, {}).get("few", False))
+
+    def memory_from_timing(self, lib: str, q: str) -> bool:
+        """Whether ``lib``'s peak memory of ``q`` came from the timing worker (not a fresh one)."""
+        return bool(self.info.get(lib, {}).get(q, {}).get("memory_from_timing", False))
+
     def paired(self, peer: str, q: str, clock: str = "wall") -> list[float]:
+        """Per-round ratios ours / peer; where either side is *few calls*, the one ratio of
+        ours' median to the peer's (nothing to pair round by round)."""
         a, b = self.ratios(OURS, q, clock), self.ratios(peer, q, clock)
+        if a and b and (self.few(OURS, q) or self.few(peer, q)):
+            return paired_ratios([statistics.median(a)], [statistics.median(b)])
         n = min(len(a), len(b))
         return paired_ratios(a[:n], b[:n])
 
@@ -505,7 +614,7 @@ class CaseResult:
         spec = CaseSpec(d["case"], d["title"])
         return cls(
             spec, d["libs"], d["rounds"], d["memory"], d["notes"], d["versions"], d["load"],
-            d["seconds"], d.get("info", {}), d.get("t_ref", {}),
+            d["seconds"], d.get("info", {}), d.get("t_ref", {}), d.get("pass", 0),
         )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -521,6 +630,7 @@ class CaseResult:
             "seconds": self.seconds,
             "info": self.info,
             "t_ref": self.t_ref,
+            "pass": self.pass_no,
         }
 
 
@@ -550,9 +660,16 @@ def run_case(
     versions: dict[str, str] = {}
     info: dict[str, dict[str, dict]] = {}
     t_ref: dict[str, float] = {}
+    warm_mem: dict[str, dict[str, float]] = {}
     try:
-        for lib, w in list(workers.items()):
+        for lib, w in list(workers.items()):  # set-ups in parallel (nothing timed yet)
             msg = w.recv()
+            if "error" in msg:
+                notes[lib] = msg["error"]
+                w.close()
+                del workers[lib]
+        for lib, w in list(workers.items()):  # warm-ups one at a time: their calls may be timed
+            msg = w.ask({"cmd": "warm"})
             if "error" in msg:
                 notes[lib] = msg["error"]
                 w.close()
@@ -561,11 +678,12 @@ def run_case(
             versions[lib] = msg.get("version", "")
             info[lib] = msg.get("quantities", {})
             t_ref[lib] = msg.get("t_ref", math.nan)
+            warm_mem[lib] = msg.get("memory_warm", {})
             if msg.get("note"):
                 notes[lib] = msg["note"]
             for q, why in msg.get("failed", {}).items():
                 notes[f"{lib}:{q}"] = why
-            rounds[lib] = {}
+            rounds[lib] = {q: [m] for q, m in msg.get("few", {}).items()}
         live = [lib for lib in libs if lib in workers]
         for r in range(cfg.rounds):
             order = live if r % 2 == 0 else live[::-1]
@@ -580,17 +698,37 @@ def run_case(
         for w in workers.values():  # timing done: a fresh process per library measures memory
             w.close()
         workers.clear()
+        skips: dict[str, list[str]] = {}
         for lib in live:
+            # a quantity over the cap, or whose init is, would cost minutes again in a fresh
+            # worker: its figure is the timing worker's warm-up call's (module docstring)
+            skip = [
+                q
+                for q, d in info[lib].items()
+                if d.get("few") or d.get("init_s", 0.0) > cfg.call_cap_s
+            ]
+            memory[lib] = {}
+            for q in skip:
+                if q in warm_mem[lib]:
+                    memory[lib][q] = warm_mem[lib][q]
+                    info[lib][q]["memory_from_timing"] = True
+            if len(skip) < len(info[lib]):
+                skips[lib] = skip
+        # the memory workers run at once: nothing is timed, and a process's peak resident set is
+        # its own (no swap); they are started and asked together, then read in turn
+        for lib in skips:
             py = sys.executable if lib == OURS else peers_python(cfg)
-            mw = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
-            try:
-                msg = mw.recv()
-                if "error" not in msg:
-                    msg = mw.ask({"cmd": "memory", "warm": True})
-                if "error" not in msg:
-                    memory[lib] = msg
-            finally:
-                mw.close()
+            workers[lib] = WorkerProc(py, suite, spec, lib, cfg, memory_only=True)
+        asked = []
+        for lib, mw in workers.items():
+            if "error" not in mw.recv() and mw.send(
+                {"cmd": "memory", "warm": True, "skip": skips[lib]}
+            ):
+                asked.append(lib)
+        for lib in asked:
+            msg = workers[lib].recv()
+            if "error" not in msg:
+                memory[lib].update(msg)
     finally:
         for w in workers.values():
             w.close()
@@ -609,16 +747,25 @@ def run_suite(
     cfg: HarnessConfig,
     log: Callable[[str], None] = print,
     on_case: Callable[[list[CaseResult]], None] | None = None,
+    repeat: int = 1,
 ) -> list[CaseResult]:
     """Run every case of a suite (each with its own workers) and return the per-round results.
 
+    ``repeat``: the whole list of cases is run that many times, one pass after the other (so that
+    the runs of a case are minutes apart, under whatever the machine did meanwhile); each result
+    carries its ``pass_no``, and the report combines the runs of a case (``benchmarks/report.py``).
     ``on_case(results so far)`` is called after each case (e.g. to save a long run as it goes).
     """
     results: list[CaseResult] = []
-    for spec in specs:
-        results.append(run_case(suite, spec, cfg, log))
-        if on_case is not None:
-            on_case(results)
+    for k in range(repeat):
+        if repeat > 1:
+            log(f"pass {k + 1}/{repeat}")
+        for spec in specs:
+            res = run_case(suite, spec, cfg, log)
+            res.pass_no = k
+            results.append(res)
+            if on_case is not None:
+                on_case(results)
     return results
 
 
@@ -641,6 +788,7 @@ def _cli() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--max-pairs", type=int, default=5)
+    p.add_argument("--call-cap", type=float, default=HarnessConfig.call_cap_s)
     p.add_argument("--memory-only", action="store_true", help="a fresh worker measuring memory")
     args = p.parse_args()
     if not args.worker:
@@ -657,6 +805,7 @@ __all__ = [
     "CaseSpec",
     "HarnessConfig",
     "LoadMeter",
+    "SameFailure",
     "Workload",
     "check_load",
     "overall_load",
