@@ -122,6 +122,12 @@ def softmax_hessian_apply(logits: torch.Tensor, u: torch.Tensor, dim: int = 1) -
     return pu - p * pu.sum(dim + 1, keepdim=True)
 
 
+def _per_draw(cols: torch.Tensor, trials: int) -> torch.Tensor:
+    """The Monte-Carlo columns scaled by 1/√trials (their outer products average over the draws);
+    one draw is returned as it is, without a pass that divides by 1."""
+    return cols if trials == 1 else cols / math.sqrt(trials)
+
+
 def _onehot(y, c, dtype):
     # one-hot along dim 1, for labels of shape (..., *S) -> (..., C, *S)
     return Fn.one_hot(y, c).movedim(-1, 1).to(dtype)
@@ -263,7 +269,7 @@ class ClassifLogits(OutputModel):
         p = torch.softmax(out.detach(), dim=1)
         lab = _sample_classes(p[:, :, None], trials, rng)[..., 0]  # (T, B)
         cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype) - p
-        return cols / math.sqrt(trials), out.shape[0]
+        return _per_draw(cols, trials), out.shape[0]
 
     def empirical(self, out, y):
         y = check_class_labels(y, out.shape[0], out.shape[1], ())
@@ -290,7 +296,7 @@ class ClassifLogSoftmax(ClassifLogits):
         p = out.detach().exp()
         lab = _sample_classes(p[:, :, None], trials, rng)[..., 0]
         cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype)
-        return cols / math.sqrt(trials), out.shape[0]
+        return _per_draw(cols, trials), out.shape[0]
 
     def empirical(self, out, y):
         y = check_class_labels(y, out.shape[0], out.shape[1], ())
@@ -313,7 +319,7 @@ class ClassifBinaryLogits(OutputModel):
     def sample(self, out, y, trials, rng=None):
         p = torch.sigmoid(out.detach())
         u = torch.rand((trials, *p.shape), generator=rng, dtype=p.dtype, device=p.device)
-        return ((u < p).to(p.dtype) - p) / math.sqrt(trials), out.shape[0]
+        return _per_draw((u < p).to(p.dtype) - p, trials), out.shape[0]
 
     def empirical(self, out, y):
         if y is not None and y.shape != out.shape and y.numel() == out.numel():
@@ -405,7 +411,7 @@ class Regression(OutputModel):
         b, e = out.shape[0], out[0].numel()
         r = self.precision_root(e, out.dtype, out.device)
         eps = torch.randn((trials, b, e), generator=rng, dtype=out.dtype, device=out.device)
-        return (eps @ r.T).reshape(trials, *out.shape) / math.sqrt(trials), b
+        return _per_draw((eps @ r.T).reshape(trials, *out.shape), trials), b
 
     def empirical(self, out, y):
         _check_same_shape(y, out, self.name)
@@ -436,7 +442,7 @@ class SegmentationLogits(OutputModel):
         p = torch.softmax(out.detach().reshape(b, c, -1), dim=1)
         lab = _sample_classes(p, trials, rng)  # (T, B, D)
         cols = _onehot(lab.reshape(-1, lab.shape[-1]), c, p.dtype).reshape(trials, b, c, -1) - p
-        return cols.reshape(trials, *out.shape) / math.sqrt(trials), b
+        return _per_draw(cols.reshape(trials, *out.shape), trials), b
 
     def empirical(self, out, y):
         b, c = out.shape[:2]

@@ -45,7 +45,7 @@ from ..layers.generic import generic_per_example
 from ..layers.registry import rule_for
 from ..losses import DataError, OutputModel, apply_factor
 from ..params import LayerCollection
-from .finite import check_statistics
+from .finite import all_finite, check_statistics
 from .precision import accumulation_dtype
 from .streaming import stream_columns
 
@@ -167,7 +167,7 @@ def batch_labels(batch: tuple):
 def _check_model_output(om: OutputModel, out, n_output) -> None:
     if not torch.is_tensor(out):
         raise UnsupportedError(f"the model returned {type(out).__name__}; use function=...")
-    if not torch.isfinite(out).all():
+    if not all_finite(out):
         raise NonFiniteError("the model output contains NaN or inf")
     om.check_output(out, n_output)
 

@@ -26,7 +26,7 @@ _FIX = (
 )
 
 
-def _finite(t) -> bool:
+def all_finite(t) -> bool:
     """Whether every entry of ``t`` is finite.
 
     A finite sum proves it: an inf or NaN entry makes any sum inf or NaN, never finite (IEEE
@@ -48,7 +48,7 @@ def _all_finite(value) -> bool:
         return all(_all_finite(v) for v in value.values())
     if isinstance(value, list | tuple):
         return all(_all_finite(v) for v in value)
-    return _finite(value)
+    return all_finite(value)
 
 
 def layers_of_rows(bad_rows: torch.Tensor, lc: LayerCollection) -> list[str]:
@@ -66,7 +66,7 @@ def nonfinite_layers(value, lc: LayerCollection) -> list[str] | None:
     if isinstance(value, Mapping) and set(value) <= set(lc.layers):
         return [lid for lid, v in value.items() if not _all_finite(v)]
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == lc.numel():
-        if _finite(value):
+        if all_finite(value):
             return []
         if value.dim() == 2 and value.shape[1] == value.shape[0]:
             # a (P, P) matrix: a NaN gradient of one layer spreads to the rows of every layer it is
@@ -95,7 +95,7 @@ def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvatu
 def check_product(result: torch.Tensor, v: torch.Tensor, lc: LayerCollection, what: str) -> None:
     """Raise NonFiniteError if a product M V of finite V is not finite, naming the layers of the
     non-finite rows (``result`` of shape (P, k))."""
-    if _finite(result) or not _finite(v):
+    if all_finite(result) or not all_finite(v):
         return
     bad = ~torch.isfinite(result.reshape(result.shape[0], -1)).all(1)
     raise_nonfinite(layers_of_rows(bad.nonzero().reshape(-1), lc), what)
