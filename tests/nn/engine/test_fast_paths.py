@@ -161,6 +161,14 @@ def test_monte_carlo_diag_and_kfac_reproducible_after_the_sampler_change():
         torch.testing.assert_close(runs[0], runs[1])
 
 
+def _fisher_diagonal(model, x):
+    """Σ_n diag(J_nᵀ H_n J_n) / N of classif_logits by torch.func (H_n = diag(p) − ppᵀ)."""
+    j = gt.jacobian(model, x)  # (N, C, P)
+    p = torch.softmax(model(x).detach(), 1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+
+
 def test_exact_diagonal_with_large_columns_above_the_dense_limit():
     # one-position layers whose per-column cotangents have ≥ _SQUARE_LOOP entries (B · d_out =
     # 128 · 128): their Σ_k g² is added column by column; 19 204 parameters (above the compile
@@ -170,10 +178,7 @@ def test_exact_diagonal_with_large_columns_above_the_dense_limit():
         nn.Linear(16, 128), nn.ReLU(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 4)
     ).double()
     x = torch.randn(128, 16, dtype=torch.float64)
-    j = gt.jacobian(model, x)  # (N, C, P)
-    p = torch.softmax(model(x).detach(), 1)
-    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    truth = _fisher_diagonal(model, x)
     assert truth.numel() > 3000
     F = FIM(model, loader_of(x, sizes=(128,)), PMatDiag, progress=False)
     torch.testing.assert_close(F.get_diag(), truth)
@@ -217,10 +222,7 @@ def test_exact_diagonal_of_a_cnn_above_the_dense_limit():
         nn.Linear(32 * 4 * 4, 4),
     ).double()  # fmt: skip
     x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
-    j = gt.jacobian(model, x)  # (N, C, P)
-    p = torch.softmax(model(x).detach(), 1)
-    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    truth = _fisher_diagonal(model, x)
     assert truth.numel() > 3000
     F = FIM(model, loader_of(x, sizes=(10, 6)), PMatDiag, progress=False)
     torch.testing.assert_close(F.get_diag(), truth)
@@ -237,10 +239,7 @@ def test_diagonal_layers_are_slices_of_one_buffer():
         nn.Linear(48, 8), nn.Tanh(), nn.Linear(8, 3, bias=False),
     ).double()  # fmt: skip
     x = torch.randn(11, 2, 6, 6, dtype=torch.float64)
-    j = gt.jacobian(model, x)  # (N, C, P)
-    p = torch.softmax(model(x).detach(), 1)
-    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    truth = torch.einsum("ncp,ncd,ndp->p", j, h, j) / x.shape[0]
+    truth = _fisher_diagonal(model, x)
     loader = loader_of(x, sizes=(4, 5))
     F = FIM(model, loader, PMatDiag, progress=False)
     torch.testing.assert_close(F.get_diag(), truth)
