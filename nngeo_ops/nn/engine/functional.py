@@ -18,6 +18,7 @@ for a module registered under several names or a parameter shared by several mod
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -29,6 +30,7 @@ from ...errors import UnsupportedError
 from ..layers.generic import call_with, tied_locations
 from ..params import LayerCollection
 from .dual import dual_forward
+from .saved import unread_saves
 
 
 def model_device(model):
@@ -268,9 +270,12 @@ class Linearised:
                 u0 = torch.zeros_like(out)
             if out.requires_grad:
                 self.u = u0.detach().requires_grad_(True)
+                trusted = self._trusted_graph()
                 try:
-                    (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
-                    self.double = self._trusted_graph() or self._adjoint_test()
+                    # torch's formulas alone: the cotangents the backward saves are not kept
+                    with unread_saves(self.u) if trusted else contextlib.nullcontext():
+                        (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
+                    self.double = trusted or self._adjoint_test()
                 except (RuntimeError, NotImplementedError):
                     self.double = False
                 if first is not None:

@@ -1,0 +1,75 @@
+"""What the graph of u ↦ Jᵀu of a cached linearisation saves: only what its J V pass reads.
+
+:class:`~nngeo_ops.nn.engine.functional.Linearised` keeps, per batch, the forward graph (for Jᵀ U)
+and the graph of u ↦ Jᵀu built by a backward with ``create_graph`` (for J V: a backward through it
+to the leaf u). torch records that backward as if every second derivative might be asked for: a
+node of it saves each operand that another operand's derivative reads. The J V pass differentiates
+with respect to u alone, and Jᵀu is linear in u. So a tensor that the backward saves and that
+depends on u (a cotangent) is read only by the derivative with respect to an operand that does not
+depend on u — were both u-dependent, the node's output would be quadratic in u — and the J V pass
+never asks for that derivative. :func:`unread_saves` keeps such a tensor's shape alone. On the
+benchmark CNN these are the ReLU-masked output cotangents of the two convolutions, 8 + 4 MiB
+(``convolution_backward``'s double-backward node saves the output cotangent for the derivatives
+with respect to the input and the weight), which the cache held next to the forward graph's 21 MiB.
+
+This rests on the backward being made of torch's own derivative formulas (linear in the
+cotangents, every operand saved through ``SavedVariable``): the caller applies it to such graphs
+only (:meth:`~nngeo_ops.nn.engine.functional.Linearised._trusted_graph`). The values computed are
+those without the hooks; only what is stored changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+
+class _Unread:
+    """What stands in for a saved cotangent the J V pass does not read: its metadata."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, t):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+
+def unread_saves(u: torch.Tensor):
+    """Saved-tensor hooks of the backward building u ↦ Jᵀu (``u`` the leaf): a saved tensor whose
+    history reaches ``u`` is replaced by its metadata, and unpacked as an uninitialised tensor of
+    its shape (untouched pages: no resident memory), which only derivatives that the J V pass
+    does not ask for read (torch's ``convolution`` double backward computes its input and weight
+    terms whether asked or not; they go nowhere)."""
+    reaches: dict = {}
+
+    def depends_on_u(fn) -> bool:
+        # an iterative walk over the history, memoised over every tensor saved by this backward
+        stack = [fn]
+        while stack:
+            node = stack[-1]
+            if node in reaches:
+                stack.pop()
+                continue
+            if getattr(node, "variable", None) is u:
+                reaches[node] = True
+                stack.pop()
+                continue
+            nxt = [f for f, _ in node.next_functions if f is not None]
+            todo = [f for f in nxt if f not in reaches]
+            if todo:
+                stack.extend(todo)
+                continue
+            reaches[node] = any(reaches[f] for f in nxt)
+            stack.pop()
+        return reaches[fn]
+
+    def pack(t):
+        if t is u or (t.grad_fn is not None and depends_on_u(t.grad_fn)):
+            return _Unread(t)
+        return t
+
+    def unpack(packed):
+        if isinstance(packed, _Unread):
+            return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+        return packed
+
+    return saved_tensors_hooks(pack, unpack)
