@@ -51,7 +51,7 @@ class _ZeroPages:
         return meta
 
     def __call__(self, meta: _Unread) -> torch.Tensor:
-        if meta.device.type != "cpu":
+        if meta.device.type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):  # (Windows)
             return torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
         nbytes = math.prod(meta.shape) * meta.dtype.itemsize
         if self.buf is None or self.buf.numel() < nbytes:
@@ -60,17 +60,34 @@ class _ZeroPages:
             self.buf = torch.frombuffer(pages, dtype=torch.uint8)
         return self.buf[:nbytes].view(meta.dtype).view(meta.shape)
 
+    def unpack(self, packed):
+        """The saved tensor, or zeros for a dropped one."""
+        return self(packed) if isinstance(packed, _Unread) else packed
 
-def unread_saves(u: torch.Tensor):
+
+class unread_saves(saved_tensors_hooks):  # noqa: N801 (a context manager, named as torch's)
     """Saved-tensor hooks of the backward building u ↦ Jᵀu (``u`` the leaf): a saved tensor whose
     history reaches ``u`` is replaced by its metadata, and unpacked as zeros of its shape that
     take no memory (:class:`_ZeroPages`), which only derivatives that the J V pass does not ask
     for read (torch's ``convolution`` double backward computes its input and weight terms whether
-    asked or not; they go nowhere)."""
-    reaches: dict = {}
+    asked or not; they go nowhere).
 
-    def depends_on_u(fn) -> bool:
+    The memo of the walk (autograd nodes) and ``u`` are dropped on exit: the graph's saved
+    variables keep the hooks, and a hook holding the graph's nodes would make a reference cycle
+    through C++ that Python's collector does not see (the cached graphs would never be freed).
+    """
+
+    def __init__(self, u: torch.Tensor):
+        self._u, self._reaches, self._zeros = u, {}, _ZeroPages()
+        super().__init__(self._pack, self._zeros.unpack)
+
+    def __exit__(self, *exc):
+        self._u, self._reaches = None, None
+        return super().__exit__(*exc)
+
+    def _depends_on_u(self, fn) -> bool:
         # an iterative walk over the history, memoised over every tensor saved by this backward
+        reaches, u = self._reaches, self._u
         stack = [fn]
         while stack:
             node = stack[-1]
@@ -90,16 +107,7 @@ def unread_saves(u: torch.Tensor):
             stack.pop()
         return reaches[fn]
 
-    zeros = _ZeroPages()
-
-    def pack(t):
-        if t is u or (t.grad_fn is not None and depends_on_u(t.grad_fn)):
-            return zeros.reserve(_Unread(t))
+    def _pack(self, t):
+        if t is self._u or (t.grad_fn is not None and self._depends_on_u(t.grad_fn)):
+            return self._zeros.reserve(_Unread(t))
         return t
-
-    def unpack(packed):
-        if isinstance(packed, _Unread):
-            return zeros(packed)
-        return packed
-
-    return saved_tensors_hooks(pack, unpack)

@@ -4,6 +4,8 @@ models whose double-backward nodes save cotangents (convolutions, attention, nor
 and above ``CompilePolicy.dense_limit``."""
 
 import functools
+import gc
+import weakref
 
 import groundtruth as gt
 import pytest
@@ -126,3 +128,28 @@ def test_cached_products(wide):
         torch.testing.assert_close(cached.op @ v[:, 0], truth @ v[:, 0])  # builds the cache
         torch.testing.assert_close(cached.op @ v, truth @ v)  # through the kept graphs
         torch.testing.assert_close(cached.op @ v[:, 1], truth @ v[:, 1])
+
+
+def test_cached_graphs_are_freed(monkeypatch):
+    # the hooks stay with the graph's saved variables: they must not hold its nodes (a cycle
+    # through C++ that the collector cannot see would keep every cached graph alive)
+    import nngeo_ops.nn.engine.functional as fx
+
+    made = []
+
+    def recorded(u):
+        hooks = unread_saves(u)
+        made.append(weakref.ref(hooks))
+        return hooks
+
+    monkeypatch.setattr(fx, "unread_saves", recorded)
+    model, x = _models(False)[0]
+    cached = FIM(model, loader_of(x, sizes=(4, 3)), CACHED, progress=False)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    cached.op @ v[:, 0]
+    cached.op @ v
+    gc.collect()
+    assert len(made) == 2 and all(r() is not None for r in made)  # held by the cached graphs
+    del cached
+    gc.collect()
+    assert all(r() is None for r in made)
