@@ -225,7 +225,8 @@ class Linearised:
     with ``loss`` the graph of the gradient of the batch's loss is kept instead, and the products are
     Hessian-vector products (reverse over reverse). Where an operator of the model has no double
     backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
-    Memory: the activations of the batch and of its backward pass, as long as the object lives.
+    Memory: the activations of the batch, as long as the object lives; of its backward pass, only
+    what J V reads (no saved cotangent where the graph is torch's own formulas: :mod:`.saved`).
 
     ``first`` (GGN / Fisher, one column (P, 1)): the linearisation also computes the batch's product
     with it, at the cost of one uncached product, kept in ``self.first``. The forward pass carries
