@@ -223,11 +223,15 @@ class KFACAcc:
 
     # G, the bias blocks and the elementwise blocks are sums over the K columns and A is read from
     # the inputs: Capture.run may hand the columns one at a time, a layer at a time (A taken at the
-    # first column only)
+    # last column only)
     column_wise = True
 
     def update(self, ctx):
-        inputs = ctx.first_column  # A and the row counts: once per batch
+        # A and the row counts: once per batch, at its last column, whose backward frees the saved
+        # tensors of the graph as it goes (the earlier ones retain it): what A's work allocates
+        # (a dense layer's kept rows, a convolution's patch chunks) is then not held through the
+        # earlier columns' backward peaks (benchmark CNN, exact KFAC: 38.1 -> 37.1 MiB allocated)
+        inputs = ctx.last_column
         for lid in ctx.select(self.layer_ids):
             if not ctx.is_kron(lid):
                 self._update_elementwise(ctx, lid)
@@ -247,7 +251,7 @@ class KFACAcc:
                 ones = rule.order == "ga" and getattr(module, "bias", None) is not None
                 rows = []
                 for c in user.calls:
-                    if not inputs:  # a later column: the cotangent rows only
+                    if not inputs:  # an earlier column: the cotangent rows only
                         rows.append((None, 0, 0, rule.kfac_grad_rows(module, c.args[0], c.grad)))
                         continue
                     moment = None

@@ -560,7 +560,7 @@ class BatchContext:
         self.k = k
         self.count = count
         # None: the K columns at once; j: column j alone (k = 1) of ``columns``, streamed by
-        # Capture.process, so that statistics of the inputs alone are taken at column 0 only
+        # Capture.process, so that statistics of the inputs alone are taken at one column only
         self.column = column
         self.columns = columns
         # None: every layer; a layer id: only that layer's cotangents are there (streamed)
@@ -573,8 +573,9 @@ class BatchContext:
 
     @property
     def first_column(self) -> bool:
-        """Whether statistics of the inputs alone (KFAC's input factor, row counts) are taken from
-        this context: the whole batch, or the first of its streamed columns (once per batch)."""
+        """Whether this context is the whole batch or the first of its streamed columns (EKFAC's
+        refit projects the inputs there, once per batch; KFAC takes its input factor at the
+        :attr:`last_column`)."""
         return self.column is None or self.column == 0
 
     @property

@@ -18,6 +18,7 @@ for a module registered under several names or a parameter shared by several mod
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -30,6 +31,7 @@ from ..layers.generic import call_with, tied_locations
 from ..losses import apply_factor
 from ..params import LayerCollection
 from .dual import dual_forward
+from .saved import unread_saves
 
 
 def model_device(model):
@@ -230,7 +232,8 @@ class Linearised:
     with ``loss`` the graph of the gradient of the batch's loss is kept instead, and the products are
     Hessian-vector products (reverse over reverse). Where an operator of the model has no double
     backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
-    Memory: the activations of the batch and of its backward pass, as long as the object lives.
+    Memory: the activations of the batch, as long as the object lives; of its backward pass, only
+    what J V reads (no saved cotangent where the graph is torch's own formulas: :mod:`.saved`).
 
     ``first`` (GGN / Fisher, one column (P, 1)): the linearisation also computes the batch's product
     with it, at the cost of one uncached product, kept in ``self.first``. The forward pass carries
@@ -275,9 +278,12 @@ class Linearised:
                 u0 = torch.zeros_like(out)
             if out.requires_grad:
                 self.u = u0.detach().requires_grad_(True)
+                trusted = self._trusted_graph()
                 try:
-                    (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
-                    self.double = self._trusted_graph() or self._adjoint_test()
+                    # torch's formulas alone: the cotangents the backward saves are not kept
+                    with unread_saves(self.u) if trusted else contextlib.nullcontext():
+                        (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
+                    self.double = trusted or self._adjoint_test()
                 except (RuntimeError, NotImplementedError):
                     self.double = False
                 if first is not None:

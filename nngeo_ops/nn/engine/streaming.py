@@ -23,7 +23,7 @@ Per column, ``pending[lid]`` counts the calls of layer ``lid`` whose cotangent h
 ``left[call]`` the layers of a call not yet consumed. A call whose output this column does not reach
 (its hook does not fire) gets a zero cotangent after the backward, and its layers are consumed then.
 The statistics are those of :meth:`Capture.process` without ``consume``: each accumulator that
-streams (``column_wise``) sums over the columns and reads the inputs at the first one.
+streams (``column_wise``) sums over the columns and reads the inputs at one of them (KFAC: the last).
 """
 
 from __future__ import annotations

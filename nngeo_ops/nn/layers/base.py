@@ -127,8 +127,8 @@ class KronRule(Rule):
         return ar.reshape(-1, ar.shape[-1]), ar.shape[0], ar.shape[1], gr
 
     def kfac_grad_rows(self, module, a, g):
-        """The G rows (K, B, R, dG) of :meth:`kfac_rows` alone, for the later columns of a batch
-        streamed one column at a time (A was taken at the first). The default takes them from
+        """The G rows (K, B, R, dG) of :meth:`kfac_rows` alone, for the columns of a batch
+        streamed one column at a time other than the one A is taken at (the last). The default takes them from
         :meth:`kfac_rows`; a kind may skip its A side (convolutions: no patches)."""
         return self.kfac_rows(module, a, g)[3]
 

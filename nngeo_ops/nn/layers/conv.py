@@ -224,6 +224,7 @@ class ExampleGrads:
             grads = self.of_chunk(i, i + step)
             for kk in range(g.shape[0]):
                 yield kk, slice(i, i + step), grads(g[kk, i : i + step])
+            del grads  # this chunk's patches go before the next chunk's are built
 
     def of_chunk(self, lo: int, hi: int):
         """A function of one column's cotangents ``g[lo:hi]`` (B_c, C_out, …) for examples lo:hi."""
@@ -268,6 +269,7 @@ def conv_patch_gram(module: nn.Module, a: torch.Tensor, ones: bool) -> tuple[tor
         if ones:
             ps = p.sum(1)
             s = ps if s is None else s.add_(ps)
+        del p  # before the next chunk's patches are built: one chunk alive at a time
     if ones:
         full = acc.new_empty(d + 1, d + 1)
         full[:d, :d] = acc

@@ -81,8 +81,9 @@ class ImplicitProducts:
     reverse graph and the graph of Jᵀu, or the graph of the loss gradient for the Hessian); every
     later product is then two backward passes per batch over the kept graphs — the operator is
     applied many times by CG, Lanczos or Hutchinson, and this is where the time goes. The cache
-    holds the activations of every batch (memory like keeping the whole loader's forward and
-    backward graphs) and is freed by :meth:`clear`.
+    holds the activations of every batch (memory like keeping the whole loader's forward graphs;
+    of the backward graphs only what J V reads, see :mod:`~nngeo_ops.nn.engine.saved`) and is
+    freed by :meth:`clear`.
 
     The parameters are those at construction (``self.fm`` keeps a copy). For the Monte-Carlo Fisher
     the labels are redrawn at each product from a generator re-seeded with the same seed (drawn
