@@ -90,10 +90,17 @@ class FlatModel:
         return torch.cat(parts).to(model_device(model)) if any_pad else None
 
     def __call__(self, flat, batch):
+        return self.call(self.params(flat), batch)
+
+    def params(self, flat) -> dict:
+        """``{name: view of flat}``, the covered parameters as slices of ``flat``."""
         # split, not slicing: the backward of one split is one concatenation, while each slice's
         # backward would write its gradient into a fresh zero tensor of the full size P
         parts = flat.split(self.numels)
-        params = {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
+        return {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
+
+    def call(self, params: dict, batch):
+        """The outputs with the covered parameters replaced by ``params`` (from :meth:`params`)."""
         try:
             return call_with(self.wrapper, params, batch, locations=self.locations)
         except RuntimeError as err:
