@@ -235,7 +235,8 @@ class Linearised:
     * Jᵀ U  = a backward through the forward graph,
 
     each about the cost of one backward pass, with no forward pass per product. With ``factor`` the
-    output-space factor L of the batch is kept too (GGN / Fisher; Monte-Carlo labels are drawn once);
+    output-space factor L of the batch is kept too (GGN / Fisher; Monte-Carlo labels are drawn once;
+    a factor object with ``closed_form`` is applied in closed form at each product instead);
     with ``loss`` the graph of the gradient of the batch's loss is kept instead, and the products are
     Hessian-vector products (reverse over reverse). Where an operator of the model has no double
     backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
@@ -275,14 +276,17 @@ class Linearised:
                     out, first = None, None
             if out is None:
                 out = fm(w, batch)
-            self.lmat, self.count = factor(out.detach(), batch)
             self.out, self.jtu = out, None
+            # a factor with a closed form (the exact kind) is applied by it at every product, from
+            # the outputs; otherwise L is formed once (Monte-Carlo labels are drawn once)
+            self.factor = factor if getattr(factor, "closed_form", False) else None
+            if self.factor is None:
+                self.lmat, self.count = factor(out.detach(), batch)
+            jv = torch.zeros_like(out) if jv is None else jv.detach()
+            u0, self.count = self._output_product(jv.unsqueeze(0))
+            u0 = u0[0]
             if first is not None:
-                jv = torch.zeros_like(out) if jv is None else jv.detach()
-                u0 = apply_output_factor(self.lmat, jv.unsqueeze(0))[0]
                 self.first = torch.zeros_like(first)
-            else:
-                u0 = torch.zeros_like(out)
             if out.requires_grad:
                 self.u = u0.detach().requires_grad_(True)
                 trusted = self._trusted_graph()
@@ -386,8 +390,15 @@ class Linearised:
         if jv is None:
             f = lambda w: self.fm(w, self.batch)  # noqa: E731
             jv = vmap(lambda col: jvp(f, (self.fm.flat0,), (col,))[1])(vt)
-        u = apply_output_factor(self.lmat, jv)
+        u = self._output_product(jv)[0]
         return batched_grad(self.out, self.w, u, create_graph).T
+
+    def _output_product(self, jv):
+        """``(L Lᵀ J V, count)`` for J V of shape (k, B, *out): by the factor's closed form, or
+        with the L formed at the linearisation."""
+        if self.factor is not None:
+            return self.factor.apply(self.out.detach(), self.batch, jv)
+        return apply_output_factor(self.lmat, jv), self.count
 
 
 def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor, fallback: bool = True):

@@ -58,6 +58,8 @@ class _OutputCurvature:
 
     def __init__(self, gen, rng):
         self.gen, self.rng = gen, rng
+        # apply() draws nothing and forms no L: a cache may call it at every product
+        self.closed_form = gen.kind == "exact"
 
     def __call__(self, out, batch):
         gen = self.gen

@@ -52,6 +52,33 @@ def test_cached_ggn_and_hessian(loss_fn):
     assert not H.op.psd
 
 
+@pytest.mark.parametrize(
+    "loss_fn", [nn.CrossEntropyLoss(ignore_index=1), nn.MSELoss(), nn.BCEWithLogitsLoss()]
+)
+def test_cached_ggn_output_curvature_in_closed_form(loss_fn):
+    # the exact kind's output curvature is applied in closed form at every cached product (the
+    # first one, fused with the linearisation, and the later ones): ignored labels masked, a
+    # squared error and sigmoid outputs, against torch.func's GGN
+    model, x = make("mlp")
+    g = torch.Generator().manual_seed(0)
+    out = model(x)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        y = (torch.rand(out.shape, generator=g) > 0.5).to(torch.float64)
+    elif isinstance(loss_fn, nn.MSELoss):
+        y = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    else:
+        y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    loader = loader_of(x, y, sizes=(2,))
+    n = sum(p.numel() for p in model.parameters())
+    v = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ggn = gt.ggn(model, x, y, loss_fn)
+    G = GGN(model, loader, loss_fn, CACHED, progress=False)
+    torch.testing.assert_close(G.op @ v[:, 0], ggn @ v[:, 0])  # first: fused
+    torch.testing.assert_close(G.op @ v, ggn @ v)
+    plain = GGN(model, loader, loss_fn, PMatImplicit, progress=False)
+    torch.testing.assert_close(plain.op @ v[:, 1], ggn @ v[:, 1])
+
+
 @pytest.mark.mutates_model  # changes the parameters to check the snapshot
 @pytest.mark.parametrize("rep", [PMatImplicit, CACHED], ids=["plain", "cached"])
 def test_operator_is_the_curvature_at_construction(rep):
