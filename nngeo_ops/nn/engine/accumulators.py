@@ -155,6 +155,11 @@ class DiagAcc:
             and all(self.value[i] is self._slots[i] for i in self.layer_ids)
         )
 
+    def flat(self) -> torch.Tensor | None:
+        """The ``(P,)`` buffer whose slices are every layer's value, or None when some layer's
+        value is not in it."""
+        return self._flat if self._complete() else None
+
     def concatenated(self) -> torch.Tensor:
         """The diagonal ``(P,)``: the values of ``layer_ids`` joined in that order (the buffer
         itself when every layer was written into its slice)."""

@@ -87,6 +87,10 @@ def raise_nonfinite(layers: list[str] | None, what: str) -> None:
 def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvature") -> None:
     """Raise NonFiniteError naming the layers if a finalised accumulator holds NaN or inf."""
     for acc in accumulators:
+        flat = getattr(acc, "flat", None)  # a statistic held in one buffer: one reduction
+        whole = flat() if flat is not None else None
+        if whole is not None and all_finite(whole):
+            continue
         layers = nonfinite_layers(getattr(acc, "value", None), lc)
         if layers != []:
             raise_nonfinite(layers, f"{what} ({type(acc).__name__})")
