@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nngeo_ops.ops import (
@@ -431,3 +432,27 @@ class TestAppendColumnCongruence(OperatorSuite):
         Pd = P.to_dense()
         op = P.T @ Kronecker(Dense(G, psd=True), Dense(A, psd=True)) @ P + 0.1 * Identity(8)
         return op, Pd.mT @ torch.kron(G, A) @ Pd + 0.1 * torch.eye(8, dtype=G.dtype)
+
+
+@pytest.mark.parametrize("shift", ["scalar", "diagonal"])
+def test_dense_absorbs_a_shift_into_a_copy_with_gradients(shift):
+    # Dense(M) + c·I (or + diag(d)) is rewritten to one dense matrix: a copy of M with the shift
+    # added to its diagonal; M itself is left as it was, and gradients reach c (or d)
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(6, 6, dtype=torch.float64, generator=g)
+    M = R @ R.T
+    M0 = M.clone()
+    if shift == "scalar":
+        c = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        op, dense = Dense(M, psd=True) + c * Identity(6), M + c * torch.eye(6, dtype=torch.float64)
+        leaf = c
+    else:
+        d = torch.rand(6, dtype=torch.float64, generator=g).add_(0.1).requires_grad_(True)
+        op, dense = Dense(M, psd=True) + Diagonal(d), M + torch.diag(d)
+        leaf = d
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(op.solve(b), torch.linalg.solve(dense, b))
+    got = torch.autograd.grad(op.logdet(), leaf)[0]
+    want = torch.autograd.grad(torch.logdet(dense), leaf)[0]
+    torch.testing.assert_close(got, want)
+    assert torch.equal(M, M0)
