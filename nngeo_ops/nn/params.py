@@ -49,6 +49,10 @@ class LayerEntry:
     def numel(self) -> int:
         return sum(self.numels)
 
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The layer's ``(numel,)`` flat vector as views shaped like its parameters, in flat order."""
+        return tuple(t.view(s) for t, s in zip(flat.split(self.numels), self.shapes))
+
     @property
     def param_names(self) -> tuple[str, ...]:
         pre = self.module_name + "." if self.module_name else ""
@@ -337,11 +341,7 @@ class PVector:
             return self.dict_repr[layer_id]
         entry = self.layer_collection.layers[layer_id]
         start = self.layer_collection.p_pos[layer_id]
-        out = []
-        for n, s in zip(entry.numels, entry.shapes):
-            out.append(self.vector_repr[start : start + n].view(s))
-            start += n
-        return tuple(out)
+        return entry.views(self.vector_repr[start : start + entry.numel()])
 
     __getitem__ = to_torch_layer
 

@@ -654,12 +654,7 @@ class BatchContext:
             pieces = None
             if out is not None:
                 entry = self.cap.lc.layers[lid]
-                pieces = dict(
-                    zip(
-                        entry.attrs,
-                        (p.view(s) for p, s in zip(out.split(entry.numels), entry.shapes)),
-                    )
-                )
+                pieces = dict(zip(entry.attrs, entry.views(out)))
             d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces)
             if d is not None:
                 if pieces is None:
