@@ -116,9 +116,6 @@ class FlatModel:
             ) from None
 
 
-apply_output_factor = apply_factor  # (L Lᵀ) applied per example (nngeo_ops.nn.losses)
-
-
 def _output_product(factor, out, batch, jv):
     """``(L Lᵀ J V, count)`` for J V of shape (k, B, *out): by ``factor.apply`` where the factor
     object has one (the output model's closed form), else from the factor L."""
@@ -126,7 +123,7 @@ def _output_product(factor, out, batch, jv):
     if apply is not None:
         return apply(out, batch, jv)
     lmat, count = factor(out, batch)
-    return apply_output_factor(lmat, jv), count
+    return apply_factor(lmat, jv), count
 
 
 def batched_grad(outputs, inputs, cotangents, create_graph=False):
@@ -398,7 +395,7 @@ class Linearised:
         with the L formed at the linearisation."""
         if self.factor is not None:
             return self.factor.apply(self.out.detach(), self.batch, jv)
-        return apply_output_factor(self.lmat, jv), self.count
+        return apply_factor(self.lmat, jv), self.count
 
 
 def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor, fallback: bool = True):

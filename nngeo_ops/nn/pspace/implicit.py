@@ -232,9 +232,9 @@ class OutputCurvature(MatFree):
             with torch.no_grad():
                 out = prod.fm(prod.fm.flat0, batch)
             b = out.shape[0]
-            lmat, count = factor(out, batch)
             ub = u3[:, start : start + b, :].permute(2, 1, 0).reshape(k, *out.shape)
-            parts.append(fx.apply_output_factor(lmat, ub).reshape(k, b, c))
+            hub, count = factor.apply(out, batch, ub)  # the closed form where there is one
+            parts.append(hub.reshape(k, b, c))
             start, total, nb = start + b, total + count, nb + 1
         hu = torch.cat(parts, dim=1) * gen._finish(total, nb)  # (k, N, C)
         return hu.permute(2, 1, 0).reshape(c * n, k)
