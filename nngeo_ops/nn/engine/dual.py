@@ -55,10 +55,6 @@ def _split(t):
     return (None, None) if t is None else tuple(fwAD.unpack_dual(t))
 
 
-def _tangent_of(t):
-    return fwAD.unpack_dual(t).tangent if torch.is_tensor(t) else None
-
-
 class DataTangentMode(TorchFunctionMode):
     """Inside a ``fwAD.dual_level``: ``linear`` / ``conv*d`` with a tangent-free input compute only the
     parameters' tangent; with ``off_graph`` (the tangents need not be differentiable), ``linear`` /
