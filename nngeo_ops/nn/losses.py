@@ -113,13 +113,23 @@ def apply_factor(lmat: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.einsum(coef, [0, j, 1], lmat, [0, 1, *dims], [j, 1, *dims])
 
 
-def softmax_hessian_apply(logits: torch.Tensor, u: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``(diag(p) − ppᵀ) u`` at every position, p the softmax of ``logits`` (B, …) over ``dim``, for
-    ``u`` of shape (k, B, …): ``p ⊙ u − p · Σ_dim (p ⊙ u)``. The product of :func:`softmax_factor`
-    L with Lᵀ u, without forming L (three elementwise passes instead of the factor's dozen)."""
+def softmax_hessian(logits: torch.Tensor, dim: int = 1):
+    """``u ↦ (diag(p) − ppᵀ) u`` at every position, p the softmax of ``logits`` (B, …) over ``dim``
+    (computed here, once), for ``u`` of shape (k, B, …): ``p ⊙ u − p · Σ_dim (p ⊙ u)``. The product
+    of :func:`softmax_factor` L with Lᵀ u, without forming L (three elementwise passes instead of
+    the factor's dozen)."""
     p = torch.softmax(logits.detach(), dim=dim)
-    pu = p * u
-    return pu - p * pu.sum(dim + 1, keepdim=True)
+
+    def h(u):
+        pu = p * u
+        return pu - p * pu.sum(dim + 1, keepdim=True)
+
+    return h
+
+
+def _scaling(w: torch.Tensor):
+    """``u ↦ w ⊙ u``: a diagonal output Hessian of entries ``w`` (B, …)."""
+    return lambda u: w * u
 
 
 def _per_draw(cols: torch.Tensor, trials: int) -> torch.Tensor:
@@ -211,13 +221,19 @@ class OutputModel:
     def exact(self, out, y):
         raise NotImplementedError
 
-    def exact_apply(self, out, y, u: torch.Tensor):
-        """``(L Lᵀ u, count)`` for the factor ``(L, count)`` of :meth:`exact`, ``u`` of shape
-        (k, *out.shape): the output Hessian of each example applied to its rows of ``u`` (what the
-        implicit GGN product needs). Output models with a closed form override it; the default
-        forms L."""
+    def exact_hessian(self, out, y):
+        """``(h, count)`` for the factor ``(L, count)`` of :meth:`exact`: ``h(u) = L Lᵀ u`` for ``u``
+        of shape (k, *out.shape), the output Hessian of each example applied to its rows of ``u``
+        (what the implicit GGN products need), with what it reads of ``out`` and ``y`` (a softmax,
+        a mask of ignored labels) computed here, once. Output models with a closed form override
+        it; the default forms L."""
         lmat, count = self.exact(out, y)
-        return apply_factor(lmat, u.to(lmat.dtype)), count
+        return (lambda u: apply_factor(lmat, u.to(lmat.dtype))), count
+
+    def exact_apply(self, out, y, u: torch.Tensor):
+        """``(L Lᵀ u, count)``: :meth:`exact_hessian` applied to ``u``."""
+        h, count = self.exact_hessian(out, y)
+        return h(u), count
 
     def scale(self, total: int, n_examples: int) -> float:
         """The normalisation of a whole pass: 1/total for ``mean`` (total = the summed counts of
@@ -262,8 +278,8 @@ class ClassifLogits(OutputModel):
     def exact(self, out, y):
         return softmax_factor(out), out.shape[0]
 
-    def exact_apply(self, out, y, u):
-        return softmax_hessian_apply(out, u), out.shape[0]
+    def exact_hessian(self, out, y):
+        return softmax_hessian(out), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
         p = torch.softmax(out.detach(), dim=1)
@@ -289,8 +305,8 @@ class ClassifLogSoftmax(ClassifLogits):
     def exact(self, out, y):
         return diag_factor(out.detach().exp()), out.shape[0]
 
-    def exact_apply(self, out, y, u):
-        return out.detach().exp() * u, out.shape[0]
+    def exact_hessian(self, out, y):
+        return _scaling(out.detach().exp()), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
         p = out.detach().exp()
@@ -312,9 +328,9 @@ class ClassifBinaryLogits(OutputModel):
         p = torch.sigmoid(out.detach())
         return diag_factor(p * (1 - p)), out.shape[0]
 
-    def exact_apply(self, out, y, u):
+    def exact_hessian(self, out, y):
         p = torch.sigmoid(out.detach())
-        return p * (1 - p) * u, out.shape[0]
+        return _scaling(p * (1 - p)), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
         p = torch.sigmoid(out.detach())
@@ -400,12 +416,13 @@ class Regression(OutputModel):
         r = self.precision_root(e, out.dtype, out.device)
         return r.T[:, None, :].expand(e, b, e).reshape(e, *out.shape), b
 
-    def exact_apply(self, out, y, u):
+    def exact_hessian(self, out, y):
         if self.covariance is None:  # Σ⁻¹ = I
-            return u.clone(), out.shape[0]
+            return (lambda u: u.clone()), out.shape[0]
         b, e = out.shape[0], out[0].numel()
         r = self.precision_root(e, out.dtype, out.device)
-        return (u.reshape(-1, b, e) @ (r @ r.T)).reshape(u.shape), b
+        prec = r @ r.T
+        return (lambda u: (u.reshape(-1, b, e) @ prec).reshape(u.shape)), b
 
     def sample(self, out, y, trials, rng=None):
         b, e = out.shape[0], out[0].numel()
@@ -434,8 +451,8 @@ class SegmentationLogits(OutputModel):
     def exact(self, out, y):
         return softmax_factor(out), out.shape[0]
 
-    def exact_apply(self, out, y, u):
-        return softmax_hessian_apply(out, u), out.shape[0]
+    def exact_hessian(self, out, y):
+        return softmax_hessian(out), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
         b, c = out.shape[:2]
@@ -477,8 +494,8 @@ class SequenceLogits(SegmentationLogits):
         L, n = super().exact(out.movedim(-1, 1), y)
         return L.movedim(2, -1), n
 
-    def exact_apply(self, out, y, u):
-        return softmax_hessian_apply(out, u, dim=out.dim() - 1), out.shape[0]
+    def exact_hessian(self, out, y):
+        return softmax_hessian(out, dim=out.dim() - 1), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
         L, n = super().sample(out.movedim(-1, 1), y, trials, rng)
@@ -561,15 +578,21 @@ class CrossEntropyGGN(LossOutputModel):
     def _factor(self, out):
         return softmax_factor(out)
 
-    def exact_apply(self, out, y, u):
+    def exact_hessian(self, out, y):
         mask, count = self._mask(out, y)
-        hu = self._hessian_apply(out, u)
-        if mask is not None:  # (B, *S) over the rows (k, B, C, *S)
-            hu = hu * mask.unsqueeze(1).to(hu.dtype)
-        return hu, count
+        h = self._hessian(out)
+        if mask is None:
+            return h, count
+        m = mask.unsqueeze(1)  # (B, *S) over the rows (k, B, C, *S)
 
-    def _hessian_apply(self, out, u):
-        return softmax_hessian_apply(out, u)
+        def masked(u):
+            hu = h(u)
+            return hu * m.to(hu.dtype)
+
+        return masked, count
+
+    def _hessian(self, out):
+        return softmax_hessian(out)
 
 
 class NLLGGN(CrossEntropyGGN):
@@ -588,16 +611,16 @@ class NLLGGN(CrossEntropyGGN):
         lf = diag_factor(flat.reshape(b, c * d))  # (C·D, B, C·D)
         return lf.reshape(c * d, b, c, *out.shape[2:])
 
-    def _hessian_apply(self, out, u):
-        return out.detach().exp() * u
+    def _hessian(self, out):
+        return _scaling(out.detach().exp())
 
 
 class MSEGGN(LossOutputModel):
     def exact(self, out, y):
         return diag_factor(torch.full_like(out, 2.0)), out.numel()
 
-    def exact_apply(self, out, y, u):
-        return 2.0 * u, out.numel()
+    def exact_hessian(self, out, y):
+        return (lambda u: 2.0 * u), out.numel()
 
     def loss(self, out, y):
         _check_same_shape(y, out, self.name)
@@ -609,9 +632,9 @@ class BCEWithLogitsGGN(LossOutputModel):
         p = torch.sigmoid(out.detach())
         return diag_factor(p * (1 - p)), out.numel()
 
-    def exact_apply(self, out, y, u):
+    def exact_hessian(self, out, y):
         p = torch.sigmoid(out.detach())
-        return p * (1 - p) * u, out.numel()
+        return _scaling(p * (1 - p)), out.numel()
 
     def loss(self, out, y):
         _check_same_shape(y, out, self.name)

@@ -172,16 +172,16 @@ def _check_model_output(om: OutputModel, out, n_output) -> None:
     om.check_output(out, n_output)
 
 
-def output_apply(om: OutputModel, kind, out, y, u, n_output=None, trials=1, rng=None):
-    """Check the model output and return ``(L Lᵀ u, count)`` for the output model's factor of
-    ``kind`` and ``u`` of shape (k, *out.shape): for ``"exact"`` by the output model's closed form
-    (:meth:`~nngeo_ops.nn.losses.OutputModel.exact_apply`, no factor formed), else through the
-    factor of :func:`output_factor`."""
+def output_hessian(om: OutputModel, kind, out, y, n_output=None, trials=1, rng=None):
+    """Check the model output and return ``(h, count)``, ``h(u) = L Lᵀ u`` for the output model's
+    factor of ``kind`` and ``u`` of shape (k, *out.shape): for ``"exact"`` the output model's
+    closed form (:meth:`~nngeo_ops.nn.losses.OutputModel.exact_hessian`, no factor formed), else
+    the factor of :func:`output_factor`, formed (Monte-Carlo labels drawn) once."""
     if kind == "exact":
         _check_model_output(om, out, n_output)
-        return om.exact_apply(out, y, u)
+        return om.exact_hessian(out, y)
     lmat, count = output_factor(om, kind, out, y, n_output, trials, rng)
-    return apply_factor(lmat, u.to(lmat.dtype)), count
+    return (lambda u: apply_factor(lmat, u.to(lmat.dtype))), count
 
 
 def output_factor(om: OutputModel, kind, out, y, n_output=None, trials=1, rng=None):

@@ -116,14 +116,14 @@ class FlatModel:
             ) from None
 
 
-def _output_product(factor, out, batch, jv):
-    """``(L Lᵀ J V, count)`` for J V of shape (k, B, *out): by ``factor.apply`` where the factor
-    object has one (the output model's closed form), else from the factor L."""
-    apply = getattr(factor, "apply", None)
-    if apply is not None:
-        return apply(out, batch, jv)
+def _output_hessian(factor, out, batch):
+    """``(h, count)``, ``h(U) = L Lᵀ U`` for U of shape (k, B, *out): ``factor.hessian`` where the
+    factor object has one (the output model's closed form), else from the factor L, formed once."""
+    hessian = getattr(factor, "hessian", None)
+    if hessian is not None:
+        return hessian(out, batch)
     lmat, count = factor(out, batch)
-    return apply_factor(lmat, jv), count
+    return (lambda u: apply_factor(lmat, u)), count
 
 
 def batched_grad(outputs, inputs, cotangents, create_graph=False):
@@ -151,9 +151,9 @@ def batched_grad(outputs, inputs, cotangents, create_graph=False):
 def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
     """(Σ_n J_nᵀ L_n L_nᵀ J_n) V for one batch, V of shape (P, k); also returns the batch's count.
 
-    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape); a factor object with an
-    ``apply(out, y, U) -> (L Lᵀ U, count)`` method is applied by it instead (the output model's
-    closed form, e.g. p ⊙ u − p (pᵀu) for a softmax, without forming L). For one column the forward
+    ``factor(out, y) -> (L, count)`` with L of shape (K, B, *out_shape); a factor object with a
+    ``hessian(out, y) -> (h, count)`` method, ``h(U) = L Lᵀ U``, is applied by it instead (the
+    output model's closed form, e.g. p ⊙ u − p (pᵀu) for a softmax, without forming L). For one column the forward
     pass carries the tangent (forward-mode AD on dual numbers) while it records the reverse graph,
     so the product costs one forward pass with its tangent and one backward; for several columns
     the tangents are vmapped (``torch.func.jvp``) and the cotangents too.
@@ -176,8 +176,8 @@ def ggn_matmat(fm: FlatModel, batch, factor, v: torch.Tensor):
         jv = vmap(lambda col: jvp(f, (w0,), (col,))[1], in_dims=1)(v)  # (k, B, *out)
     except (RuntimeError, NotImplementedError):  # no forward mode (e.g. CPU LSTM): double-VJP
         jv = jv_by_double_vjp(fm, batch, v)
-    u, count = _output_product(factor, out.detach(), batch, jv)
-    (jtu,) = vmap(pull)(u)
+    h, count = _output_hessian(factor, out.detach(), batch)
+    (jtu,) = vmap(pull)(h(jv))
     return jtu.T, count
 
 
@@ -217,7 +217,8 @@ def _ggn_matvec_dual(fm: FlatModel, batch, factor, v):
         out, jv = dual_forward(fm, batch, w, v[:, 0])
     if jv is None:  # the output does not depend on the covered parameters
         jv = torch.zeros_like(out)
-    u, count = _output_product(factor, out.detach(), batch, jv.unsqueeze(0))
+    h, count = _output_hessian(factor, out.detach(), batch)
+    u = h(jv.unsqueeze(0))
     if not out.requires_grad:
         return torch.zeros_like(v), count
     (g,) = torch.autograd.grad(out, w, u[0], create_graph=create_graph, allow_unused=True)
@@ -232,8 +233,8 @@ class Linearised:
     * Jᵀ U  = a backward through the forward graph,
 
     each about the cost of one backward pass, with no forward pass per product. With ``factor`` the
-    output-space factor L of the batch is kept too (GGN / Fisher; Monte-Carlo labels are drawn once;
-    a factor object with ``closed_form`` is applied in closed form at each product instead);
+    output curvature of the batch is kept too (``h(U) = L Lᵀ U``: the output model's closed form, or
+    the factor L for Monte-Carlo labels, drawn once; GGN / Fisher);
     with ``loss`` the graph of the gradient of the batch's loss is kept instead, and the products are
     Hessian-vector products (reverse over reverse). Where an operator of the model has no double
     backward, J V falls back to forward mode on the kept batch (Hessian: forward over reverse).
@@ -274,14 +275,9 @@ class Linearised:
             if out is None:
                 out = fm(w, batch)
             self.out, self.jtu = out, None
-            # a factor with a closed form (the exact kind) is applied by it at every product, from
-            # the outputs; otherwise L is formed once (Monte-Carlo labels are drawn once)
-            self.factor = factor if getattr(factor, "closed_form", False) else None
-            if self.factor is None:
-                self.lmat, self.count = factor(out.detach(), batch)
+            self.h, self.count = _output_hessian(factor, out.detach(), batch)
             jv = torch.zeros_like(out) if jv is None else jv.detach()
-            u0, self.count = self._output_product(jv.unsqueeze(0))
-            u0 = u0[0]
+            u0 = self.h(jv.unsqueeze(0))[0]
             if first is not None:
                 self.first = torch.zeros_like(first)
             if out.requires_grad:
@@ -387,15 +383,7 @@ class Linearised:
         if jv is None:
             f = lambda w: self.fm(w, self.batch)  # noqa: E731
             jv = vmap(lambda col: jvp(f, (self.fm.flat0,), (col,))[1])(vt)
-        u = self._output_product(jv)[0]
-        return batched_grad(self.out, self.w, u, create_graph).T
-
-    def _output_product(self, jv):
-        """``(L Lᵀ J V, count)`` for J V of shape (k, B, *out): by the factor's closed form, or
-        with the L formed at the linearisation."""
-        if self.factor is not None:
-            return self.factor.apply(self.out.detach(), self.batch, jv)
-        return apply_factor(self.lmat, jv), self.count
+        return batched_grad(self.out, self.w, self.h(jv), create_graph).T
 
 
 def hessian_matmat(fm: FlatModel, batch, loss, v: torch.Tensor, fallback: bool = True):

@@ -38,7 +38,7 @@ from ...ops.registry import rule
 from ..data import ReplayCheck, as_loader
 from ..engine import functional as fx
 from ..engine.accumulators import DiagAcc
-from ..engine.capture import batch_labels, output_apply, output_factor
+from ..engine.capture import batch_labels, output_factor, output_hessian
 from ..engine.curvature_generator import CurvatureGenerator
 from ..engine.distributed import ConsistentProduct
 from ..engine.finite import check_product
@@ -49,28 +49,27 @@ from ..fspace.jacobian import Jacobian
 class _OutputCurvature:
     """The output model's curvature for the generator's kind, on one batch's outputs.
 
-    ``self(out, batch) -> (L, count)``, the factor (K, B, *out); ``apply(out, batch, U) -> (L Lᵀ U,
-    count)`` for U (k, B, *out), which for the exact kind uses the output model's closed form (a
-    softmax's p ⊙ u − p (pᵀu): three elementwise passes where forming the C − 1 columns of L and
-    contracting with them takes ~4× as long, 4 % of the benchmark MLP's product). Monte-Carlo
-    labels are drawn from ``rng`` by either call, once per batch.
+    ``self(out, batch) -> (L, count)``, the factor (K, B, *out); ``hessian(out, batch) -> (h,
+    count)`` with ``h(U) = L Lᵀ U`` for U (k, B, *out), which for the exact kind is the output
+    model's closed form (a softmax's p ⊙ u − p (pᵀu): three elementwise passes where forming the
+    C − 1 columns of L and contracting with them takes ~4× as long, 4 % of the benchmark MLP's
+    product), the outputs checked and read once. Monte-Carlo labels are drawn from ``rng`` by
+    either call, once per batch.
     """
 
     def __init__(self, gen, rng):
         self.gen, self.rng = gen, rng
-        # apply() draws nothing and forms no L: a cache may call it at every product
-        self.closed_form = gen.kind == "exact"
 
     def __call__(self, out, batch):
         gen = self.gen
         y = batch_labels(batch)
         return output_factor(gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, self.rng)
 
-    def apply(self, out, batch, u):
+    def hessian(self, out, batch):
         gen = self.gen
         y = batch_labels(batch)
-        return output_apply(
-            gen.output_model, gen.kind, out, y, u, gen.n_output, gen.trials, self.rng
+        return output_hessian(
+            gen.output_model, gen.kind, out, y, gen.n_output, gen.trials, self.rng
         )
 
 
@@ -233,8 +232,8 @@ class OutputCurvature(MatFree):
                 out = prod.fm(prod.fm.flat0, batch)
             b = out.shape[0]
             ub = u3[:, start : start + b, :].permute(2, 1, 0).reshape(k, *out.shape)
-            hub, count = factor.apply(out, batch, ub)  # the closed form where there is one
-            parts.append(hub.reshape(k, b, c))
+            h, count = factor.hessian(out, batch)  # the closed form where there is one
+            parts.append(h(ub).reshape(k, b, c))
             start, total, nb = start + b, total + count, nb + 1
         hu = torch.cat(parts, dim=1) * gen._finish(total, nb)  # (k, N, C)
         return hu.permute(2, 1, 0).reshape(c * n, k)
