@@ -446,6 +446,7 @@ _RAMPS: dict[tuple, torch.Tensor] = {}
 
 CHECKSUM_ENTRIES = 1 << 16  # leaves up to this size are checksummed whole, larger ones sampled
 CHECKSUM_BLOCK = 64  # a larger leaf is sampled in contiguous blocks of this many entries
+CHECKSUM_ROWS = 64  # ... and this many blocks, spread evenly from its first to its last entry
 
 
 def _ramp(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -459,30 +460,34 @@ def _ramp(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _checksum(t: torch.Tensor) -> float | None:
-    """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 4] over every entry of a leaf of at most
-    :data:`CHECKSUM_ENTRIES` entries, over an evenly spaced sample of that many entries of a larger
-    one (a whole pass would cost as much as a cached dense solve).
+    """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 2] over every entry of a leaf of at most
+    :data:`CHECKSUM_ENTRIES` entries, over a sample of a larger one (a whole pass would cost as
+    much as a cached diagonal solve).
 
-    The sample is ``CHECKSUM_ENTRIES / CHECKSUM_BLOCK`` contiguous blocks of
-    :data:`CHECKSUM_BLOCK` entries (row-strided view ``(blocks, 64)``, weighted ``(R @ w_b) @ w_r``):
-    the same number of entries as every ``s``-th one, but read in whole cache lines, which takes
-    16 µs instead of 55 µs on a 2·10⁵-entry float32 diagonal (it runs at every cached call).
+    The sample is :data:`CHECKSUM_ROWS` evenly spaced contiguous blocks of
+    :data:`CHECKSUM_BLOCK` to 2·:data:`CHECKSUM_BLOCK` − 2 entries, the first starting at entry 0
+    and the last ending at the last entry: one strided view ``(rows, block)`` of the leaf, weighted
+    in one product and one sum. It runs at
+    every cached call, right after the caller's own work has evicted the leaf and the interpreter's
+    code from the caches, where each further torch call costs ~10 µs: three calls take ~90 µs
+    after a forward+backward of the benchmark MLP, the former 65 536-entry sample in eleven calls
+    ~230 µs (8 against 28 µs when warm).
     """
     if not t.is_floating_point() or t.numel() == 0:
         return None
     with torch.no_grad():
-        d = t.detach().reshape(-1)
-        n = d.numel()
+        n = t.numel()
         if n <= CHECKSUM_ENTRIES:
+            d = t.detach().reshape(-1)
             return float(d @ _ramp(n, d.dtype, d.device))
-        b = CHECKSUM_BLOCK
-        blocks = n // b
-        step = -(-blocks // (CHECKSUM_ENTRIES // b))
-        rows = d[: blocks * b].view(blocks, b)[::step]
-        w_b = _ramp(b, d.dtype, d.device)
-        w_r = _ramp(rows.shape[0], d.dtype, d.device)
-        # the last entry is always in: a leaf's tail past the last whole block is otherwise unseen
-        return float((rows @ w_b) @ w_r + 3.0 * d[-1])
+        d = t if t.is_contiguous() else t.reshape(-1)  # as_strided reads the storage directly
+        rows = CHECKSUM_ROWS
+        step = (n - CHECKSUM_BLOCK) // (rows - 1)
+        # blocks of b ∈ [64, 126] entries so that the first starts at entry 0 and the last ends at
+        # entry n − 1 (a tail past the last whole block is otherwise unseen)
+        b = n - (rows - 1) * step
+        sample = d.detach().as_strided((rows, b), (step, 1), d.storage_offset())
+        return float((sample * _ramp(rows * b, d.dtype, d.device).view(rows, b)).sum())
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
