@@ -118,7 +118,7 @@ def softmax_hessian(logits: torch.Tensor, dim: int = 1):
     (computed here, once), for ``u`` of shape (k, B, …): ``p ⊙ u − p · Σ_dim (p ⊙ u)``. The product
     of :func:`softmax_factor` L with Lᵀ u, without forming L (three elementwise passes instead of
     the factor's dozen)."""
-    p = torch.softmax(logits.detach(), dim=dim)
+    p = class_softmax(logits.detach(), dim)
 
     def h(u):
         pu = p * u
@@ -130,6 +130,23 @@ def softmax_hessian(logits: torch.Tensor, dim: int = 1):
 def _scaling(w: torch.Tensor):
     """``u ↦ w ⊙ u``: a diagonal output Hessian of entries ``w`` (B, …)."""
     return lambda u: w * u
+
+
+def class_softmax(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``torch.softmax(logits, dim)``, contiguous. Over the last dim of fewer than 16 classes of
+    a contiguous 2-D CPU tensor it runs as a softmax over dim 0 of the transpose (the same
+    numbers to rounding), then one copy back: torch's CPU kernel takes ~46 µs for (256, 10)
+    float32 logits along their last dim, ~12 µs this way (a product with a non-contiguous ``p``
+    would cost 5× more later)."""
+    if (
+        logits.dim() == 2
+        and dim in (1, -1)
+        and logits.shape[1] < 16
+        and logits.device.type == "cpu"
+        and logits.is_contiguous()
+    ):
+        return torch.softmax(logits.T, 0).T.contiguous()
+    return torch.softmax(logits, dim)
 
 
 def _per_draw(cols: torch.Tensor, trials: int) -> torch.Tensor:
@@ -282,14 +299,14 @@ class ClassifLogits(OutputModel):
         return softmax_hessian(out), out.shape[0]
 
     def sample(self, out, y, trials, rng=None):
-        p = torch.softmax(out.detach(), dim=1)
+        p = class_softmax(out.detach())
         lab = _sample_classes(p[:, :, None], trials, rng)[..., 0]  # (T, B)
         cols = Fn.one_hot(lab, out.shape[1]).to(p.dtype) - p
         return _per_draw(cols, trials), out.shape[0]
 
     def empirical(self, out, y):
         y = check_class_labels(y, out.shape[0], out.shape[1], ())
-        p = torch.softmax(out.detach(), dim=1)
+        p = class_softmax(out.detach())
         return (p - _onehot(y, out.shape[1], p.dtype))[None], out.shape[0]
 
 
@@ -464,7 +481,7 @@ class SegmentationLogits(OutputModel):
     def empirical(self, out, y):
         b, c = out.shape[:2]
         y = check_class_labels(y, b, c, out.shape[2:])
-        p = torch.softmax(out.detach(), dim=1)
+        p = class_softmax(out.detach())
         return (p - _onehot(y, c, p.dtype))[None], b
 
 

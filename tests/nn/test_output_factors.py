@@ -128,3 +128,24 @@ def test_exact_apply_is_the_output_hessian_and_the_factor_product(case):
     lmat, count_f = om.exact(out, y)
     assert count == count_f
     torch.testing.assert_close(hu, apply_factor(lmat, u), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("c", [1, 2, 10, 15, 16, 40])
+def test_class_softmax_is_torch_softmax_and_contiguous(dtype, c):
+    # the short-last-dim route (a softmax over dim 0 of the transpose) agrees with torch.softmax
+    # to round-off, for extreme logits too, and hands back a contiguous tensor
+    from nngeo_ops.nn.losses import class_softmax
+
+    torch.manual_seed(c)
+    for scale in (1.0, 50.0):
+        logits = torch.randn(33, c, dtype=dtype) * scale
+        p = class_softmax(logits)
+        assert p.is_contiguous() and p.shape == logits.shape and p.dtype == dtype
+        torch.testing.assert_close(p, torch.softmax(logits.to(F64), 1).to(dtype))
+        torch.testing.assert_close(class_softmax(logits, -1), p, rtol=0, atol=0)
+    # a non-contiguous input and a 3-D one take torch's own kernel
+    x = torch.randn(c, 7, dtype=dtype).T
+    torch.testing.assert_close(class_softmax(x), torch.softmax(x, 1), rtol=0, atol=0)
+    y = torch.randn(5, c, 3, dtype=dtype)
+    torch.testing.assert_close(class_softmax(y), torch.softmax(y, 1), rtol=0, atol=0)
