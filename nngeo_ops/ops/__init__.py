@@ -18,6 +18,7 @@ from .lowrank import LowRank
 from .matfree import MatFree
 from .permutation import AppendColumn, Permutation
 from .registry import all_rules, rule
+from .shifted_dense import ShiftedDense
 from .symbolic import Inverse, Power
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Product",
     "Scale",
     "ScaledIdentity",
+    "ShiftedDense",
     "Sum",
     "Transpose",
     "all_rules",

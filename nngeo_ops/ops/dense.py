@@ -137,27 +137,36 @@ class Dense(LinearOperator):
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             _check_finite(self.M, "eigh")
-            evals = Q = None
-            if self.M.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
-                try:
-                    evals, Q = torch.linalg.eigh(self.M)
-                except RuntimeError:  # no convergence (ill-conditioned float32): retry in float64
-                    pass
-            if Q is None:
-                evals, Q = _robust_eigh(self.M)
-            if self.psd and evals.numel():
-                top = float(evals.detach().abs().max())
-                low = float(evals.detach().min())
-                if low < -(torch.finfo(evals.dtype).eps ** 0.5) * top:
-                    raise NotPSDError(
-                        f"{self.name} ({self.shape[0]}×{self.shape[1]}) was tagged psd=True but "
-                        f"has eigenvalue {low:.3g} (largest magnitude {top:.3g}); drop psd=True "
-                        "or fix the matrix"
-                    )
-            # eigh returns column-major Q; row-major makes the Kronecker products ~10× faster
-            return evals, Q.contiguous()
+            return self._eigh_of(self.M)
 
         return cached_factor(self, "eigh", compute)
+
+    def _eigh_of(self, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`eigh_factors` of the matrix ``M`` (this node's, or a shifted copy of it)."""
+        evals = Q = None
+        if M.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+            try:
+                evals, Q = torch.linalg.eigh(M)
+            except RuntimeError:  # no convergence (ill-conditioned float32): retry in float64
+                pass
+        if Q is None:
+            evals, Q = _robust_eigh(M)
+        self._check_psd_spectrum(evals)
+        # eigh returns column-major Q; row-major makes the Kronecker products ~10× faster
+        return evals, Q.contiguous()
+
+    def _check_psd_spectrum(self, evals: torch.Tensor) -> None:
+        """Raise NotPSDError when the node is tagged PSD and ``evals`` has an entry below
+        ``−√eps·max|λ|``."""
+        if self.psd and evals.numel():
+            top = float(evals.detach().abs().max())
+            low = float(evals.detach().min())
+            if low < -(torch.finfo(evals.dtype).eps ** 0.5) * top:
+                raise NotPSDError(
+                    f"{self._str()} ({self.shape[0]}×{self.shape[1]}) was tagged psd=True but "
+                    f"has eigenvalue {low:.3g} (largest magnitude {top:.3g}); drop psd=True "
+                    "or fix the matrix"
+                )
 
     @property
     def factor_dtype(self) -> torch.dtype:

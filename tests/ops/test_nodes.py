@@ -436,8 +436,8 @@ class TestAppendColumnCongruence(OperatorSuite):
 
 @pytest.mark.parametrize("shift", ["scalar", "diagonal"])
 def test_dense_absorbs_a_shift_into_a_copy_with_gradients(shift):
-    # Dense(M) + c·I (or + diag(d)) is rewritten to one dense matrix: a copy of M with the shift
-    # added to its diagonal; M itself is left as it was, and gradients reach c (or d)
+    # Dense(M) + c·I (or + diag(d)) is rewritten to one ShiftedDense node over M (factorised through
+    # a shifted copy); M itself is left as it was, and gradients reach c (or d)
     g = torch.Generator().manual_seed(3)
     R = torch.randn(6, 6, dtype=torch.float64, generator=g)
     M = R @ R.T

@@ -21,6 +21,7 @@ from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..permutation import Permutation
 from ..registry import rule
+from ..shifted_dense import ShiftedDense
 from ._util import congruence_gram, orthogonal_congruence
 
 
@@ -58,6 +59,11 @@ def hadamard_square(Q: LinearOperator) -> LinearOperator | None:
 @rule("diag", Dense, name="diagonal of the matrix")
 def dense_diag(node: Dense, ctx):
     return node.M.diagonal()
+
+
+@rule("diag", ShiftedDense, name="diagonal of M + shift")
+def shifted_dense_diag(node: ShiftedDense, ctx):
+    return node.diagonal()  # Dense's route would build M + shift (n × n) through .M
 
 
 @rule("diag", Diagonal, name="the vector")
@@ -146,6 +152,11 @@ def dense_trace(node: Dense, ctx):
     return node.M.diagonal().sum()
 
 
+@rule("trace", ShiftedDense, name="tr M + trace of the shift")
+def shifted_dense_trace(node: ShiftedDense, ctx):
+    return node.trace_value()
+
+
 @rule("trace", Diagonal, ScaledIdentity, Permutation, name="sum of diagonal")
 def diag_trace(node, ctx):
     return ctx.diag_of(node).sum()
@@ -212,6 +223,11 @@ def gram_congruence_trace(node: Product, ctx):
 @rule("frobenius", Dense, name="entrywise norm")
 def dense_fro(node: Dense, ctx):
     return torch.linalg.matrix_norm(node.M)
+
+
+@rule("frobenius", ShiftedDense, name="entrywise norm, by blocks of rows")
+def shifted_dense_fro(node: ShiftedDense, ctx):
+    return node.frobenius()
 
 
 @rule("frobenius", Diagonal, name="‖d‖")

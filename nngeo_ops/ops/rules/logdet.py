@@ -19,8 +19,10 @@ from ..eigen import Eigen
 from ..kronecker import Kronecker
 from ..permutation import Permutation
 from ..registry import rule
+from ..shifted_dense import ShiftedDense
 from ..symbolic import Inverse
 from ._util import sign_tensor
+from .solve import SHIFTED_DENSE_FACTOR
 from .woodbury import wide_congruence_parts, woodbury_parts
 
 
@@ -43,6 +45,9 @@ def dense_slogdet(node: Dense, ctx):
         return sign_tensor(1.0, L), 2.0 * torch.log(L.diagonal()).sum().to(node.dtype)
     sign, logabs = _lu_slogdet(*node.lu_factors())
     return sign.to(node.dtype), logabs.to(node.dtype)
+
+
+rule("slogdet", ShiftedDense, name=SHIFTED_DENSE_FACTOR)(dense_slogdet)
 
 
 @rule("slogdet", Diagonal, name="sum of log|dᵢ|")

@@ -27,7 +27,8 @@ def _merge(a: LinearOperator, b: LinearOperator) -> LinearOperator | None:
     if (isinstance(a, Inverse) and a.child is b) or (isinstance(b, Inverse) and b.child is a):
         return ScaledIdentity(1.0, a.shape[0], a.dtype, a.device)
     if isinstance(a, Dense) and isinstance(b, Dense):
-        if a.shape[0] * b.shape[1] <= a.M.numel() + b.M.numel():
+        # sizes from the shapes: .M of a ShiftedDense builds its n × n matrix
+        if a.shape[0] * b.shape[1] <= a.shape[0] * a.shape[1] + b.shape[0] * b.shape[1]:
             return Dense(a.M @ b.M)
         return None
     if isinstance(a, Diagonal) and isinstance(b, Diagonal):

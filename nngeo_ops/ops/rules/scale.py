@@ -21,6 +21,7 @@ from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
 from ..lowrank import LowRank
 from ..registry import rule
+from ..shifted_dense import ShiftedDense
 
 
 @rule("rewrite", Scale, name="fold scalar")
@@ -37,6 +38,12 @@ def fold_scalar(node: Scale, ctx):
         return out
     if isinstance(X, Diagonal):
         return Diagonal(c * X.d, name=X.name)
+    if isinstance(X, ShiftedDense):  # c·(M + s) = c·M + c·s: one new matrix, as for a Dense
+        A = X.source
+        return ShiftedDense(
+            Dense(c * X.base, symmetric=A.symmetric, psd=A.psd and nonneg, name=A.name),
+            c * X.shift,
+        )
     if isinstance(X, Dense):
         return Dense(c * X.M, symmetric=X.symmetric, psd=X.psd and nonneg, name=X.name)
     if isinstance(X, LowRank):

@@ -15,6 +15,7 @@ from ..eigen import Eigen
 from ..kronecker import Kronecker, kron_apply
 from ..permutation import Permutation
 from ..registry import rule
+from ..shifted_dense import ShiftedDense
 from ..symbolic import Inverse
 from ._util import check_nonzero
 from .woodbury import (  # noqa: F401  (re-exported: other rule modules import them from here)
@@ -36,6 +37,12 @@ def dense_solve(node: Dense, ctx):
     if LU.dtype != node.dtype:
         return lambda X: torch.linalg.lu_solve(LU, piv, X.to(LU.dtype)).to(X.dtype)
     return lambda X: torch.linalg.lu_solve(LU, piv, X)
+
+
+# the same routine, named for explain(): M + shift shares M, and its factor is one shifted copy of
+# M factorised in place (ShiftedDense.cholesky_factor / lu_factors)
+SHIFTED_DENSE_FACTOR = "Cholesky (PSD) or LU of one shifted copy of M, in place"
+rule("solve", ShiftedDense, name=SHIFTED_DENSE_FACTOR)(dense_solve)
 
 
 @rule("solve", Diagonal, name="elementwise division")

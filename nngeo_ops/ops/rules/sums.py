@@ -10,7 +10,8 @@ Shift absorption (the damping rules): ``Eigen(Q, λ) + c·I = Eigen(Q, λ + c)``
 rank, the thin eigen form plus ``c·I`` of :mod:`.thin_shift` (no complete basis);
 ``BlockDiag + c·I`` shifts each block; ``Qᵀ·M·Q + c·I = Qᵀ·(M + c·I)·Q`` for orthogonal ``Q``
 (a permutation congruence ``Pᵀ·X·P`` included); ``c·X + s·I = c·(X + (s/c)·I)`` for a scalar kept
-at the root of ``X`` (see :mod:`.scale`); ``Dense + diag`` is one dense matrix.
+at the root of ``X`` (see :mod:`.scale`); ``Dense + diag`` is a
+:class:`~nngeo_ops.ops.shifted_dense.ShiftedDense` that shares the matrix (never copies it).
 
 Block-wise sum: block-diagonals with the same partition add block by block, so a per-block shift
 ``BlockDiag[δ₁·I, δ₂·I, …]`` reaches each block as a scalar shift.
@@ -34,6 +35,7 @@ from ..kronecker import Kronecker
 from ..lowrank import LowRank
 from ..matfree import MatFree
 from ..registry import rule
+from ..shifted_dense import ShiftedDense
 from ._util import orthogonal_congruence
 from .thin_shift import thin_kronecker_shift
 
@@ -176,12 +178,10 @@ def _absorb(t: LinearOperator, s: LinearOperator, ctx) -> LinearOperator | None:
     if cong is not None and scalar:
         qt, m, q = cong
         return Product(qt, Sum(m, s), q)
-    if isinstance(t, Dense):
-        # M + diag(d) as one copy of M with d added to its diagonal: torch.diag(d) would be a
-        # second n × n temporary (1.6 GB beside a 20 490² block-diagonal Fisher block)
-        M = t.M.clone()
-        M.diagonal().add_(s.d if isinstance(s, Diagonal) else s.c)
-        return Dense(M, symmetric=t.symmetric or None, psd=t.psd and s.psd, name=t.name)
+    if isinstance(t, Dense) and t.shape[0] == t.shape[1]:
+        # M + s as a node that shares M and keeps s: a copy M + s (1.6 GB beside a 20 490²
+        # block-diagonal Fisher block) would sit next to M and its Cholesky factor
+        return ShiftedDense(t, s.d if isinstance(s, Diagonal) else s.c)
     return None
 
 
