@@ -121,3 +121,30 @@ def test_a_damped_large_diagonal_still_refuses_a_zero_written_in_place():
     d.data[0] = -0.25  # through .data on the caller's leaf, in a sampled block
     with pytest.raises(SingularError):
         A.solve(b)
+
+
+def test_large_leaf_checksum_of_views_reads_the_view_only():
+    """A sampled leaf that is a view (a storage offset, or non-contiguous) is checksummed over its
+    own entries: equal views of different storage agree, and a write outside the view is not seen
+    while one at either end of it is."""
+    from nngeo_ops.ops.base import CHECKSUM_ENTRIES, _checksum
+
+    n = 2 * CHECKSUM_ENTRIES + 5
+    base = torch.rand(n + 300, dtype=torch.float64)
+    view = base[100 : 100 + n]  # a storage offset
+    copy = view.clone()
+    assert _checksum(view) == _checksum(copy)
+    before = _checksum(view)
+    base.data[:100] += 1.0  # outside the view
+    assert _checksum(view) == before
+    base.data[100] += 1.0  # the view's first entry
+    assert _checksum(view) != before
+    before = _checksum(view)
+    base.data[99 + n] += 1.0  # its last entry
+    assert _checksum(view) != before
+    # non-contiguous: the transpose of a matrix, checksummed as its row-major copy
+    m = torch.rand(300, 500, dtype=torch.float64).T
+    assert _checksum(m) == _checksum(m.contiguous())
+    before = _checksum(m)
+    m.data[-1, -1] += 1.0
+    assert _checksum(m) != before
