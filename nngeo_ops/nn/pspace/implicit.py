@@ -136,8 +136,10 @@ class ImplicitProducts:
                 acc = _add(acc, hv.to(gen.dtype))
                 total, nb = total + part.count, nb + 1
         self._lin = lin
-        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value (not owned)
-        return lin, (None if first is None else (acc, total, nb, first, nb > 1))
+        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value, which no
+        # later product reads (they differentiate through the graph): owned, scaled in place
+        # instead of into a fresh P-sized tensor, whose pages the first touch faults in
+        return lin, (None if first is None else (acc, total, nb, first, True))
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);

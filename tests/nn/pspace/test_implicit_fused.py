@@ -37,6 +37,22 @@ def test_first_cached_product_builds_the_cache(case):
     torch.testing.assert_close(F.op @ v, truth @ v)
 
 
+def test_first_product_of_one_batch_is_the_callers():
+    # one batch: the first product is the kept graph's value of Jᵀu, scaled in place and handed
+    # out; the later products differentiate through that graph and never read the value
+    model, x = make("mlp")
+    truth = gt.fim(model, x, "classif_logits")
+    F = FIM(model, loader_of(x, sizes=(x.shape[0],)), CACHED, progress=False)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(truth.shape[0], 2, dtype=torch.float64, generator=g)
+    first = F.op @ v[:, 0]
+    torch.testing.assert_close(first, truth @ v[:, 0])
+    assert len(F._products._lin) == 1 and all(_first_products(F))
+    first.fill_(float("nan"))  # the caller's to change
+    torch.testing.assert_close(F.op @ v[:, 0], truth @ v[:, 0])
+    torch.testing.assert_close(F.op @ v, truth @ v)
+
+
 def _wide(first):
     """Models with more parameters than CompilePolicy.dense_limit, the data entering a layer that
     the dual forward intercepts (``first``: the kind of that layer)."""
