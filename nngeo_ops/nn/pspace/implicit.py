@@ -106,6 +106,8 @@ class ImplicitProducts:
 
     def clear(self) -> None:
         """Free the linearised batches (the next product rebuilds them)."""
+        if self._lin is not None:
+            self.replay.settle()  # the fingerprints of the batches the cache held
         self._lin = None
 
     def factor(self, rng):
@@ -125,7 +127,8 @@ class ImplicitProducts:
             return self._lin, None
         gen, rng = self.gen, self.rng()
         lin, acc, total, nb = [], None, 0, 0
-        for batch in self.replay.check(gen._batches(self.examples, "linearise")):
+        # the cache holds the batches: their fingerprints wait for clear(), which drops them
+        for batch in self.replay.check(gen._batches(self.examples, "linearise"), held=True):
             if gen.kind == "hessian":
                 lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
                 continue
