@@ -33,11 +33,21 @@ Why a mode around the pass (:class:`DataTangentMode`, a ``TorchFunctionMode``):
   several times faster than its (N, C, H, W) one and equal to it (:func:`_pool_indices`); the
   maxima are a gather at them, whose backward is max-pooling's (a scatter-add at the indices).
 
+* **No alias nodes between the rules.** A dual tensor is an alias of its primal: ``make_dual`` records
+  a view node on the reverse graph, and ``unpack_dual`` another for the primal it returns, so that a
+  chain of intercepted calls doubled the reverse graph (33 nodes for the MLP against 16), which every
+  backward then ran, with ``create_graph`` recorded again into the cached graph of Jᵀu. The mode
+  remembers (weakly) the primal and tangent of each dual it made, and of the parameters' duals; an
+  intercepted call or the pass's output reads them from there, so the reverse graph links the
+  primals directly. A dual changed in place since (its version moved) is unpacked as before.
+
 Every other call runs unchanged. The values are those of torch's formulas (the same products, in the
 same order), so J v is exact.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -51,21 +61,48 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
-def _split(t):
-    return (None, None) if t is None else tuple(fwAD.unpack_dual(t))
-
-
 class DataTangentMode(TorchFunctionMode):
     """Inside a ``fwAD.dual_level``: ``linear`` / ``conv*d`` with a tangent-free input compute only the
     parameters' tangent; with ``off_graph`` (the tangents need not be differentiable), ``linear`` /
     ``conv*d`` with an input tangent, ``relu``, ``max_pool2d``, ``matmul`` / ``bmm``, ``softmax``,
     ``gelu`` and ``layer_norm`` run on the primal and compute the tangent off the reverse graph (see
     the module docstring); every other call, or one with arguments a rule does not cover (in-place,
-    ``out=``, a ``dtype``), runs unchanged."""
+    ``out=``, a ``dtype``), runs unchanged.
+
+    :meth:`split` unpacks a dual into ``(primal, tangent)`` (``(t, None)`` for a plain tensor),
+    without an alias node for the duals the mode made or was told of (:meth:`known`)."""
 
     def __init__(self, off_graph: bool = False):
         super().__init__()
         self.off_graph = off_graph
+        # id(dual) -> weak references to the dual, its primal and its tangent, and the dual's
+        # version: weak, so that an activation or a tangent is freed when the pass drops it
+        self._parts: dict[int, tuple] = {}
+
+    def known(self, dual, primal, tangent):
+        """Remember the parts of ``dual`` (a tangent, not None), for :meth:`split` while unchanged."""
+        self._parts[id(dual)] = (
+            weakref.ref(dual),
+            weakref.ref(primal),
+            weakref.ref(tangent),
+            dual._version,
+        )
+        return dual
+
+    def split(self, t):
+        """``(primal, tangent)`` of ``t`` (``(None, None)`` for None)."""
+        if t is None:
+            return None, None
+        parts = self._parts.get(id(t))
+        if parts is not None and parts[0]() is t and t._version == parts[3]:
+            primal, tangent = parts[1](), parts[2]()
+            if primal is not None and tangent is not None:
+                return primal, tangent
+        return tuple(fwAD.unpack_dual(t))
+
+    def dual(self, primal, tangent):
+        """``make_dual(primal, tangent)``, remembered."""
+        return self.known(fwAD.make_dual(primal, tangent), primal, tangent)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -73,17 +110,17 @@ class DataTangentMode(TorchFunctionMode):
         if func in _WEIGHT_LINEAR and len(args) >= 2:
             out = self._weight_linear(func, args, kwargs)
         elif self.off_graph and func in _RELU and args:
-            out = _relu(args, kwargs)
+            out = _relu(self, args, kwargs)
         elif self.off_graph and func is F.max_pool2d and args:
-            out = _max_pool2d(args, kwargs)
+            out = _max_pool2d(self, args, kwargs)
         elif self.off_graph and func in _MATMUL and len(args) == 2 and not kwargs:
-            out = _matmul(func, *args)
+            out = _matmul(self, func, *args)
         elif self.off_graph and func in _SOFTMAX and args:
-            out = _softmax(args, kwargs)
+            out = _softmax(self, args, kwargs)
         elif self.off_graph and func is F.gelu and args:
-            out = _gelu(args, kwargs)
+            out = _gelu(self, args, kwargs)
         elif self.off_graph and func is F.layer_norm and args:
-            out = _layer_norm(args, kwargs)
+            out = _layer_norm(self, args, kwargs)
         return func(*args, **kwargs) if out is None else out
 
     def _weight_linear(self, func, args, kwargs):
@@ -91,14 +128,15 @@ class DataTangentMode(TorchFunctionMode):
         bias = rest.pop(0) if rest else kw.pop("bias", None)
         if kw or not (torch.is_tensor(x) and torch.is_tensor(weight)):
             return None  # keyword stride/padding/...: torch's own formula (the same values)
-        xp, xt = _split(x)
-        wp, wt = _split(weight)
-        bp, bt = _split(bias)
+        split = self.split
+        xp, xt = split(x)
+        wp, wt = split(weight)
+        bp, bt = split(bias)
         if xt is None:
             if wt is None:  # a weight outside the collection (its bias in it, or neither)
                 return None
-            primal = func(x, wp, bp, *rest)  # recorded on the reverse graph of wp, bp
-            return fwAD.make_dual(primal, func(x, wt, bt, *rest))
+            primal = func(xp, wp, bp, *rest)  # recorded on the reverse graph of wp, bp
+            return self.dual(primal, func(xp, wt, bt, *rest))
         if not self.off_graph or (wt is None and bt is not None):
             return None  # torch's formula: differentiable tangents, or a lone bias tangent
         primal = func(xp, wp, bp, *rest)  # what the graph saves carries no tangent
@@ -106,23 +144,23 @@ class DataTangentMode(TorchFunctionMode):
             tangent = func(xt, wp, None, *rest)
             if wt is not None:
                 tangent += func(xp, wt, bt, *rest)
-        return fwAD.make_dual(primal, tangent)
+        return self.dual(primal, tangent)
 
 
-def _relu(args, kwargs):
-    xp, xt = _split(args[0])
+def _relu(mode, args, kwargs):
+    xp, xt = mode.split(args[0])
     if xt is None or len(args) > 1 or kwargs.get("inplace", False) or set(kwargs) - {"inplace"}:
         return None
     primal = torch.relu(xp)
     with torch.no_grad():  # torch's formula: the tangent where the output is positive
         tangent = torch.ops.aten.threshold_backward(xt, primal, 0)
-    return fwAD.make_dual(primal, tangent)
+    return mode.dual(primal, tangent)
 
 
-def _matmul(func, a, b):
+def _matmul(mode, func, a, b):
     if not (torch.is_tensor(a) and torch.is_tensor(b)):
         return None
-    (ap, at), (bp, bt) = _split(a), _split(b)
+    (ap, at), (bp, bt) = mode.split(a), mode.split(b)
     if at is None and bt is None:
         return None
     primal = func(ap, bp)
@@ -130,41 +168,41 @@ def _matmul(func, a, b):
         tangent = func(at, bp) if at is not None else None
         if bt is not None:
             tangent = func(ap, bt) if tangent is None else tangent.add_(func(ap, bt))
-    return fwAD.make_dual(primal, tangent)
+    return mode.dual(primal, tangent)
 
 
-def _softmax(args, kwargs):
+def _softmax(mode, args, kwargs):
     kw = dict(kwargs)
     kw.pop("_stacklevel", None)
     dim = args[1] if len(args) > 1 else kw.pop("dim", None)
-    xp, xt = _split(args[0])
+    xp, xt = mode.split(args[0])
     if xt is None or dim is None or len(args) > 2 or kw.get("dtype") is not None:
         return None
     primal = torch.softmax(xp, dim)
     with torch.no_grad():  # torch's formula: y ⊙ (dx − Σ_dim y ⊙ dx)
         tangent = primal * (xt - (primal * xt).sum(dim, keepdim=True))
-    return fwAD.make_dual(primal, tangent)
+    return mode.dual(primal, tangent)
 
 
-def _gelu(args, kwargs):
-    xp, xt = _split(args[0])
+def _gelu(mode, args, kwargs):
+    xp, xt = mode.split(args[0])
     if xt is None or len(args) > 1 or set(kwargs) - {"approximate"}:
         return None
     approximate = kwargs.get("approximate", "none")
     primal = F.gelu(xp, approximate=approximate)
     with torch.no_grad():  # torch's formula: gelu'(x) ⊙ dx
         tangent = torch.ops.aten.gelu_backward(xt, xp, approximate=approximate)
-    return fwAD.make_dual(primal, tangent)
+    return mode.dual(primal, tangent)
 
 
-def _layer_norm(args, kwargs):
+def _layer_norm(mode, args, kwargs):
     names = ("normalized_shape", "weight", "bias", "eps")
     kw = dict(zip(names, args[1:]), **kwargs)
     if len(args) > 5 or set(kw) - set(names) or "normalized_shape" not in kw:
         return None
-    xp, xt = _split(args[0])
-    wp, wt = _split(kw.get("weight"))
-    bp, bt = _split(kw.get("bias"))
+    xp, xt = mode.split(args[0])
+    wp, wt = mode.split(kw.get("weight"))
+    bp, bt = mode.split(kw.get("bias"))
     if xt is None and wt is None and bt is None:
         return None
     shape = kw["normalized_shape"]
@@ -187,11 +225,11 @@ def _layer_norm(args, kwargs):
             tangent = part if tangent is None else tangent + part
         if bt is not None:
             tangent = bt.expand_as(primal).clone() if tangent is None else tangent + bt
-    return fwAD.make_dual(primal, tangent)
+    return mode.dual(primal, tangent)
 
 
-def _max_pool2d(args, kwargs):
-    xp, xt = _split(args[0])
+def _max_pool2d(mode, args, kwargs):
+    xp, xt = mode.split(args[0])
     if xt is None:
         return None
     kw = dict(kwargs)
@@ -202,7 +240,7 @@ def _max_pool2d(args, kwargs):
     primal = _at(xp, idx)
     with torch.no_grad():  # torch's formula: the tangent at the maxima
         tangent = _at(xt, idx)
-    out = fwAD.make_dual(primal, tangent)
+    out = mode.dual(primal, tangent)
     return (out, idx) if indices else out
 
 
@@ -249,13 +287,19 @@ def dual_forward(fm, batch, w: torch.Tensor, v: torch.Tensor):
     J v is differentiable in ``v`` where grad mode is on and ``v`` requires grad; otherwise it is
     computed off the reverse graph and returned detached (see the module docstring)."""
     off_graph = not (torch.is_grad_enabled() and v.requires_grad)
+    v = v.to(w.dtype)
+    mode = DataTangentMode(off_graph)
     with fwAD.dual_level():
         # the parameters' dual views are made outside the mode, which would otherwise dispatch
-        # each split and view through Python (a third of the mode's calls on the benchmark MLP)
-        params = fm.params(fwAD.make_dual(w, v.to(w.dtype)))
-        with DataTangentMode(off_graph):
+        # each split and view through Python (a third of the mode's calls on the benchmark MLP);
+        # the mode knows their parts: the views of w and of v, without the duals' alias nodes
+        # (held here for the pass: the mode's references are weak)
+        params, primals, tangents = fm.params(fwAD.make_dual(w, v)), fm.params(w), fm.params(v)
+        for d, p, t in zip(params.values(), primals.values(), tangents.values()):
+            mode.known(d, p, t)
+        with mode:
             out_d = fm.call(params, batch)
-        out, jv = fwAD.unpack_dual(out_d)
+        out, jv = mode.split(out_d)
         if off_graph and jv is not None:
             jv = jv.detach()  # J v's graph (torch's formulas) would keep every tangent it read
     return out, jv

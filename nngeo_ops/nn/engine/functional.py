@@ -247,6 +247,8 @@ class Linearised:
     of u ↦ Jᵀu is built by the backward that computes Jᵀ(L Lᵀ J v): u is a leaf holding that
     cotangent instead of zeros, and since Jᵀu is linear in u its graph is the same. Without
     ``first`` that graph costs a backward whose values are thrown away, on top of the product.
+    ``first`` is a view of the value of Jᵀu, which later products never read (they differentiate
+    through its graph, from ``self.jtu`` as a root): the caller may take it and scale it in place.
     """
 
     def __init__(self, fm: FlatModel, batch, factor=None, loss=None, first=None):
@@ -278,45 +280,57 @@ class Linearised:
             self.h, self.count = _output_hessian(factor, out.detach(), batch)
             jv = torch.zeros_like(out) if jv is None else jv.detach()
             u0 = self.h(jv.unsqueeze(0))[0]
-            if first is not None:
-                self.first = torch.zeros_like(first)
-            if out.requires_grad:
-                self.u = u0.detach().requires_grad_(True)
-                trusted = self._trusted_graph()
-                try:
-                    # torch's formulas alone: the cotangents the backward saves are not kept
-                    with unread_saves(self.u) if trusted else contextlib.nullcontext():
-                        (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
-                    self.double = trusted or self._adjoint_test()
-                except (RuntimeError, NotImplementedError):
-                    self.double = False
+            if not out.requires_grad:
                 if first is not None:
-                    if self.jtu is not None:
-                        self.first = self.jtu.detach()[:, None]
-                    else:  # the graph of Jᵀu could not be built: Jᵀu by a plain backward
-                        self.first = batched_grad(out, w, u0.unsqueeze(0)).T
+                    self.first = torch.zeros_like(first)
+                return
+            self.u = u0.detach().requires_grad_(True)
+            forward = self._trusted_graph()  # its nodes, or None
+            try:
+                # torch's formulas alone: the cotangents the backward saves are not kept (the
+                # forward graph's nodes, made before u, cannot reach it: its walk stops there)
+                hooks = (
+                    contextlib.nullcontext() if forward is None else unread_saves(self.u, forward)
+                )
+                with hooks:
+                    (self.jtu,) = torch.autograd.grad(out, w, self.u, create_graph=True)
+                self.double = forward is not None or self._adjoint_test()
+            except (RuntimeError, NotImplementedError):
+                self.double = False
+            if first is not None:
+                if self.jtu is not None:
+                    self.first = self.jtu.detach()[:, None]
+                else:  # the graph of Jᵀu could not be built: Jᵀu by a plain backward
+                    self.first = batched_grad(out, w, u0.unsqueeze(0)).T
 
     # autograd nodes of torch's own derivative formulas ("AddmmBackward0"), whose double backward is
     # implemented (and checked by torch's gradgradcheck) or raises; Identity passes gradients on
     _BUILTIN_NODE = re.compile(
         r"[A-Za-z0-9_]+Backward[0-9]+|torch::autograd::(AccumulateGrad|Identity)"
     )
+    _builtin_names: dict[str, bool] = {}  # the pattern's verdict on each node name met so far
 
-    def _trusted_graph(self) -> bool:
-        """True if the forward graph has only torch's own derivative formulas: no custom
+    def _trusted_graph(self) -> set | None:
+        """The forward graph's nodes if they are only torch's own derivative formulas: no custom
         ``autograd.Function`` (Python or C++), backward hook or compiled graph, the nodes whose
-        backward may drop paths silently under double backward (see :meth:`_adjoint_test`).
-        A walk over the graph's nodes instead of the test's two backward passes."""
-        seen, stack = set(), [self.out.grad_fn]
+        backward may drop paths silently under double backward (see :meth:`_adjoint_test`);
+        else None. A walk over the graph's nodes instead of the test's two backward passes."""
+        seen, stack, names = set(), [self.out.grad_fn], self._builtin_names
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
-            if isinstance(node, BackwardCFunction) or not self._BUILTIN_NODE.fullmatch(node.name()):
-                return False
+            if isinstance(node, BackwardCFunction):
+                return None
+            name = node.name()
+            ok = names.get(name)
+            if ok is None:
+                ok = names[name] = self._BUILTIN_NODE.fullmatch(name) is not None
+            if not ok:
+                return None
             stack.extend(f for f, _ in node.next_functions)
-        return True
+        return seen
 
     def _adjoint_test(self) -> bool:
         """⟨J v, z⟩ = ⟨v, Jᵀ z⟩ on random v, z: is the double-VJP graph a faithful J?

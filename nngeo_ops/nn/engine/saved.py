@@ -72,13 +72,17 @@ class unread_saves(saved_tensors_hooks):  # noqa: N801 (a context manager, named
     for read (torch's ``convolution`` double backward computes its input and weight terms whether
     asked or not; they go nowhere).
 
+    ``unreached``: autograd nodes known not to reach ``u`` (the forward graph's, recorded before
+    ``u`` existed), where the walk stops at once instead of descending the whole forward graph
+    again from every saved activation.
+
     The memo of the walk (autograd nodes) and ``u`` are dropped on exit: the graph's saved
     variables keep the hooks, and a hook holding the graph's nodes would make a reference cycle
     through C++ that Python's collector does not see (the cached graphs would never be freed).
     """
 
-    def __init__(self, u: torch.Tensor):
-        self._u, self._reaches, self._zeros = u, {}, _ZeroPages()
+    def __init__(self, u: torch.Tensor, unreached=()):
+        self._u, self._reaches, self._zeros = u, dict.fromkeys(unreached, False), _ZeroPages()
         super().__init__(self._pack, self._zeros.unpack)
 
     def __exit__(self, *exc):

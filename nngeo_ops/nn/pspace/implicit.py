@@ -106,6 +106,8 @@ class ImplicitProducts:
 
     def clear(self) -> None:
         """Free the linearised batches (the next product rebuilds them)."""
+        if self._lin is not None:
+            self.replay.settle()  # the fingerprints of the batches the cache held
         self._lin = None
 
     def factor(self, rng):
@@ -125,7 +127,8 @@ class ImplicitProducts:
             return self._lin, None
         gen, rng = self.gen, self.rng()
         lin, acc, total, nb = [], None, 0, 0
-        for batch in self.replay.check(gen._batches(self.examples, "linearise")):
+        # the cache holds the batches: their fingerprints wait for clear(), which drops them
+        for batch in self.replay.check(gen._batches(self.examples, "linearise"), held=True):
             if gen.kind == "hessian":
                 lin.append(fx.Linearised(self.fm, batch, loss=gen._loss))
                 continue
@@ -136,8 +139,10 @@ class ImplicitProducts:
                 acc = _add(acc, hv.to(gen.dtype))
                 total, nb = total + part.count, nb + 1
         self._lin = lin
-        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value (not owned)
-        return lin, (None if first is None else (acc, total, nb, first, nb > 1))
+        # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value, which no
+        # later product reads (they differentiate through the graph): owned, scaled in place
+        # instead of into a fresh P-sized tensor, whose pages the first touch faults in
+        return lin, (None if first is None else (acc, total, nb, first, True))
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);

@@ -137,8 +137,8 @@ def test_cached_graphs_are_freed(monkeypatch):
 
     made = []
 
-    def recorded(u):
-        hooks = unread_saves(u)
+    def recorded(u, *args):
+        hooks = unread_saves(u, *args)
         made.append(weakref.ref(hooks))
         return hooks
 

@@ -179,6 +179,44 @@ def test_replayed_batches_skip_the_fingerprint_unless_changed_in_place(monkeypat
         H.op @ v
 
 
+def test_cached_operator_fingerprints_its_batches_when_cleared(monkeypatch):
+    # the cache holds the batches: their fingerprints are taken when it is cleared (before it
+    # drops them), not at the first product; a later pass checks against them
+    from nngeo_ops.nn import data as data_mod
+
+    model, x = make("mlp")
+    y = torch.randn(model(x).shape, dtype=F64)
+    batches = [(a.clone(), b.clone()) for a, b in loader_of(x, y, sizes=(2,))]  # own storage
+    calls = []
+    real = data_mod.fingerprint
+    monkeypatch.setattr(data_mod, "fingerprint", lambda *a: calls.append(1) or real(*a))
+    H = GGN(
+        model, batches, nn.MSELoss(), functools.partial(PMatImplicit, cache=True), progress=False
+    )
+    v = torch.randn(H.op.shape[0], dtype=F64)
+    first = (H.op @ v).clone()
+    torch.testing.assert_close(H.op @ v, first)
+    assert calls == []
+    H.clear_cache()
+    assert len(calls) == len(batches)
+    torch.testing.assert_close(H.op @ v, first)  # the same tensors: not fingerprinted again
+    assert len(calls) == len(batches)
+    H.clear_cache()
+    batches[0] = (batches[0][0].flip(0), batches[0][1].flip(0))  # reshuffled
+    with pytest.raises(DataError, match="same examples"):
+        H.op @ v
+    # a batch changed in place while the cache held it has no fingerprint: refused
+    batches = [(a.clone(), b.clone()) for a, b in loader_of(x, y, sizes=(2,))]
+    H = GGN(
+        model, batches, nn.MSELoss(), functools.partial(PMatImplicit, cache=True), progress=False
+    )
+    H.op @ v
+    batches[1][0].mul_(1.0)
+    H.clear_cache()
+    with pytest.raises(DataError, match="same examples"):
+        H.op @ v
+
+
 def test_hessian_is_not_a_congruence():
     model, x = make("mlp")
     y = torch.randn(model(x).shape, dtype=F64)

@@ -37,6 +37,22 @@ def test_first_cached_product_builds_the_cache(case):
     torch.testing.assert_close(F.op @ v, truth @ v)
 
 
+def test_first_product_of_one_batch_is_the_callers():
+    # one batch: the first product is the kept graph's value of Jᵀu, scaled in place and handed
+    # out; the later products differentiate through that graph and never read the value
+    model, x = make("mlp")
+    truth = gt.fim(model, x, "classif_logits")
+    F = FIM(model, loader_of(x, sizes=(x.shape[0],)), CACHED, progress=False)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(truth.shape[0], 2, dtype=torch.float64, generator=g)
+    first = F.op @ v[:, 0]
+    torch.testing.assert_close(first, truth @ v[:, 0])
+    assert len(F._products._lin) == 1 and all(_first_products(F))
+    first.fill_(float("nan"))  # the caller's to change
+    torch.testing.assert_close(F.op @ v[:, 0], truth @ v[:, 0])
+    torch.testing.assert_close(F.op @ v, truth @ v)
+
+
 def _wide(first):
     """Models with more parameters than CompilePolicy.dense_limit, the data entering a layer that
     the dual forward intercepts (``first``: the kind of that layer)."""
@@ -134,6 +150,56 @@ def test_dual_forward_skips_the_data_tangent(bias):
 
     assert _matmuls(torch_formula) == 3
     torch.testing.assert_close(torch_formula()[1], jv)
+
+
+def _nodes(t) -> int:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    return len(seen)
+
+
+def test_dual_forward_records_the_plain_forward_graph():
+    # the mode links the primals directly: no make_dual / unpack_dual alias nodes on the reverse
+    # graph that every backward, and the cached graph of Jᵀu, would run (every call intercepted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    F = FIM(model, loader_of(x), PMatImplicit, progress=False)
+    fm = F._products.fm
+    v = torch.randn(fm.flat0.numel(), dtype=torch.float64)
+    w = fm.flat0.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out, _ = dual_forward(fm, (x,), w, v)
+        plain = fm(w, (x,))
+    assert _nodes(out) == _nodes(plain)
+
+
+class _InPlace(nn.Module):
+    """A layer's output changed in place before an intercepted call reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2.0)  # its derivative and tangent must reach the intercepted relu
+        return self.b(torch.relu(h))
+
+
+def test_dual_changed_in_place_keeps_its_derivative():
+    torch.manual_seed(0)
+    model, x = _InPlace().double(), torch.randn(7, 5, dtype=torch.float64)
+    truth = gt.fim(model, x, "classif_logits")
+    v = torch.randn(truth.shape[0], 2, dtype=torch.float64)
+    for rep in (PMatImplicit, CACHED):
+        F = FIM(model, loader_of(x), rep, progress=False)
+        torch.testing.assert_close(F.op @ v[:, 0], truth @ v[:, 0])
+        torch.testing.assert_close(F.op @ v, truth @ v)
 
 
 def test_mode_leaves_other_calls_alone():
