@@ -175,17 +175,31 @@ class Dense(LinearOperator):
         factorisation); solves cast the right-hand side there and the result back."""
         return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
 
+    # how a failed factorisation tells the caller to fix it (a damped node: "add more damping")
+    _DAMPING_FIX = "add damping (A + c·I)"
+
+    def _factor_input(self, what: str) -> tuple[torch.Tensor, bool]:
+        """The matrix :meth:`cholesky_factor` and :meth:`lu_factors` factorise, in
+        :attr:`factor_dtype`, checked finite, and whether they may overwrite it (``out=`` aliasing
+        the input: only a private copy; ``M`` itself, or its cast, is factorised out of place)."""
+        _check_finite(self.M, what)
+        return self.M.to(self.factor_dtype), False
+
     def cholesky_factor(self) -> torch.Tensor:
         """Lower ``L`` with ``M = L Lᵀ`` (in :attr:`factor_dtype`); raises NotPSDError when ``M``
         is not positive definite."""
 
         def compute() -> torch.Tensor:
-            _check_finite(self.M, "Cholesky")
-            L, info = torch.linalg.cholesky_ex(self.M.to(self.factor_dtype))
+            A, in_place = self._factor_input("Cholesky")
+            if in_place:
+                info = torch.empty((), dtype=torch.int32, device=A.device)
+                L, info = torch.linalg.cholesky_ex(A, out=(A, info))
+            else:
+                L, info = torch.linalg.cholesky_ex(A)
             if int(info) != 0:
                 raise NotPSDError(
-                    f"Cholesky of {self.name} ({self.shape[0]}×{self.shape[1]}) failed at pivot "
-                    f"{int(info)}: the matrix is not positive definite; add damping (A + c·I) or "
+                    f"Cholesky of {self._str()} ({self.shape[0]}×{self.shape[1]}) failed at pivot "
+                    f"{int(info)}: the matrix is not positive definite; {self._DAMPING_FIX} or "
                     "build it without psd=True"
                 )
             return L
@@ -198,12 +212,17 @@ class Dense(LinearOperator):
         """
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            _check_finite(self.M, "LU")
-            LU, piv, info = torch.linalg.lu_factor_ex(self.M.to(self.factor_dtype))
+            A, in_place = self._factor_input("LU")
+            if in_place:
+                piv = torch.empty(self.shape[0], dtype=torch.int32, device=A.device)
+                info = torch.empty((), dtype=torch.int32, device=A.device)
+                LU, piv, info = torch.linalg.lu_factor_ex(A, out=(A, piv, info))
+            else:
+                LU, piv, info = torch.linalg.lu_factor_ex(A)
             if int(info) != 0:
                 raise SingularError(
-                    f"{self.name} ({self.shape[0]}×{self.shape[1]}) is singular (zero pivot "
-                    f"{int(info)}); add damping (A + c·I) before solving"
+                    f"{self._str()} ({self.shape[0]}×{self.shape[1]}) is singular (zero pivot "
+                    f"{int(info)}); {self._DAMPING_FIX} before solving"
                 )
             return LU, piv
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ArgumentTypeError, NotPSDError, ShapeError, SingularError
+from ..errors import ArgumentTypeError, ShapeError
 from .base import LinearOperator, check_finite, finite_range, fmt_scalar, is_scalar
 from .cache import cached_factor, cached_on
 from .dense import Dense
@@ -187,56 +187,16 @@ class ShiftedDense(Dense):
         if isinstance(self.shift, torch.Tensor):
             check_finite(self.shift, f"{what}: the shift")
 
-    def _in_place(self, T: torch.Tensor) -> bool:
-        # out= aliasing the input is verified on CPU (LAPACK works in place, the result is T
-        # itself); elsewhere, and under autograd (out= records no graph), the out-of-place call
-        return T.device.type == "cpu" and not T.requires_grad
+    _DAMPING_FIX = "add more damping"
 
-    def cholesky_factor(self) -> torch.Tensor:
-        """Lower ``L`` with ``M + s = L Lᵀ`` (in :attr:`factor_dtype`, column-major), the shifted
-        copy of ``M`` factorised in place; raises NotPSDError when ``M + s`` is not positive
-        definite."""
-
-        def compute() -> torch.Tensor:
-            self._check_finite("Cholesky")
-            T = self._shifted_copy(self.factor_dtype, colmajor=True)
-            if self._in_place(T):
-                info = torch.empty((), dtype=torch.int32, device=T.device)
-                L, info = torch.linalg.cholesky_ex(T, out=(T, info))
-            else:
-                L, info = torch.linalg.cholesky_ex(T)
-            if int(info) != 0:
-                raise NotPSDError(
-                    f"Cholesky of {self._str()} ({self.shape[0]}×{self.shape[1]}) failed at pivot "
-                    f"{int(info)}: the matrix is not positive definite; add more damping or build "
-                    "it without psd=True"
-                )
-            return L
-
-        return cached_factor(self, "cholesky", compute)
-
-    def lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(LU, pivots)`` of ``M + s`` as ``torch.linalg.lu_factor`` gives them, in
-        :attr:`factor_dtype`, the shifted copy factorised in place; raises SingularError at a zero
-        pivot."""
-
-        def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            self._check_finite("LU")
-            T = self._shifted_copy(self.factor_dtype, colmajor=True)
-            if self._in_place(T):
-                piv = torch.empty(self.shape[0], dtype=torch.int32, device=T.device)
-                info = torch.empty((), dtype=torch.int32, device=T.device)
-                LU, piv, info = torch.linalg.lu_factor_ex(T, out=(T, piv, info))
-            else:
-                LU, piv, info = torch.linalg.lu_factor_ex(T)
-            if int(info) != 0:
-                raise SingularError(
-                    f"{self._str()} ({self.shape[0]}×{self.shape[1]}) is singular (zero pivot "
-                    f"{int(info)}); add more damping before solving"
-                )
-            return LU, piv
-
-        return cached_factor(self, "lu", compute)
+    def _factor_input(self, what: str) -> tuple[torch.Tensor, bool]:
+        """A shifted column-major copy of ``M`` in :attr:`factor_dtype`, which :meth:`Dense.cholesky_factor`
+        and :meth:`Dense.lu_factors` factorise in place where ``out=`` aliasing the input is
+        verified: on CPU (LAPACK works in place, the result is the copy itself); elsewhere, and
+        under autograd (``out=`` records no graph), out of place."""
+        self._check_finite(what)
+        T = self._shifted_copy(self.factor_dtype, colmajor=True)
+        return T, T.device.type == "cpu" and not T.requires_grad
 
     def eigh_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(λ, Q)`` with ``M + s = Q diag(λ) Qᵀ``: for ``s = c·I`` and an eigendecomposition of
