@@ -142,7 +142,7 @@ class ImplicitProducts:
         # one batch: the sum is that batch's Jᵀu, a view of its cached graph's value, which no
         # later product reads (they differentiate through the graph): owned, scaled in place
         # instead of into a fresh P-sized tensor, whose pages the first touch faults in
-        return lin, (None if first is None else (acc, total, nb, first, True))
+        return lin, (None if first is None else (acc, total, nb, first))
 
     def matmat(self, v: torch.Tensor) -> torch.Tensor:
         """M V for V of shape (P, k) (summed in the operator's dtype, run in the model's);
@@ -165,7 +165,7 @@ class ImplicitProducts:
                 return self._scaled(*done)
             for lin in lins:
                 acc, total, nb = _add(acc, lin.matmat(v).to(gen.dtype)), total + lin.count, nb + 1
-            return self._scaled(acc, total, nb, v, owned=True)
+            return self._scaled(acc, total, nb, v)
         rng = self.rng()
         for batch in self.replay.check(gen._batches(self.examples, "implicit product")):
             if gen.kind == "hessian":
@@ -173,20 +173,20 @@ class ImplicitProducts:
             else:
                 hv, count = fx.ggn_matmat(self.fm, batch, self.factor(rng), v)
             acc, total, nb = _add(acc, hv.to(gen.dtype)), total + count, nb + 1
-        return self._scaled(acc, total, nb, v, owned=True)
+        return self._scaled(acc, total, nb, v)
 
-    def _scaled(self, acc, total, nb, v, owned=False):
-        # owned: ``acc`` is a fresh tensor that nothing else holds (not a view of a cached graph's
-        # Jᵀu), scaled in place when no graph needs it (a P-sized allocation less per product)
+    def _scaled(self, acc, total, nb, v):
+        # ``acc`` is the caller's own (a fresh sum, or the first product's Jᵀu value, which no
+        # later product reads): scaled in place when no graph needs it (a P-sized allocation less
+        # per product), and all-reduced in place
         if acc is None:  # no batch (an empty shard of a process group)
-            acc, owned = torch.zeros_like(v, dtype=self.gen.dtype), True
+            acc = torch.zeros_like(v, dtype=self.gen.dtype)
         if self._group is None:
             s = self.gen._finish(total, nb)
-        else:  # the all-reduce sums in place, into a contiguous tensor of its own
-            acc = acc if owned else acc.clone(memory_format=torch.contiguous_format)
+        else:
             acc, (total, nb) = self._group.reduce(acc, v, [total, nb])
             s = self.gen._finish(total, nb, reduced=True)
-        if owned and not acc.requires_grad:
+        if not acc.requires_grad:
             return acc.mul_(s)
         return acc * s
 
