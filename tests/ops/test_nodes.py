@@ -18,18 +18,9 @@ from nngeo_ops.ops import (
     ScaledIdentity,
 )
 
-from .suite import OperatorSuite
+from .suite import OperatorSuite, rnd, spd
 
 F64 = torch.float64
-
-
-def rnd(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=F64)
-
-
-def spd(B):
-    n = B.shape[0]
-    return B @ B.mT / n + torch.eye(n, dtype=B.dtype)
 
 
 def orth(B):

@@ -22,18 +22,14 @@ from nngeo_ops.ops import (
     ShiftedDense,
 )
 
-from .suite import OperatorSuite, close
+from .suite import OperatorSuite, close, rnd
+from .suite import spd as _spd
 
 F64 = torch.float64
 
 
-def rnd(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=F64)
-
-
 def spd(B):
-    n = B.shape[0]
-    return B @ B.mT / n + 0.1 * torch.eye(n, dtype=B.dtype)
+    return _spd(B, shift=0.1)
 
 
 def _eye(M):

@@ -20,19 +20,10 @@ from nngeo_ops.ops import (
 )
 from nngeo_ops.ops.cache import FACTORIZATIONS
 
-from .suite import OperatorSuite
+from .suite import OperatorSuite, rnd, spd
 
 F64 = torch.float64
 THIN = "shifted thin eigen form"
-
-
-def rnd(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=F64)
-
-
-def spd(B):
-    n = B.shape[0]
-    return B @ B.mT / n + torch.eye(n, dtype=B.dtype)
 
 
 def damped_kron(G, U, c, policy=None):
