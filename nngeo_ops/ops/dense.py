@@ -95,6 +95,24 @@ class Dense(LinearOperator):
             name=self.name,
         )
 
+    def _to(self, dtype: torch.dtype | None = None, device: Any = None) -> Dense:
+        # The tags were verified on this matrix at its own precision, and a conversion rounds M and
+        # Mᵀ entry by entry alike, so the symmetry check is not repeated: in float64 it would refuse
+        # the round-off of a float32 matrix that float32's tolerance (√eps₃₂ ≫ √eps₆₄) accepted.
+        M = self.M.to(dtype=dtype if self.M.is_floating_point() else None, device=device)
+        out = Dense.__new__(Dense)
+        LinearOperator.__init__(
+            out,
+            M.shape,
+            M.dtype,
+            M.device,
+            symmetric=self.symmetric,
+            psd=self.psd,
+            orthogonal=self.orthogonal,
+        )
+        out.M, out.name = M, self.name
+        return out
+
     # CPU BLAS is 5-10× slower on A @ X with a column-major A and a few columns than on the same
     # product written (Xᵀ Aᵀ)ᵀ, whose large operand is then row-major (benchmarks/README.md, curvature
     # section, "Where we are not the fastest"). Products are arranged so that M is always read in its own layout:

@@ -107,3 +107,25 @@ def test_symmetry_tag_checked_block_by_block(monkeypatch, chunk):
         bad[i, j] += 1.0
         with pytest.raises(NotSymmetricError, match="max"):
             Dense(bad, symmetric=True)
+
+
+def test_symmetric_tag_survives_a_change_of_precision():
+    """A float32 matrix tagged symmetric, with float32 round-off in its symmetry (as a Gram matrix
+    computed in float32 has), converts to float64 with its tags and values: the tag was verified at
+    float32's tolerance, and a check at float64's would refuse the conversion."""
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(12, 12, generator=g, dtype=F64)
+    S = S @ S.T
+    S32 = (S + 1e-6 * torch.triu(torch.ones(12, 12, dtype=F64), 1)).to(torch.float32)
+    A = Dense(S32, psd=True, name="G")
+    with pytest.raises(NotSymmetricError):  # the float64 tolerance alone refuses these values
+        Dense(S32.to(F64), psd=True)
+    B = (A + 0.5 * Identity(12, dtype=torch.float32)).to(F64)
+    assert B.dtype == F64 and B.symmetric and B.psd
+    dense = S32.to(F64) + 0.5 * torch.eye(12, dtype=F64)
+    torch.testing.assert_close(B.to_dense(), dense, rtol=0, atol=0)
+    x = torch.randn(12, generator=g, dtype=F64)
+    # a PSD solve reads one triangle: it matches the general solve up to the 1e-6 asymmetry
+    torch.testing.assert_close(B.solve(x), torch.linalg.solve(dense, x), rtol=1e-5, atol=1e-5)
+    back = A.to(torch.float32)
+    assert back.psd and torch.equal(back.to_dense(), S32)
