@@ -68,41 +68,69 @@ def _thin_first(G: torch.Tensor, lr: Any) -> bool:
     return thin < plain
 
 
+def _bordered_times(W: torch.Tensor, c: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``[W | c] R`` without forming ``[W | c]``: ``W R[:cols] + c R[cols]`` (a product and a
+    rank-one update in place)."""
+    T = W @ R[: W.shape[1]]
+    T.addr_(c, R[W.shape[1]])
+    return T
+
+
+def _split_times(Z: torch.Tensor, R: torch.Tensor, oW: torch.Tensor, oc: torch.Tensor) -> None:
+    """``[oW | oc] ← Z Rᵀ``: the columns ``:cols`` and ``cols`` of the product, each written
+    straight into its place."""
+    cols = oW.shape[1]
+    torch.matmul(Z, R[:cols].mT, out=oW)
+    torch.mv(Z, R[cols], out=oc)
+
+
 def bordered_kron_into(
-    G: torch.Tensor, A: Any, rows: int, cols: int, x: torch.Tensor, out: torch.Tensor
+    G: torch.Tensor,
+    A: Any,
+    rows: int,
+    cols: int,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    evals: torch.Tensor | None = None,
 ) -> None:
     """``out ← Pᵀ (G ⊗ A) P x`` for one vector, with ``P`` the
     :class:`~nngeo_ops.ops.AppendColumn` permutation ``[vec(W); c] ↦ vec([W | c])`` (W of shape
-    ``rows × cols``): the KFAC block of a layer with a bias, in parameter order.
+    ``rows × cols``): the KFAC block of a layer with a bias, in parameter order. With ``evals``,
+    ``out ← Pᵀ Q diag(evals) Qᵀ P x`` for the eigenbasis ``Q = G ⊗ A`` instead (EKFAC).
 
-    ``A`` is a square ``(cols + 1)``-matrix (a tensor) or a :class:`LowRank` node, ``G`` a
-    ``rows × rows`` tensor; ``x`` and ``out`` are contiguous vectors of length ``rows·(cols + 1)``.
-    With ``X = [W | c]``, ``(G ⊗ A) vec(X) = vec(G X Aᵀ)``, and ``X Aᵀ = W Aᵀ[:cols] + c Aᵀ[cols]``
-    (a product and a rank-one update), so ``X`` itself is never formed; the result's columns
-    ``:cols`` (the weights) and ``cols`` (the biases) are two products written straight into
-    their places in ``out``. For a low-rank ``A = U C Vᵀ`` the same reads ``X V``, then ``G``
-    on its k columns (when cheaper, :func:`_thin_first`), then ``Uᵀ`` split by rows. Against
-    ``P``, the Kronecker product and ``Pᵀ`` applied in turn this saves the interleaved copy of
-    ``x``, the block's result and its reordering: on the benchmark MLP's first layer (784 → 256,
-    A of rank 256) three temporaries of 785 KB, leaving two of 256 KB.
+    ``G`` is a ``rows × rows`` tensor (``rows × k_G`` for a basis), ``A`` a ``(cols + 1)``-square
+    tensor (``(cols + 1) × k_A`` for a basis, possibly thin) or a :class:`LowRank` node; ``x``
+    and ``out`` are contiguous vectors of length ``rows·(cols + 1)``.
+
+    With ``X = [W | c]``, ``(G ⊗ A) vec(X) = vec(G X Aᵀ)``, and ``X R = W R[:cols] + c R[cols]``
+    for any ``R`` with ``cols + 1`` rows (a product and a rank-one update), so ``X`` itself is
+    never formed; the result's columns ``:cols`` (the weights) and ``cols`` (the biases) are two
+    products written straight into their places in ``out``. For a low-rank ``A = U C Vᵀ`` the
+    same reads ``X V``, then ``G`` on its k columns (when cheaper, :func:`_thin_first`), then
+    ``Uᵀ`` split by rows. The eigen form is ``S = Gᵀ (X A) ∘ Λ`` (``Λ`` the ``k_G × k_A`` view of
+    ``evals``), then ``(G S) Aᵀ`` split. Against ``P``, the Kronecker product and ``Pᵀ`` applied in
+    turn this saves the interleaved copy of ``x``, the block's result and its reordering: on the
+    benchmark MLP's first layer (784 → 256, A of rank 256) three temporaries of 785 KB, leaving
+    two of 256 KB.
     """
     w = rows * cols
     W, c = x[:w].view(rows, cols), x[w:]
     oW, oc = out[:w].view(rows, cols), out[w:]
+    if evals is not None:
+        S = G.mT @ _bordered_times(W, c, A)  # Qᵀ P x as a (k_G, k_A) matrix
+        S.mul_(evals.reshape(S.shape))
+        _split_times(G @ S, A, oW, oc)
+        return
     if isinstance(A, torch.Tensor):
-        T = W @ A.mT[:cols]  # X Aᵀ, (rows, cols + 1)
-        T.addr_(c, A.mT[cols])
+        T = _bordered_times(W, c, A.mT)  # X Aᵀ, (rows, cols + 1)
         torch.matmul(G, T[:, :cols], out=oW)
         torch.mv(G, T[:, cols], out=oc)
         return
-    Y = W @ A.Vm[:cols]  # X V, (rows, k)
-    Y.addr_(c, A.Vm[cols])
+    Y = _bordered_times(W, c, A.Vm)  # X V, (rows, k)
     if A.C is not None:
         Y = Y @ A.C.mT
     if _thin_first(G, A):
-        Y = G @ Y
-        torch.matmul(Y, A.U[:cols].mT, out=oW)
-        torch.mv(Y, A.U[cols], out=oc)
+        _split_times(G @ Y, A.U, oW, oc)
         return
     T = Y @ A.U.mT  # X Aᵀ
     torch.matmul(G, T[:, :cols], out=oW)
@@ -201,16 +229,35 @@ class Kronecker(LinearOperator):
                 return
         out.copy_(self._matmat(X))
 
-    def bordered_into(self, rows: int, cols: int, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """``out ← Pᵀ (self) P x`` by :func:`bordered_kron_into` when this is ``G ⊗ A`` of a Dense
-        ``G`` (``rows × rows``) and a Dense or LowRank ``A`` (``(cols + 1)`` square), ``P`` the
-        :class:`~nngeo_ops.ops.AppendColumn` ``(rows, cols)``, ``x`` and ``out`` contiguous
-        vectors and nothing recorded by autograd; False (``out`` untouched) otherwise."""
+    def bordered_into(
+        self,
+        rows: int,
+        cols: int,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        evals: torch.Tensor | None = None,
+    ) -> bool:
+        """``out ← Pᵀ (self) P x`` (with ``evals``: ``Pᵀ self·diag(evals)·selfᵀ P x``, this node
+        an eigenbasis) by :func:`bordered_kron_into`, ``P`` the
+        :class:`~nngeo_ops.ops.AppendColumn` ``(rows, cols)``; True when it ran.
+
+        It runs when this is ``G ⊗ A`` of a Dense ``G`` with ``rows`` rows and a Dense (or, without
+        ``evals``, LowRank) ``A`` with ``cols + 1`` rows (square without ``evals``), ``x`` and
+        ``out`` are contiguous vectors and autograd records nothing; otherwise it returns False
+        and leaves ``out`` untouched.
+        """
         fs = self.factors
-        if len(fs) != 2 or type(fs[0]) is not Dense or fs[0].shape != (rows, rows):
+        if len(fs) != 2 or type(fs[0]) is not Dense or fs[0].shape[0] != rows:
             return False
         G, a = fs[0].M, fs[1]
-        if a.shape != (cols + 1, cols + 1) or not (x.is_contiguous() and out.is_contiguous()):
+        if a.shape[0] != cols + 1 or not (x.is_contiguous() and out.is_contiguous()):
+            return False
+        if evals is not None:
+            if type(a) is not Dense or records_grad(x, out, G, a.M, evals):
+                return False
+            bordered_kron_into(G, a.M, rows, cols, x, out, evals)
+            return True
+        if fs[0].shape[1] != rows or a.shape[1] != cols + 1:
             return False
         if type(a) is Dense:
             if records_grad(x, out, G, a.M):

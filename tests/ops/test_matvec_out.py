@@ -1,7 +1,7 @@
 """``A.matvec(x, out=...)`` on the nodes of a KFAC product, against dense twins built with plain torch.
 
-A KFAC block with a bias is ``Pᵀ (G ⊗ A) P`` with ``P = AppendColumn(rows, cols)``; its product runs
-in one routine (``Kronecker.bordered_into``) that never forms ``P x``, and a block-diagonal writes
+A KFAC block with a bias is ``Pᵀ (G ⊗ A) P`` with ``P = AppendColumn(rows, cols)``, an EKFAC block
+``Pᵀ Eig[Q_G ⊗ Q_A] P``; their products run in one routine (``Kronecker.bordered_into``) that never forms ``P x``, and a block-diagonal writes
 every block's product into its rows of one result. Checked in float64 against ``torch.kron`` and a
 permutation matrix built here from its definition, at sizes below and above
 ``CompilePolicy.dense_limit``, and for the allocations the routes make (torch.profiler).
@@ -19,6 +19,7 @@ from nngeo_ops.ops import (
     CompilePolicy,
     Dense,
     Diagonal,
+    Eigen,
     Kronecker,
     LowRank,
 )
@@ -196,6 +197,46 @@ def test_bordered_block_gradients(kind):
             g2 = torch.autograd.grad(ref2.square().sum(), leaves2)
             for a, b in zip(g1, g2):
                 torch.testing.assert_close(a, b)
+
+
+def ekfac_block(rows, cols, thin, seed, evals_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    QG = torch.linalg.qr(rnd(gen, rows, rows))[0]
+    QA = torch.linalg.qr(rnd(gen, cols + 1, cols + 1))[0]
+    if thin:  # a thin input basis (cols + 1) × k, as EKFAC keeps for a low-rank A
+        QA = QA[:, : max(1, (cols + 1) // 3)].contiguous()
+    evals = (torch.rand(rows * QA.shape[1], dtype=F64, generator=gen) + 0.1).requires_grad_(
+        evals_grad
+    )
+    p = AppendColumn(rows, cols, dtype=F64)
+    Q = Kronecker(Dense(QG, orthogonal=True, name="Q_G"), Dense(QA, name="Q_A"))
+    op = p.T @ Eigen(Q, evals) @ p
+    Qd, Pd = torch.kron(QG.contiguous(), QA.contiguous()), append_column_matrix(rows, cols)
+    return op, Pd.mT @ (Qd * evals) @ Qd.mT @ Pd, evals
+
+
+@pytest.mark.parametrize("thin", [False, True])
+@pytest.mark.parametrize("size", [(4, 6), (40, 80)])  # the second above the dense limit
+def test_bordered_eigen_block_is_exact(thin, size):
+    op, dense, _ = ekfac_block(*size, thin, 11)
+    x = torch.randn(op.shape[1], dtype=F64, generator=torch.Generator().manual_seed(12))
+    torch.testing.assert_close(op @ x, dense @ x)
+    out = torch.full((op.shape[0],), torch.nan, dtype=F64)
+    torch.testing.assert_close(op.matvec(x, out=out), dense @ x)
+    X = torch.randn(op.shape[1], 2, dtype=F64)
+    torch.testing.assert_close(op @ X, dense @ X)
+    rows, cols = size
+    k = rows * op.factors[1].Q.factors[1].shape[1]
+    # X Q_A, Q_Gᵀ X Q_A and Q_G S: three temporaries of rows × k_A entries, no vector of the block
+    assert sum(_allocations(lambda: op.matvec(x, out=out))) <= 3 * k * 8
+
+
+def test_bordered_eigen_block_gradient_through_the_eigenvalues():
+    op, dense, evals = ekfac_block(4, 5, True, 13, evals_grad=True)
+    x = torch.randn(op.shape[1], dtype=F64)
+    (g1,) = torch.autograd.grad((op @ x).square().sum(), evals)
+    (g2,) = torch.autograd.grad((dense @ x).square().sum(), evals)
+    torch.testing.assert_close(g1, g2)
 
 
 def test_other_products_of_permutations_and_kroneckers_are_not_fused():

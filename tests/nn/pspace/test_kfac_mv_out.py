@@ -1,5 +1,5 @@
-"""KFAC and MC-KFAC products ``F.mv(v)`` of an MLP with biases: each layer's ``Pᵀ (G ⊗ A) P`` runs in
-one routine that writes into its rows of the result (ops: ``Kronecker.bordered_into``, the
+"""KFAC, MC-KFAC and EKFAC products ``F.mv(v)`` of an MLP with biases: each layer's ``Pᵀ (G ⊗ A) P``
+(``Pᵀ Eig[Q_G ⊗ Q_A] P``) runs in one routine that writes into its rows of the result (ops: ``Kronecker.bordered_into``, the
 block-diagonal's ``out=`` hook). Checked against Kronecker products computed here with torch.func
 (``_truth_block``), against the dense matrix of the factors gathered (built here with ``torch.kron``
 and the parameter-order permutation), and against the product through the dense route.
@@ -9,7 +9,7 @@ import pytest
 import torch
 from models import loader_of
 
-from nngeo_ops.nn import FIM, FIM_MonteCarlo, PMatKFAC, PVector
+from nngeo_ops.nn import FIM, FIM_MonteCarlo, PMatEKFAC, PMatKFAC, PVector
 
 from .test_kfac_low_rank import _truth_block, wide_mlp
 
@@ -71,3 +71,14 @@ def test_float32_kfac_mv_matches_float64():
     F32 = FIM(m32, loader_of(x.float(), sizes=(6,)), PMatKFAC, progress=False)
     v = torch.randn(dense.shape[0], generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(F32.mv(v).double(), dense @ v.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_ekfac_mv_matches_kfac_before_a_refit_and_its_dense_route():
+    model, x = wide_mlp()
+    F = FIM(model, loader_of(x, sizes=(6,)), PMatKFAC, progress=False)
+    dense = _dense_from_factors(F)
+    v = torch.randn(dense.shape[0], dtype=F64, generator=torch.Generator().manual_seed(3))
+    E = PMatEKFAC(F.generator, data=F.data)  # eigenbases of the factors (thin for the rows)
+    torch.testing.assert_close(E.mv(v), dense @ v)
+    R = FIM(model, loader_of(x, sizes=(6,)), PMatEKFAC, progress=False)  # refit diagonal
+    torch.testing.assert_close(R.mv(v), R.to_torch() @ v)
