@@ -223,10 +223,52 @@ class LinearOperator:
                 f"on {X.device}; convert one of them with .to(dtype=..., device=...)"
             )
 
-    def matvec(self, X: torch.Tensor) -> torch.Tensor:
-        """``A @ X`` for a vector ``(n,)`` or a matrix of columns ``(n, k)``."""
+    def matvec(self, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``A @ X`` for a vector ``(n,)`` or a matrix of columns ``(n, k)``.
+
+        ``out``: a tensor of the result's shape (``(m,)`` or ``(m, k)``), dtype and device to write
+        ``A @ X`` into; it is returned. This is for callers that assemble several products into one
+        buffer (a block-diagonal writes each block's product into its rows of its result): nodes
+        whose last step is a matrix product (Dense, Kronecker, a product of nodes, a block-diagonal,
+        permutations) write it there directly, without a temporary of the result's size; any other
+        node computes ``A @ X`` and copies it (:meth:`_matmat_into`). ``out`` must not overlap
+        ``X``. Under autograd (grad mode on and ``X`` or a leaf requiring grad) the products are
+        recorded as usual and ``out`` receives them by a differentiable copy.
+        """
         self._check_operand(X, self.shape[1], "A @ x")
-        return self._mv(X) if X.dim() == 1 else self._matmat(X)
+        if out is None:
+            return self._mv(X) if X.dim() == 1 else self._matmat(X)
+        self._check_out(X, out)
+        if X.dim() == 1:
+            self._matmat_into(X.unsqueeze(1), out.unsqueeze(1))
+        else:
+            self._matmat_into(X, out)
+        return out
+
+    def _check_out(self, X: torch.Tensor, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise ArgumentTypeError(
+                f"A @ x (out=): expected a torch.Tensor for out, got {type(out).__name__}"
+            )
+        want = (self.shape[0],) if X.dim() == 1 else (self.shape[0], X.shape[1])
+        if tuple(out.shape) != want:
+            raise ShapeError(
+                f"A @ x (out=): operator of shape {self.shape} times an operand of shape "
+                f"{tuple(X.shape)} gives shape {want}, but out has shape {tuple(out.shape)}"
+            )
+        if out.dtype != self.dtype or out.device != self.device:
+            raise DTypeDeviceError(
+                f"A @ x (out=): operator is {self.dtype} on {self.device} but out is {out.dtype} "
+                f"on {out.device}; allocate out with the operator's dtype and device"
+            )
+
+    def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """``out ← A @ X`` for ``X`` of shape ``(n, k)`` and ``out`` of shape ``(m, k)`` (any strides).
+
+        The default computes the product and copies it (a differentiable copy); nodes whose last
+        step is a matrix product override it to write that product into ``out`` directly.
+        """
+        out.copy_(self._matmat(X))
 
     def _mv(self, x: torch.Tensor) -> torch.Tensor:
         """``A @ x`` for one vector; leaves override it where that saves the reshapes."""
@@ -488,6 +530,16 @@ def _checksum(t: torch.Tensor) -> float | None:
         b = n - (rows - 1) * step
         sample = d.detach().as_strided((rows, b), (step, 1), d.storage_offset())
         return float((sample * _ramp(rows * b, d.dtype, d.device).view(rows, b)).sum())
+
+
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on these tensors (grad mode on and one requires grad).
+
+    The ``out=`` variants of torch's products refuse such operands, so a node's
+    :meth:`LinearOperator._matmat_into` computes and copies instead where this holds (``out``
+    included: a buffer that an earlier differentiable copy made part of the graph).
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

@@ -205,9 +205,10 @@ class Compiled:
         return self.dispatch("frobenius", node)
 
     # ------------------------------------------------------------------ public quantities
-    def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """``A @ x`` on the original tree (its lazy products are the cheapest)."""
-        return self.expr.matvec(x)
+    def matvec(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``A @ x`` on the original tree (its lazy products are the cheapest); ``out``: a buffer
+        to write it into (see :meth:`LinearOperator.matvec`)."""
+        return self.expr.matvec(x, out=out)
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """``A⁻¹ b`` for ``b`` of shape ``(n,)`` or ``(n, k)``."""

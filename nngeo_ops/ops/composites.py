@@ -118,9 +118,64 @@ class Product(LinearOperator):
         return Product(*fields.get("factors", self.factors))
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if X.shape[1] == 1 and self._bordered() is not None:
+            out = X.new_empty(self.shape[0], 1)
+            if self._bordered_into(X, out):
+                return out
         for f in reversed(self.factors):
             X = f._matmat(X)
         return X
+
+    def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """The factors right to left, the leftmost one writing into ``out``; ``Pᵀ·(G⊗A)·P`` and
+        ``Pᵀ·Eig[G⊗A]·P`` with ``P`` an :class:`~nngeo_ops.ops.AppendColumn` (KFAC and EKFAC
+        blocks with a bias) in one routine (:meth:`~nngeo_ops.ops.Kronecker.bordered_into`) that
+        never forms ``P x``."""
+        if X.shape[1] == 1 and self._bordered_into(X, out):
+            return
+        fs = self.factors
+        for f in reversed(fs[1:]):
+            X = f._matmat(X)
+        fs[0]._matmat_into(X, out)
+
+    def _bordered(self) -> tuple | None:
+        """``(K, evals, rows, cols)`` when the product is ``Pᵀ·M·P`` with ``P`` an AppendColumn
+        ``(rows, cols)`` and ``M`` a Kronecker node ``K`` (``evals`` None) or an eigen form over a
+        Kronecker basis ``K`` (a KFAC or an EKFAC block with a bias), else None (found once per
+        node)."""
+        hit = self.__dict__.get("_bordered_pattern", False)
+        if hit is False:
+            from .eigen import Eigen
+            from .kronecker import Kronecker
+            from .permutation import AppendColumn
+
+            def layout(f: LinearOperator, inverse: bool) -> tuple | None:
+                # (rows, cols) of an AppendColumn, or of the transpose of one, in that direction
+                if isinstance(f, Transpose):
+                    f, inverse = f.child, not inverse
+                if isinstance(f, AppendColumn) and f.inverse == inverse:
+                    return f.rows, f.cols
+                return None
+
+            hit = middle = None
+            fs = self.factors
+            if len(fs) == 3 and isinstance(fs[1], Kronecker):
+                middle = (fs[1], None)
+            elif len(fs) == 3 and isinstance(fs[1], Eigen) and isinstance(fs[1].Q, Kronecker):
+                middle = (fs[1].Q, fs[1].evals)
+            if middle is not None:
+                split, interleave = layout(fs[0], True), layout(fs[2], False)
+                if split is not None and split == interleave:
+                    hit = (*middle, *split)
+            self.__dict__["_bordered_pattern"] = hit
+        return hit
+
+    def _bordered_into(self, X: torch.Tensor, out: torch.Tensor) -> bool:
+        hit = self._bordered()
+        if hit is None:
+            return False
+        kron, evals, rows, cols = hit
+        return kron.bordered_into(rows, cols, X.view(-1), out.view(-1), evals)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         for f in self.factors:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, NotPSDError, SingularError
-from .base import LinearOperator, check_finite, check_symmetric_tag
+from .base import LinearOperator, check_finite, check_symmetric_tag, records_grad
 from .cache import cached_factor
 
 
@@ -124,6 +124,14 @@ class Dense(LinearOperator):
 
     def _mv(self, x: torch.Tensor) -> torch.Tensor:
         return self.M @ x
+
+    def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        # the product itself goes to out (a column-major M keeps its faster transposed product;
+        # a subclass such as ShiftedDense has products of its own)
+        if type(self) is not Dense or self._colmajor or records_grad(self.M, X, out):
+            out.copy_(self._matmat(X))
+        else:
+            torch.matmul(self.M, X, out=out)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         if self._colmajor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import LinearOperator
+from .base import LinearOperator, records_grad
 
 
 class Permutation(LinearOperator):
@@ -68,6 +68,12 @@ class Permutation(LinearOperator):
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
         return X[self.perm]
+
+    def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        if records_grad(X, out):
+            out.copy_(X[self.perm])
+        else:
+            torch.index_select(X, 0, self.perm, out=out)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
         return X[self.inverse_perm]
@@ -134,21 +140,43 @@ class AppendColumn(Permutation):
         super().__init__(perm, dtype, dev, name=name, _inverse=inv, _symmetric=sym)
         self.rows, self.cols, self.inverse = rows, cols, inverse
 
-    def _interleave(self, X: torch.Tensor) -> torch.Tensor:
-        k, w = X.shape[1], self.rows * self.cols
-        W = X[:w].reshape(self.rows, self.cols, k)
-        return torch.cat([W, X[w:].reshape(self.rows, 1, k)], dim=1).reshape(-1, k)
+    # Both directions copy X once, straight into the result: the weights as one strided copy, the
+    # biases as another (the former split made the weights contiguous first, then concatenated:
+    # two copies of the layer's size).
+    def _interleave_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """``out ← vec([W | c])`` from ``X = [vec(W); c]`` (``out`` contiguous)."""
+        k, w, cols = X.shape[1], self.rows * self.cols, self.cols
+        O = out.view(self.rows, cols + 1, k)
+        O[:, :cols].copy_(X[:w].reshape(self.rows, cols, k))
+        O[:, cols].copy_(X[w:])
 
-    def _split(self, X: torch.Tensor) -> torch.Tensor:
-        k = X.shape[1]
-        Y = X.reshape(self.rows, self.cols + 1, k)
-        return torch.cat([Y[:, : self.cols].reshape(-1, k), Y[:, self.cols]], dim=0)
+    def _split_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        """``out ← [vec(W); c]`` from ``X = vec([W | c])`` (``out`` contiguous)."""
+        k, w, cols = X.shape[1], self.rows * self.cols, self.cols
+        Y = X.reshape(self.rows, cols + 1, k)
+        out[:w].view(self.rows, cols, k).copy_(Y[:, :cols])
+        out[w:].copy_(Y[:, cols])
+
+    def _apply(self, X: torch.Tensor, out: torch.Tensor, split: bool) -> None:
+        if not out.is_contiguous():
+            out.copy_(self._matmat(X) if split == self.inverse else self._rmatmat(X))
+        elif split:
+            self._split_into(X, out)
+        else:
+            self._interleave_into(X, out)
 
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._split(X) if self.inverse else self._interleave(X)
+        out = X.new_empty(X.shape)
+        self._apply(X, out, self.inverse)
+        return out
+
+    def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
+        self._apply(X, out, self.inverse)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._interleave(X) if self.inverse else self._split(X)
+        out = X.new_empty(X.shape)
+        self._apply(X, out, not self.inverse)
+        return out
 
     def _make_transpose(self, name: str) -> AppendColumn:
         return AppendColumn(

@@ -79,6 +79,36 @@ class OperatorSuite:
         close(op @ x, dense @ x)
         close(op @ X, dense @ X)
 
+    def test_matvec_out(self, seed):
+        # A.matvec(x, out=...) writes A @ x into out and returns it: a fresh buffer, a slice of a
+        # larger one (a block's rows of a block-diagonal's result), and a non-contiguous one
+        op, dense, _ = self.case(seed)
+        m, n = op.shape
+        x, X = self.vec(n), self.vec(n, 3)
+        out = torch.full((m,), torch.nan, dtype=op.dtype)
+        assert op.matvec(x, out=out) is out
+        close(out, dense @ x)
+        big = torch.full((m + 3, 3), torch.nan, dtype=op.dtype)
+        assert op.matvec(X, out=big[2 : 2 + m]) is not None
+        close(big[2 : 2 + m], dense @ X)
+        assert big[:2].isnan().all() and big[2 + m :].isnan().all()  # nothing written outside
+        strided = torch.full((3, m), torch.nan, dtype=op.dtype).mT
+        close(op.matvec(X, out=strided), dense @ X)
+        close(op.matvec(x, out=strided[:, 1]), dense @ x)
+
+    def test_matvec_out_errors(self, seed):
+        op, _, _ = self.case(seed)
+        m, n = op.shape
+        x = self.vec(n)
+        with pytest.raises(ValueError, match=f"out has shape \\({m + 1},\\)"):
+            op.matvec(x, out=torch.empty(m + 1, dtype=op.dtype))
+        with pytest.raises(ValueError, match="out has shape"):
+            op.matvec(self.vec(n, 2), out=torch.empty(m, 3, dtype=op.dtype))
+        with pytest.raises(TypeError, match="out is torch.float32"):
+            op.matvec(x, out=torch.empty(m, dtype=torch.float32))
+        with pytest.raises(TypeError, match="expected a torch.Tensor for out"):
+            op.matvec(x, out=[0.0] * m)
+
     def test_rmatvec(self, seed):
         op, dense, _ = self.case(seed)
         y = self.vec(op.shape[0])
@@ -265,6 +295,16 @@ class OperatorSuite:
     def test_grad_matvec(self, seed):
         x = self.vec(self.case(seed)[0].shape[1])
         self._grad_check(seed, lambda A: (A @ x).square().sum(), lambda D: (D @ x).square().sum())
+
+    def test_grad_matvec_out(self, seed):
+        # under autograd the product reaches out by a differentiable copy
+        op = self.case(seed)[0]
+        x = self.vec(op.shape[1])
+
+        def f(A):
+            return A.matvec(x, out=torch.empty(A.shape[0], dtype=A.dtype)).square().sum()
+
+        self._grad_check(seed, f, lambda D: (D @ x).square().sum())
 
     def test_grad_solve(self, seed):
         if not (self.square and self.invertible):
