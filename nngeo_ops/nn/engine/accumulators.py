@@ -126,13 +126,26 @@ class DiagAcc:
         self.layer_ids = list(layer_ids)
         self.value = {}
         self._flat = None
+        # (min, max, version of the buffer) of the finalised diagonal, set by check_statistics
+        # (finite.py), which takes the range in the reduction that checks it: the Diagonal node
+        # of PMatDiag then needs no reduction of its own
+        self.value_range = None
 
     def _slot(self, ctx, lid):
+        """The slice of the buffer for ``lid`` and its parameters' views ``{attr: view shaped like
+        the parameter}``: the buffer is cut once per pass, two ``split_with_sizes`` calls for all
+        layers (not a split and the views per layer and batch)."""
         if self._flat is None:
             layers = ctx.cap.lc.layers
-            sizes = [layers[i].numel() for i in self.layer_ids]
+            entries = [layers[i] for i in self.layer_ids]
+            sizes = [e.numel() for e in entries]
             self._flat = torch.empty(sum(sizes), dtype=ctx.cap.dtype, device=ctx.cap.device)
-            self._slots = dict(zip(self.layer_ids, self._flat.split(sizes)))
+            slots = self._flat.split_with_sizes(sizes)
+            views = iter(self._flat.split_with_sizes([n for e in entries for n in e.numels]))
+            self._slots = {
+                i: (slot, {a: next(views).view(shape) for a, shape in zip(e.attrs, e.shapes)})
+                for i, e, slot in zip(self.layer_ids, entries, slots)
+            }
         return self._slots[lid]
 
     def update(self, ctx):
@@ -140,7 +153,8 @@ class DiagAcc:
             if lid in self.value:
                 self.value[lid] += ctx.diag(lid)
             else:
-                self.value[lid] = ctx.diag(lid, out=self._slot(ctx, lid))
+                out, pieces = self._slot(ctx, lid)
+                self.value[lid] = ctx.diag(lid, out=out, pieces=pieces)
 
     def finalize(self, scale):
         if self._complete():

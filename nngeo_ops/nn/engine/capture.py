@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ from ..params import LayerCollection
 from .finite import all_finite, check_statistics
 from .precision import accumulation_dtype
 from .streaming import stream_columns
+from .structure import cached, first_parameter, walk
 
 # modules whose backward the (legacy) vmap of ``is_grads_batched`` batches natively
 _BATCHED_BACKWARD = (
@@ -97,15 +99,16 @@ class _User:
         return {**self.__dict__, "calls": []}
 
 
-def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+def warn_train_mode(model: nn.Module, stacklevel: int = 3, modules=None) -> None:
     """Warn about modules whose training mode makes per-example curvature ill-defined or random.
 
     BatchNorm in training mode couples the examples of a batch through its statistics; Dropout (and
     its variants) in training mode draws a new mask at every pass, so two products of an implicit
     operator, or two passes of one computation, see different networks. Both: ``model.eval()``.
+    ``modules``: ``model.named_modules()`` when the caller has them already.
     """
     bn, drop = [], []
-    for n, m in model.named_modules():
+    for n, m in model.named_modules() if modules is None else modules:
         if not m.training:
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -256,24 +259,41 @@ class Capture:
         self.rng = rng
         self.n_output = n_output
         self.progress = progress
-        params = self.lc.parameters(model)
-        if not params:
-            raise DataError("the layer collection covers no parameter")
-        self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = accumulation_dtype(params[0].dtype)  # float32 for a half-precision model
-        self._find_users(params)
+        modules, key = walk(model, rules=True)  # the model as it is now (see engine.structure)
+        first = first_parameter(model, modules, key, self.lc)
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = accumulation_dtype(first.dtype)  # float32 for a half-precision model
         self._recording = False
         # record gradient edges (Capture.process), not the output tensors (StepStatistics)
         self._by_edge = False
         self._taps = None  # tensor hooks of a streamed batch (see _forward)
         self._sink = None  # where those hooks send a cotangent during a streamed backward
+        plan = cached(model, key, ("capture", self.lc), lambda: self._plan(modules))
+        users = [(name, ref(), *rest) for name, ref, *rest in plan[0]]
+        if any(u[1] is None for u in users):  # a module died and another took its address
+            plan = self._plan(modules)
+            users = [(name, ref(), *rest) for name, ref, *rest in plan[0]]
+        self.users: list[_User] = [_User(*u) for u in users]
+        self.structured: dict[str, _User] = {lid: self.users[i] for lid, i in plan[1].items()}
+        self._batched_backward = plan[2]
+
+    # ------------------------------------------------------------------ structure
+    def _plan(self, modules) -> tuple[list, dict, bool]:
+        """What the capture of ``self.lc`` knows of the model before any batch: the owning modules
+        ``[(name, weak reference to the module, attrs, keys, rule)]`` (see :meth:`_find_users`),
+        ``{layer id: index of its structured owner}`` and whether one vmapped backward takes the K
+        cotangents. Weak references: :func:`~nngeo_ops.nn.engine.structure.cached` keeps it."""
+        self._find_users(self.lc.parameters(self.model), modules)
+        index = {id(u): i for i, u in enumerate(self.users)}
+        users = [(u.name, weakref.ref(u.module), u.attrs, u.keys, u.rule) for u in self.users]
+        structured = {lid: index[id(u)] for lid, u in self.structured.items()}
         # the K cotangents go through one vmapped backward only where every module's backward has
         # a batching rule; elsewhere (convolutions, pooling...) the fallback is several times slower
         # than K plain backward passes over the retained graph
-        self._batched_backward = all(isinstance(m, _BATCHED_BACKWARD) for m in model.modules())
+        batched = all(isinstance(m, _BATCHED_BACKWARD) for _, m in modules)
+        return users, structured, batched
 
-    # ------------------------------------------------------------------ structure
-    def _find_users(self, params):
+    def _find_users(self, params, modules):
         key_of = {}
         i = 0
         for lid, entry in self.lc.items():
@@ -282,7 +302,7 @@ class Capture:
                 i += 1
         self.users: list[_User] = []
         n_users = {}
-        for name, mod in self.model.named_modules():
+        for name, mod in modules:
             attrs, keys = [], []
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) in key_of:
@@ -305,14 +325,14 @@ class Capture:
                     rule = None
                 self.users.append(_User(name, mod, tuple(attrs), tuple(keys), rule))
         # a layer is structured when one module with a rule owns exactly its parameters alone
-        modules = self.lc.get_layerid_module_map(self.model)
+        of_layer = self.lc.get_layerid_module_map(self.model)
         self.structured: dict[str, _User] = {}
         for user in self.users:
             lid = user.keys[0][0]
             entry = self.lc.layers[lid]
             if (
                 user.rule is not None
-                and modules[lid] is user.module
+                and of_layer[lid] is user.module
                 and user.attrs == entry.attrs
                 and set(user.attrs) == set(user.rule.attrs(user.module))
                 and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
@@ -644,15 +664,18 @@ class BatchContext:
     def per_example_all(self) -> torch.Tensor:
         return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
 
-    def diag(self, lid: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def diag(self, lid: str, out: torch.Tensor | None = None, pieces=None) -> torch.Tensor:
         """Σ over the columns and examples of the squared gradients of one layer, ``(P_layer,)`` in
         flat order; written into ``out`` (a contiguous ``(P_layer,)`` tensor) when given, so that
-        an accumulator holding the whole diagonal in one buffer copies nothing."""
+        an accumulator holding the whole diagonal in one buffer copies nothing. ``pieces``: the
+        views of ``out`` shaped like the layer's parameters ``{attr: view}``, when the caller has
+        them (else they are cut from ``out`` here)."""
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
-            pieces = None
-            if out is not None:
+            if out is None:
+                pieces = None
+            elif pieces is None:
                 entry = self.cap.lc.layers[lid]
                 pieces = dict(zip(entry.attrs, entry.views(out)))
             d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces)
