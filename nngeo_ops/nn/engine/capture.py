@@ -668,8 +668,8 @@ class BatchContext:
         """Σ over the columns and examples of the squared gradients of one layer, ``(P_layer,)`` in
         flat order; written into ``out`` (a contiguous ``(P_layer,)`` tensor) when given, so that
         an accumulator holding the whole diagonal in one buffer copies nothing. ``pieces``: the
-        views of ``out`` shaped like the layer's parameters ``{attr: view}``, when the caller has
-        them (else they are cut from ``out`` here)."""
+        views of ``out`` for the layer's parameters ``{attr: view}``, flat or shaped like the
+        parameter, when the caller has them (else they are cut from ``out`` here)."""
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]

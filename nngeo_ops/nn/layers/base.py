@@ -96,9 +96,9 @@ class KronRule(Rule):
         """Σ_{k,n} (∇θ)² per parameter ``{attr: tensor of its shape}``, without per-example tensors
         where a closed form exists (one position: (Σ_k g_k²)ᵀ a² for order "ga"), else None.
 
-        ``out``: ``{attr: tensor of the parameter's shape}`` to write into (views of the whole
-        diagonal's buffer), or None; a kind may ignore it and return new tensors (the caller then
-        copies them).
+        ``out``: ``{attr: contiguous tensor of the parameter's shape, or flat}`` to write into
+        (views of the whole diagonal's buffer, which a kind reshapes), or None; a kind may ignore
+        it and return new tensors (the caller then copies them).
         """
         arow, grow = self.rows(module, a, g)
         if arow.shape[1] != 1 or self.order != "ga":

@@ -5,6 +5,7 @@ the answer of a model built afresh, and of torch.func per-example gradients (flo
 import copy
 import gc
 import inspect
+import math
 import weakref
 
 import pytest
@@ -233,3 +234,21 @@ def test_a_nonfinite_diagonal_is_still_caught_and_named():
         model[0].bias.zero_()
     with pytest.raises(NonFiniteError, match=r"layers \['0'\].*derivatives are not"):
         FIM_MonteCarlo(model, (x, y), PMatDiag, progress=False)
+
+
+# ---------------------------------------------------------------------- the Monte-Carlo draw
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("b, trials", [(1, 1), (7, 3)])
+def test_the_draw_is_the_one_hot_of_the_labels_minus_p(dtype, b, trials):
+    from nngeo_ops.nn.losses import _sample_classes, class_softmax, output_model_for_variant
+
+    out = torch.randn(b, 5, generator=torch.Generator().manual_seed(b)).to(dtype)
+    om = output_model_for_variant("classif_logits", None)
+    cols, count = om.sample(out, None, trials, torch.Generator().manual_seed(4))
+    p = class_softmax(out)
+    # the labels of the (B, C, D) form of the draw, with the same generator state
+    lab = _sample_classes(p[:, :, None], trials, torch.Generator().manual_seed(4))[..., 0]
+    want = nn.functional.one_hot(lab, 5).to(dtype) - p
+    want = want if trials == 1 else want / math.sqrt(trials)
+    assert count == b and cols.dtype == dtype
+    torch.testing.assert_close(cols, want, rtol=0, atol=0)
