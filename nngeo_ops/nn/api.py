@@ -100,14 +100,19 @@ def _entry_point(kind: str, omit: tuple[str, ...] = ()):
         signature = inspect.Signature(public)
         head_args = [p.name for p in own]
         bind = _binder(signature)
+        # the shared options handed to the generator as they are (names resolved once, here)
+        passed = [
+            p.name
+            for p in SHARED_OPTIONS
+            if p.name not in omit and p.name not in ("covariance", "max_batches")
+        ]
 
         @functools.wraps(head)
         def entry(*args, **kwargs):
             given = bind(args, kwargs)
             om, options = head(**{name: given[name] for name in head_args})
-            for p in SHARED_OPTIONS:
-                if p.name not in omit and p.name not in ("covariance", "max_batches"):
-                    options[p.name] = given[p.name]
+            for name in passed:
+                options[name] = given[name]
             loader = as_loader(given["loader"], max_batches=given["max_batches"])
             gen = CurvatureGenerator(given["model"], om, kind, **options)
             return given["representation"](generator=gen, examples=loader)

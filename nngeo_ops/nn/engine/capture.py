@@ -357,8 +357,15 @@ class Capture:
                 return None
             index, tensor = _followed_output(user, module, output)
             # statistics are data, never part of a graph: inputs are kept detached
-            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-            kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common call, no loop
+                args = (args[0].detach(),)
+            else:
+                args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            kwargs = (
+                {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+                if kwargs
+                else {}
+            )
             if not self._by_edge:  # StepStatistics: the tensor (its own hooks, a version check)
                 user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
                 return None
