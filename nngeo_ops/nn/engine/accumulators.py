@@ -126,6 +126,7 @@ class DiagAcc:
         self.layer_ids = list(layer_ids)
         self.value = {}
         self._flat = None
+        self._folded = None  # the pass's scale, folded in by update (one-batch passes)
         # (min, max, version of the buffer) of the finalised diagonal, set by check_statistics
         # (finite.py), which takes the range in the reduction that checks it: the Diagonal node
         # of PMatDiag then needs no reduction of its own
@@ -150,14 +151,27 @@ class DiagAcc:
         return self._slots[lid]
 
     def update(self, ctx):
+        # a pass of one batch: its normalisation is folded in now (BatchContext.scale), into the
+        # Σ g² factor of each closed form, and the pass over the whole diagonal at finalize is
+        # spared (~0.16 ms of a 5 ms build of the benchmark MLP, the diagonal being out of cache)
+        scale = getattr(ctx, "scale", None)
         for lid in ctx.select(self.layer_ids):
             if lid in self.value:
-                self.value[lid] += ctx.diag(lid)
+                self.value[lid] += ctx.diag(lid, scale=scale)
             else:
                 out, pieces = self._slot(ctx, lid)
-                self.value[lid] = ctx.diag(lid, out=out, pieces=pieces)
+                self.value[lid] = ctx.diag(lid, out=out, pieces=pieces, scale=scale)
+        if scale is not None:
+            self._folded = scale
 
     def finalize(self, scale):
+        folded = self._folded
+        if folded is not None:
+            if folded != scale:  # the pass's scale is the one its only batch announced
+                raise RuntimeError(f"DiagAcc: scale {scale} at finalize, {folded} folded in")
+            return
+        if scale == 1:  # x·1 is x
+            return
         if self._complete():
             self._flat.mul_(scale)
         else:

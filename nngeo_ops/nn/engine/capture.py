@@ -42,6 +42,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ...errors import NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, progress_bar
+from ..layers.base import KronRule
 from ..layers.generic import generic_per_example
 from ..layers.registry import rule_for
 from ..losses import DataError, OutputModel, apply_factor
@@ -439,7 +440,7 @@ class Capture:
                 self.structured.pop(lid, None)
             self.users.remove(u)
 
-    def process(self, batch, consume=None) -> BatchContext:
+    def process(self, batch, consume=None, known_scale: bool = False) -> BatchContext:
         """Forward and backward of one batch; the :class:`BatchContext` of its statistics.
 
         With ``consume`` (a function of a context), where the K columns are back-propagated one
@@ -449,6 +450,9 @@ class Capture:
         ``(K, B, …)`` stack of every layer's output cotangents (126 MB for the benchmark CNN) nor one
         column of all of them (12.6 MB) is held. Elsewhere ``consume`` gets the whole context once.
         The returned context then carries the batch's size and count only.
+
+        ``known_scale``: the batch is the whole pass (local), so its normalisation is known before
+        the accumulators see it: the contexts carry it as :attr:`BatchContext.scale`.
         """
         batch = self._prepare(batch)
         stream = consume is not None and not self._batched_backward
@@ -463,8 +467,10 @@ class Capture:
             if not out.requires_grad:
                 raise DataError("the output does not depend on any covered parameter")
             lmat = lmat.to(out.dtype)
+            scale = self._known_scale(count, out.shape[0]) if known_scale else None
             if stream:
-                return stream_columns(self, out, calls, lmat, count, consume, BatchContext)
+                context = functools.partial(BatchContext, scale=scale)
+                return stream_columns(self, out, calls, lmat, count, consume, context)
             grads = self._backprop(out, calls, lmat)
         finally:
             self._remove_taps()
@@ -478,10 +484,19 @@ class Capture:
         del out  # the graph is no longer needed
         if self.dtype != lmat.dtype:
             self._widen()
-        ctx = BatchContext(self, b, lmat.shape[0], count)
+        ctx = BatchContext(self, b, lmat.shape[0], count, scale=scale)
         if consume is not None:
             consume(ctx)
         return ctx
+
+    def _known_scale(self, count: int, n_examples: int) -> float | None:
+        """The normalisation of a pass of this one batch (see :meth:`run`), or None where it is 1
+        (nothing to fold in) or undefined (``run`` raises its error at the end of the pass)."""
+        try:
+            scale = self.output_model.scale(count, n_examples)
+        except DataError:
+            return None
+        return None if scale == 1 else scale
 
     def _remove_taps(self) -> None:
         """Remove the tensor hooks of a streamed batch (also after an error half-way: a graph kept
@@ -545,6 +560,11 @@ class Capture:
         # accumulators that sum their cotangent statistics over the columns and read the inputs'
         # once per batch (``column_wise``) take the columns one at a time (see ``process``)
         stream = bool(accumulators) and all(getattr(a, "column_wise", False) for a in accumulators)
+        # a local pass over a list of one batch knows its normalisation once that batch's counts
+        # are known, before the accumulators see it (BatchContext.scale): DiagAcc folds it into
+        # the small factor of each layer's contraction, not a pass over the whole diagonal here
+        known = isinstance(loader, list | tuple) and len(loader) == 1
+        known = known and self.process_group is None
 
         def consume(ctx):
             for acc in accumulators:
@@ -553,9 +573,9 @@ class Capture:
         try:
             for batch in progress_bar(loader, self.progress, desc):
                 if stream:
-                    ctx = self.process(batch, consume)
+                    ctx = self.process(batch, consume, known_scale=known)
                 else:
-                    ctx = self.process(batch)
+                    ctx = self.process(batch, known_scale=known)
                     consume(ctx)
                 total += ctx.count
                 n_ex += ctx.batch_size
@@ -580,9 +600,19 @@ class BatchContext:
     """Lazy per-layer statistics of one batch; each quantity is computed once."""
 
     def __init__(
-        self, cap: Capture, batch_size: int, k: int, count: int, column=None, columns=None
+        self,
+        cap: Capture,
+        batch_size: int,
+        k: int,
+        count: int,
+        column=None,
+        columns=None,
+        scale: float | None = None,
     ):
         self.cap = cap
+        # the normalisation of the whole pass when this batch is all of it (Capture.run), else
+        # None: an accumulator may fold it into what it adds now (then not scale at finalize)
+        self.scale = scale
         self.batch_size = batch_size
         self.k = k
         self.count = count
@@ -671,12 +701,16 @@ class BatchContext:
     def per_example_all(self) -> torch.Tensor:
         return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
 
-    def diag(self, lid: str, out: torch.Tensor | None = None, pieces=None) -> torch.Tensor:
+    def diag(
+        self, lid: str, out: torch.Tensor | None = None, pieces=None, scale: float | None = None
+    ) -> torch.Tensor:
         """Σ over the columns and examples of the squared gradients of one layer, ``(P_layer,)`` in
         flat order; written into ``out`` (a contiguous ``(P_layer,)`` tensor) when given, so that
         an accumulator holding the whole diagonal in one buffer copies nothing. ``pieces``: the
         views of ``out`` for the layer's parameters ``{attr: view}``, flat or shaped like the
-        parameter, when the caller has them (else they are cut from ``out`` here)."""
+        parameter, when the caller has them (else they are cut from ``out`` here). ``scale``: a
+        factor the result is multiplied by (the pass's normalisation, :attr:`scale`), folded into
+        the squared cotangents by the Kronecker rules' closed form."""
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
@@ -685,15 +719,21 @@ class BatchContext:
             elif pieces is None:
                 entry = self.cap.lc.layers[lid]
                 pieces = dict(zip(entry.attrs, entry.views(out)))
-            d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces)
+            folds = scale is not None and type(user.rule).diag is KronRule.diag
+            extra = {"scale": scale} if folds else {}
+            d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces, **extra)
             if d is not None:
                 if pieces is None:
-                    return torch.cat([d[a].reshape(-1) for a in user.attrs])
-                for a in user.attrs:
-                    if d[a] is not pieces[a]:  # a kind that does not write into ``out``
-                        pieces[a].copy_(d[a].reshape(pieces[a].shape))
-                return out
+                    res = torch.cat([d[a].reshape(-1) for a in user.attrs])
+                else:
+                    for a in user.attrs:
+                        if d[a] is not pieces[a]:  # a kind that does not write into ``out``
+                            pieces[a].copy_(d[a].reshape(pieces[a].shape))
+                    res = out
+                return res if scale is None or folds else res.mul_(scale)
         d = self.per_example(lid).square().sum(0)
+        if scale is not None:
+            d = d.mul_(scale)
         return d if out is None else out.copy_(d)
 
     def kron_rows(self, lid: str):

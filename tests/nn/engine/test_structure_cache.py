@@ -252,3 +252,47 @@ def test_the_draw_is_the_one_hot_of_the_labels_minus_p(dtype, b, trials):
     want = want if trials == 1 else want / math.sqrt(trials)
     assert count == b and cols.dtype == dtype
     torch.testing.assert_close(cols, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- the scale folded in
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("make, shape", [(_mlp, (9, 5)), (_cnn, (9, 2, 4, 4))])
+@pytest.mark.parametrize("kind", ["mc", "exact", "empirical"])
+def test_a_one_batch_pass_folds_its_scale_in_exactly(make, shape, kind):
+    """One batch in a list (the scale folded into Σ g² before the contraction) against the same
+    examples as two batches (scaled at the end) and as a one-shot iterator, and for the
+    empirical Fisher against torch.func."""
+    model = make()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (shape[0],), generator=g)
+
+    def build(loader):
+        if kind == "mc":  # 3 draws: the streamed columns of the CNN
+            rng = torch.Generator().manual_seed(0)
+            return FIM_MonteCarlo(model, loader, PMatDiag, progress=False, generator=rng, trials=3)
+        if kind == "exact":
+            return FIM(model, loader, PMatDiag, progress=False)
+        return EmpiricalFisher(model, loader, PMatDiag, progress=False)
+
+    one = build([(x, y)]).data
+    torch.testing.assert_close(one, build(iter([(x, y)])).data, rtol=1e-12, atol=0)
+    if kind != "mc":  # the draws of two batches are not those of one
+        halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+        torch.testing.assert_close(one, build(halves).data, rtol=1e-12, atol=1e-300)
+    if kind == "empirical":
+        torch.testing.assert_close(one, _empirical_diag(model, x, y), rtol=1e-10, atol=1e-300)
+
+
+def test_a_sum_reduction_is_not_scaled():
+    model, (x, y) = _mlp(), _data()
+    loss = nn.CrossEntropyLoss(reduction="sum")
+    one = GGN(model, [(x, y)], loss, PMatDiag, progress=False).data
+    mean = GGN(model, [(x, y)], nn.CrossEntropyLoss(), PMatDiag, progress=False).data
+    torch.testing.assert_close(one, mean * x.shape[0], rtol=1e-12, atol=0)
