@@ -30,8 +30,8 @@ from ...errors import DataError
 from ..layers.base import Rule
 from ..layers.registry import rule_for
 
-# (id(model), rules) -> (weak reference to the model, key of its last walk, {what: derived value})
-_CACHE: dict[tuple[int, bool], tuple] = {}
+# (id(model), rules) -> [weak reference to the model, key of its last walk, {what: derived value}]
+_CACHE: dict[tuple[int, bool], list] = {}
 _MAX_ENTRIES = 8  # derived values per key (one per layer collection a capture was built for)
 
 
@@ -84,10 +84,11 @@ def cached(model: nn.Module, key: tuple, what, compute):
     strongly: use weak references)."""
     slot = (id(model), key[0])
     entry = _CACHE.get(slot)
-    if entry is None or entry[0]() is not model or entry[1] != key:
+    if entry is None or entry[0]() is not model or (entry[1] is not key and entry[1] != key):
         ref = weakref.ref(model, lambda _, slot=slot: _drop(slot))
-        entry = (ref, key, {})
+        entry = [ref, key, {}]
         _CACHE[slot] = entry
+    entry[1] = key  # the same walk's later lookups compare by identity
     values = entry[2]
     if what in values:
         return values[what]
