@@ -106,7 +106,9 @@ def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvatu
         flat = getattr(acc, "flat", None)  # a statistic held in one buffer: one reduction
         whole = flat() if flat is not None else None
         if whole is not None and hasattr(acc, "value_range"):
-            lo, hi, ok = _range(whole)
+            known = getattr(acc, "known_range", None)  # taken as the values were written
+            rng = known() if known is not None else None
+            lo, hi, ok = rng if rng is not None else _range(whole)
             if ok:
                 acc.value_range = (lo, hi, whole._version)
                 continue

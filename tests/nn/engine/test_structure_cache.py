@@ -296,3 +296,20 @@ def test_a_sum_reduction_is_not_scaled():
     one = GGN(model, [(x, y)], loss, PMatDiag, progress=False).data
     mean = GGN(model, [(x, y)], nn.CrossEntropyLoss(), PMatDiag, progress=False).data
     torch.testing.assert_close(one, mean * x.shape[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_the_range_taken_as_layers_are_written_is_the_whole_ones(batches):
+    from nngeo_ops.nn.engine.accumulators import DiagAcc
+    from nngeo_ops.ops import value_range
+
+    model, (x, y) = _mlp(), _data()
+    gen = _fresh_generator(model)
+    loader = [(x, y)] if batches == 1 else [(x[:3], y[:3]), (x[3:], y[3:])]
+    acc = DiagAcc(gen.layer_collection.layers)
+    gen.run(loader, [acc])
+    assert (acc.known_range() is not None) == (batches == 1)
+    lo, hi, ok = value_range(acc.concatenated())
+    assert acc.value_range == (lo, hi, acc.flat()._version) and ok
+    acc.flat()[0] = -1.0  # changed since: the ranges taken at the writes no longer hold
+    assert acc.known_range() is None
