@@ -157,6 +157,10 @@ class DiagAcc:
         # Σ g² factor of each closed form, and the pass over the whole diagonal at finalize is
         # spared (~0.16 ms of a 5 ms build of the benchmark MLP, the diagonal being out of cache)
         scale = getattr(ctx, "scale", None)
+        if scale is not None and (getattr(ctx, "columns", None) or 1) > 1:
+            # K > 1 columns streamed one at a time: folded into each column's terms, a kind
+            # without the closed form (convolutions) would multiply its diagonal K times
+            scale = None
         # the whole batch at once with its scale folded in: each layer's slice is final when
         # written, and its range is taken then, while it is in cache (see known_range)
         final = scale is not None and getattr(ctx, "column", None) is None
