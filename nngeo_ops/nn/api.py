@@ -56,6 +56,36 @@ SHARED_DOC = """
 _HEAD = ("model", "loader", "loss_fn", "representation")
 
 
+def _binder(signature: inspect.Signature):
+    """``bind(args, kwargs) -> {name: value}`` for every parameter of ``signature``, defaults
+    filled in: what ``signature.bind(*args, **kwargs)`` followed by ``apply_defaults()`` gives
+    (13 µs a call, a tenth of a one-example build), in a dict lookup per argument. Every parameter
+    is positional-or-keyword (checked here), so a call binds when it has at most as many positional
+    arguments as parameters, only keywords naming a parameter that no positional argument took,
+    and every parameter without a default given; any other call goes to ``signature.bind``, for
+    its TypeError."""
+    params = list(signature.parameters.values())
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        raise TypeError("the fast binding takes positional-or-keyword parameters only")
+    names = [p.name for p in params]
+    known = set(names)
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+
+    def bind(args: tuple, kwargs: dict) -> dict:
+        if len(args) <= len(names):
+            given = dict(zip(names, args))
+            if not any(k in given or k not in known for k in kwargs):
+                given.update(kwargs)
+                if all(n in given for n in required):
+                    return {**defaults, **given}
+        bound = signature.bind(*args, **kwargs)  # raises the TypeError of this call
+        bound.apply_defaults()
+        return bound.arguments
+
+    return bind
+
+
 def _entry_point(kind: str, omit: tuple[str, ...] = ()):
     """An entry point from its *head*: a function of the arguments that tell the entry points apart
     (``variant``, ``loss_fn``, the Monte-Carlo draws...) returning ``(output model, generator
@@ -69,16 +99,20 @@ def _entry_point(kind: str, omit: tuple[str, ...] = ()):
         public += [p for p in SHARED_OPTIONS if p.name not in omit]
         signature = inspect.Signature(public)
         head_args = [p.name for p in own]
+        bind = _binder(signature)
+        # the shared options handed to the generator as they are (names resolved once, here)
+        passed = [
+            p.name
+            for p in SHARED_OPTIONS
+            if p.name not in omit and p.name not in ("covariance", "max_batches")
+        ]
 
         @functools.wraps(head)
         def entry(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            given = bound.arguments
+            given = bind(args, kwargs)
             om, options = head(**{name: given[name] for name in head_args})
-            for p in SHARED_OPTIONS:
-                if p.name not in omit and p.name not in ("covariance", "max_batches"):
-                    options[p.name] = given[p.name]
+            for name in passed:
+                options[name] = given[name]
             loader = as_loader(given["loader"], max_batches=given["max_batches"])
             gen = CurvatureGenerator(given["model"], om, kind, **options)
             return given["representation"](generator=gen, examples=loader)

@@ -26,17 +26,31 @@ class Diagonal(LinearOperator):
     ``derived=True`` marks a ``d`` that ops computed itself from checked leaves (a rewrite's fold),
     which no caller holds: whether it has a zero is then keyed on its version counter alone (see
     :class:`~nngeo_ops.ops.base.ZeroFree`).
+
+    ``value_range=(lo, hi)``: ``(min d, max d)``, both finite, as :func:`~nngeo_ops.ops.value_range`
+    computed them on ``d`` as it is now (a caller that checked ``d`` by that reduction already: the
+    statistics engine's diagonal), in place of the node's own reduction.
     """
 
     _tensor_fields = ("d",)
 
-    def __init__(self, d: torch.Tensor, *, name: str = "diag", derived: bool = False) -> None:
+    def __init__(
+        self,
+        d: torch.Tensor,
+        *,
+        name: str = "diag",
+        derived: bool = False,
+        value_range: tuple[float, float] | None = None,
+    ) -> None:
         if not isinstance(d, torch.Tensor) or d.dim() != 1:
             raise ArgumentTypeError(
                 f"Diagonal expects a 1-D tensor, got {getattr(d, 'shape', type(d))}"
             )
-        # one reduction gives finiteness, the PSD tag and whether 0 can be an entry
-        lo, hi = finite_range(d, f"Diagonal {name}")
+        if value_range is None:
+            # one reduction gives finiteness, the PSD tag and whether 0 can be an entry
+            lo, hi = finite_range(d, f"Diagonal {name}")
+        else:
+            lo, hi = value_range
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=lo >= 0)
         self.d = d
         self.name = name

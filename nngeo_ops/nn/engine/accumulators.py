@@ -126,23 +126,86 @@ class DiagAcc:
         self.layer_ids = list(layer_ids)
         self.value = {}
         self._flat = None
+        self._folded = None  # the pass's scale, folded in by update (one-batch passes)
+        self._ranges = {}  # {layer id: aminmax of its final slice} (see known_range)
+        self._ranged_version = None
+        # (min, max, version of the buffer) of the finalised diagonal, set by check_statistics
+        # (finite.py), which takes the range in the reduction that checks it: the Diagonal node
+        # of PMatDiag then needs no reduction of its own
+        self.value_range = None
 
     def _slot(self, ctx, lid):
+        """The slice of the buffer for ``lid`` and its parameters' slices ``{attr: (numel,) view}``
+        (the ``out`` of :meth:`BatchContext.diag`, which the rules reshape): the buffer is cut once
+        per pass, by two ``split_with_sizes`` calls for all layers, not a split and a view per
+        parameter for each layer (~15 µs a build of the benchmark MLP)."""
         if self._flat is None:
             layers = ctx.cap.lc.layers
-            sizes = [layers[i].numel() for i in self.layer_ids]
+            entries = [layers[i] for i in self.layer_ids]
+            sizes = [e.numel() for e in entries]
             self._flat = torch.empty(sum(sizes), dtype=ctx.cap.dtype, device=ctx.cap.device)
-            self._slots = dict(zip(self.layer_ids, self._flat.split(sizes)))
+            slots = self._flat.split_with_sizes(sizes)
+            pieces = iter(self._flat.split_with_sizes([n for e in entries for n in e.numels]))
+            self._slots = {
+                i: (slot, {a: next(pieces) for a in e.attrs})
+                for i, e, slot in zip(self.layer_ids, entries, slots)
+            }
         return self._slots[lid]
 
     def update(self, ctx):
+        # a pass of one batch: its normalisation is folded in now (BatchContext.scale), into the
+        # Σ g² factor of each closed form, and the pass over the whole diagonal at finalize is
+        # spared (~0.16 ms of a 5 ms build of the benchmark MLP, the diagonal being out of cache)
+        scale = getattr(ctx, "scale", None)
+        if scale is not None and (getattr(ctx, "columns", None) or 1) > 1:
+            # K > 1 columns streamed one at a time: folded into each column's terms, a kind
+            # without the closed form (convolutions) would multiply its diagonal K times
+            scale = None
+        # the whole batch at once with its scale folded in: each layer's slice is final when
+        # written, and its range is taken then, while it is in cache (see known_range)
+        final = scale is not None and getattr(ctx, "column", None) is None
         for lid in ctx.select(self.layer_ids):
             if lid in self.value:
-                self.value[lid] += ctx.diag(lid)
+                self.value[lid] += ctx.diag(lid, scale=scale)
+                self._ranges = None
             else:
-                self.value[lid] = ctx.diag(lid, out=self._slot(ctx, lid))
+                out, pieces = self._slot(ctx, lid)
+                self.value[lid] = value = ctx.diag(lid, out=out, pieces=pieces, scale=scale)
+                if final and self._ranges is not None:
+                    with torch.no_grad():
+                        self._ranges[lid] = torch.aminmax(value.detach())
+        if scale is not None:
+            self._folded = scale
+        if final and self._flat is not None:
+            self._ranged_version = self._flat._version
+
+    def known_range(self) -> tuple[float, float, bool] | None:
+        """``(min, max, every entry finite)`` of the finalised diagonal from the ranges taken as
+        each layer's final values were written (a one-batch pass, :meth:`update`), or None where
+        they do not cover it as it is now. On the benchmark MLP this spares the ``aminmax`` of the
+        whole diagonal out of cache at the end of the pass (~0.12 ms of a 5 ms build)."""
+        ranges = self._ranges
+        if (
+            not ranges
+            or len(ranges) != len(self.layer_ids)
+            or self._flat is None
+            or self._flat._version != self._ranged_version
+        ):
+            return None
+        los = [r[0].item() for r in ranges.values()]
+        his = [r[1].item() for r in ranges.values()]
+        if not all(math.isfinite(v) for v in los + his):  # min() of floats skips a NaN
+            return math.nan, math.nan, False
+        return min(los), max(his), True
 
     def finalize(self, scale):
+        folded = self._folded
+        if folded is not None:
+            if folded != scale:  # the pass's scale is the one its only batch announced
+                raise RuntimeError(f"DiagAcc: scale {scale} at finalize, {folded} folded in")
+            return
+        if scale == 1:  # x·1 is x
+            return
         if self._complete():
             self._flat.mul_(scale)
         else:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ...errors import NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, progress_bar
+from ..layers.base import KronRule
 from ..layers.generic import generic_per_example
 from ..layers.registry import rule_for
 from ..losses import DataError, OutputModel, apply_factor
@@ -48,6 +50,7 @@ from ..params import LayerCollection
 from .finite import all_finite, check_statistics
 from .precision import accumulation_dtype
 from .streaming import stream_columns
+from .structure import cached, first_parameter, walk
 
 # modules whose backward the (legacy) vmap of ``is_grads_batched`` batches natively
 _BATCHED_BACKWARD = (
@@ -97,15 +100,16 @@ class _User:
         return {**self.__dict__, "calls": []}
 
 
-def warn_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+def warn_train_mode(model: nn.Module, stacklevel: int = 3, modules=None) -> None:
     """Warn about modules whose training mode makes per-example curvature ill-defined or random.
 
     BatchNorm in training mode couples the examples of a batch through its statistics; Dropout (and
     its variants) in training mode draws a new mask at every pass, so two products of an implicit
     operator, or two passes of one computation, see different networks. Both: ``model.eval()``.
+    ``modules``: ``model.named_modules()`` when the caller has them already.
     """
     bn, drop = [], []
-    for n, m in model.named_modules():
+    for n, m in model.named_modules() if modules is None else modules:
         if not m.training:
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -256,24 +260,41 @@ class Capture:
         self.rng = rng
         self.n_output = n_output
         self.progress = progress
-        params = self.lc.parameters(model)
-        if not params:
-            raise DataError("the layer collection covers no parameter")
-        self.device = torch.device(device) if device is not None else params[0].device
-        self.dtype = accumulation_dtype(params[0].dtype)  # float32 for a half-precision model
-        self._find_users(params)
+        modules, key = walk(model, rules=True)  # the model as it is now (see engine.structure)
+        first = first_parameter(model, modules, key, self.lc)
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = accumulation_dtype(first.dtype)  # float32 for a half-precision model
         self._recording = False
         # record gradient edges (Capture.process), not the output tensors (StepStatistics)
         self._by_edge = False
         self._taps = None  # tensor hooks of a streamed batch (see _forward)
         self._sink = None  # where those hooks send a cotangent during a streamed backward
+        plan = cached(model, key, ("capture", self.lc), lambda: self._plan(modules))
+        users = [(name, ref(), *rest) for name, ref, *rest in plan[0]]
+        if any(u[1] is None for u in users):  # a module died and another took its address
+            plan = self._plan(modules)
+            users = [(name, ref(), *rest) for name, ref, *rest in plan[0]]
+        self.users: list[_User] = [_User(*u) for u in users]
+        self.structured: dict[str, _User] = {lid: self.users[i] for lid, i in plan[1].items()}
+        self._batched_backward = plan[2]
+
+    # ------------------------------------------------------------------ structure
+    def _plan(self, modules) -> tuple[list, dict, bool]:
+        """What the capture of ``self.lc`` knows of the model before any batch: the owning modules
+        ``[(name, weak reference to the module, attrs, keys, rule)]`` (see :meth:`_find_users`),
+        ``{layer id: index of its structured owner}`` and whether one vmapped backward takes the K
+        cotangents. Weak references: :func:`~nngeo_ops.nn.engine.structure.cached` keeps it."""
+        self._find_users(self.lc.parameters(self.model), modules)
+        index = {id(u): i for i, u in enumerate(self.users)}
+        users = [(u.name, weakref.ref(u.module), u.attrs, u.keys, u.rule) for u in self.users]
+        structured = {lid: index[id(u)] for lid, u in self.structured.items()}
         # the K cotangents go through one vmapped backward only where every module's backward has
         # a batching rule; elsewhere (convolutions, pooling...) the fallback is several times slower
         # than K plain backward passes over the retained graph
-        self._batched_backward = all(isinstance(m, _BATCHED_BACKWARD) for m in model.modules())
+        batched = all(isinstance(m, _BATCHED_BACKWARD) for _, m in modules)
+        return users, structured, batched
 
-    # ------------------------------------------------------------------ structure
-    def _find_users(self, params):
+    def _find_users(self, params, modules):
         key_of = {}
         i = 0
         for lid, entry in self.lc.items():
@@ -282,7 +303,7 @@ class Capture:
                 i += 1
         self.users: list[_User] = []
         n_users = {}
-        for name, mod in self.model.named_modules():
+        for name, mod in modules:
             attrs, keys = [], []
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) in key_of:
@@ -305,14 +326,14 @@ class Capture:
                     rule = None
                 self.users.append(_User(name, mod, tuple(attrs), tuple(keys), rule))
         # a layer is structured when one module with a rule owns exactly its parameters alone
-        modules = self.lc.get_layerid_module_map(self.model)
+        of_layer = self.lc.get_layerid_module_map(self.model)
         self.structured: dict[str, _User] = {}
         for user in self.users:
             lid = user.keys[0][0]
             entry = self.lc.layers[lid]
             if (
                 user.rule is not None
-                and modules[lid] is user.module
+                and of_layer[lid] is user.module
                 and user.attrs == entry.attrs
                 and set(user.attrs) == set(user.rule.attrs(user.module))
                 and all(n_users[id(getattr(user.module, a))] == 1 for a in user.attrs)
@@ -337,8 +358,15 @@ class Capture:
                 return None
             index, tensor = _followed_output(user, module, output)
             # statistics are data, never part of a graph: inputs are kept detached
-            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-            kwargs = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common call, no loop
+                args = (args[0].detach(),)
+            else:
+                args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            kwargs = (
+                {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+                if kwargs
+                else {}
+            )
             if not self._by_edge:  # StepStatistics: the tensor (its own hooks, a version check)
                 user.calls.append(_Call(args, kwargs, tensor, tensor._version, index=index))
                 return None
@@ -412,7 +440,7 @@ class Capture:
                 self.structured.pop(lid, None)
             self.users.remove(u)
 
-    def process(self, batch, consume=None) -> BatchContext:
+    def process(self, batch, consume=None, known_scale: bool = False) -> BatchContext:
         """Forward and backward of one batch; the :class:`BatchContext` of its statistics.
 
         With ``consume`` (a function of a context), where the K columns are back-propagated one
@@ -422,6 +450,9 @@ class Capture:
         ``(K, B, …)`` stack of every layer's output cotangents (126 MB for the benchmark CNN) nor one
         column of all of them (12.6 MB) is held. Elsewhere ``consume`` gets the whole context once.
         The returned context then carries the batch's size and count only.
+
+        ``known_scale``: the batch is the whole pass (local), so its normalisation is known before
+        the accumulators see it: the contexts carry it as :attr:`BatchContext.scale`.
         """
         batch = self._prepare(batch)
         stream = consume is not None and not self._batched_backward
@@ -436,8 +467,10 @@ class Capture:
             if not out.requires_grad:
                 raise DataError("the output does not depend on any covered parameter")
             lmat = lmat.to(out.dtype)
+            scale = self._known_scale(count, out.shape[0]) if known_scale else None
             if stream:
-                return stream_columns(self, out, calls, lmat, count, consume, BatchContext)
+                context = functools.partial(BatchContext, scale=scale)
+                return stream_columns(self, out, calls, lmat, count, consume, context)
             grads = self._backprop(out, calls, lmat)
         finally:
             self._remove_taps()
@@ -451,10 +484,19 @@ class Capture:
         del out  # the graph is no longer needed
         if self.dtype != lmat.dtype:
             self._widen()
-        ctx = BatchContext(self, b, lmat.shape[0], count)
+        ctx = BatchContext(self, b, lmat.shape[0], count, scale=scale)
         if consume is not None:
             consume(ctx)
         return ctx
+
+    def _known_scale(self, count: int, n_examples: int) -> float | None:
+        """The normalisation of a pass of this one batch (see :meth:`run`), or None where it is 1
+        (nothing to fold in) or undefined (``run`` raises its error at the end of the pass)."""
+        try:
+            scale = self.output_model.scale(count, n_examples)
+        except DataError:
+            return None
+        return None if scale == 1 else scale
 
     def _remove_taps(self) -> None:
         """Remove the tensor hooks of a streamed batch (also after an error half-way: a graph kept
@@ -518,6 +560,11 @@ class Capture:
         # accumulators that sum their cotangent statistics over the columns and read the inputs'
         # once per batch (``column_wise``) take the columns one at a time (see ``process``)
         stream = bool(accumulators) and all(getattr(a, "column_wise", False) for a in accumulators)
+        # a local pass over a list of one batch knows its normalisation once that batch's counts
+        # are known, before the accumulators see it (BatchContext.scale): DiagAcc folds it into
+        # the small factor of each layer's contraction, not a pass over the whole diagonal here
+        known = isinstance(loader, list | tuple) and len(loader) == 1
+        known = known and self.process_group is None
 
         def consume(ctx):
             for acc in accumulators:
@@ -526,9 +573,9 @@ class Capture:
         try:
             for batch in progress_bar(loader, self.progress, desc):
                 if stream:
-                    ctx = self.process(batch, consume)
+                    ctx = self.process(batch, consume, known_scale=known)
                 else:
-                    ctx = self.process(batch)
+                    ctx = self.process(batch, known_scale=known)
                     consume(ctx)
                 total += ctx.count
                 n_ex += ctx.batch_size
@@ -553,9 +600,19 @@ class BatchContext:
     """Lazy per-layer statistics of one batch; each quantity is computed once."""
 
     def __init__(
-        self, cap: Capture, batch_size: int, k: int, count: int, column=None, columns=None
+        self,
+        cap: Capture,
+        batch_size: int,
+        k: int,
+        count: int,
+        column=None,
+        columns=None,
+        scale: float | None = None,
     ):
         self.cap = cap
+        # the normalisation of the whole pass when this batch is all of it (Capture.run), else
+        # None: an accumulator may fold it into what it adds now (then not scale at finalize)
+        self.scale = scale
         self.batch_size = batch_size
         self.k = k
         self.count = count
@@ -644,26 +701,39 @@ class BatchContext:
     def per_example_all(self) -> torch.Tensor:
         return torch.cat([self.per_example(lid) for lid in self.cap.lc.layers], dim=1)
 
-    def diag(self, lid: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def diag(
+        self, lid: str, out: torch.Tensor | None = None, pieces=None, scale: float | None = None
+    ) -> torch.Tensor:
         """Σ over the columns and examples of the squared gradients of one layer, ``(P_layer,)`` in
         flat order; written into ``out`` (a contiguous ``(P_layer,)`` tensor) when given, so that
-        an accumulator holding the whole diagonal in one buffer copies nothing."""
+        an accumulator holding the whole diagonal in one buffer copies nothing. ``pieces``: the
+        views of ``out`` for the layer's parameters ``{attr: view}``, flat or shaped like the
+        parameter, when the caller has them (else they are cut from ``out`` here). ``scale``: a
+        factor the result is multiplied by (the pass's normalisation, :attr:`scale`), folded into
+        the squared cotangents by the Kronecker rules' closed form."""
         user = self.cap.structured.get(lid)
         if user is not None and len(user.calls) == 1 and lid not in self._pe:
             call = user.calls[0]
-            pieces = None
-            if out is not None:
+            if out is None:
+                pieces = None
+            elif pieces is None:
                 entry = self.cap.lc.layers[lid]
                 pieces = dict(zip(entry.attrs, entry.views(out)))
-            d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces)
+            folds = scale is not None and type(user.rule).diag is KronRule.diag
+            extra = {"scale": scale} if folds else {}
+            d = user.rule.diag(user.module, call.args[0], call.grad, out=pieces, **extra)
             if d is not None:
                 if pieces is None:
-                    return torch.cat([d[a].reshape(-1) for a in user.attrs])
-                for a in user.attrs:
-                    if d[a] is not pieces[a]:  # a kind that does not write into ``out``
-                        pieces[a].copy_(d[a].reshape(pieces[a].shape))
-                return out
+                    res = torch.cat([d[a].reshape(-1) for a in user.attrs])
+                else:
+                    for a in user.attrs:
+                        if d[a] is not pieces[a]:  # a kind that does not write into ``out``
+                            pieces[a].copy_(d[a].reshape(pieces[a].shape))
+                    res = out
+                return res if scale is None or folds else res.mul_(scale)
         d = self.per_example(lid).square().sum(0)
+        if scale is not None:
+            d = d.mul_(scale)
         return d if out is None else out.copy_(d)
 
     def kron_rows(self, lid: str):

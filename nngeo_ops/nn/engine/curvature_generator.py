@@ -13,30 +13,36 @@ from torch import nn
 
 from ...errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError, UnsupportedError
 from ..data import ModelOnFirst, as_loader, progress_bar
-from ..losses import DataError, OutputModel
+from ..losses import OutputModel
 from ..params import LayerCollection
 from . import functional as fx
 from .capture import Capture, batch_labels, prepare_batch, warn_train_mode
 from .distributed import all_reduce_sum, reduce_counts, resolve_group
 from .finite import nonfinite_layers, raise_nonfinite
 from .precision import accumulation_dtype
+from .structure import cached, first_parameter, frozen_state, walk
 
 KINDS = ("exact", "sample", "empirical", "hessian")
 
 
-def check_trainable(model, layer_collection=None) -> None:
-    """A model with parameters to cover: not a frozen one (InvalidArgumentError naming the fix)."""
+def check_trainable(model, layer_collection=None, key=None) -> None:
+    """A model with parameters to cover: not a frozen one (InvalidArgumentError naming the fix).
+    ``key``: that of a :func:`~nngeo_ops.nn.engine.structure.walk` of ``model``, which says it."""
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if layer_collection is not None:
         return
-    params = list(model.parameters())
-    if not params:
+    if key is None:
+        params = list(model.parameters())
+        some, trainable = bool(params), any(p.requires_grad for p in params)
+    else:
+        some, trainable = frozen_state(key)
+    if not some:
         raise InvalidArgumentError(
             f"the model ({type(model).__name__}) has no trainable parameter (no parameters at "
             "all): there is no curvature to compute; give the model whose parameters you study"
         )
-    if not any(p.requires_grad for p in params):
+    if not trainable:
         raise InvalidArgumentError(
             "the model is fully frozen (requires_grad=False on every parameter), so no parameter "
             "is covered: unfreeze the ones to cover with p.requires_grad_(True), or pass "
@@ -104,25 +110,28 @@ class CurvatureGenerator:
                 f"generator must be a torch.Generator, got {type(generator).__name__}: pass "
                 "generator=torch.Generator().manual_seed(seed) (a seed alone is not accepted)"
             )
-        check_trainable(model, layer_collection)
+        if not isinstance(model, nn.Module):  # before it is walked (check_trainable's message)
+            check_trainable(model)
+        modules, key = walk(model, rules=False)  # one walk of the module tree (engine.structure)
+        check_trainable(model, layer_collection, key)
         self.model = model
         self.output_model = output_model
         self.kind = kind
-        self.layer_collection = layer_collection or LayerCollection.from_model(model)
+        self.layer_collection = layer_collection or cached(
+            model, key, "layers", lambda: LayerCollection.from_model(model)
+        )
         self.function = function if function is not None else ModelOnFirst(model)
         self.trials = trials
         self.rng = generator
         self.n_output = n_output
         self.progress = progress
         self.kfac_mode = kfac_mode
-        params = self.layer_collection.parameters(model)
-        if not params:
-            raise DataError("the layer collection covers no parameter")
-        self.device = torch.device(device) if device is not None else params[0].device
-        self.model_dtype = params[0].dtype
+        first = first_parameter(model, modules, key, self.layer_collection)
+        self.device = torch.device(device) if device is not None else first.device
+        self.model_dtype = first.dtype
         self.dtype = accumulation_dtype(self.model_dtype)  # of the statistics and operators
         self._capture = None
-        warn_train_mode(model, stacklevel=4)
+        warn_train_mode(model, stacklevel=4, modules=modules)
         # data-parallel: each rank reads its shard, statistics are summed over the group
         self.process_group = resolve_group(process_group)
 

@@ -84,12 +84,35 @@ def raise_nonfinite(layers: list[str] | None, what: str) -> None:
     raise NonFiniteError(f"{what} contains NaN or inf{where}: {_FIX}")
 
 
+def _range(t: torch.Tensor) -> tuple[float, float, bool]:
+    """:func:`~nngeo_ops.ops.value_range` of ``t``; for a real floating tensor the extremes are read
+    by ``item`` rather than stacked and listed (a ``cat`` fewer)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return value_range(t)
+    with torch.no_grad():
+        lo, hi = torch.aminmax(t.detach())
+    lo, hi = lo.item(), hi.item()
+    return lo, hi, math.isfinite(lo) and math.isfinite(hi)
+
+
 def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvature") -> None:
-    """Raise NonFiniteError naming the layers if a finalised accumulator holds NaN or inf."""
+    """Raise NonFiniteError naming the layers if a finalised accumulator holds NaN or inf.
+
+    An accumulator with a ``value_range`` attribute (the diagonal, whose ``Diagonal`` node needs its
+    range) has its buffer checked by :func:`~nngeo_ops.ops.value_range`, one ``aminmax`` whose
+    finite extremes prove every entry finite, and the range kept there, ``(min, max, version of
+    the buffer)``: one reduction for the check and the node, not a sum and then an ``aminmax``."""
     for acc in accumulators:
         flat = getattr(acc, "flat", None)  # a statistic held in one buffer: one reduction
         whole = flat() if flat is not None else None
-        if whole is not None and all_finite(whole):
+        if whole is not None and hasattr(acc, "value_range"):
+            known = getattr(acc, "known_range", None)  # taken as the values were written
+            rng = known() if known is not None else None
+            lo, hi, ok = rng if rng is not None else _range(whole)
+            if ok:
+                acc.value_range = (lo, hi, whole._version)
+                continue
+        elif whole is not None and all_finite(whole):
             continue
         layers = nonfinite_layers(getattr(acc, "value", None), lc)
         if layers != []:

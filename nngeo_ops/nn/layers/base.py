@@ -92,20 +92,23 @@ class KronRule(Rule):
         then projects the rows."""
         return None
 
-    def diag(self, module, a, g, out=None) -> dict[str, torch.Tensor] | None:
+    def diag(self, module, a, g, out=None, scale=None) -> dict[str, torch.Tensor] | None:
         """Σ_{k,n} (∇θ)² per parameter ``{attr: tensor of its shape}``, without per-example tensors
         where a closed form exists (one position: (Σ_k g_k²)ᵀ a² for order "ga"), else None.
 
-        ``out``: ``{attr: tensor of the parameter's shape}`` to write into (views of the whole
-        diagonal's buffer), or None; a kind may ignore it and return new tensors (the caller then
-        copies them).
+        ``out``: ``{attr: contiguous tensor of the parameter's shape, or flat}`` to write into
+        (views of the whole diagonal's buffer, which a kind reshapes), or None; a kind may ignore
+        it and return new tensors (the caller then copies them). ``scale``: a factor the result is
+        multiplied by, folded into Σ_k g² (B × d_g numbers, not the d_g × d_a result).
         """
         arow, grow = self.rows(module, a, g)
         if arow.shape[1] != 1 or self.order != "ga":
             return None
         # Σ_k first (a does not depend on the column k), then one product (Σ_k g²)ᵀ a²: torch's
         # einsum of "kbg,ba->ga" does not sum k first (2.5× slower on the benchmark MLP)
-        s = column_square_sum(grow[:, :, 0])
+        s = column_square_sum(grow[:, :, 0])  # a new tensor
+        if scale is not None:
+            s.mul_(scale)
         a2 = arow[:, 0].square()
         bias = getattr(module, "bias", None) is not None
         if out is not None and _writable(out["weight"], s, a2):

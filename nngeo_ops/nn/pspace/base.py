@@ -339,6 +339,7 @@ class PMatDiag(PMatAbstract):
 
     def __init__(self, generator, data=None, examples=None):
         lc = generator.layer_collection
+        checked = None  # (min, max) of data, taken by the pass's finiteness check
         if data is None:
             if generator.is_hessian:
                 blocks = generator.hessian_blocks(examples)
@@ -348,8 +349,9 @@ class PMatDiag(PMatAbstract):
                     type(self), generator, examples, self.accumulators(generator)
                 )
                 data = self.data_from(generator, accs)
+                checked = _checked_range(accs[0], data)
         self.data = data
-        super().__init__(lc, Diagonal(data), generator)
+        super().__init__(lc, Diagonal(data, value_range=checked), generator)
 
     @staticmethod
     def accumulators(generator):
@@ -364,6 +366,15 @@ class PMatDiag(PMatAbstract):
         :meth:`accumulators`): the diagonal, shape ``(d,)`` in flat order.
         """
         return accs[0].concatenated()
+
+
+def _checked_range(acc, data):
+    """``(min, max)`` of ``data`` when it is the diagonal accumulator's buffer, unchanged since the
+    pass checked it (``value_range`` of :func:`~nngeo_ops.nn.engine.finite.check_statistics`)."""
+    rng = getattr(acc, "value_range", None)
+    if rng is None or data is not acc.flat() or data._version != rng[2]:
+        return None
+    return rng[0], rng[1]
 
 
 class PMatLowRank(PMatAbstract):
