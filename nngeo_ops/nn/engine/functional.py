@@ -365,24 +365,32 @@ class Linearised:
         r"[A-Za-z0-9_]+Backward[0-9]+|torch::autograd::(AccumulateGrad|Identity)"
     )
     _builtin_names: dict[str, bool] = {}  # the pattern's verdict on each node name met so far
+    _kinds: dict[type, bool] = {}  # ... and on each generated node class (see _trusted_graph)
 
     def _trusted_graph(self) -> set | None:
         """The forward graph's nodes if they are only torch's own derivative formulas: no custom
         ``autograd.Function`` (Python or C++), backward hook or compiled graph, the nodes whose
         backward may drop paths silently under double backward (see :meth:`_adjoint_test`);
         else None. A walk over the graph's nodes instead of the test's two backward passes."""
-        seen, stack, names = set(), [self.out.grad_fn], self._builtin_names
+        seen, stack, names, kinds = set(), [self.out.grad_fn], self._builtin_names, self._kinds
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
-            if isinstance(node, BackwardCFunction):
-                return None
-            name = node.name()
-            ok = names.get(name)
+            ok = kinds.get(type(node))
             if ok is None:
-                ok = names[name] = self._BUILTIN_NODE.fullmatch(name) is not None
+                if isinstance(node, BackwardCFunction):
+                    return None
+                name = node.name()
+                ok = names.get(name)
+                if ok is None:
+                    ok = names[name] = self._BUILTIN_NODE.fullmatch(name) is not None
+                if ok and type(node).__name__ == name:
+                    # a class of torch's generated formulas (named as its nodes): one verdict per
+                    # class, without the name of every node; not a class shared by several kinds
+                    # of node (a C++ custom function's), whose name says which
+                    kinds[type(node)] = ok
             if not ok:
                 return None
             stack.extend(f for f, _ in node.next_functions)
