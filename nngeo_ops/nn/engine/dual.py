@@ -41,8 +41,13 @@ Why a mode around the pass (:class:`DataTangentMode`, a ``TorchFunctionMode``):
   intercepted call or the pass's output reads them from there, so the reverse graph links the
   primals directly. A dual changed in place since (its version moved) is unpacked as before.
 
-Every other call runs unchanged. The values are those of torch's formulas (the same products, in the
-same order), so J v is exact.
+* **Set-up.** The parameters' duals are made one per parameter from the views of w and of v, by
+  torch's ``_make_dual`` at the entered level (``fwAD.make_dual`` reads the environment and looks
+  for an export mode at every call; its one-time loading of decompositions is done once here).
+
+Every other call runs unchanged. The values are those of torch's formulas (the same products; a
+matrix input's ``linear`` sums its tangent's two terms in the other order, accumulated by the
+second product), so J v is exact.
 """
 
 from __future__ import annotations
