@@ -41,12 +41,18 @@ Why a mode around the pass (:class:`DataTangentMode`, a ``TorchFunctionMode``):
   intercepted call or the pass's output reads them from there, so the reverse graph links the
   primals directly. A dual changed in place since (its version moved) is unpacked as before.
 
-Every other call runs unchanged. The values are those of torch's formulas (the same products, in the
-same order), so J v is exact.
+* **Set-up.** The parameters' duals are made one per parameter from the views of w and of v, by
+  torch's ``_make_dual`` at the entered level (``fwAD.make_dual`` reads the environment and looks
+  for an export mode at every call; its one-time loading of decompositions is done once here).
+
+Every other call runs unchanged. The values are those of torch's formulas (the same products; a
+matrix input's ``linear`` sums its tangent's two terms in the other order, accumulated by the
+second product), so J v is exact.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -72,9 +78,16 @@ class DataTangentMode(TorchFunctionMode):
     :meth:`split` unpacks a dual into ``(primal, tangent)`` (``(t, None)`` for a plain tensor),
     without an alias node for the duals the mode made or was told of (:meth:`known`)."""
 
-    def __init__(self, off_graph: bool = False):
+    def __init__(self, off_graph: bool = False, level: int | None = None):
         super().__init__()
         self.off_graph = off_graph
+        # ``level`` (the entered dual level): its duals by torch's op itself, without the Python
+        # wrapper's per-call read of the environment (to load the decompositions that forward
+        # mode uses: done once here) and search for an export mode (which, when exporting, must
+        # see the calls: then the wrapper)
+        self._make = fwAD.make_dual
+        if level is not None and not torch.compiler.is_exporting() and _decompositions_loaded():
+            self._make = functools.partial(torch._VF._make_dual, level=level)
         # id(dual) -> weak references to the dual, its primal and its tangent, and the dual's
         # version: weak, so that an activation or a tangent is freed when the pass drops it
         self._parts: dict[int, tuple] = {}
@@ -102,7 +115,7 @@ class DataTangentMode(TorchFunctionMode):
 
     def dual(self, primal, tangent):
         """``make_dual(primal, tangent)``, remembered."""
-        return self.known(fwAD.make_dual(primal, tangent), primal, tangent)
+        return self.known(self._make(primal, tangent), primal, tangent)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,10 +154,15 @@ class DataTangentMode(TorchFunctionMode):
             return None  # torch's formula: differentiable tangents, or a lone bias tangent
         primal = func(xp, wp, bp, *rest)  # what the graph saves carries no tangent
         with torch.no_grad():  # torch's formula: op(dx, W) + op(x, dW, db), off the graph
-            tangent = func(xt, wp, None, *rest)
-            if wt is not None:
-                tangent += func(xp, wt, bt, *rest)
-        return self.dual(primal, tangent)
+            if wt is not None and func is F.linear and xp.dim() == 2 and xt.dim() == 2:
+                # a matrix product: the second term accumulated by the product itself (β = 1),
+                # without a third tensor and a pass adding it
+                tangent = func(xp, wt, bt).addmm_(xt, wp.t())
+            else:
+                tangent = func(xt, wp, None, *rest)
+                if wt is not None:
+                    tangent += func(xp, wt, bt, *rest)
+        return self.dual(primal, tangent)  # with grad mode on: the dual's alias node
 
 
 def _relu(mode, args, kwargs):
@@ -279,6 +297,21 @@ def _pool_indices(x, rest, kw):
         return idx
 
 
+_LOADED = []
+
+
+def _decompositions_loaded() -> bool:
+    """Whether torch's forward-mode decompositions are loaded, as ``fwAD.make_dual`` loads them
+    at each call (an import, once per process); False if this torch has no such step to call."""
+    if not _LOADED:
+        load = getattr(fwAD, "_maybe_load_decompositions", None)
+        if load is None:
+            return False
+        load()
+        _LOADED.append(True)
+    return True
+
+
 def dual_forward(fm, batch, w: torch.Tensor, v: torch.Tensor):
     """``(out, jv)``: the outputs of ``fm(w, batch)`` on the reverse graph of ``w`` (a leaf with
     ``requires_grad``), and J v for the flat tangent ``v`` (P,), or None where the outputs do not
@@ -288,15 +321,15 @@ def dual_forward(fm, batch, w: torch.Tensor, v: torch.Tensor):
     computed off the reverse graph and returned detached (see the module docstring)."""
     off_graph = not (torch.is_grad_enabled() and v.requires_grad)
     v = v.to(w.dtype)
-    mode = DataTangentMode(off_graph)
-    with fwAD.dual_level():
-        # the parameters' dual views are made outside the mode, which would otherwise dispatch
-        # each split and view through Python (a third of the mode's calls on the benchmark MLP);
-        # the mode knows their parts: the views of w and of v, without the duals' alias nodes
-        # (held here for the pass: the mode's references are weak)
-        params, primals, tangents = fm.params(fwAD.make_dual(w, v)), fm.params(w), fm.params(v)
-        for d, p, t in zip(params.values(), primals.values(), tangents.values()):
-            mode.known(d, p, t)
+    with fwAD.dual_level() as level:
+        mode = DataTangentMode(off_graph, level)
+        # one dual per parameter, of its views of w and of v (the tangent as it is: same layout),
+        # made outside the mode, which would otherwise dispatch each call through Python; the
+        # mode knows their parts (held here for the pass: the mode's references are weak), so an
+        # intercepted call reads them without the duals' alias nodes. Cheaper than the views of
+        # one dual of w (a split and a view of a dual also split and view its tangent)
+        primals, tangents = fm.params(w), fm.params(v)
+        params = {n: mode.dual(p, tangents[n]) for n, p in primals.items()}
         with mode:
             out_d = fm.call(params, batch)
         out, jv = mode.split(out_d)

@@ -37,9 +37,10 @@ def all_finite(t) -> bool:
     """
     if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
         return True
-    with torch.no_grad():
-        if math.isfinite(float(t.detach().sum())):
-            return True
+    if t.requires_grad:  # (else the sum as it is: no grad mode to switch, no detached alias)
+        t = t.detach()
+    if math.isfinite(float(t.sum())):
+        return True
     return value_range(t)[2]
 
 

@@ -62,6 +62,7 @@ class FlatModel:
         self.wrapper = _Call(model, function)
         self.locations = tied_locations(self.wrapper, self.names)
         self.tangent_mask = self._padding_mask(model, lc)
+        self.slots = self._slots()
 
     @staticmethod
     def _padding_mask(model, lc):
@@ -95,14 +96,37 @@ class FlatModel:
     def params(self, flat) -> dict:
         """``{name: view of flat}``, the covered parameters as slices of ``flat``."""
         # split, not slicing: the backward of one split is one concatenation, while each slice's
-        # backward would write its gradient into a fresh zero tensor of the full size P
-        parts = flat.split(self.numels)
-        return {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts)}
+        # backward would write its gradient into a fresh zero tensor of the full size P. The
+        # method itself (Tensor.split is a Python wrapper), and no view of a slice that has the
+        # parameter's shape already (a bias): one autograd node less each, on every backward
+        parts = flat.split_with_sizes(self.numels)
+        return {
+            n: t if t.shape == s else t.view(s) for n, s, t in zip(self.names, self.shapes, parts)
+        }
+
+    def _slots(self):
+        """``[(name, [(module, attr), ...])]``: where :meth:`call` puts each tensor, or None where
+        :func:`~nngeo_ops.nn.layers.generic.call_with` must (a scripted module, a location that
+        is not a registered parameter). Resolved once; checked again at each call."""
+        slots = []
+        for name in self.names:
+            places = []
+            for path in self.locations[name]:
+                mod_path, _, attr = path.rpartition(".")
+                mod = self.wrapper.get_submodule(mod_path)
+                if isinstance(mod, torch.jit.ScriptModule) or attr not in mod._parameters:
+                    slots = None
+                    break
+                places.append((mod, attr))
+            if slots is None:
+                break
+            slots.append((name, places))
+        return slots
 
     def call(self, params: dict, batch):
         """The outputs with the covered parameters replaced by ``params`` (from :meth:`params`)."""
         try:
-            return call_with(self.wrapper, params, batch, locations=self.locations)
+            return self._call(params, batch)
         except RuntimeError as err:
             if "setup_context" not in str(err):
                 raise
@@ -114,6 +138,38 @@ class FlatModel:
                 "plain autograd: PMatDense, PMatDiag, PMatBlockDiag, PMatLowRank, PMatKFAC, "
                 "PMatEKFAC (hooks) or PMatImplicit (products fall back to double backward)"
             ) from None
+
+    def _call(self, params: dict, batch):
+        # what torch.func.functional_call does (call_with, without tying) for the parameters it
+        # swaps: each (module, attribute) holds the given tensor in its ``_parameters`` for the
+        # call, then its own Parameter again; here without its per-call resolution of the dotted
+        # names, its checks for jitted modules and the call of the wrapper module (~10 % of the
+        # benchmark MLP's Python time of a product)
+        slots = self.slots
+        if slots is None or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return call_with(self.wrapper, params, batch, locations=self.locations)
+        done = []
+        try:
+            for name, places in slots:
+                t = params[name]
+                for mod, attr in places:
+                    table = mod._parameters
+                    if attr not in table:  # the module changed since: the general route
+                        raise _Moved
+                    done.append((table, attr, table[attr]))
+                    table[attr] = t
+            args = batch if isinstance(batch, tuple) else (batch,)
+            return self.wrapper.function(*args)
+        except _Moved:
+            pass
+        finally:
+            for table, attr, orig in reversed(done):
+                table[attr] = orig
+        return call_with(self.wrapper, params, batch, locations=self.locations)
+
+
+class _Moved(Exception):
+    """A parameter's location is no longer a registered parameter (see ``FlatModel._call``)."""
 
 
 def _output_hessian(factor, out, batch):
@@ -309,24 +365,32 @@ class Linearised:
         r"[A-Za-z0-9_]+Backward[0-9]+|torch::autograd::(AccumulateGrad|Identity)"
     )
     _builtin_names: dict[str, bool] = {}  # the pattern's verdict on each node name met so far
+    _kinds: dict[type, bool] = {}  # ... and on each generated node class (see _trusted_graph)
 
     def _trusted_graph(self) -> set | None:
         """The forward graph's nodes if they are only torch's own derivative formulas: no custom
         ``autograd.Function`` (Python or C++), backward hook or compiled graph, the nodes whose
         backward may drop paths silently under double backward (see :meth:`_adjoint_test`);
         else None. A walk over the graph's nodes instead of the test's two backward passes."""
-        seen, stack, names = set(), [self.out.grad_fn], self._builtin_names
+        seen, stack, names, kinds = set(), [self.out.grad_fn], self._builtin_names, self._kinds
         while stack:
             node = stack.pop()
             if node is None or node in seen:
                 continue
             seen.add(node)
-            if isinstance(node, BackwardCFunction):
-                return None
-            name = node.name()
-            ok = names.get(name)
+            ok = kinds.get(type(node))
             if ok is None:
-                ok = names[name] = self._BUILTIN_NODE.fullmatch(name) is not None
+                if isinstance(node, BackwardCFunction):
+                    return None
+                name = node.name()
+                ok = names.get(name)
+                if ok is None:
+                    ok = names[name] = self._BUILTIN_NODE.fullmatch(name) is not None
+                if ok and type(node).__name__ == name:
+                    # a class of torch's generated formulas (named as its nodes): one verdict per
+                    # class, without the name of every node; not a class shared by several kinds
+                    # of node (a C++ custom function's), whose name says which
+                    kinds[type(node)] = ok
             if not ok:
                 return None
             stack.extend(f for f, _ in node.next_functions)

@@ -313,3 +313,19 @@ def test_frozen_weight_of_the_data_layer(conv, rep):
     v = torch.randn(truth.shape[0], dtype=torch.float64)
     for _ in range(2):
         torch.testing.assert_close(F.op @ v, truth @ v)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("cache", [False, True])
+def test_non_finite_outputs_are_refused_by_the_products(bad, cache):
+    # the outputs are checked at each product (the first of a cached operator too), whatever the
+    # sign of an infinity (a -inf logit gives a finite softmax: the check is on the outputs)
+    from nngeo_ops.errors import NonFiniteError
+
+    model, x = make("mlp")
+    x = x.clone()
+    x[0] = bad
+    F = FIM(model, loader_of(x), CACHED if cache else PMatImplicit, progress=False)
+    v = torch.randn(F.layer_collection.numel(), dtype=x.dtype)
+    with pytest.raises(NonFiniteError, match="model output contains NaN or inf"):
+        F.op @ v

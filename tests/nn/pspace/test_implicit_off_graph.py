@@ -105,11 +105,18 @@ def _tangents(fn, args, tangents, off_graph):
         duals = [fwAD.make_dual(a, t) if t is not None else a for a, t in zip(args, tangents)]
         out = fn(*duals)
         outs = out if isinstance(out, tuple) else (out,)
-        return [(o.detach().clone(), fwAD.unpack_dual(o).tangent) for o in outs]
+        # the gradient of a fixed weighting of the first output: its primal is on the reverse graph
+        p = fwAD.unpack_dual(outs[0]).primal
+        c = torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad((p * c).sum(), args, allow_unused=True)
+        return [(o.detach().clone(), fwAD.unpack_dual(o).tangent) for o in outs], grads
 
 
 CALLS = {
     "linear": (lambda x, w, b: F.linear(x, w, b), [(5, 3, 4), (6, 4), (6,)]),
+    # a matrix input: the tangent's two products accumulated by one addmm_
+    "linear-2d": (lambda x, w, b: F.linear(x, w, b), [(5, 4), (6, 4), (6,)]),
+    "linear-2d-nobias": (lambda x, w: F.linear(x, w), [(5, 4), (6, 4)]),
     "conv1d": (lambda x, w, b: F.conv1d(x, w, b, 2, 0, 1, 2), [(5, 4, 9), (6, 2, 3), (6,)]),
     "conv2d": (lambda x, w, b: torch.conv2d(x, w, b, 1, 1), [(2, 3, 5, 5), (4, 3, 3, 3), (4,)]),
     "relu": (torch.relu, [(4, 6)]),
@@ -147,12 +154,14 @@ def test_off_graph_tangent_is_torch_formula(name):
     for drop in [None] + list(range(len(args))):  # inputs or parameters without tangent too
         tans = [t if i != drop else None for i, t in enumerate(tangents)]
         leaves = [a.clone().requires_grad_(True) for a in args]
-        want = _tangents(fn, leaves, tans, off_graph=False)
+        want, g0 = _tangents(fn, leaves, tans, off_graph=False)
         leaves = [a.clone().requires_grad_(True) for a in args]
-        got = _tangents(fn, leaves, tans, off_graph=True)
+        got, g1 = _tangents(fn, leaves, tans, off_graph=True)
         for (p0, t0), (p1, t1) in zip(want, got):
             torch.testing.assert_close(p1, p0, rtol=0, atol=0)
             torch.testing.assert_close(t1, t0)
+        for a, b in zip(g0, g1):
+            torch.testing.assert_close(b, a)
 
 
 def test_off_graph_primal_keeps_the_reverse_graph():
