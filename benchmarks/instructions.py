@@ -14,7 +14,10 @@ that sets the case up exactly as a harness worker does (benchmarks/harness.py), 
 instrumentation off (importing torch under full instrumentation would take many minutes), then
 turns it on (``callgrind_control -i on``) around ``--calls`` forward+backwards and ``--calls`` calls
 of the quantity (its untimed ``prepare`` with instrumentation off), dumping the counts of each
-phase (``callgrind_control -d``). It prints the instructions per call of each and their ratio,
+phase (``callgrind_control -d``). A quantity with a ``prepare`` (a first solve or product, rebuilt
+before each call) is one window per call, whose switching counts ~0.4 M instructions of the tool's
+own; as many empty windows are counted and subtracted (figures before 2026-12-07's stop 24 carry
+that +0.4 M per call, the same for every library). It prints the instructions per call of each and their ratio,
 the instruction analogue of the harness's ratio to one forward+backward. One case takes 2–4 min on
 an idle 2-core machine, mostly the import of torch under valgrind. Peer libraries: pass the
 peers' interpreter with ``--python`` and the peer's label (e.g. ``--lib curvlinops``).
@@ -90,7 +93,19 @@ def inner(args: argparse.Namespace) -> None:
     if not w.prepare:
         _control("-d", args.quantity)
         _control("-i", "off")
-    counts["quantity"] = sum(parts) if w.prepare else _last_dump_total(args.cg_dir)
+        counts["quantity"] = _last_dump_total(args.cg_dir)
+    else:
+        # a window per call counts the tool's own switching inside it (the tail of `-z`, the spawn
+        # of `callgrind_control -d`: ~0.4 M instructions): measured on empty windows, subtracted
+        empty = []
+        for _ in range(args.calls):
+            _control("-i", "on")
+            _control("-z")
+            _control("-d", "empty")
+            _control("-i", "off")
+            empty.append(_last_dump_total(args.cg_dir))
+        counts["window"] = sum(empty)
+        counts["quantity"] = sum(parts) - sum(empty)
     print(json.dumps({k: v / args.calls for k, v in counts.items()}), flush=True)
 
 
@@ -137,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.lib} {args.case} {args.quantity}: {c['quantity'] / 1e6:.1f} M instructions per "
         f"call; forward+backward {c['reference'] / 1e6:.1f} M; ratio "
         f"{c['quantity'] / c['reference']:.2f}"
+        + (
+            f" (tool's own {c['window'] / 1e6:.2f} M per window, subtracted)"
+            if "window" in c
+            else ""
+        )
     )
     return 0
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from models import loader_of, make
 
+from nngeo_ops.errors import UnsupportedError
 from nngeo_ops.nn import (
     FIM,
     GGN,
@@ -162,3 +163,29 @@ def test_hessian_and_ggn():
     G = GGN(model, loader, loss, PMatImplicit, progress=False)
     torch.testing.assert_close(G.op @ v, ggn @ v)
     torch.testing.assert_close(GGN(model, loader, loss, PMatDense, progress=False).to_torch(), ggn)
+
+
+def test_forward_reading_another_modules_parameter():
+    """A module whose forward reads a parameter its parent owns (``lin.forward = lambda t:
+    f(t) * root.scale``): the root's parameter goes through the generic per-example path, whose
+    recomputation also meets ``lin``'s weights (which require grad). Its statistics must not record
+    a graph (they raised "A view was created in no_grad mode" when written into the diagonal's
+    buffer); the diagonal and the dense Fisher against torch.func."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3).double()
+    model = torch.nn.Sequential(lin)
+    model.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3, dtype=torch.float64))
+    plain = lin.forward
+    lin.forward = lambda t: plain(t) * model.scale
+    x = torch.randn(10, 4, dtype=torch.float64)
+    truth = gt.fim(model, x, "classif_logits")
+    loader = loader_of(x, torch.zeros(10, dtype=torch.long), sizes=(4, 6))
+    D = FIM(model, loader, PMatDiag, n_output=3, progress=False)
+    torch.testing.assert_close(D.op.to_dense().diagonal(), truth.diagonal())
+    assert not D.op.to_dense().requires_grad
+    F = FIM(model, loader, PMatDense, n_output=3, progress=False)
+    torch.testing.assert_close(F.op.to_dense(), truth)
+    # the Linear's own forward is replaced: its closed form (W a + b) no longer holds, so KFAC,
+    # which needs it, refuses the layer instead of treating the scaled output as W a + b
+    with pytest.raises(UnsupportedError, match="structured rule"):
+        FIM(model, loader, PMatKFAC, n_output=3, progress=False)

@@ -62,7 +62,11 @@ def generic_per_example(module, attrs, args, kwargs, g, index=None) -> dict[str,
     args = tuple(rep(x, d) for x, d in zip(args, in_dims))
     kw_vals = tuple(rep(x, d) for x, d in zip(kw_vals, kw_dims))
     gk = g.reshape(k * b, *g.shape[2:])
-    res = vmap(one_example, in_dims=(in_dims, kw_dims, 0))(args, kw_vals, gk)
+    # outside the transform, no graph: a forward that reads another module's parameter (one that
+    # requires grad, not in ``attrs``) would otherwise hand back statistics that record a graph
+    # (torch.func's vjp ignores the outer no_grad and still differentiates with respect to ``params``)
+    with torch.no_grad():
+        res = vmap(one_example, in_dims=(in_dims, kw_dims, 0))(args, kw_vals, gk)
     return {a: t.reshape(k, b, *t.shape[1:]) for a, t in res.items()}
 
 

@@ -34,7 +34,13 @@ def register_layer_rule(rule: Rule, first: bool = True) -> Rule:
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule of a module, or None when the module needs the generic (torch.func) path."""
+    """The rule of a module, or None when the module needs the generic (torch.func) path.
+
+    A module whose instance has a ``forward`` of its own (``lin.forward = lambda t: ...``) takes the
+    generic path: its output is no longer what its kind's closed form assumes (a Linear's ``W a +
+    b``), and the rule would read the cotangent of that output as the cotangent of ``W a + b``."""
+    if "forward" in module.__dict__:
+        return None
     for rule in RULES:
         if type(module) in rule.kinds and rule.supports(module):
             return rule
