@@ -345,8 +345,19 @@ class Capture:
         missing = [lid for lid in self.lc.layers if lid not in self.structured]
         if missing:
             kinds = ", ".join(f"{lid} ({self.lc.layers[lid].kind})" for lid in missing)
+            own = [
+                u.name
+                for u in self.users
+                if "forward" in u.module.__dict__ and any(k[0] in missing for k in u.keys)
+            ]
+            why = (
+                f" ({', '.join(own)}: a forward of the instance's own replaces its kind's, whose "
+                "closed form then no longer holds)"
+                if own
+                else ""
+            )
             raise UnsupportedError(
-                f"{what} needs a structured rule for every layer; none for: {kinds}. Use "
+                f"{what} needs a structured rule for every layer; none for: {kinds}{why}. Use "
                 "PMatDense/PMatDiag/PMatBlockDiag/PMatImplicit, or exclude these layers with a "
                 "LayerCollection"
             )
