@@ -566,7 +566,9 @@ def value_range(t: torch.Tensor) -> tuple[float, float, bool]:
             return math.nan, math.nan, bool(torch.isfinite(d).all())
         if d.dtype is torch.bool:
             d = d.to(torch.uint8)
-        lo, hi = torch.stack(torch.aminmax(d)).tolist()
+        lo, hi = torch.aminmax(d)
+        # on CPU two reads cost less than stacking them; elsewhere one synchronisation for both
+        lo, hi = (lo.item(), hi.item()) if d.is_cpu else torch.stack((lo, hi)).tolist()
     return float(lo), float(hi), math.isfinite(lo) and math.isfinite(hi)
 
 

@@ -85,17 +85,6 @@ def raise_nonfinite(layers: list[str] | None, what: str) -> None:
     raise NonFiniteError(f"{what} contains NaN or inf{where}: {_FIX}")
 
 
-def _range(t: torch.Tensor) -> tuple[float, float, bool]:
-    """:func:`~nngeo_ops.ops.value_range` of ``t``; for a real floating tensor the extremes are read
-    by ``item`` rather than stacked and listed (a ``cat`` fewer)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return value_range(t)
-    with torch.no_grad():
-        lo, hi = torch.aminmax(t.detach())
-    lo, hi = lo.item(), hi.item()
-    return lo, hi, math.isfinite(lo) and math.isfinite(hi)
-
-
 def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvature") -> None:
     """Raise NonFiniteError naming the layers if a finalised accumulator holds NaN or inf.
 
@@ -109,7 +98,7 @@ def check_statistics(accumulators, lc: LayerCollection, what: str = "the curvatu
         if whole is not None and hasattr(acc, "value_range"):
             known = getattr(acc, "known_range", None)  # taken as the values were written
             rng = known() if known is not None else None
-            lo, hi, ok = rng if rng is not None else _range(whole)
+            lo, hi, ok = rng if rng is not None else value_range(whole)
             if ok:
                 acc.value_range = (lo, hi, whole._version)
                 continue
