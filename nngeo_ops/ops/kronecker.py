@@ -84,6 +84,14 @@ def _split_times(Z: torch.Tensor, R: torch.Tensor, oW: torch.Tensor, oc: torch.T
     torch.mv(Z, R[cols], out=oc)
 
 
+def _times_split(G: torch.Tensor, T: torch.Tensor, oW: torch.Tensor, oc: torch.Tensor) -> None:
+    """``[oW | oc] ← G T``: the columns ``:cols`` and ``cols`` of the product, each written
+    straight into its place."""
+    cols = oW.shape[1]
+    torch.matmul(G, T[:, :cols], out=oW)
+    torch.mv(G, T[:, cols], out=oc)
+
+
 def bordered_kron_into(
     G: torch.Tensor,
     A: Any,
@@ -122,9 +130,7 @@ def bordered_kron_into(
         _split_times(G @ S, A, oW, oc)
         return
     if isinstance(A, torch.Tensor):
-        T = _bordered_times(W, c, A.mT)  # X Aᵀ, (rows, cols + 1)
-        torch.matmul(G, T[:, :cols], out=oW)
-        torch.mv(G, T[:, cols], out=oc)
+        _times_split(G, _bordered_times(W, c, A.mT), oW, oc)  # G (X Aᵀ)
         return
     Y = _bordered_times(W, c, A.Vm)  # X V, (rows, k)
     if A.C is not None:
@@ -132,9 +138,7 @@ def bordered_kron_into(
     if _thin_first(G, A):
         _split_times(G @ Y, A.U, oW, oc)
         return
-    T = Y @ A.U.mT  # X Aᵀ
-    torch.matmul(G, T[:, :cols], out=oW)
-    torch.mv(G, T[:, cols], out=oc)
+    _times_split(G, Y @ A.U.mT, oW, oc)  # G (X Aᵀ)
 
 
 def kron_apply(
