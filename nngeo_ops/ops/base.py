@@ -613,9 +613,9 @@ class ZeroFree:
 _SYMMETRY_CHUNK = 1 << 22  # entries of M − Mᵀ formed at a time by check_symmetric_tag
 
 
-def check_symmetric_tag(M: torch.Tensor, what: str) -> None:
+def check_symmetric_tag(M: torch.Tensor, what: str) -> float:
     """Verify a user's ``symmetric=True`` / ``psd=True`` tag on a dense matrix, to a tolerance:
-    ``max|M − Mᵀ| ≤ √eps · max|M|`` (O(n²)).
+    ``max|M − Mᵀ| ≤ √eps · max|M|`` (O(n²)); returns ``max|M − Mᵀ|`` (0.0: bitwise symmetric).
 
     The difference is formed a block of rows at a time, over the upper triangle only (at most
     :data:`_SYMMETRY_CHUNK` entries): whole, ``(M − Mᵀ).abs()`` held two temporaries of M's size,
@@ -623,7 +623,7 @@ def check_symmetric_tag(M: torch.Tensor, what: str) -> None:
     """
     with torch.no_grad():
         if not M.numel():
-            return
+            return 0.0
         lo, hi = torch.aminmax(M)
         scale = max(abs(float(lo)), abs(float(hi)))
         n = M.shape[0]
@@ -639,6 +639,7 @@ def check_symmetric_tag(M: torch.Tensor, what: str) -> None:
             f"{err:.3g} (max|M| = {scale:.3g}); pass (M + M.mT) / 2 if the asymmetry is round-off, "
             "or drop the tag"
         )
+    return err
 
 
 def _scalar_add_error(A: LinearOperator) -> LinearOperator:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, NotPSDError, SingularError
+from ..linalg.symv import symv, symv_applies
 from .base import LinearOperator, check_finite, check_symmetric_tag, records_grad
 from .cache import cached_factor
 
@@ -76,15 +77,31 @@ class Dense(LinearOperator):
         if not M.is_floating_point() and not M.is_complex():
             raise ArgumentTypeError(f"Dense expects a floating tensor, got {M.dtype}")
         square = M.shape[0] == M.shape[1]
+        exact = False
         if (symmetric or psd) and square and M.is_floating_point():
-            check_symmetric_tag(M, f"Dense {name} ({M.shape[0]}×{M.shape[1]})")
+            exact = check_symmetric_tag(M, f"Dense {name} ({M.shape[0]}×{M.shape[1]})") == 0.0
         if symmetric is None:
             symmetric = psd or (square and bool(torch.equal(M, M.mT)))
+            exact = exact or symmetric
         super().__init__(
             M.shape, M.dtype, M.device, symmetric=symmetric, psd=psd, orthogonal=orthogonal
         )
         self.M = M
         self.name = name
+        self._mark_exact(exact)
+
+    def _mark_exact(self, exact: bool) -> None:
+        # M's version when it was seen to equal Mᵀ bitwise: its products may then read one triangle
+        # (linalg.symv); an in-place change of M since then (a new version) turns that route off
+        self._exact_version = self.M._version if exact else None
+
+    def _symv(self, x: torch.Tensor) -> bool:
+        """Whether ``M x`` for this one column may go through :func:`~nngeo_ops.linalg.symv.symv`."""
+        return (
+            self.__dict__.get("_exact_version") == self.M._version
+            and type(self) is Dense
+            and symv_applies(self.M, x)
+        )
 
     def _rebuild(self, **fields: Any) -> Dense:
         return Dense(
@@ -111,18 +128,26 @@ class Dense(LinearOperator):
             orthogonal=self.orthogonal,
         )
         out.M, out.name = M, self.name
+        # rounding entry by entry keeps M = Mᵀ bitwise
+        out._mark_exact(self.__dict__.get("_exact_version") == self.M._version)
         return out
 
     # CPU BLAS is 5-10× slower on A @ X with a column-major A and a few columns than on the same
     # product written (Xᵀ Aᵀ)ᵀ, whose large operand is then row-major (benchmarks/README.md, curvature
     # section, "Where we are not the fastest"). Products are arranged so that M is always read in its own layout:
     # eigh returns column-major bases, and Qᵀ X is the other half of every eigen-form product.
+    # One column of a bitwise symmetric M reads one triangle (BLAS symv, ~0.65× the time of
+    # torch's gemv over the whole matrix on CPU: the product is bound by memory traffic).
     def _matmat(self, X: torch.Tensor) -> torch.Tensor:
+        if X.shape[1] == 1 and self._symv(X):
+            return symv(self.M, X)
         if self._colmajor:
             return (X.mT @ self.M.mT).mT
         return self.M @ X
 
     def _mv(self, x: torch.Tensor) -> torch.Tensor:
+        if self._symv(x):
+            return symv(self.M, x)
         return self.M @ x
 
     def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
@@ -130,10 +155,14 @@ class Dense(LinearOperator):
         # a subclass such as ShiftedDense has products of its own)
         if type(self) is not Dense or self._colmajor or records_grad(self.M, X, out):
             out.copy_(self._matmat(X))
+        elif X.shape[1] == 1 and out.is_contiguous() and self._symv(X):
+            symv(self.M, X, out=out)
         else:
             torch.matmul(self.M, X, out=out)
 
     def _rmatmat(self, X: torch.Tensor) -> torch.Tensor:
+        if X.shape[1] == 1 and self._symv(X):
+            return symv(self.M, X)
         if self._colmajor:
             return self.M.mT @ X
         return (X.mT @ self.M).mT

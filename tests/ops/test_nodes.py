@@ -46,6 +46,20 @@ class TestDensePSD(OperatorSuite):
         return Dense(M, psd=True, name="A"), M
 
 
+class TestDensePSDAboveSymvSize(OperatorSuite):
+    """A bitwise symmetric Dense above ``SYMV_MIN_SIZE``: its products read one triangle (BLAS symv)."""
+
+    symmetric = psd = True
+
+    def params(self, dtype, gen):
+        return [rnd(gen, 520, 520)]
+
+    def build(self, p):
+        M = spd(p[0])
+        M = (M + M.mT) / 2  # bitwise symmetric
+        return Dense(M, psd=True, name="A"), M
+
+
 class TestDenseRectangular(OperatorSuite):
     square = invertible = False
 

@@ -58,8 +58,10 @@ def kron_block(ctx, lid) -> torch.Tensor | None:
     With h_n = Σ_k g_kn g_knᵀ (dG × dG per example) the weight block is Σ_n h_n ⊗ a_n a_nᵀ: row panel
     o is aᵀ [h[:, o, o'] a]_{o'}, one product over the B examples per output unit, instead of one
     product over the K·B per-example gradients (K times fewer flops for the exact Fisher, where K is
-    the number of classes; the same for K = 1, without the per-example tensor). None where it does
-    not apply (several calls, several positions, other rules).
+    the number of classes; the same for K = 1, without the per-example tensor). Only the upper
+    triangle is computed (panel o from column o·dA on: half the flops) and mirrored, so that the
+    block is bitwise symmetric and its products read one triangle (``linalg.symv``). None where it
+    does not apply (several calls, several positions, other rules).
     """
     user = ctx.cap.structured.get(lid)
     if user is None or len(user.calls) != 1 or not ctx.is_kron(lid):
@@ -79,14 +81,25 @@ def kron_block(ctx, lid) -> torch.Tensor | None:
     n = n_w + (d_g if bias else 0)
     out = a.new_empty(n, n)
     for o in range(d_g):
-        x = (h[:, o, :, None] * a[:, None, :]).reshape(b, n_w)
+        i, j = o * d_a, (o + 1) * d_a
+        x = (h[:, o, o:, None] * a[:, None, :]).reshape(b, n_w - i)
         if bias:
             x = torch.cat([x, h[:, o, :]], dim=1)
-        torch.mm(a.T, x, out=out[o * d_a : (o + 1) * d_a])
+        strip = out[i:j, i:]
+        torch.mm(a.T, x, out=strip)
+        _mirror_diagonal_block_(strip[:, : j - i])
+        out[j:, i:j] = strip[:, j - i :].mT
     if bias:
-        out[n_w:, :n_w] = out[:n_w, n_w:].T
         out[n_w:, n_w:] = h.sum(0)
+        _mirror_diagonal_block_(out[n_w:, n_w:])
     return out
+
+
+def _mirror_diagonal_block_(blk: torch.Tensor) -> None:
+    # the lower triangle := the upper one transposed, so that the block is bitwise symmetric (its
+    # two halves come from different sums of the GEMM otherwise)
+    lower = torch.ones(blk.shape, dtype=torch.bool, device=blk.device).tril_(-1)
+    blk.copy_(torch.where(lower, blk.mT, blk))
 
 
 class BlockAcc:
