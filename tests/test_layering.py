@@ -7,7 +7,8 @@ function or a class, under ``if TYPE_CHECKING``), relative ones included (``from
 ``importlib.import_module("nngeo_ops....")`` calls with a literal name. The rules:
 
 - a package layer imports only its own layer and the layers below it (``PACKAGE_LAYERS``);
-- ``nngeo_ops.errors`` sits below every layer and imports nothing of the package;
+- ``nngeo_ops.errors`` and ``nngeo_ops.memory`` (the memory checks made before a dense object is
+  formed) sit below every layer and import nothing of the package but each other;
 - ``nngeo_ops.testing`` (the generic operator suite) and ``nngeo_ops.compat`` (the NNGeometry
   compatibility package) may import anything below ``apps``, and no layer imports them;
 - ``nngeo_ops/__init__.py``, ``__main__.py`` and ``cli.py`` are the entry points above everything;
@@ -29,7 +30,7 @@ PKG = "nngeo_ops"
 
 # Bottom to top. A module of a layer may import its own layer and the ones before it.
 PACKAGE_LAYERS = ["nngeo_ops.linalg", "nngeo_ops.ops", "nngeo_ops.nn", "nngeo_ops.apps"]
-BASE_MODULES = ["nngeo_ops.errors"]  # below every layer
+BASE_MODULES = ["nngeo_ops.errors", "nngeo_ops.memory"]  # below every layer
 SIDE_PACKAGES = ["nngeo_ops.testing", "nngeo_ops.compat"]  # may import anything below apps
 ENTRY_POINTS = ["nngeo_ops", "nngeo_ops.__main__", "nngeo_ops.cli"]  # may import anything
 
@@ -201,7 +202,7 @@ def layer_violations(graph: list[Import]) -> list[str]:
         entry_target = i.target in ENTRY_POINTS
         if any(_within(i.importer, b) for b in BASE_MODULES):
             if not any(_within(i.target, b) for b in BASE_MODULES):
-                bad.append(f"{i}: errors must not import the rest of the package")
+                bad.append(f"{i}: errors / memory must not import the rest of the package")
         elif src is not None:
             if dst is not None and dst > src:
                 bad.append(f"{i}: {PACKAGE_LAYERS[src]} sits below {PACKAGE_LAYERS[dst]}")

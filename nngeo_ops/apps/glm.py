@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import check_memory
 from ..nn import Jacobian, PMatEKFAC, PMatKFAC
-from .memory import check_memory
 from .posterior import IterativePosterior
 
 

@@ -46,6 +46,7 @@ from ..errors import (
     ShapeError,
     UnsupportedError,
 )
+from ..memory import check_memory
 from ..nn import (
     FIM,
     LayerCollection,
@@ -61,7 +62,6 @@ from ..nn.engine.distributed import all_reduce_sum, reduce_counts, resolve_group
 from ..ops import BlockDiag, CompilePolicy, Diagonal, Identity, LinearOperator
 from .glm import LastLayerKron, jacobian_functional, last_layer_kron_applies
 from .laplace_data import data_pass
-from .memory import check_memory
 from .posterior import CholeskyPosterior, IterativePosterior, SpectralPosterior
 
 LIKELIHOODS = ("classification", "regression")

@@ -20,7 +20,8 @@ import numbers
 
 import torch
 
-from ...errors import ShapeError, UnsupportedError
+from ...errors import MemoryLimitError, ShapeError, UnsupportedError
+from ...memory import available_memory, format_bytes
 from ...ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from ..engine.accumulators import BlockAcc, DenseAcc, DiagAcc, GradsAcc
 from ..engine.finite import check_regul  # noqa: F401  (re-exported: the representations use it)
@@ -249,6 +250,36 @@ class PMatExpr(PMatAbstract):
     """Any ops expression over a layer collection (results of ``+``, ``*``, ``inverse``...)."""
 
 
+def check_dense_fits(generator, rep: str) -> None:
+    """Refuse, before the pass, a ``PMatDense`` / ``PMatBlockDiag`` whose stored matrices alone take
+    more than the memory available on the generator's device (:func:`nngeo_ops.memory.available_memory`):
+    the allocation would fail deep inside torch, or the process be killed, after the data were read.
+
+    ``PMatDense`` stores P² numbers, ``PMatBlockDiag`` Σ_l d_l² (d_l: the parameters of layer l), in
+    the statistics' precision. Raises :class:`~nngeo_ops.errors.MemoryLimitError` naming the size,
+    the largest layer and the representations that fit.
+    """
+    lc = generator.layer_collection
+    item = torch.empty(0, dtype=generator.dtype).element_size()
+    sizes = {lid: entry.numel() for lid, entry in lc.items()}
+    dense = rep == "PMatDense"
+    need = (lc.numel() ** 2 if dense else sum(d * d for d in sizes.values())) * item
+    free = available_memory(generator.device)
+    if free is None or need <= free:
+        return
+    lid = max(sizes, key=sizes.get)
+    where = (
+        f"{lc.numel():,} parameters"
+        if dense
+        else f"the largest block, layer {lid!r}, has {sizes[lid]:,} parameters"
+    )
+    raise MemoryLimitError(
+        f"{rep} would store {format_bytes(need)} ({where}), more than the "
+        f"{format_bytes(free)} of memory available on {generator.device}; use PMatKFAC, PMatEKFAC "
+        "or PMatDiag (PMatImplicit for products only), or a LayerCollection without the largest layers"
+    )
+
+
 def _from_generator(cls, generator, examples, accumulators):
     generator.run(examples, accumulators, desc=cls.__name__)
     return accumulators
@@ -269,6 +300,7 @@ class PMatDense(PMatAbstract):
     def __init__(self, generator, data=None, examples=None):
         if data is None:
             if generator.is_hessian:
+                check_dense_fits(generator, "PMatDense")
                 data = generator.hessian_dense(examples)
             else:
                 (acc,) = _from_generator(
@@ -286,6 +318,7 @@ class PMatDense(PMatAbstract):
         """The statistics this representation gathers in a pass over the data (a list of accumulators fed
         by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
         """
+        check_dense_fits(generator, "PMatDense")
         return [DenseAcc()]
 
     @staticmethod
@@ -306,6 +339,7 @@ class PMatBlockDiag(PMatAbstract):
     def __init__(self, generator, data=None, examples=None):
         if data is None:
             if generator.is_hessian:
+                check_dense_fits(generator, "PMatBlockDiag")
                 data = generator.hessian_blocks(examples)
             else:
                 accs = _from_generator(
@@ -323,6 +357,7 @@ class PMatBlockDiag(PMatAbstract):
         """The statistics this representation gathers in a pass over the data (a list of accumulators fed
         by :meth:`CurvatureGenerator.run`; :func:`build_many` shares one pass among several classes).
         """
+        check_dense_fits(generator, "PMatBlockDiag")
         return [BlockAcc(generator.layer_collection.layers)]
 
     @staticmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MemoryLimitError
+from .errors import MemoryLimitError
 
 
 def available_memory(device=None) -> int | None:
