@@ -78,8 +78,8 @@ def symv(M: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> t
         A, lower = M.detach().numpy().T, 1
     else:
         A, lower = M.detach().numpy(), 0
-    if out is None:
-        out = torch.empty(shape, dtype=M.dtype)
+    # y zeroed although beta = 0: some BLAS builds scale y by beta, and 0·NaN of stale memory is NaN
+    out = torch.zeros(shape, dtype=M.dtype) if out is None else out.zero_()
     y = out.detach().view(-1).numpy()
     fn = _blas(M.dtype)
     with _threads(torch.get_num_threads()):
