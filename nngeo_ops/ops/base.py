@@ -23,6 +23,7 @@ import torch
 from ..errors import (
     ArgumentTypeError,
     DTypeDeviceError,
+    InvalidArgumentError,
     NonFiniteError,
     NotSymmetricError,
     ShapeError,
@@ -260,6 +261,12 @@ class LinearOperator:
             raise DTypeDeviceError(
                 f"A @ x (out=): operator is {self.dtype} on {self.device} but out is {out.dtype} "
                 f"on {out.device}; allocate out with the operator's dtype and device"
+            )
+        if _may_overlap(out, X):
+            # the products would read entries of x already overwritten (torch does not check)
+            raise InvalidArgumentError(
+                "A @ x (out=): out overlaps the operand x in memory; pass a separate buffer "
+                "(or out=None)"
             )
 
     def _matmat_into(self, X: torch.Tensor, out: torch.Tensor) -> None:
@@ -530,6 +537,20 @@ def _checksum(t: torch.Tensor) -> float | None:
         b = n - (rows - 1) * step
         sample = d.detach().as_strided((rows, b), (step, 1), d.storage_offset())
         return float((sample * _ramp(rows * b, d.dtype, d.device).view(rows, b)).sum())
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # byte ranges spanned by the two views intersect (conservative for interleaved strides)
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def records_grad(*tensors: torch.Tensor | None) -> bool:

@@ -108,6 +108,16 @@ class OperatorSuite:
             op.matvec(x, out=torch.empty(m, dtype=torch.float32))
         with pytest.raises(TypeError, match="expected a torch.Tensor for out"):
             op.matvec(x, out=[0.0] * m)
+        # out sharing memory with x: refused (the product would read entries already overwritten)
+        buf = self.vec(m + n)
+        with pytest.raises(ValueError, match="overlaps the operand"):
+            op.matvec(buf[:n], out=buf[n - 1 : n - 1 + m])  # one shared entry
+        if m == n:
+            y = x.clone()
+            with pytest.raises(ValueError, match="overlaps the operand"):
+                op.matvec(y, out=y)
+        # disjoint parts of one buffer are fine
+        torch.testing.assert_close(op.matvec(buf[m:], out=buf[:m]), op @ buf[m:].clone())
 
     def test_rmatvec(self, seed):
         op, dense, _ = self.case(seed)
