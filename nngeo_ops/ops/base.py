@@ -404,7 +404,7 @@ class LinearOperator:
         fp = self.fingerprint()
         cached = self.__dict__.get("_auto_cache")
         if cached is None or cached[0] != fp:
-            cached = (fp, Compiled(self))
+            cached = (fp, Compiled(self, fingerprint=fp))  # its checksums are read, not redone
             self._auto_cache = cached
         return cached[1]
 
