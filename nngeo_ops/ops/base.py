@@ -484,6 +484,7 @@ class LinearOperator:
 
 
 _RAMPS: dict[tuple, torch.Tensor] = {}
+_SAMPLES: dict[tuple, tuple] = {}
 
 
 CHECKSUM_ENTRIES = 1 << 16  # leaves up to this size are checksummed whole, larger ones sampled
@@ -501,6 +502,24 @@ def _ramp(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return w
 
 
+def _sampling(n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    """``(step, b, W)`` of the sample of a leaf of ``n > CHECKSUM_ENTRIES`` entries: blocks of ``b``
+    entries every ``step``, and their weights ``W`` as a ``(CHECKSUM_ROWS, b)`` view of the ramp
+    (see :func:`_checksum`); kept per (n, dtype, device), as the ramp is."""
+    key = (n, dtype, device)
+    hit = _SAMPLES.get(key)
+    if hit is None:
+        rows = CHECKSUM_ROWS
+        step = (n - CHECKSUM_BLOCK) // (rows - 1)
+        # blocks of b ∈ [64, 126] entries so that the first starts at entry 0 and the last ends at
+        # entry n − 1 (a tail past the last whole block is otherwise unseen)
+        b = n - (rows - 1) * step
+        if len(_SAMPLES) > 64:
+            _SAMPLES.clear()
+        hit = _SAMPLES[key] = (step, b, _ramp(rows * b, dtype, device).view(rows, b))
+    return hit
+
+
 def _checksum(t: torch.Tensor) -> float | None:
     """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 2] over every entry of a leaf of at most
     :data:`CHECKSUM_ENTRIES` entries, over a sample of a larger one (a whole pass would cost as
@@ -513,23 +532,24 @@ def _checksum(t: torch.Tensor) -> float | None:
     every cached call, right after the caller's own work has evicted the leaf and the interpreter's
     code from the caches, where each further torch call costs ~10 µs: three calls take ~90 µs
     after a forward+backward of the benchmark MLP, the former 65 536-entry sample in eleven calls
-    ~230 µs (8 against 28 µs when warm).
+    ~230 µs (8 against 28 µs when warm). For the same reason the Python around them is kept to a
+    minimum: no grad-mode switch (a leaf that requires grad is detached, nothing else records a
+    graph), the sample's shape and weights looked up once per size.
     """
-    if not t.is_floating_point() or t.numel() == 0:
+    if not t.is_floating_point():
         return None
-    with torch.no_grad():
-        n = t.numel()
-        if n <= CHECKSUM_ENTRIES:
-            d = t.detach().reshape(-1)
-            return float(d @ _ramp(n, d.dtype, d.device))
-        d = t if t.is_contiguous() else t.reshape(-1)  # as_strided reads the storage directly
-        rows = CHECKSUM_ROWS
-        step = (n - CHECKSUM_BLOCK) // (rows - 1)
-        # blocks of b ∈ [64, 126] entries so that the first starts at entry 0 and the last ends at
-        # entry n − 1 (a tail past the last whole block is otherwise unseen)
-        b = n - (rows - 1) * step
-        sample = d.detach().as_strided((rows, b), (step, 1), d.storage_offset())
-        return float((sample * _ramp(rows * b, d.dtype, d.device).view(rows, b)).sum())
+    n = t.numel()
+    if n == 0:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    if n <= CHECKSUM_ENTRIES:
+        d = t.reshape(-1)
+        return float(d @ _ramp(n, d.dtype, d.device))
+    d = t if t.is_contiguous() else t.reshape(-1)  # as_strided reads the storage directly
+    step, b, w = _sampling(n, d.dtype, d.device)
+    sample = d.as_strided((CHECKSUM_ROWS, b), (step, 1), d.storage_offset())
+    return float((sample * w).sum())
 
 
 def records_grad(*tensors: torch.Tensor | None) -> bool:
