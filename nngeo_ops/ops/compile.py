@@ -247,7 +247,10 @@ class Compiled:
         A = self.simplified
         self.expr._check_operand(b, A.shape[0], "solve")
         f = self.solver(A)
-        return f(b.unsqueeze(1)).squeeze(1) if b.dim() == 1 else f(b)
+        if b.dim() == 2:
+            return f(b)
+        vector = getattr(f, "vector", None)  # a routine's own vector form, if it has one
+        return vector(b) if vector is not None else f(b.unsqueeze(1)).squeeze(1)
 
     def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign, log|det A|)`` of the simplified expression."""

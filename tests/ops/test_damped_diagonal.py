@@ -238,3 +238,46 @@ def test_ends_computed_in_python_equal_torch_elementwise(dtype):
             assert got is None, (lo, hi, c)
         else:
             assert got == tuple(want.tolist()), (lo, hi, c, got, want.tolist())
+
+
+@pytest.mark.parametrize("n", [1000, base.CHECKSUM_ENTRIES + 1, 3 * base.CHECKSUM_ENTRIES + 17])
+def test_checksum_is_the_weighted_sum_of_its_sample_and_records_no_graph(n):
+    """The checksum against the weighted sum over the entries it samples, written out (whole up to
+    CHECKSUM_ENTRIES; 64 blocks from entry 0 to the last entry beyond); a leaf that requires grad
+    gives the same value and no graph, under grad mode."""
+    g = torch.Generator().manual_seed(n)
+    t = torch.rand(n, generator=g, dtype=F64)
+    if n <= base.CHECKSUM_ENTRIES:
+        idx = torch.arange(n)
+    else:
+        rows, step = base.CHECKSUM_ROWS, (n - base.CHECKSUM_BLOCK) // (base.CHECKSUM_ROWS - 1)
+        b = n - (rows - 1) * step
+        idx = (torch.arange(rows)[:, None] * step + torch.arange(b)[None, :]).reshape(-1)
+        assert int(idx[0]) == 0 and int(idx[-1]) == n - 1
+    w = torch.linspace(1.0, 2.0, idx.numel(), dtype=F64)
+    want = float((t[idx] * w).sum())
+    assert base._checksum(t) == pytest.approx(want, rel=1e-14)
+    leaf = t.clone().requires_grad_()
+    with torch.enable_grad():
+        assert base._checksum(leaf) == base._checksum(t)
+    assert leaf.grad is None and leaf.grad_fn is None
+    assert base._checksum(torch.arange(5)) is None and base._checksum(torch.empty(0)) is None
+
+
+def test_a_vector_solve_of_a_diagonal_equals_the_column_solve_and_carries_gradients():
+    """The division's vector form gives the quotients of the one-column route bit for bit, and
+    gradients to the right-hand side and to d (torch's own formula, b / d, as ground truth)."""
+    n = 257
+    g = torch.Generator().manual_seed(5)
+    d = (torch.rand(n, generator=g, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(n, generator=g, dtype=F64, requires_grad=True)
+    x = Diagonal(d).solve(b)
+    col = Compiled(Diagonal(d)).solver(Diagonal(d))(b.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(x, col, rtol=0, atol=0)
+    torch.testing.assert_close(x, b / d, rtol=0, atol=0)
+    x.sum().backward()
+    torch.testing.assert_close(b.grad, 1 / d.detach(), rtol=1e-15, atol=0)
+    torch.testing.assert_close(d.grad, -b.detach() / d.detach() ** 2, rtol=1e-15, atol=0)
+    B = torch.randn(n, 3, generator=g, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(Diagonal(d).solve(B), B / d[:, None], rtol=0, atol=0)
