@@ -34,6 +34,8 @@ Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients
 
 
 def is_scalar(c: Any) -> bool:
+    if type(c) is float or type(c) is int:  # before the ABC check, which costs ~10 µs run cold
+        return True
     return isinstance(c, numbers.Number) or (isinstance(c, torch.Tensor) and c.dim() == 0)
 
 
@@ -73,7 +75,7 @@ class LinearOperator:
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = device if type(device) is torch.device else torch.device(device)
         square = self.shape[0] == self.shape[1]
         self.symmetric = bool(symmetric) and square
         self.psd = bool(psd) and self.symmetric
@@ -158,7 +160,7 @@ class LinearOperator:
         a larger leaf (a rescaling, a copy of new values); after a ``.data`` write to a few
         entries of a large leaf call :meth:`invalidate`.
         """
-        return tuple((id(t), t._version, _checksum(t)) for t in self.leaf_tensors())
+        return _fingerprint(tuple(self.leaf_tensors()))
 
     def invalidate(self) -> None:
         """Drop the compiled forms and cached factorisations held by this node and its subtree
@@ -170,7 +172,7 @@ class LinearOperator:
 
     def needs_grad(self) -> bool:
         """Whether grad mode is on and some leaf tensor requires grad (compiled forms are then not cached)."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
+        return torch.is_grad_enabled() and _records_grad(tuple(self.leaf_tensors()))
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
         """The same operator with every leaf tensor moved to ``dtype`` / ``device``.
@@ -312,11 +314,9 @@ class LinearOperator:
 
     # ------------------------------------------------------------------ algebra (lazy)
     def __add__(self, other: Any) -> LinearOperator:
-        from .composites import Sum
-
         if not isinstance(other, LinearOperator):
             return NotImplemented if not is_scalar(other) else _scalar_add_error(self)
-        return Sum(self, other)
+        return _late("Sum")(self, other)
 
     def __radd__(self, other: Any) -> LinearOperator:
         if is_scalar(other) and not isinstance(other, LinearOperator):
@@ -397,11 +397,12 @@ class LinearOperator:
         ``backward`` can be called after each one. :meth:`compile` always builds a new one (and
         takes a policy).
         """
-        from .compile import Compiled
-
-        if self.needs_grad():
+        Compiled = _late("Compiled")
+        # one walk of the tree for both questions (this runs cold at every solve)
+        leaves = tuple(self.leaf_tensors())
+        if torch.is_grad_enabled() and _records_grad(leaves):
             return Compiled(self)
-        fp = self.fingerprint()
+        fp = _fingerprint(leaves)
         cached = self.__dict__.get("_auto_cache")
         if cached is None or cached[0] != fp:
             cached = (fp, Compiled(self, fingerprint=fp))  # its checksums are read, not redone
@@ -481,6 +482,33 @@ class LinearOperator:
         return (
             f"<{type(self).__name__} {m}×{n} {dt} {self.device} [{', '.join(self.tags())}]: {self}>"
         )
+
+
+def _fingerprint(leaves: tuple[torch.Tensor, ...]) -> tuple:
+    """:meth:`LinearOperator.fingerprint` of a node whose leaf tensors are ``leaves``."""
+    return tuple([(id(t), t._version, _checksum(t)) for t in leaves])
+
+
+def _records_grad(leaves: tuple[torch.Tensor, ...]) -> bool:
+    for t in leaves:
+        if t.requires_grad:
+            return True
+    return False
+
+
+_LATE: dict[str, Any] = {}
+
+
+def _late(name: str) -> Any:
+    """The class ``name`` of a module that imports this one (``Sum``, ``Compiled``), looked up once:
+    an import statement in a method costs ~10 µs run cold (after a forward+backward), where the
+    first damped solve of a diagonal runs."""
+    hit = _LATE.get(name)
+    if hit is None:
+        from . import compile, composites
+
+        hit = _LATE[name] = getattr(compile if name == "Compiled" else composites, name)
+    return hit
 
 
 _RAMPS: dict[tuple, torch.Tensor] = {}
@@ -691,6 +719,12 @@ def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:
     ``Identity(n)`` without a dtype is 'flexible' so that ``F + 1e-3 * Identity(n)`` works for an
     ``F`` of any dtype; every other mismatch is an error.
     """
+    first = nodes[0]
+    for x in nodes:
+        if x.dtype != first.dtype or x.device != first.device:
+            break
+    else:
+        return nodes  # one dtype and device already: nothing to convert or refuse
     fixed = [x for x in nodes if not getattr(x, "flexible", False)]
     if fixed:
         dtype, device = fixed[0].dtype, fixed[0].device

@@ -129,8 +129,11 @@ class ScaledIdentity(LinearOperator):
             dtype = dtype or c.dtype
             device = device if device is not None else c.device
         dtype = dtype or torch.get_default_dtype()
-        device = torch.device(device) if device is not None else torch.get_default_device()
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        if type(device) is not torch.device:
+            device = torch.device(device) if device is not None else torch.get_default_device()
+        # exact types first: the ABC checks cost ~10 µs each run cold (a first damped solve)
+        exact = type(n) is int
+        if (not exact and (isinstance(n, bool) or not isinstance(n, numbers.Integral))) or n < 0:
             raise InvalidArgumentError(
                 f"Identity / ScaledIdentity: the size must be a non-negative int, got {n!r}; pass "
                 "the number of rows, e.g. Identity(A.shape[0])"

@@ -281,3 +281,42 @@ def test_a_vector_solve_of_a_diagonal_equals_the_column_solve_and_carries_gradie
     B = torch.randn(n, 3, generator=g, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(Diagonal(d).solve(B), B / d[:, None], rtol=0, atol=0)
+
+
+def test_exact_type_fast_paths_keep_every_refusal_and_conversion():
+    """The constructors' and checks' exact-type shortcuts (int / float before the ABC checks, one
+    dtype and device before harmonising) refuse and convert what they did before."""
+    import numpy as np
+
+    from nngeo_ops.errors import ArgumentTypeError, DTypeDeviceError, InvalidArgumentError
+    from nngeo_ops.nn.engine.finite import check_regul
+    from nngeo_ops.ops import Sum
+    from nngeo_ops.ops.base import is_scalar
+
+    for bad in (True, 3.0, -1, "3"):
+        with pytest.raises(InvalidArgumentError, match=f"got {bad!r}"):
+            ScaledIdentity(1.0, bad)
+    assert ScaledIdentity(2, np.int64(3)).n == 3 and ScaledIdentity(0.5, 0).shape == (0, 0)
+    assert ScaledIdentity(1.0, 3, device="cpu").device == torch.device("cpu")
+    assert [is_scalar(c) for c in (1, 2.5, True, np.float32(1), torch.tensor(1.0), "1")] == [
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]
+    d32 = Diagonal(torch.rand(4))
+    with pytest.raises(DTypeDeviceError):
+        Sum(d32, Diagonal(torch.rand(4, dtype=F64)))
+    with pytest.raises(DTypeDeviceError):  # a fixed float64 identity: refused
+        Sum(d32, 0.5 * Identity(4, dtype=F64))
+    flexible = Sum(Diagonal(torch.rand(4, dtype=F64)), 0.5 * Identity(4))
+    assert flexible.terms[1].dtype == F64 and flexible.dtype == F64
+    check_regul(1e-3)
+    check_regul(2)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteError):
+            check_regul(bad)
+    with pytest.raises(ArgumentTypeError):
+        check_regul(True)
