@@ -123,7 +123,10 @@ class LinearOperator:
 
     def with_children(self, new: tuple[LinearOperator, ...]) -> LinearOperator:
         """The same node over new children, in the order of :meth:`children`."""
-        if all(a is b for a, b in zip(new, self.children())):
+        for a, b in zip(new, self.children()):
+            if a is not b:
+                break
+        else:
             return self
         fields, i = {}, 0
         for name in self._node_fields:

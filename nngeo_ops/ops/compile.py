@@ -120,7 +120,7 @@ class Compiled:
         if key in self._memo:
             return self._memo[key]
         kids = node.children()
-        cur = node.with_children(tuple(self.simplify(k) for k in kids)) if kids else node
+        cur = node.with_children(tuple([self.simplify(k) for k in kids])) if kids else node
         for r in rules_for("rewrite", type(cur)):
             out = r.fn(cur, self)
             if out is not None and out is not cur:

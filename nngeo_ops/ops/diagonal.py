@@ -199,10 +199,13 @@ _F32_TINY = torch.finfo(torch.float32).tiny
 _F64_TINY = torch.finfo(torch.float64).tiny
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _round32(x: float) -> float:
     """``x`` rounded to the nearest float32 (ties to even), as a Python float; OverflowError beyond
     the float32 range."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+    return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
 
 
 def _normal(values: tuple, tiny: float) -> bool:

@@ -40,6 +40,7 @@ from ._util import orthogonal_congruence
 from .thin_shift import thin_kronecker_shift
 
 _ORDER = (Eigen, Kronecker, BlockDiag, Product, Dense, MatFree, LowRank, Diagonal, ScaledIdentity)
+_DIAGONAL_LEAVES = (Diagonal, ScaledIdentity)  # exact classes: a subclass takes the general path
 
 
 def _rank(t: LinearOperator) -> int:
@@ -82,6 +83,13 @@ def _fold_lowranks(ts: list[LowRank]) -> LowRank:
 
 @rule("rewrite", Sum, name="canonical sum", priority=30)
 def canonical_sum(node: Sum, ctx):
+    terms = node.terms
+    if len(terms) > 1:
+        for t in terms:
+            if type(t) not in _DIAGONAL_LEAVES:
+                break
+        else:  # diagonal leaves only (a damped diagonal): what the general path returns, at once
+            return _fold_diagonals(list(terms), ctx)
     flat: list[LinearOperator] = []
     for t in node.terms:
         flat.extend(t.terms if isinstance(t, Sum) else (t,))
