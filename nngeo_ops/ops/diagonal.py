@@ -92,8 +92,9 @@ class Diagonal(LinearOperator):
         """
         d = self.d
         e = d + c
-        r = self.known_range(checksum) if d.numel() and not d.is_complex() else None
-        ends = _shift_ends(c, r, d, e.dtype) if r is not None else None
+        r = self.known_range(checksum)
+        # lo ≤ hi fails for an empty d (inf, -inf) and a complex one (nan, nan): no range to map
+        ends = _shift_ends(c, r, d, e.dtype) if r is not None and r[0] <= r[1] else None
         return Diagonal(e, derived=True, value_range=ends)
 
     def _rebuild(self, **fields: Any) -> Diagonal:

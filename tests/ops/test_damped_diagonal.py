@@ -320,3 +320,14 @@ def test_exact_type_fast_paths_keep_every_refusal_and_conversion():
             check_regul(bad)
     with pytest.raises(ArgumentTypeError):
         check_regul(True)
+
+
+def test_an_empty_or_complex_diagonal_shifts_by_its_own_reduction():
+    """No range to map (empty: (inf, -inf); complex: undefined): the node reduces d + c itself."""
+    E = Diagonal(torch.empty(0, dtype=F64)).shifted(0.5)
+    assert E.d.shape == (0,) and E._range.lo > E._range.hi
+    d = torch.tensor([1 + 1j, 2 + 0j], dtype=torch.complex128)
+    C = Diagonal(d).shifted(0.5)
+    torch.testing.assert_close(C.d, d + 0.5, rtol=0, atol=0)
+    with pytest.raises(NonFiniteError):
+        Diagonal(torch.tensor([1 + 1j, complex(float("nan"), 0)])).shifted(0.5)
