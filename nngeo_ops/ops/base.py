@@ -35,6 +35,8 @@ Scalar = Any  # a Python number or a 0-dim tensor (kept as a tensor so gradients
 
 
 def is_scalar(c: Any) -> bool:
+    if type(c) is float or type(c) is int:  # before the ABC check, which costs ~10 µs run cold
+        return True
     return isinstance(c, numbers.Number) or (isinstance(c, torch.Tensor) and c.dim() == 0)
 
 
@@ -74,7 +76,7 @@ class LinearOperator:
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = device if type(device) is torch.device else torch.device(device)
         square = self.shape[0] == self.shape[1]
         self.symmetric = bool(symmetric) and square
         self.psd = bool(psd) and self.symmetric
@@ -122,7 +124,10 @@ class LinearOperator:
 
     def with_children(self, new: tuple[LinearOperator, ...]) -> LinearOperator:
         """The same node over new children, in the order of :meth:`children`."""
-        if all(a is b for a, b in zip(new, self.children())):
+        for a, b in zip(new, self.children()):
+            if a is not b:
+                break
+        else:
             return self
         fields, i = {}, 0
         for name in self._node_fields:
@@ -159,7 +164,7 @@ class LinearOperator:
         a larger leaf (a rescaling, a copy of new values); after a ``.data`` write to a few
         entries of a large leaf call :meth:`invalidate`.
         """
-        return tuple((id(t), t._version, _checksum(t)) for t in self.leaf_tensors())
+        return _fingerprint(tuple(self.leaf_tensors()))
 
     def invalidate(self) -> None:
         """Drop the compiled forms and cached factorisations held by this node and its subtree
@@ -171,7 +176,7 @@ class LinearOperator:
 
     def needs_grad(self) -> bool:
         """Whether grad mode is on and some leaf tensor requires grad (compiled forms are then not cached)."""
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self.leaf_tensors())
+        return torch.is_grad_enabled() and _records_grad(tuple(self.leaf_tensors()))
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
         """The same operator with every leaf tensor moved to ``dtype`` / ``device``.
@@ -319,11 +324,9 @@ class LinearOperator:
 
     # ------------------------------------------------------------------ algebra (lazy)
     def __add__(self, other: Any) -> LinearOperator:
-        from .composites import Sum
-
         if not isinstance(other, LinearOperator):
             return NotImplemented if not is_scalar(other) else _scalar_add_error(self)
-        return Sum(self, other)
+        return _late("Sum")(self, other)
 
     def __radd__(self, other: Any) -> LinearOperator:
         if is_scalar(other) and not isinstance(other, LinearOperator):
@@ -404,14 +407,15 @@ class LinearOperator:
         ``backward`` can be called after each one. :meth:`compile` always builds a new one (and
         takes a policy).
         """
-        from .compile import Compiled
-
-        if self.needs_grad():
+        Compiled = _late("Compiled")
+        # one walk of the tree for both questions (this runs cold at every solve)
+        leaves = tuple(self.leaf_tensors())
+        if torch.is_grad_enabled() and _records_grad(leaves):
             return Compiled(self)
-        fp = self.fingerprint()
+        fp = _fingerprint(leaves)
         cached = self.__dict__.get("_auto_cache")
         if cached is None or cached[0] != fp:
-            cached = (fp, Compiled(self))
+            cached = (fp, Compiled(self, fingerprint=fp))  # its checksums are read, not redone
             self._auto_cache = cached
         return cached[1]
 
@@ -490,7 +494,35 @@ class LinearOperator:
         )
 
 
+def _fingerprint(leaves: tuple[torch.Tensor, ...]) -> tuple:
+    """:meth:`LinearOperator.fingerprint` of a node whose leaf tensors are ``leaves``."""
+    return tuple([(id(t), t._version, _checksum(t)) for t in leaves])
+
+
+def _records_grad(leaves: tuple[torch.Tensor, ...]) -> bool:
+    for t in leaves:
+        if t.requires_grad:
+            return True
+    return False
+
+
+_LATE: dict[str, Any] = {}
+
+
+def _late(name: str) -> Any:
+    """The class ``name`` of a module that imports this one (``Sum``, ``Compiled``), looked up once:
+    an import statement in a method costs ~10 µs run cold (after a forward+backward), where the
+    first damped solve of a diagonal runs."""
+    hit = _LATE.get(name)
+    if hit is None:
+        from . import compile, composites
+
+        hit = _LATE[name] = getattr(compile if name == "Compiled" else composites, name)
+    return hit
+
+
 _RAMPS: dict[tuple, torch.Tensor] = {}
+_SAMPLES: dict[tuple, tuple] = {}
 
 
 CHECKSUM_ENTRIES = 1 << 16  # leaves up to this size are checksummed whole, larger ones sampled
@@ -508,6 +540,24 @@ def _ramp(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return w
 
 
+def _sampling(n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    """``(step, b, W)`` of the sample of a leaf of ``n > CHECKSUM_ENTRIES`` entries: blocks of ``b``
+    entries every ``step``, and their weights ``W`` as a ``(CHECKSUM_ROWS, b)`` view of the ramp
+    (see :func:`_checksum`); kept per (n, dtype, device), as the ramp is."""
+    key = (n, dtype, device)
+    hit = _SAMPLES.get(key)
+    if hit is None:
+        rows = CHECKSUM_ROWS
+        step = (n - CHECKSUM_BLOCK) // (rows - 1)
+        # blocks of b ∈ [64, 126] entries so that the first starts at entry 0 and the last ends at
+        # entry n − 1 (a tail past the last whole block is otherwise unseen)
+        b = n - (rows - 1) * step
+        if len(_SAMPLES) > 64:
+            _SAMPLES.clear()
+        hit = _SAMPLES[key] = (step, b, _ramp(rows * b, dtype, device).view(rows, b))
+    return hit
+
+
 def _checksum(t: torch.Tensor) -> float | None:
     """``Σ wᵢ tᵢ`` with fixed weights ``wᵢ`` in [1, 2] over every entry of a leaf of at most
     :data:`CHECKSUM_ENTRIES` entries, over a sample of a larger one (a whole pass would cost as
@@ -520,23 +570,24 @@ def _checksum(t: torch.Tensor) -> float | None:
     every cached call, right after the caller's own work has evicted the leaf and the interpreter's
     code from the caches, where each further torch call costs ~10 µs: three calls take ~90 µs
     after a forward+backward of the benchmark MLP, the former 65 536-entry sample in eleven calls
-    ~230 µs (8 against 28 µs when warm).
+    ~230 µs (8 against 28 µs when warm). For the same reason the Python around them is kept to a
+    minimum: no grad-mode switch (a leaf that requires grad is detached, nothing else records a
+    graph), the sample's shape and weights looked up once per size.
     """
-    if not t.is_floating_point() or t.numel() == 0:
+    if not t.is_floating_point():
         return None
-    with torch.no_grad():
-        n = t.numel()
-        if n <= CHECKSUM_ENTRIES:
-            d = t.detach().reshape(-1)
-            return float(d @ _ramp(n, d.dtype, d.device))
-        d = t if t.is_contiguous() else t.reshape(-1)  # as_strided reads the storage directly
-        rows = CHECKSUM_ROWS
-        step = (n - CHECKSUM_BLOCK) // (rows - 1)
-        # blocks of b ∈ [64, 126] entries so that the first starts at entry 0 and the last ends at
-        # entry n − 1 (a tail past the last whole block is otherwise unseen)
-        b = n - (rows - 1) * step
-        sample = d.detach().as_strided((rows, b), (step, 1), d.storage_offset())
-        return float((sample * _ramp(rows * b, d.dtype, d.device).view(rows, b)).sum())
+    n = t.numel()
+    if n == 0:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    if n <= CHECKSUM_ENTRIES:
+        d = t.reshape(-1)
+        return float(d @ _ramp(n, d.dtype, d.device))
+    d = t if t.is_contiguous() else t.reshape(-1)  # as_strided reads the storage directly
+    step, b, w = _sampling(n, d.dtype, d.device)
+    sample = d.as_strided((CHECKSUM_ROWS, b), (step, 1), d.storage_offset())
+    return float((sample * w).sum())
 
 
 def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -693,6 +744,12 @@ def harmonise(nodes: tuple[LinearOperator, ...]) -> tuple[LinearOperator, ...]:
     ``Identity(n)`` without a dtype is 'flexible' so that ``F + 1e-3 * Identity(n)`` works for an
     ``F`` of any dtype; every other mismatch is an error.
     """
+    first = nodes[0]
+    for x in nodes:
+        if x.dtype != first.dtype or x.device != first.device:
+            break
+    else:
+        return nodes  # one dtype and device already: nothing to convert or refuse
     fixed = [x for x in nodes if not getattr(x, "flexible", False)]
     if fixed:
         dtype, device = fixed[0].dtype, fixed[0].device

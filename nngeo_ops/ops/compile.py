@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import NotPSDError, ShapeError, UnsupportedError
-from .base import LinearOperator
+from .base import LinearOperator, _checksum
 from .cache import cached_on
 from .registry import rules_for
 
@@ -70,8 +70,16 @@ class CompilePolicy:
         return self.rng(device)
 
 
+_DEFAULT_POLICY = CompilePolicy()  # frozen: one instance serves every compile without a policy
+
+
 class Compiled:
     """A simplified expression with memoised routines; see the module docstring.
+
+    ``fingerprint``: optionally ``expr.fingerprint()`` computed by the caller just before (as
+    :meth:`LinearOperator.compiled <nngeo_ops.ops.LinearOperator.compiled>` does for its cache
+    key); rules that check a leaf against the state its node was built from read its checksum
+    there (:meth:`checksum`) while the tree is rewritten, instead of computing it again.
 
     Attributes:
         expr: the expression as given.
@@ -80,9 +88,15 @@ class Compiled:
         estimates: ``{(quantity, node formula): Estimate}`` of every stochastic fallback that ran.
     """
 
-    def __init__(self, expr: LinearOperator, policy: CompilePolicy | None = None) -> None:
+    def __init__(
+        self,
+        expr: LinearOperator,
+        policy: CompilePolicy | None = None,
+        *,
+        fingerprint: tuple | None = None,
+    ) -> None:
         self.expr = expr
-        self.policy = policy or CompilePolicy()
+        self.policy = policy or _DEFAULT_POLICY
         self._rewrites: list[tuple[str, LinearOperator, LinearOperator]] = []
         self._routines: list[tuple[str, LinearOperator, str]] = []
         self._memo: dict[tuple[str, int], Any] = {}
@@ -90,7 +104,12 @@ class Compiled:
         self._alive: list[LinearOperator] = []  # keeps memo keys (ids) from being reused
         # (quantity, node formula) -> Estimate of every stochastic fallback that ran
         self.estimates: dict[tuple[str, str], Any] = {}
-        self.simplified = self.simplify(expr)
+        # read by checksum() during the rewrite only: a leaf may change after it
+        self._fingerprint = fingerprint
+        try:
+            self.simplified = self.simplify(expr)
+        finally:
+            self._fingerprint = None
 
     # ------------------------------------------------------------------ rewriting
     def simplify(self, node: LinearOperator) -> LinearOperator:
@@ -101,7 +120,7 @@ class Compiled:
         if key in self._memo:
             return self._memo[key]
         kids = node.children()
-        cur = node.with_children(tuple(self.simplify(k) for k in kids)) if kids else node
+        cur = node.with_children(tuple([self.simplify(k) for k in kids])) if kids else node
         for r in rules_for("rewrite", type(cur)):
             out = r.fn(cur, self)
             if out is not None and out is not cur:
@@ -117,6 +136,19 @@ class Compiled:
     def rewrites(self) -> list[tuple[str, str, str]]:
         """The rewrite log: (rule, before, after) as formulas."""
         return [(name, str(a), str(b)) for name, a, b in self._rewrites]
+
+    def checksum(self, t: torch.Tensor) -> Any:
+        """:func:`~nngeo_ops.ops.base._checksum` of a leaf tensor ``t``, for rules that check that a
+        leaf is unchanged since its node was built: read from the fingerprint given to the
+        constructor while the tree is rewritten (``t`` at the version it records), computed
+        otherwise."""
+        fp = self._fingerprint
+        if fp:
+            key, version = id(t), t._version
+            for i, v, c in fp:
+                if i == key and v == version:
+                    return c
+        return _checksum(t)
 
     # ------------------------------------------------------------------ memo for rules
     def memo(self, key: Hashable, node: LinearOperator, factory: Callable[[], T]) -> T:
@@ -215,7 +247,10 @@ class Compiled:
         A = self.simplified
         self.expr._check_operand(b, A.shape[0], "solve")
         f = self.solver(A)
-        return f(b.unsqueeze(1)).squeeze(1) if b.dim() == 1 else f(b)
+        if b.dim() == 2:
+            return f(b)
+        vector = getattr(f, "vector", None)  # a routine's own vector form, if it has one
+        return vector(b) if vector is not None else f(b.unsqueeze(1)).squeeze(1)
 
     def slogdet(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sign, log|det A|)`` of the simplified expression."""

@@ -38,20 +38,18 @@ class Sum(LinearOperator):
     def __init__(self, *terms: Any) -> None:
         if len(terms) == 1 and isinstance(terms[0], (list, tuple)):
             terms = tuple(terms[0])
-        ts = harmonise(tuple(as_operator(t) for t in terms))
-        for t in ts[1:]:
-            if t.shape != ts[0].shape:
+        ts = harmonise(tuple([as_operator(t) for t in terms]))
+        # plain loops, not generators: a damped solve builds this node cold
+        first, symmetric, psd = ts[0], True, True
+        for t in ts:
+            if t.shape != first.shape:
                 raise ShapeError(
-                    f"cannot add {ts[0]._str()} of shape {ts[0].shape} and {t._str()} of shape "
+                    f"cannot add {first._str()} of shape {first.shape} and {t._str()} of shape "
                     f"{t.shape}"
                 )
-        super().__init__(
-            ts[0].shape,
-            ts[0].dtype,
-            ts[0].device,
-            symmetric=all(t.symmetric for t in ts),
-            psd=all(t.psd for t in ts),
-        )
+            symmetric = symmetric and t.symmetric
+            psd = psd and t.psd
+        super().__init__(first.shape, first.dtype, first.device, symmetric=symmetric, psd=psd)
         self.terms = ts
 
     def _rebuild(self, **fields: Any) -> Sum:

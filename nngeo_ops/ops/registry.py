@@ -7,7 +7,9 @@ not match (``ctx`` is the :class:`~nngeo_ops.ops.Compiled` being built). Operati
 - ``"power"``: rewrites of ``Power(X, p)`` keyed by the class of the *base* ``X`` (the ``"rewrite"``
   rule of :class:`~nngeo_ops.ops.Power` dispatches them); ``fn(power_node, ctx)`` returns the
   rewritten node, ``None`` to let the next rule try, or ``power_node`` itself for "leave as is".
-- ``"solve"``: returns a closure ``B -> A⁻¹B`` over the factorisations it computed once.
+- ``"solve"``: returns a closure ``B -> A⁻¹B`` over the factorisations it computed once, for ``B``
+  of shape ``(n, k)``; a callable with a ``vector`` method (``b -> A⁻¹b`` for ``b`` of shape
+  ``(n,)``) also serves vectors without the reshapes to and from one column.
 - ``"slogdet"``: returns ``(sign, log|det|)``.
 - ``"diag"``, ``"trace"``, ``"frobenius"``: return tensors.
 - ``"eigh"``: returns an :class:`~nngeo_ops.ops.eigen.Eigen` node.

@@ -123,7 +123,9 @@ def check_regul(regul) -> None:
     require grad); a per-parameter damping is a matrix: add it explicitly."""
     if regul is None:
         return
-    if torch.is_tensor(regul):
+    if type(regul) is float or type(regul) is int:  # before the ABC check (~10 µs run cold)
+        ok = math.isfinite(regul)
+    elif torch.is_tensor(regul):
         if regul.numel() != 1:
             raise ArgumentTypeError(
                 f"regul must be a number, got a tensor of shape {tuple(regul.shape)}; for a "

@@ -96,7 +96,8 @@ class PMatAbstract(Representation):
     # ------------------------------------------------------------------ vectors
     def _flat(self, v) -> torch.Tensor:
         if isinstance(v, PVector):
-            if v.layer_collection != self.layer_collection:
+            lc = v.layer_collection
+            if lc is not self.layer_collection and lc != self.layer_collection:
                 raise ShapeError("the PVector is over a different layer collection than the matrix")
             v = v.to_torch()
         elif not torch.is_tensor(v):
@@ -120,12 +121,16 @@ class PMatAbstract(Representation):
         op = self.op
         # one node per numeric damping, so that repeated solves reuse its compiled form (ops caches
         # that on the node, against the versions of its leaves) instead of rewriting anew each time
-        key = float(regul) if isinstance(regul, numbers.Real) else None
+        key = float(regul) if type(regul) is float or isinstance(regul, numbers.Real) else None
         cache = self.__dict__.setdefault("_damped_nodes", {})
         hit = cache.get(key) if key is not None else None
         if hit is not None and hit[0] is op:
             return hit[1]
-        node = op + regul * Identity(op.shape[0], dtype=op.dtype, device=op.device)
+        if key is not None:  # key·I built at once: the node ``regul * Identity(...)`` gives
+            shift = ScaledIdentity(key, op.shape[0], op.dtype, op.device)
+        else:
+            shift = regul * Identity(op.shape[0], dtype=op.dtype, device=op.device)
+        node = op + shift
         if key is not None:
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import LinearOperator, scalar_float
+from ..base import LinearOperator, _checksum, scalar_float
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum
 from ..dense import Dense
@@ -40,6 +40,7 @@ from ._util import orthogonal_congruence
 from .thin_shift import thin_kronecker_shift
 
 _ORDER = (Eigen, Kronecker, BlockDiag, Product, Dense, MatFree, LowRank, Diagonal, ScaledIdentity)
+_DIAGONAL_LEAVES = (Diagonal, ScaledIdentity)  # exact classes: a subclass takes the general path
 
 
 def _rank(t: LinearOperator) -> int:
@@ -49,7 +50,7 @@ def _rank(t: LinearOperator) -> int:
     return len(_ORDER) - 3  # other composites sit before the low-rank and diagonal terms
 
 
-def _fold_diagonals(ts: list) -> LinearOperator:
+def _fold_diagonals(ts: list, ctx) -> LinearOperator:
     if all(isinstance(t, ScaledIdentity) for t in ts):
         c = ts[0].c
         for t in ts[1:]:
@@ -58,12 +59,15 @@ def _fold_diagonals(ts: list) -> LinearOperator:
         out.flexible = all(t.flexible for t in ts)
         return out
     # the scalar shifts are added as one scalar: no vector of ones, one pass per diagonal term
-    acc, shift = None, 0.0
+    acc, shift, diags = None, 0.0, []
     for t in ts:
         if isinstance(t, Diagonal):
             acc = t.d if acc is None else acc + t.d
+            diags.append(t)
         else:
             shift = shift + t.c
+    if len(diags) == 1:  # d + c (a damped diagonal): the range of d shifted, no pass over d + c
+        return diags[0].shifted(shift, getattr(ctx, "checksum", _checksum))
     # a fresh tensor of ops' own, so its zero-freedom needs no checksum (Diagonal's derived)
     return Diagonal(acc + shift, derived=True)
 
@@ -79,6 +83,13 @@ def _fold_lowranks(ts: list[LowRank]) -> LowRank:
 
 @rule("rewrite", Sum, name="canonical sum", priority=30)
 def canonical_sum(node: Sum, ctx):
+    terms = node.terms
+    if len(terms) > 1:
+        for t in terms:
+            if type(t) not in _DIAGONAL_LEAVES:
+                break
+        else:  # diagonal leaves only (a damped diagonal): what the general path returns, at once
+            return _fold_diagonals(list(terms), ctx)
     flat: list[LinearOperator] = []
     for t in node.terms:
         flat.extend(t.terms if isinstance(t, Sum) else (t,))
@@ -111,7 +122,7 @@ def canonical_sum(node: Sum, ctx):
     else:
         rest += groups["dense"]
     rest += [_fold_lowranks(groups["lowrank"])] if len(groups["lowrank"]) > 1 else groups["lowrank"]
-    rest += [_fold_diagonals(groups["diag"])] if len(groups["diag"]) > 1 else groups["diag"]
+    rest += [_fold_diagonals(groups["diag"], ctx)] if len(groups["diag"]) > 1 else groups["diag"]
     rest.sort(key=_rank)
     if len(rest) == 1:
         return rest[0]

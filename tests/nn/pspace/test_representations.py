@@ -243,3 +243,36 @@ def test_damped_is_the_public_node_that_solve_compiles(setup, rep):
         F.damped(float("nan"))
     with pytest.raises(ArgumentTypeError, match="must be a number"):
         F.damped("1e-3")
+
+
+@pytest.mark.parametrize("regul", [1e-3, 1, torch.tensor(0.5, dtype=torch.float64)])
+def test_first_damped_diagonal_solve_is_exact_explained_and_cached(setup, regul):
+    """The damped diagonal solve ``(diag(F) + λI)⁻¹ v`` of a fresh representation against the
+    torch.func Fisher's diagonal (float64): its node is ``diag+λ·I`` (a number λ builds ``λ·I``
+    once, as ``λ * Identity`` would), folded to one diagonal by the canonical sum, solved by an
+    elementwise division, and the second solve reuses the compiled form."""
+    from nngeo_ops.ops import Identity
+
+    model, x, loader, fisher = setup
+    F = FIM(model, loader, PMatDiag, progress=False)
+    n = fisher.shape[0]
+    lam = float(regul)
+    dense = torch.diag(torch.diagonal(fisher)) + lam * torch.eye(n, dtype=torch.float64)
+    v = PVector(F.layer_collection, vector_repr=torch.randn(n, dtype=torch.float64))
+    x1 = F.solve(v, regul=regul)
+    torch.testing.assert_close(x1.to_torch(), torch.linalg.solve(dense, v.to_torch()))
+    node = F.damped(regul)
+    spelled = F.op + regul * Identity(n, dtype=F.op.dtype)  # the node as a user spells it
+    assert str(node) == str(spelled) == ("diag+I" if lam == 1 else f"diag+{lam:.4g}·I")
+    assert [type(t) for t in node.terms] == [type(t) for t in spelled.terms]
+    assert node.terms[1].c == spelled.terms[1].c and not node.terms[1].flexible
+    if torch.is_tensor(regul):  # one node per numeric λ only: a tensor may carry a gradient
+        node.solve(v.to_torch())
+    c = node.compiled()
+    text = c.explain()
+    assert f"[canonical sum] {spelled}  →  diag" in text
+    assert "⇒  elementwise division" in text
+    x2 = F.solve(v, regul=regul)
+    torch.testing.assert_close(x2.to_torch(), x1.to_torch(), rtol=0, atol=0)
+    if not torch.is_tensor(regul):
+        assert F.damped(regul) is node and node.compiled() is c and len(c.routines) == 1
