@@ -5,7 +5,7 @@ imports ``ops``). See ``docs/ops_api.md`` for the API on one page.
 """
 
 from . import rules  # noqa: F401  (registers every rule)
-from .base import LinearOperator, as_operator, value_range
+from .base import LinearOperator, as_operator
 from .blockdiag import BlockDiag
 from .cache import FACTORIZATIONS
 from .compile import Compiled, CompilePolicy
@@ -14,6 +14,7 @@ from .dense import Dense
 from .diagonal import Diagonal, Identity, ScaledIdentity
 from .eigen import Eigen
 from .kronecker import Kronecker
+from .leaf_checks import value_range
 from .lowrank import LowRank
 from .matfree import MatFree
 from .permutation import AppendColumn, Permutation

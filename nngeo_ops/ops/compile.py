@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import NotPSDError, ShapeError, UnsupportedError
-from .base import LinearOperator, _checksum
+from .base import LinearOperator
 from .cache import cached_on
+from .leaf_checks import _checksum
 from .registry import rules_for
 
 T = TypeVar("T")
@@ -138,7 +139,7 @@ class Compiled:
         return [(name, str(a), str(b)) for name, a, b in self._rewrites]
 
     def checksum(self, t: torch.Tensor) -> Any:
-        """:func:`~nngeo_ops.ops.base._checksum` of a leaf tensor ``t``, for rules that check that a
+        """:func:`~nngeo_ops.ops.leaf_checks._checksum` of a leaf tensor ``t``, for rules that check that a
         leaf is unchanged since its node was built: read from the fingerprint given to the
         constructor while the tree is rewritten (``t`` at the version it records), computed
         otherwise."""

@@ -8,8 +8,9 @@ import torch
 
 from ..errors import ArgumentTypeError, NotPSDError, SingularError
 from ..linalg.symv import symv, symv_applies
-from .base import LinearOperator, check_finite, check_symmetric_tag, records_grad
+from .base import LinearOperator
 from .cache import cached_factor
+from .leaf_checks import check_finite, check_symmetric_tag, records_grad
 
 
 def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,15 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
-from .base import (
-    LinearOperator,
-    Scalar,
-    _checksum,
-    finite_range,
-    fmt_scalar,
-    is_scalar,
-    scalar_float,
-)
+from .base import LinearOperator, Scalar, fmt_scalar, is_scalar, scalar_float
+from .leaf_checks import _checksum, finite_range
 
 
 class Diagonal(LinearOperator):
@@ -65,7 +58,7 @@ class Diagonal(LinearOperator):
     def known_range(self, checksum: Callable[[torch.Tensor], Any] = _checksum) -> tuple | None:
         """``(min d, max d)`` as computed when the node was built, or None when ``d`` may have changed
         since (another tensor, an in-place operation, a ``.data`` write seen by the checksum).
-        ``checksum(d)``: :func:`~nngeo_ops.ops.base._checksum` of ``d`` (a compilation passes the
+        ``checksum(d)``: :func:`~nngeo_ops.ops.leaf_checks._checksum` of ``d`` (a compilation passes the
         one its cache key holds, :meth:`Compiled.checksum <nngeo_ops.ops.Compiled.checksum>`)."""
         r = self.__dict__.get("_range")
         return None if r is None or not r.valid(self.d, checksum) else (r.lo, r.hi)

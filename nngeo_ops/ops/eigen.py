@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator, ZeroFree, as_operator, finite_range, harmonise
+from .base import LinearOperator, as_operator, harmonise
+from .leaf_checks import ZeroFree, finite_range
 
 
 class Eigen(LinearOperator):

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import LinearOperator, as_operator, harmonise, records_grad
+from .base import LinearOperator, as_operator, harmonise
 from .dense import Dense
+from .leaf_checks import records_grad
 from .lowrank import LowRank
 
 

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator, check_finite
+from .base import LinearOperator
 from .cache import cached_factor
+from .leaf_checks import check_finite
 
 
 class LowRank(LinearOperator):

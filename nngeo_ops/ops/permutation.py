@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import LinearOperator, records_grad
+from .base import LinearOperator
+from .leaf_checks import records_grad
 
 
 class Permutation(LinearOperator):

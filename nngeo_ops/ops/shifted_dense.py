@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from ..errors import ArgumentTypeError, ShapeError
-from .base import LinearOperator, check_finite, finite_range, fmt_scalar, is_scalar
+from .base import LinearOperator, fmt_scalar, is_scalar
 from .cache import cached_factor, cached_on
 from .dense import Dense
+from .leaf_checks import check_finite, finite_range
 
 _ROWS_CHUNK = 1 << 22  # entries of M (plus its shift) copied at a time by frobenius()
 

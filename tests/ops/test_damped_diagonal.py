@@ -8,7 +8,7 @@ and for stale ranges."""
 import pytest
 import torch
 
-import nngeo_ops.ops.base as base
+import nngeo_ops.ops.leaf_checks as base
 from nngeo_ops.errors import NonFiniteError, SingularError
 from nngeo_ops.ops import Compiled, CompilePolicy, Diagonal, Identity, ScaledIdentity
 
@@ -167,7 +167,12 @@ def test_the_first_solve_checksums_the_leaf_once(monkeypatch):
     n = 100_000  # a sampled checksum
     d = torch.rand(n, dtype=F64)
     D = Diagonal(d)
-    for mod in ("nngeo_ops.ops.base", "nngeo_ops.ops.compile", "nngeo_ops.ops.diagonal"):
+    for mod in (
+        "nngeo_ops.ops.base",
+        "nngeo_ops.ops.compile",
+        "nngeo_ops.ops.diagonal",
+        "nngeo_ops.ops.leaf_checks",
+    ):
         monkeypatch.setattr(f"{mod}._checksum", counting)
     A = D + 1e-3 * Identity(n)
     A.solve(torch.ones(n, dtype=F64))

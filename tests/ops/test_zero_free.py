@@ -6,7 +6,7 @@ import torch
 
 from nngeo_ops.errors import NonFiniteError, SingularError
 from nngeo_ops.ops import Dense, Diagonal, Eigen, Identity
-from nngeo_ops.ops.base import finite_range
+from nngeo_ops.ops.leaf_checks import finite_range
 
 
 def test_finite_range_of_every_kind_of_tensor():
@@ -87,7 +87,7 @@ def test_damped_diagonal_folds_to_the_shifted_diagonal():
 def test_large_leaf_checksum_sees_a_rescaling_a_sampled_block_and_the_last_entry():
     """Above CHECKSUM_ENTRIES the checksum samples contiguous blocks (and the last entry): a
     ``.data`` rescaling, a write into a sampled block, and one to the tail are all seen."""
-    from nngeo_ops.ops.base import CHECKSUM_BLOCK, CHECKSUM_ENTRIES, _checksum
+    from nngeo_ops.ops.leaf_checks import CHECKSUM_BLOCK, CHECKSUM_ENTRIES, _checksum
 
     n = 3 * CHECKSUM_ENTRIES + 17  # a tail past the last whole block
     d = torch.rand(n, dtype=torch.float64) + 0.5
@@ -127,7 +127,7 @@ def test_large_leaf_checksum_of_views_reads_the_view_only():
     """A sampled leaf that is a view (a storage offset, or non-contiguous) is checksummed over its
     own entries: equal views of different storage agree, and a write outside the view is not seen
     while one at either end of it is."""
-    from nngeo_ops.ops.base import CHECKSUM_ENTRIES, _checksum
+    from nngeo_ops.ops.leaf_checks import CHECKSUM_ENTRIES, _checksum
 
     n = 2 * CHECKSUM_ENTRIES + 5
     base = torch.rand(n + 300, dtype=torch.float64)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from ..base import LinearOperator, _checksum, scalar_float
+from ..base import LinearOperator, scalar_float
 from ..blockdiag import BlockDiag
 from ..composites import Product, Scale, Sum
 from ..dense import Dense
 from ..diagonal import Diagonal, ScaledIdentity
 from ..eigen import Eigen
 from ..kronecker import Kronecker
+from ..leaf_checks import _checksum
 from ..lowrank import LowRank
 from ..matfree import MatFree
 from ..registry import rule
