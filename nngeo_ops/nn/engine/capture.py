@@ -97,7 +97,8 @@ class _User:
     def __getstate__(self):
         # the calls of the last batch are transient (its inputs and the gradient edges of its
         # outputs, which no pickle can hold): a pickled generator starts without them
-        return {**self.__dict__, "calls": []}
+        state = {k: v for k, v in self.__dict__.items() if k != "raw"}
+        return {**state, "calls": []}
 
 
 def warn_train_mode(model: nn.Module, stacklevel: int = 3, modules=None) -> None:
@@ -363,11 +364,42 @@ class Capture:
             )
 
     # ------------------------------------------------------------------ hooks
+    def register_hooks(self, user) -> list:
+        """Install the recording hook on ``user``'s module; the handles.
+
+        Where the module has forward hooks of the caller's, a first hook also notes the output as
+        the module computed it: a later hook that returns another tensor or changes it in place
+        would make the layer's statistics read the cotangent of that other value as the cotangent
+        of its own output (a Linear's ``W a + b``), so the recording hook refuses it.
+        """
+        handles = []
+        if user.module._forward_hooks:
+            handles.append(user.module.register_forward_hook(self._raw_hook(user), prepend=True))
+        handles.append(user.module.register_forward_hook(self._hook(user), with_kwargs=True))
+        return handles
+
+    def _raw_hook(self, user):
+        def hook(module, args, output):
+            if self._recording:
+                tensor = _followed_output(user, module, output)[1]
+                user.raw = (tensor, tensor._version)
+
+        return hook
+
     def _hook(self, user):
         def hook(module, args, kwargs, output):
             if not self._recording:
                 return None
             index, tensor = _followed_output(user, module, output)
+            raw = user.__dict__.pop("raw", None)
+            if raw is not None and (raw[0] is not tensor or raw[1] != tensor._version):
+                raise UnsupportedError(
+                    f"a forward hook of module {user.name or '<root>'} ({type(module).__name__}) "
+                    "replaced or modified its output; the layer's statistics need the cotangent "
+                    "of the output the layer computes. Remove the hook while building the "
+                    "curvature, make it return None without changing the output, or use "
+                    "PMatImplicit"
+                )
             # statistics are data, never part of a graph: inputs are kept detached
             if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common call, no loop
                 args = (args[0].detach(),)
@@ -401,9 +433,7 @@ class Capture:
         output (removed by the caller through ``self._taps``)."""
         for u in self.users:
             u.calls = []
-        handles = [
-            u.module.register_forward_hook(self._hook(u), with_kwargs=True) for u in self.users
-        ]
+        handles = [h for u in self.users for h in self.register_hooks(u)]
         self._recording, self._by_edge = True, True
         self._taps = [] if taps else None
         try:

@@ -116,9 +116,7 @@ class StepStatistics:
         cap = self.cap
         for u in cap.users:
             u.calls = []
-            self._handles.append(
-                u.module.register_forward_hook(cap._hook(u), with_kwargs=True)  # noqa: SLF001
-            )
+            self._handles += cap.register_hooks(u)
         self._handles.append(self.generator.model.register_forward_pre_hook(self._pre))
         self._handles.append(self.generator.model.register_forward_hook(self._post))
 
