@@ -78,12 +78,14 @@ class Dense(LinearOperator):
         if not M.is_floating_point() and not M.is_complex():
             raise ArgumentTypeError(f"Dense expects a floating tensor, got {M.dtype}")
         square = M.shape[0] == M.shape[1]
+        # exact: M = Mᵀ bitwise (a tag checked to its tolerance is not enough for symv)
         exact = False
         if (symmetric or psd) and square and M.is_floating_point():
             exact = check_symmetric_tag(M, f"Dense {name} ({M.shape[0]}×{M.shape[1]})") == 0.0
+        elif symmetric is None:
+            exact = square and bool(torch.equal(M, M.mT))
         if symmetric is None:
-            symmetric = psd or (square and bool(torch.equal(M, M.mT)))
-            exact = exact or symmetric
+            symmetric = psd or exact
         super().__init__(
             M.shape, M.dtype, M.device, symmetric=symmetric, psd=psd, orthogonal=orthogonal
         )

@@ -58,10 +58,13 @@ def test_exactly_symmetric_products_read_one_triangle(calls):
 
 def test_symmetric_to_a_tolerance_keeps_the_full_product(calls):
     M = sym()
-    M[0, 1] += 1e-12  # accepted by the tag's tolerance, but symv would read only one of the two
+    P = M @ M.mT / N + torch.eye(N, dtype=torch.float64)
+    for A in (M, P):
+        A[0, 1] += 1e-12  # accepted by the tag's tolerance, but symv would read only one of the two
     x = vec()
-    op = Dense(M, symmetric=True)
-    assert torch.equal(op @ x, M @ x)
+    # the tag given, or implied by psd=True (symmetric left at None)
+    for op in (Dense(M, symmetric=True), Dense(P, psd=True), Dense(P, psd=True, symmetric=True)):
+        assert torch.equal(op @ x, op.M @ x)
     assert calls == []
 
 
