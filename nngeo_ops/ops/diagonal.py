@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, NonFiniteError
 from .base import LinearOperator, Scalar, fmt_scalar, is_scalar, scalar_float
-from .leaf_checks import _checksum, finite_range
+from .leaf_checks import KnownRange, _checksum, finite_range
 
 
 class Diagonal(LinearOperator):
@@ -53,7 +53,7 @@ class Diagonal(LinearOperator):
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, symmetric=True, psd=lo >= 0)
         self.d = d
         self.name = name
-        self._range = _KnownRange(d, lo, hi, derived)
+        self._range = KnownRange(d, lo, hi, derived)
 
     def known_range(self, checksum: Callable[[torch.Tensor], Any] = _checksum) -> tuple | None:
         """``(min d, max d)`` as computed when the node was built, or None when ``d`` may have changed
@@ -68,7 +68,7 @@ class Diagonal(LinearOperator):
         """No entry of ``d`` is 0, known from the range computed when the node was built (and
         ``d`` unchanged since); False means unknown, not singular."""
         r = self.__dict__.get("_range")
-        return r is not None and (r.lo > 0 or r.hi < 0) and r.valid(self.d, _checksum)
+        return r is not None and r.excludes_zero(self.d)
 
     def shifted(self, c: Scalar, checksum: Callable[[torch.Tensor], Any] = _checksum) -> Diagonal:
         """``diag(d + c)`` for a scalar ``c`` (a number or a 0-dim tensor): a ``derived`` node named
@@ -242,25 +242,6 @@ def _shift_ends(c: Scalar, r: tuple, d: torch.Tensor, dtype: torch.dtype) -> tup
             return None
         a, b = ends.detach().tolist()
     return (a, b) if math.isfinite(a) and math.isfinite(b) else None
-
-
-class _KnownRange:
-    """The range ``(lo, hi)`` of a diagonal's entries when its node was built, and the key that says
-    whether it still holds: ``(id, version, checksum)`` of the tensor as in
-    :meth:`~nngeo_ops.ops.LinearOperator.fingerprint` (the checksum left out for a ``derived``
-    tensor, which ops made and only its tree holds)."""
-
-    __slots__ = ("lo", "hi", "key", "derived")
-
-    def __init__(self, t: torch.Tensor, lo: float, hi: float, derived: bool) -> None:
-        self.lo, self.hi, self.derived = lo, hi, derived
-        self.key = (id(t), t._version, None if derived else _checksum(t))
-
-    def valid(self, t: torch.Tensor, checksum: Callable[[torch.Tensor], Any]) -> bool:
-        key = self.key
-        if key[0] != id(t) or key[1] != t._version:
-            return False
-        return self.derived or key[2] == checksum(t)
 
 
 def Identity(n: int, dtype: torch.dtype | None = None, device: Any = None) -> ScaledIdentity:

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ArgumentTypeError, ShapeError
 from .base import LinearOperator, as_operator, harmonise
-from .leaf_checks import ZeroFree, finite_range
+from .leaf_checks import KnownRange, finite_range
 
 
 class Eigen(LinearOperator):
@@ -40,7 +40,8 @@ class Eigen(LinearOperator):
         n = Q.shape[0]
         super().__init__((n, n), Q.dtype, Q.device, symmetric=True, psd=lo >= 0)
         self.Q, self.evals = Q, evals
-        self._zero_free = ZeroFree(evals, lo, hi)
+        # only whether 0 is excluded is ever asked: no key where the range holds 0
+        self._range = KnownRange(evals, lo, hi, keyed=lo > 0 or hi < 0)
 
     @property
     def full(self) -> bool:
@@ -51,8 +52,8 @@ class Eigen(LinearOperator):
     def excludes_zero(self) -> bool:
         """No entry of ``evals`` is 0, known from the range computed when the node was built (and
         ``evals`` unchanged since); False means unknown, not singular."""
-        zf = self.__dict__.get("_zero_free")
-        return zf is not None and zf.known(self.evals)
+        r = self.__dict__.get("_range")
+        return r is not None and r.excludes_zero(self.evals)
 
     def _rebuild(self, **fields: Any) -> Eigen:
         return Eigen(fields.get("Q", self.Q), fields.get("evals", self.evals))

@@ -4,7 +4,8 @@
   a node's cached compilation (:meth:`~nngeo_ops.ops.LinearOperator.fingerprint`) and the ranges
   that nodes remember (a ``.data`` write bumps no version counter);
 - :func:`value_range` / :func:`finite_range` / :func:`check_finite`: one reduction that proves a
-  leaf finite and gives its range; :class:`ZeroFree`: whether 0 is an entry, remembered;
+  leaf finite and gives its range; :class:`KnownRange`: that range remembered while the leaf is
+  unchanged (whether 0 is an entry, the range of a damped diagonal);
 - :func:`check_symmetric_tag`: a user's ``symmetric=True`` verified to a tolerance (and whether the
   matrix is bitwise symmetric);
 - :func:`records_grad` and :func:`_may_overlap`: when a product may write into a caller's ``out``.
@@ -13,6 +14,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -154,29 +157,39 @@ def finite_range(t: torch.Tensor, what: str) -> tuple[float, float]:
     return lo, hi
 
 
-class ZeroFree:
-    """Whether a vector of entries (a diagonal, a spectrum) is known to have no zero, from the range
-    :func:`finite_range` computed when its node was built: ``known(t)`` is True while ``t`` is the
-    same tensor with the same entries (version counter and checksum, as in
-    :meth:`LinearOperator.fingerprint`), so an in-place change is seen and the caller checks again.
+class KnownRange:
+    """The range ``(lo, hi)`` of a vector of entries (a diagonal, a spectrum) that
+    :func:`finite_range` computed when its node was built, and the key that says whether it still
+    holds: ``(id, version, checksum)`` of the tensor as in
+    :meth:`LinearOperator.fingerprint`, so that an in-place change or a ``.data`` write is seen
+    and the caller checks again.
 
     ``derived=True``: ``t`` was computed by ops itself from leaves it already checked (the folded
     ``d + c`` of a damped diagonal) and is held by the rewritten tree only, so no caller writes to
-    it through ``.data``; the version counter alone keys it (two checksums fewer per first solve).
+    it through ``.data``; the version counter alone keys it (no checksum). ``keyed=False``: the
+    range will never be asked for (a node that only wants to know whether 0 is excluded, when the
+    range holds 0): no key is taken and :meth:`valid` is False.
     """
 
-    __slots__ = ("key", "free", "derived")
+    __slots__ = ("lo", "hi", "key", "derived")
 
-    def __init__(self, t: torch.Tensor, lo: float, hi: float, derived: bool = False) -> None:
-        self.free = lo > 0 or hi < 0
-        self.derived = derived
-        self.key = (id(t), t._version, None if derived else _checksum(t)) if self.free else None
+    def __init__(
+        self, t: torch.Tensor, lo: float, hi: float, derived: bool = False, keyed: bool = True
+    ) -> None:
+        self.lo, self.hi, self.derived = lo, hi, derived
+        self.key = (id(t), t._version, None if derived else _checksum(t)) if keyed else None
 
-    def known(self, t: torch.Tensor) -> bool:
-        """True when ``t`` is known to have no zero entry (False: unknown, check it)."""
-        if not self.free:
+    def valid(self, t: torch.Tensor, checksum: Callable[[torch.Tensor], Any] = _checksum) -> bool:
+        """Whether ``t`` is the tensor the range was taken of, unchanged since (``checksum``: how
+        to checksum it, e.g. read from a compilation's fingerprint)."""
+        key = self.key
+        if key is None or key[0] != id(t) or key[1] != t._version:
             return False
-        return self.key == (id(t), t._version, None if self.derived else _checksum(t))
+        return self.derived or key[2] == checksum(t)
+
+    def excludes_zero(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is known to have no zero entry (False: unknown, check it)."""
+        return (self.lo > 0 or self.hi < 0) and self.valid(t)
 
 
 _SYMMETRY_CHUNK = 1 << 22  # entries of M − Mᵀ formed at a time by check_symmetric_tag
