@@ -20,8 +20,8 @@ import numbers
 
 import torch
 
-from ...errors import MemoryLimitError, ShapeError, UnsupportedError
-from ...memory import available_memory, format_bytes
+from ...errors import ShapeError, UnsupportedError
+from ...memory import available_memory, check_memory
 from ...ops import BlockDiag, Dense, Diagonal, Identity, LinearOperator, LowRank, ScaledIdentity
 from ..engine.accumulators import BlockAcc, DenseAcc, DiagAcc, GradsAcc
 from ..engine.finite import check_regul  # noqa: F401  (re-exported: the representations use it)
@@ -265,23 +265,26 @@ def check_dense_fits(generator, rep: str) -> None:
     the largest layer and the representations that fit.
     """
     lc = generator.layer_collection
-    item = torch.empty(0, dtype=generator.dtype).element_size()
     sizes = {lid: entry.numel() for lid, entry in lc.items()}
     dense = rep == "PMatDense"
-    need = (lc.numel() ** 2 if dense else sum(d * d for d in sizes.values())) * item
+    need = (
+        lc.numel() ** 2 if dense else sum(d * d for d in sizes.values())
+    ) * generator.dtype.itemsize
     free = available_memory(generator.device)
-    if free is None or need <= free:
+    if free is None:  # unknown: no check
         return
     lid = max(sizes, key=sizes.get)
     where = (
         f"{lc.numel():,} parameters"
         if dense
-        else f"the largest block, layer {lid!r}, has {sizes[lid]:,} parameters"
+        else f"the largest block: layer {lid!r}, {sizes[lid]:,} parameters"
     )
-    raise MemoryLimitError(
-        f"{rep} would store {format_bytes(need)} ({where}), more than the "
-        f"{format_bytes(free)} of memory available on {generator.device}; use PMatKFAC, PMatEKFAC "
-        "or PMatDiag (PMatImplicit for products only), or a LayerCollection without the largest layers"
+    check_memory(
+        need,
+        f"{rep} ({where})",
+        "use PMatKFAC, PMatEKFAC or PMatDiag (PMatImplicit for products only), or a "
+        "LayerCollection without the largest layers",
+        limit=free,
     )
 
 

@@ -44,7 +44,7 @@ def test_too_large_dense_matrices_are_refused_before_the_pass(
     model, loader, labelled, passes = setup
     limit(monkeypatch, need - 1)
     with pytest.raises(
-        MemoryLimitError, match=rf"{rep.__name__} would store .*{largest}.*PMatKFAC"
+        MemoryLimitError, match=rf"{rep.__name__} \(.*{largest}.*\) would take .*PMatKFAC"
     ):
         FIM(model, loader, rep, variant="classif_logits", progress=False)
     assert not passes  # refused before the pass over the data
