@@ -26,7 +26,7 @@ from ..errors import (
     NotSymmetricError,
     ShapeError,
 )
-from .leaf_checks import _checksum, _may_overlap
+from .leaf_checks import _checksum, _may_overlap, records_grad
 
 _TO_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_to_memo", default=None)
 
@@ -175,7 +175,7 @@ class LinearOperator:
 
     def needs_grad(self) -> bool:
         """Whether grad mode is on and some leaf tensor requires grad (compiled forms are then not cached)."""
-        return torch.is_grad_enabled() and _records_grad(tuple(self.leaf_tensors()))
+        return records_grad(*self.leaf_tensors())
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> LinearOperator:
         """The same operator with every leaf tensor moved to ``dtype`` / ``device``.
@@ -409,7 +409,7 @@ class LinearOperator:
         Compiled = _late("Compiled")
         # one walk of the tree for both questions (this runs cold at every solve)
         leaves = tuple(self.leaf_tensors())
-        if torch.is_grad_enabled() and _records_grad(leaves):
+        if records_grad(*leaves):
             return Compiled(self)
         fp = _fingerprint(leaves)
         cached = self.__dict__.get("_auto_cache")
@@ -496,13 +496,6 @@ class LinearOperator:
 def _fingerprint(leaves: tuple[torch.Tensor, ...]) -> tuple:
     """:meth:`LinearOperator.fingerprint` of a node whose leaf tensors are ``leaves``."""
     return tuple([(id(t), t._version, _checksum(t)) for t in leaves])
-
-
-def _records_grad(leaves: tuple[torch.Tensor, ...]) -> bool:
-    for t in leaves:
-        if t.requires_grad:
-            return True
-    return False
 
 
 _LATE: dict[str, Any] = {}

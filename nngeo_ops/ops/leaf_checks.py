@@ -111,7 +111,12 @@ def records_grad(*tensors: torch.Tensor | None) -> bool:
     :meth:`LinearOperator._matmat_into` computes and copies instead where this holds (``out``
     included: a buffer that an earlier differentiable copy made part of the graph).
     """
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not a generator: node.compiled() runs this cold at every solve
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
